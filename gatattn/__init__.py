@@ -1,0 +1,38 @@
+"""gatattn: self-attention is graph attention on a complete graph.
+
+``gatattn.attention`` computes multi-head scaled-dot-product attention over any graph and picks
+the route itself; ``gatattn.SelfAttentionConv`` is the PyG layer; ``gatattn.reference`` is the
+plain statement of the math that every route is tested against.
+"""
+
+from gatattn import reference
+from gatattn.conv import SelfAttentionConv
+from gatattn.convert import (
+    edge_index_to_mask,
+    graph_to_sequences,
+    mask_to_edge_index,
+    networkx_to_edge_index,
+    sequences_to_graph,
+)
+from gatattn.functional import BackendUnavailableError, attention
+from gatattn.graph import MAX_MATERIALIZED_EDGES, GraphTooLargeError, build_graph
+from gatattn.positional import graph_positional_encoding, sinusoidal_encoding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "GraphTooLargeError",
+    "MAX_MATERIALIZED_EDGES",
+    "SelfAttentionConv",
+    "attention",
+    "build_graph",
+    "edge_index_to_mask",
+    "graph_positional_encoding",
+    "graph_to_sequences",
+    "mask_to_edge_index",
+    "networkx_to_edge_index",
+    "reference",
+    "sequences_to_graph",
+    "sinusoidal_encoding",
+]

@@ -1,0 +1,7 @@
+"""The routes that compute attention. Each takes packed ``(N, H, C)`` tensors and an
+:class:`~gatattn.graph.AttentionGraph`; :func:`gatattn.attention` alone chooses between them."""
+
+from gatattn.backends.sdpa import sdpa_attention
+from gatattn.backends.sparse import sparse_attention
+
+__all__ = ["sdpa_attention", "sparse_attention"]

@@ -1,0 +1,99 @@
+"""Conversions between the forms a graph arrives in: dense masks, edge_index, networkx graphs,
+and padded sequence batches (a sequence batch is a batch of complete or causal graphs)."""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+
+def mask_to_edge_index(mask: Tensor) -> Tensor:
+    """``(N_dst, N_src)`` boolean mask -> ``(2, E)`` edges ``src -> dst``, sorted by target."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a 2-D bool tensor, got {tuple(mask.shape)} {mask.dtype}")
+    dst, src = mask.nonzero().unbind(1)
+    return torch.stack([src, dst])
+
+
+def edge_index_to_mask(edge_index: Tensor, num_dst: int, num_src: int | None = None) -> Tensor:
+    """``(2, E)`` edges -> ``(N_dst, N_src)`` mask with ``mask[dst, src] = True``."""
+    num_src = num_dst if num_src is None else num_src
+    mask = torch.zeros(num_dst, num_src, dtype=torch.bool, device=edge_index.device)
+    mask[edge_index[1], edge_index[0]] = True
+    return mask
+
+
+def networkx_to_edge_index(graph: nx.Graph) -> tuple[Tensor, int]:
+    """A networkx graph -> ``(edge_index, num_nodes)``, nodes numbered in ``graph.nodes`` order.
+
+    An undirected edge becomes two directed edges, as in ``torch_geometric.utils.from_networkx``.
+    """
+    numbered = nx.convert_node_labels_to_integers(graph, ordering="default")
+    directed = numbered.to_directed() if not numbered.is_directed() else numbered
+    edges = torch.tensor(list(directed.edges()), dtype=torch.long).reshape(-1, 2)
+    return edges.t().contiguous(), numbered.number_of_nodes()
+
+
+def sequences_to_graph(
+    x: Tensor,
+    *,
+    lengths: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    batch_first: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """A padded sequence batch -> flat node features and graph offsets ``(x_flat, ptr)``.
+
+    Args:
+        x: ``(B, L, D)`` (or ``(L, B, D)`` if not ``batch_first``).
+        lengths: ``(B,)`` valid lengths; tokens past them are dropped.
+        key_padding_mask: ``(B, L)`` bool, ``True`` at padding (``nn.MultiheadAttention``'s
+            convention); those tokens are dropped and the others keep their order.
+    """
+    if not batch_first:
+        x = x.transpose(0, 1)
+    if x.dim() != 3:
+        raise ValueError(f"x must be (batch, length, features), got {tuple(x.shape)}")
+    keep = _valid_tokens(x.shape[0], x.shape[1], lengths, key_padding_mask, x.device)
+    ptr = torch.cat([keep.new_zeros(1, dtype=torch.long), keep.sum(1).cumsum(0)])
+    return x[keep], ptr
+
+
+def graph_to_sequences(
+    x_flat: Tensor,
+    ptr: Tensor,
+    *,
+    max_len: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    batch_first: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`sequences_to_graph`: ``(x, key_padding_mask)`` with zeros at padding.
+
+    Give the ``key_padding_mask`` used on the way in to put tokens back at their own positions;
+    without it every sequence is left-aligned and padded to ``max_len`` (default: the longest).
+    """
+    lengths = ptr[1:] - ptr[:-1]
+    if key_padding_mask is None:
+        max_len = int(lengths.max()) if lengths.numel() and max_len is None else (max_len or 0)
+        key_padding_mask = _valid_tokens(lengths.numel(), max_len, lengths, None,
+                                         x_flat.device).logical_not()
+    keep = ~key_padding_mask
+    out = x_flat.new_zeros(*keep.shape, *x_flat.shape[1:])
+    out[keep] = x_flat
+    return (out if batch_first else out.transpose(0, 1)), key_padding_mask
+
+
+def _valid_tokens(batch_size, max_len, lengths, key_padding_mask, device) -> Tensor:
+    if lengths is not None and key_padding_mask is not None:
+        raise ValueError("give lengths or key_padding_mask, not both")
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (batch_size, max_len):
+            raise ValueError(f"key_padding_mask must be (batch, length) = "
+                             f"{(batch_size, max_len)}, got {tuple(key_padding_mask.shape)}")
+        return ~key_padding_mask.to(torch.bool)
+    if lengths is None:
+        return torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+    if lengths.numel() and int(lengths.max()) > max_len:
+        raise ValueError(f"lengths has max {int(lengths.max())} but sequences have length "
+                         f"{max_len}")
+    return torch.arange(max_len, device=device) < lengths.to(device).unsqueeze(1)

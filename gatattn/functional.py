@@ -1,0 +1,172 @@
+"""``gatattn.attention``: the one entry point, and the one place where a route is chosen."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gatattn.backends import sdpa_attention, sparse_attention
+from gatattn.graph import AttentionGraph, build_graph
+
+BACKENDS = ("auto", "triton", "sdpa", "sparse")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (missing dependency, device or feature)."""
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    edge_index: Tensor | None = None,
+    batch: Tensor | tuple[Tensor, Tensor] | None = None,
+    ptr: Tensor | tuple[Tensor, Tensor] | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    temperature: float = 1.0,
+    dropout: float = 0.0,
+    edge_attr: Tensor | None = None,
+    return_attention_weights: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+    r"""Multi-head scaled-dot-product attention over a graph.
+
+    For a target ``i`` with in-neighbours ``N(i)`` (edges ``j -> i``):
+
+    .. math::
+        \alpha_{ij} = \operatorname{softmax}_{j \in N(i)}
+            \left(\langle q_i, k_j + e_{ij} \rangle \cdot \frac{\text{scale}}{\tau}\right),
+        \qquad o_i = \sum_{j \in N(i)} \alpha_{ij} (v_j + e_{ij})
+
+    The graph is one complete graph over all nodes when neither ``edge_index`` nor
+    ``batch`` / ``ptr`` is given; one complete graph per graph of a PyG batch with ``batch`` or
+    ``ptr``; restricted to ``pos(j) <= pos(i)`` inside each graph with ``causal``; bipartite
+    (cross-attention) when ``q`` and ``k`` have different node counts or ``batch`` / ``ptr`` is a
+    ``(dst, src)`` pair; any edge set with ``edge_index``. A target with no in-edge gets zeros.
+
+    Causal bipartite graphs are aligned top-left, as SDPA's ``is_causal``: target position ``i``
+    sees source positions ``0..i``.
+
+    Args:
+        q: ``(N_dst, H, C)`` queries.
+        k: ``(N_src, H, C)`` keys.
+        v: ``(N_src, H, C_v)`` values.
+        edge_index: ``(2, E)`` edges, row 0 sources, row 1 targets. (default: :obj:`None`)
+        batch: graph id of each node, or a ``(batch_dst, batch_src)`` pair; need not be sorted
+            (a graph's node order is its order of appearance). (default: :obj:`None`)
+        ptr: ``(B + 1,)`` graph offsets (PyG's ``Batch.ptr``), or a ``(ptr_dst, ptr_src)`` pair.
+            (default: :obj:`None`)
+        causal: keep only ``pos(j) <= pos(i)`` inside each graph. (default: :obj:`False`)
+        scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
+        temperature: logits are divided by it, so the logit multiplier is
+            ``scale / temperature``. (default: :obj:`1.0`)
+        dropout: dropout probability on the attention weights, always applied when > 0 (pass
+            0 in eval mode, as ``F.scaled_dot_product_attention``). (default: :obj:`0.0`)
+        edge_attr: ``(E, H, C)`` per-edge terms added to keys and values, as
+            ``TransformerConv`` does; needs ``edge_index`` and ``C_v == C``.
+            (default: :obj:`None`)
+        return_attention_weights: also return ``(edge_index, alpha)`` with ``alpha`` of shape
+            ``(E, H)`` (before dropout); an implicit graph is materialised for this, up to
+            :data:`gatattn.graph.MAX_MATERIALIZED_EDGES` edges. (default: :obj:`False`)
+        backend: ``"auto"``, ``"sdpa"`` (implicit graphs only), ``"sparse"`` (message passing;
+            materialises implicit graphs) or ``"triton"``. (default: :obj:`"auto"`)
+
+    Returns:
+        ``(N_dst, H, C_v)``, and ``(edge_index, alpha)`` if asked.
+
+    Not supported: additive float masks (give edges instead), ``torch_sparse.SparseTensor``
+    adjacency (convert with ``torch_geometric.utils.to_edge_index``).
+    """
+    _validate_qkv(q, k, v)
+    _validate_scalars(temperature, dropout)
+    bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
+        q.size(0) != k.size(0))
+    graph = build_graph(q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr,
+                        causal=causal, bipartite=bipartite,
+                        validate=not torch.compiler.is_compiling())
+    _validate_edge_attr(edge_attr, graph, q, v)
+    if edge_attr is not None and graph.kept_edges is not None:
+        edge_attr = edge_attr[graph.kept_edges]
+    scale = (q.size(-1) ** -0.5 if scale is None else scale) / temperature
+
+    route = _choose_backend(backend, graph, q, return_attention_weights)
+    if route == "sdpa":
+        return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout)
+    edge_index = graph.to_edge_index()
+    out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
+                                  edge_attr=edge_attr)
+    return (out, (edge_index, alpha)) if return_attention_weights else out
+
+
+def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, need_weights: bool) -> str:
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "triton":
+        raise BackendUnavailableError(
+            "the fused Triton kernel is not part of this build yet; use backend='auto' or 'sdpa'"
+        )
+    if requested == "sdpa" and not graph.is_implicit:
+        raise ValueError(
+            "backend='sdpa' runs complete, batched, causal and bipartite graphs only; for an "
+            "explicit edge_index use backend='sparse' or 'auto'"
+        )
+    if requested == "sdpa" and need_weights:
+        raise ValueError(
+            "backend='sdpa' never forms the attention weights; use backend='auto' or 'sparse' "
+            "with return_attention_weights=True"
+        )
+    if requested == "auto":
+        return "sdpa" if graph.is_implicit and not need_weights else "sparse"
+    return requested
+
+
+def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be (num_nodes, heads, channels), got {shape}")
+    if not (q.size(1) == k.size(1) == v.size(1)):
+        raise ValueError(
+            f"q, k and v must have the same number of heads, got {q.size(1)}, {k.size(1)} and "
+            f"{v.size(1)}"
+        )
+    if q.size(2) != k.size(2):
+        raise ValueError(
+            f"q and k must have the same channels per head, got {q.size(2)} and {k.size(2)}")
+    if k.size(0) != v.size(0):
+        raise ValueError(
+            f"k and v must have one row per source node, got {k.size(0)} and {v.size(0)} rows")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(
+            f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _validate_scalars(temperature: float, dropout: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def _validate_edge_attr(edge_attr: Tensor | None, graph: AttentionGraph, q: Tensor,
+                        v: Tensor) -> None:
+    if edge_attr is None:
+        return
+    if graph.is_implicit:
+        raise ValueError("edge_attr needs an explicit edge_index (one row of edge_attr per edge)")
+    num_edges = graph.edge_index.size(1) if graph.kept_edges is None else graph.kept_edges.numel()
+    expected = (num_edges, q.size(1), q.size(2))
+    if tuple(edge_attr.shape) != expected:
+        raise ValueError(
+            f"edge_attr must be (num_edges, heads, channels) = {expected}, got "
+            f"{tuple(edge_attr.shape)}"
+        )
+    if v.size(2) != q.size(2):
+        raise ValueError(
+            f"edge_attr is added to keys and values, so they need equal channels; got "
+            f"{q.size(2)} and {v.size(2)}"
+        )

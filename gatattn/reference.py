@@ -1,0 +1,107 @@
+"""The one plain-PyTorch statement of the math that every route is tested against.
+
+Attention is computed densely from a boolean mask ``(N_dst, N_src)`` in which ``mask[i, j]``
+says that target (query) ``i`` may attend to source (key) ``j``, i.e. that the edge ``j -> i``
+exists. Everything here is deliberately naive: no tiling, no fused kernels, no graph code of the
+library, so that it can serve as an independent oracle. Its cost is O(N_dst * N_src * H); use it
+only on small inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    *,
+    scale: float | None = None,
+    temperature: float = 1.0,
+    edge_key: Tensor | None = None,
+    edge_value: Tensor | None = None,
+    compute_dtype: torch.dtype | None = torch.float64,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    r"""Masked multi-head attention, computed densely.
+
+    .. math::
+        s_{ij} = \langle q_i, k_j + e_{ij} \rangle \cdot \frac{\text{scale}}{\tau},\quad
+        a_{ij} = \frac{\exp s_{ij}}{\sum_{j' : \text{mask}_{ij'}} \exp s_{ij'}},\quad
+        o_i = \sum_{j : \text{mask}_{ij}} a_{ij} (v_j + e^v_{ij})
+
+    A target with no allowed source gets a zero output (and zero weights), never NaN.
+
+    Args:
+        q: ``(N_dst, H, C)`` queries.
+        k: ``(N_src, H, C)`` keys.
+        v: ``(N_src, H, C_v)`` values.
+        mask: ``(N_dst, N_src)`` bool, ``True`` where ``j -> i`` is an edge.
+        scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
+        temperature: logits are divided by it. (default: :obj:`1.0`)
+        edge_key: ``(N_dst, N_src, H, C)`` per-edge additions to the keys. (default: :obj:`None`)
+        edge_value: ``(N_dst, N_src, H, C_v)`` per-edge additions to the values.
+            (default: :obj:`None`)
+        compute_dtype: dtype of the computation; ``None`` computes in the inputs' dtype (the
+            "low precision reference" of the tolerance rule). (default: :obj:`torch.float64`)
+        return_weights: also return the ``(H, N_dst, N_src)`` weights. (default: :obj:`False`)
+
+    Returns:
+        ``(N_dst, H, C_v)`` in the dtype of ``q``, and the weights if asked.
+    """
+    out_dtype = q.dtype
+    dtype = compute_dtype or q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    logits = torch.einsum("ihc,jhc->hij", q, k)
+    if edge_key is not None:
+        logits = logits + torch.einsum("ihc,ijhc->hij", q, edge_key.to(dtype))
+    logits = logits * (scale / temperature)
+
+    allowed = mask.to(torch.bool).unsqueeze(0)  # (1, N_dst, N_src)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    row_max = logits.amax(dim=-1, keepdim=True) if logits.shape[-1] > 0 else logits[..., :1]
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    unnormalised = torch.exp(logits - row_max)  # exp(-inf) = 0 off the graph
+    denominator = unnormalised.sum(dim=-1, keepdim=True)
+    weights = unnormalised / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+    out = torch.einsum("hij,jhc->ihc", weights, v)
+    if edge_value is not None:
+        out = out + torch.einsum("hij,ijhc->ihc", weights, edge_value.to(dtype))
+    out = out.to(out_dtype)
+    return (out, weights) if return_weights else out
+
+
+def block_mask(
+    sizes_dst: list[int], sizes_src: list[int] | None = None, causal: bool = False
+) -> Tensor:
+    """Mask of one complete graph per segment: segment ``g`` has ``sizes_dst[g]`` targets and
+    ``sizes_src[g]`` sources (default: the same). ``causal`` keeps ``pos(j) <= pos(i)`` within a
+    segment (top-left aligned when the two sizes differ, as SDPA's ``is_causal``)."""
+    sizes_src = sizes_dst if sizes_src is None else sizes_src
+    blocks = []
+    for n_dst, n_src in zip(sizes_dst, sizes_src):
+        block = torch.ones(n_dst, n_src, dtype=torch.bool)
+        blocks.append(block.tril() if causal else block)
+    if not blocks:
+        return torch.zeros(0, 0, dtype=torch.bool)
+    return torch.block_diag(*blocks)
+
+
+def edge_mask(edge_index: Tensor, num_dst: int, num_src: int) -> Tensor:
+    """Mask with ``mask[dst, src] = True`` for every edge ``src -> dst`` of ``edge_index``."""
+    mask = torch.zeros(num_dst, num_src, dtype=torch.bool)
+    mask[edge_index[1].cpu(), edge_index[0].cpu()] = True
+    return mask
+
+
+def dense_edge_features(edge_index: Tensor, edge_attr: Tensor, num_dst: int, num_src: int) -> Tensor:
+    """Scatter per-edge features ``(E, ...)`` into a dense ``(N_dst, N_src, ...)`` tensor."""
+    dense = edge_attr.new_zeros(num_dst, num_src, *edge_attr.shape[1:])
+    dense[edge_index[1], edge_index[0]] = edge_attr
+    return dense

@@ -1,0 +1,87 @@
+"""Shared test helpers: random inputs and the tolerance rule of DESIGN.md §4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gatattn import reference
+
+# Fixed floors, scaled by the magnitude of the compared tensor (gradients of sums grow with N).
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def make_qkv(n_dst, n_src, heads, channels, value_channels=None, dtype=torch.float32, seed=0):
+    """Leaf ``q, k, v`` with gradients; values of unit scale."""
+    gen = torch.Generator().manual_seed(seed)
+    value_channels = value_channels or channels
+    shapes = ((n_dst, heads, channels), (n_src, heads, channels), (n_src, heads, value_channels))
+    return tuple(torch.randn(*s, generator=gen).to(dtype).requires_grad_() for s in shapes)
+
+
+def assert_close(name, got, ref_hi, ref_lo=None):
+    """``|got - ref_hi| <= 2 |ref_lo - ref_hi| + floor`` (low precision) or ``<= floor``."""
+    floor = FLOOR[got.dtype] * max(1.0, ref_hi.abs().max().item() if ref_hi.numel() else 0.0)
+    err = (got.double() - ref_hi.double()).abs()
+    if ref_lo is None:
+        bound = torch.full_like(err, floor)
+        ref_err = 0.0
+    else:
+        ref_diff = (ref_lo.double() - ref_hi.double()).abs()
+        bound = 2 * ref_diff + floor
+        ref_err = ref_diff.max().item() if ref_diff.numel() else 0.0
+    got_err = err.max().item() if err.numel() else 0.0
+    print(f"{name}: max error {got_err:.3e}, reference's own low-precision error {ref_err:.3e}")
+    assert not torch.isnan(got).any(), f"{name} has NaN"
+    assert bool((err <= bound).all()), (
+        f"{name}: max error {got_err:.3e} exceeds the bound (floor {floor:.1e}, reference "
+        f"error {ref_err:.3e})")
+
+
+def _forward_and_grads(fn, inputs, grad_out):
+    out = fn(*inputs)
+    differentiable = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(out, differentiable, grad_out, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(differentiable, grads)]
+    return out, grads
+
+
+def check_against_reference(run, inputs, reference_fn, names=("q", "k", "v")):
+    """Compare ``run(*inputs)`` and its gradients with ``reference_fn(*inputs, compute_dtype)``
+    in float64 (and, for half precision, with the same reference in the inputs' dtype)."""
+    grad_out = _upstream(run, inputs)
+    out, grads = _forward_and_grads(run, inputs, grad_out)
+    hi_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref_hi, grads_hi = _forward_and_grads(
+        lambda *a: reference_fn(*a, compute_dtype=torch.float64), hi_inputs, grad_out.double())
+    ref_lo, grads_lo = None, [None] * len(grads)
+    if out.dtype in LOW_PRECISION:
+        ref_lo, grads_lo = _forward_and_grads(
+            lambda *a: reference_fn(*a, compute_dtype=None), inputs, grad_out)
+    assert_close("out", out, ref_hi, ref_lo)
+    for name, g, g_hi, g_lo in zip(names, grads, grads_hi, grads_lo):
+        assert_close(f"d{name}", g, g_hi, g_lo)
+
+
+def _upstream(run, inputs):
+    with torch.no_grad():
+        out = run(*inputs)
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn(out.shape, generator=gen).to(out.dtype)
+
+
+def masked_reference(mask, **kwargs):
+    """A reference function of ``(q, k, v, compute_dtype)`` for a fixed mask."""
+    def fn(q, k, v, compute_dtype):
+        return reference.attention(q, k, v, mask, compute_dtype=compute_dtype, **kwargs)
+    return fn

@@ -1,0 +1,112 @@
+"""Graph description: validation errors, conversions, positions."""
+
+import networkx as nx
+import pytest
+import torch
+
+import gatattn
+from gatattn.graph import build_graph, local_positions
+from tests.conftest import make_qkv
+
+
+def attend(n=5, **kwargs):
+    q, k, v = make_qkv(n, n, 2, 4)
+    return gatattn.attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("edge_index,message", [
+    (torch.tensor([[0, 1], [2, 5]]), "targets .* max 5 but there are only 5"),
+    (torch.tensor([[0, 7], [2, 3]]), "sources .* max 7"),
+    (torch.tensor([[0, -1], [2, 3]]), "negative id -1"),
+    (torch.tensor([[0.0, 1.0], [2.0, 3.0]]), "integer node ids"),
+    (torch.tensor([[0, 1, 2]]), r"shape \(2, E\)"),
+    (torch.tensor([[0, 1], [1, 2], [2, 3]]), "transpose it"),
+])
+def test_bad_edge_index_is_named(edge_index, message):
+    with pytest.raises(ValueError, match=message):
+        attend(edge_index=edge_index)
+
+
+def test_bad_batch_and_ptr_are_named():
+    with pytest.raises(ValueError, match="batch has 4 entries but there are 5"):
+        attend(batch=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="ids >= 0"):
+        attend(batch=torch.tensor([0, 0, -1, 1, 1]))
+    with pytest.raises(ValueError, match="end at the number of nodes"):
+        attend(ptr=torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        attend(ptr=torch.tensor([0, 3, 2, 5]))
+    with pytest.raises(ValueError, match="either batch or ptr"):
+        attend(batch=torch.zeros(5, dtype=torch.long), ptr=torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match="give batch as a pair"):
+        q, k, v = make_qkv(3, 4, 1, 2)
+        gatattn.attention(q, k, v, batch=torch.zeros(3, dtype=torch.long))
+
+
+def test_bad_qkv_are_named():
+    q, k, v = make_qkv(5, 5, 2, 4)
+    with pytest.raises(ValueError, match="same number of heads, got 2, 1 and 2"):
+        gatattn.attention(q, k[:, :1], v)
+    with pytest.raises(ValueError, match="same channels per head, got 4 and 3"):
+        gatattn.attention(q, k[..., :3], v)
+    with pytest.raises(ValueError, match="one row per source node, got 5 and 4"):
+        gatattn.attention(q, k, v[:4])
+    with pytest.raises(ValueError, match=r"\(num_nodes, heads, channels\)"):
+        gatattn.attention(q.flatten(1), k, v)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        gatattn.attention(q, k, v, temperature=0.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        gatattn.attention(q, k, v, backend="flash")
+    with pytest.raises(ValueError, match="explicit edge_index use backend='sparse'"):
+        gatattn.attention(q, k, v, edge_index=torch.tensor([[0], [1]]), backend="sdpa")
+    with pytest.raises(ValueError, match="edge_attr needs an explicit edge_index"):
+        gatattn.attention(q, k, v, edge_attr=torch.zeros(25, 2, 4))
+    with pytest.raises(ValueError, match=r"edge_attr must be .* = \(1, 2, 4\)"):
+        gatattn.attention(q, k, v, edge_index=torch.tensor([[0], [1]]),
+                          edge_attr=torch.zeros(2, 2, 4))
+
+
+def test_unsorted_batch_equals_sorted_batch_after_permutation():
+    batch = torch.tensor([2, 0, 1, 0, 2, 2, 1, 0])
+    q, k, v = (t.detach() for t in make_qkv(8, 8, 2, 4))
+    order = torch.sort(batch, stable=True).indices
+    for causal in (False, True):
+        out = gatattn.attention(q, k, v, batch=batch, causal=causal)
+        sorted_out = gatattn.attention(q[order], k[order], v[order], batch=batch[order],
+                                       causal=causal)
+        torch.testing.assert_close(out[order], sorted_out)
+
+
+def test_local_positions_follow_order_of_appearance():
+    batch = torch.tensor([1, 0, 1, 1, 0, 2])
+    assert local_positions(batch, 6).tolist() == [0, 0, 1, 2, 1, 0]
+    assert local_positions(None, 3).tolist() == [0, 1, 2]
+
+
+def test_number_of_edges_of_implicit_graphs():
+    batch = torch.tensor([0, 0, 0, 1, 1])
+    assert build_graph(5, 5, batch=batch).num_edges() == 9 + 4
+    assert build_graph(5, 5, batch=batch, causal=True).num_edges() == 6 + 3
+    graph = build_graph(2, 5, causal=True, bipartite=True)
+    assert graph.num_edges() == graph.to_edge_index().size(1) == 1 + 2
+    graph = build_graph(5, 2, causal=True, bipartite=True)
+    assert graph.num_edges() == graph.to_edge_index().size(1) == 1 + 2 + 2 + 2 + 2
+
+
+def test_mask_edge_index_round_trip():
+    mask = torch.rand(6, 4, generator=torch.Generator().manual_seed(2)) < 0.5
+    edge_index = gatattn.mask_to_edge_index(mask)
+    assert torch.equal(gatattn.edge_index_to_mask(edge_index, 6, 4), mask)
+    assert bool((edge_index[1][1:] >= edge_index[1][:-1]).all())  # sorted by target
+
+
+def test_networkx_graph_to_edge_index():
+    graph = nx.karate_club_graph()
+    edge_index, num_nodes = gatattn.networkx_to_edge_index(graph)
+    assert num_nodes == 34
+    assert edge_index.size(1) == 2 * graph.number_of_edges()
+    mask = gatattn.edge_index_to_mask(edge_index, num_nodes)
+    assert torch.equal(mask, mask.t())  # undirected -> both directions
+    labelled = nx.relabel_nodes(nx.path_graph(3, create_using=nx.DiGraph), {0: "a", 1: "b", 2: "c"})
+    edge_index, num_nodes = gatattn.networkx_to_edge_index(labelled)
+    assert edge_index.tolist() == [[0, 1], [1, 2]] and num_nodes == 3

@@ -1,0 +1,30 @@
+# Two commands a fresh machine needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch keeps the install small; override for a GPU machine (TORCH=torch).
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,examples,dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -n 2 -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_cpu.py
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check gatattn kernels tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -14,4 +14,4 @@ def test_example_smoke(script, tmp_path):
     result = subprocess.run([sys.executable, str(script), "--smoke"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "max |diff|" in result.stdout or result.stdout.strip(), result.stdout
+    assert result.stdout.strip(), "the example printed no result"

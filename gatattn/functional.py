@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gatattn.backends import sdpa_attention, sparse_attention
+from gatattn.backends import (
+    sdpa_attention,
+    sparse_attention,
+    triton_attention,
+    triton_unavailable_reason,
+)
 from gatattn.graph import AttentionGraph, build_graph
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
@@ -91,35 +96,46 @@ def attention(
         edge_attr = edge_attr[graph.kept_edges]
     scale = (q.size(-1) ** -0.5 if scale is None else scale) / temperature
 
-    route = _choose_backend(backend, graph, q, return_attention_weights)
+    route = _choose_backend(backend, graph, q, return_attention_weights, dropout)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout)
+    if route == "triton":
+        return triton_attention(q, k, v, graph, scale=scale)
     edge_index = graph.to_edge_index()
     out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
                                   edge_attr=edge_attr)
     return (out, (edge_index, alpha)) if return_attention_weights else out
 
 
-def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, need_weights: bool) -> str:
+def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, need_weights: bool,
+                    dropout: float) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if requested == "triton":
-        raise BackendUnavailableError(
-            "the fused Triton kernel is not part of this build yet; use backend='auto' or 'sdpa'"
-        )
-    if requested == "sdpa" and not graph.is_implicit:
-        raise ValueError(
-            "backend='sdpa' runs complete, batched, causal and bipartite graphs only; for an "
-            "explicit edge_index use backend='sparse' or 'auto'"
-        )
-    if requested == "sdpa" and need_weights:
-        raise ValueError(
-            "backend='sdpa' never forms the attention weights; use backend='auto' or 'sparse' "
-            "with return_attention_weights=True"
-        )
     if requested == "auto":
+        # The Triton route joins "auto" once its kernels have passed on a real GPU.
         return "sdpa" if graph.is_implicit and not need_weights else "sparse"
+    if requested in ("sdpa", "triton"):
+        _check_dense_route(requested, graph, need_weights)
+    if requested == "triton":
+        reason = triton_unavailable_reason(q.device)
+        if reason is None and dropout > 0:
+            reason = "the fused kernels have no attention dropout; use backend='sdpa'"
+        if reason is not None:
+            raise BackendUnavailableError(f"backend='triton': {reason}")
     return requested
+
+
+def _check_dense_route(requested: str, graph: AttentionGraph, need_weights: bool) -> None:
+    if not graph.is_implicit:
+        raise ValueError(
+            f"backend={requested!r} runs complete, batched, causal and bipartite graphs only; "
+            "for an explicit edge_index use backend='sparse' or 'auto'"
+        )
+    if need_weights:
+        raise ValueError(
+            f"backend={requested!r} never forms the attention weights; use backend='auto' or "
+            "'sparse' with return_attention_weights=True"
+        )
 
 
 def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

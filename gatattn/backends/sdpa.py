@@ -28,9 +28,9 @@ def sdpa_attention(
     """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
     plan = graph.segment_plan()
-    q = _permute_rows(q, plan.perm_dst)
-    k = _permute_rows(k, plan.perm_src)
-    v = _permute_rows(v, plan.perm_src)
+    q = permute_rows(q, plan.perm_dst)
+    k = permute_rows(k, plan.perm_src)
+    v = permute_rows(v, plan.perm_src)
     rows_dst = [g.count * g.len_dst for g in plan.groups]
     rows_src = [g.count * g.len_src for g in plan.groups]
     outs = [
@@ -39,7 +39,7 @@ def sdpa_attention(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src))
     ]
     out = torch.cat(outs) if outs else v.new_zeros(0, v.size(1), v.size(2))
-    return _unpermute_rows(out, plan.perm_dst)
+    return unpermute_rows(out, plan.perm_dst)
 
 
 def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float) -> Tensor:
@@ -76,9 +76,9 @@ def _inverse(perm: Tensor) -> Tensor:
     return inverse
 
 
-def _permute_rows(x: Tensor, perm: Tensor | None) -> Tensor:
+def permute_rows(x: Tensor, perm: Tensor | None) -> Tensor:
     return x if perm is None else _PermuteRows.apply(x, perm, _inverse(perm))
 
 
-def _unpermute_rows(x: Tensor, perm: Tensor | None) -> Tensor:
+def unpermute_rows(x: Tensor, perm: Tensor | None) -> Tensor:
     return x if perm is None else _PermuteRows.apply(x, _inverse(perm), perm)

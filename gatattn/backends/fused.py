@@ -1,0 +1,65 @@
+"""The fused Triton route (``backend="triton"``): autograd glue, no pointer math.
+
+Implicit graphs reach the kernel as packed segments: the segment plan's node order puts each
+graph's nodes together, and its groups give the segment lengths (``cu_seqlens``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from gatattn.backends.sdpa import permute_rows, unpermute_rows
+from gatattn.graph import AttentionGraph, SegmentPlan
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton route cannot run on ``device``, or ``None`` if it can."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"the Triton kernels need CUDA tensors (got {device.type}); on CPU they run only "
+                "in Triton's interpreter (TRITON_INTERPRET=1), which is for tests")
+    return None
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
+        from gatattn.kernels.flash_attention import flash_attention_forward
+
+        out, lse = flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.scale, ctx.causal = scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from gatattn.kernels.flash_attention import flash_attention_backward
+
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q,
+                                              cu_seqlens_k, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
+                     scale: float) -> Tensor:
+    """``(N_dst, H, C_v)`` attention over an implicit ``graph`` with the fused kernels."""
+    plan = graph.segment_plan()
+    cu_seqlens_q = _cu_seqlens(plan, "len_dst", q.device)
+    cu_seqlens_k = _cu_seqlens(plan, "len_src", q.device)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = _FlashAttention.apply(permute_rows(q, plan.perm_dst), permute_rows(k, plan.perm_src),
+                                permute_rows(v, plan.perm_src), cu_seqlens_q, cu_seqlens_k,
+                                scale, graph.causal)
+    return unpermute_rows(out, plan.perm_dst)
+
+
+def _cu_seqlens(plan: SegmentPlan, side: str, device) -> Tensor:
+    lengths = [getattr(g, side) for g in plan.groups for _ in range(g.count)]
+    offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+    return offsets.to(device=device, dtype=torch.int32)

@@ -1,0 +1,351 @@
+"""FlashAttention-2-style tiled attention over packed, variable-length segments.
+
+The kernels know nothing of graphs. They see packed ``(total, H, C)`` tensors whose rows are
+cut into segments by ``cu_seqlens_q`` / ``cu_seqlens_k`` (segment ``b`` holds query rows
+``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and key rows likewise); each query attends to every key
+of its own segment, or, with ``CAUSAL``, to key positions ``<= `` its own (top-left aligned).
+A query with no key gets a zero output and an infinite log-sum-exp, never NaN.
+
+Softmax state is fp32 and kept in base 2: ``log2(e)`` is folded into the logit scale so that the
+inner loop uses ``exp2``. The forward pass stores ``LSE`` (base 2) for the backward pass, which
+recomputes the probabilities tile by tile: a Delta preprocess, a key-stationary pass for dK/dV
+and a query-stationary pass for dQ, with no atomics (deterministic).
+
+Programs are scheduled by tiles, not by the longest segment: a precomputed list maps each
+program to (segment, tile), so a batch of many small graphs launches no program per padding
+tile. Consecutive programs are the tiles of one (segment, head), which share K/V in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _segment_bounds(CuSeqlens, segment):
+    # int64 row offsets: row * stride overflows int32 past 2**31 elements.
+    start = tl.load(CuSeqlens + segment).to(tl.int64)
+    return start, (tl.load(CuSeqlens + segment + 1) - start).to(tl.int32)
+
+
+@triton.jit
+def _load_rows(Ptr, rows, stride_m, head_offset, cols, row_limit, COLS: tl.constexpr):
+    """A (len(rows), len(cols)) tile; rows past ``row_limit`` and padded columns read 0."""
+    mask = (rows[:, None] < row_limit) & (cols[None, :] < COLS)
+    return tl.load(Ptr + rows[:, None] * stride_m + head_offset + cols[None, :], mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, k_start, k_len, start_n, offs_m, offs_n, offs_d, offs_dv,
+               stride_km, stride_vm, k_head, v_head, qk_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
+               MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    cols = start_n + offs_n
+    k = _load_rows(K + k_start * stride_km, cols, stride_km, k_head, offs_d, k_len, HEAD_DIM)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if MASKED:  # only boundary and diagonal tiles pay for per-element masks
+        keep = cols[None, :] < k_len
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(V + k_start * stride_vm, cols, stride_vm, v_head, offs_dv, k_len, HEAD_DIM_V)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock, qk_scale,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
+    stride_lse_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile, head = tl.program_id(0), tl.program_id(1)
+    segment = tl.load(TileSegment + tile)
+    if segment < 0:  # the schedule's tail: no work
+        return
+    m_block = tl.load(TileBlock + tile)
+    q_start, q_len = _segment_bounds(CuSeqlensQ, segment)
+    k_start, k_len = _segment_bounds(CuSeqlensK, segment)
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_rows(Q + q_start * stride_qm, offs_m, stride_qm, head * stride_qh, offs_d, q_len,
+                   HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # Key tiles [0, full_end) lie inside the segment and, if causal, wholly at or before the
+    # tile's first query: no masks. Tiles [full_end, end) are boundary or diagonal tiles.
+    end = k_len
+    full_end = (k_len // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        end = tl.minimum(k_len, (m_block + 1) * BLOCK_M)
+        full_end = tl.minimum(full_end, ((m_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_start, k_len, start_n, offs_m,
+                                   offs_n, offs_d, offs_dv, stride_km, stride_vm,
+                                   head * stride_kh, head * stride_vh, qk_scale, HEAD_DIM,
+                                   HEAD_DIM_V, CAUSAL, False, PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_start, k_len, start_n, offs_m,
+                                   offs_n, offs_d, offs_dv, stride_km, stride_vm,
+                                   head * stride_kh, head * stride_vh, qk_scale, HEAD_DIM,
+                                   HEAD_DIM_V, CAUSAL, True, PRECISION)
+
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.math.log2(l_i), float("inf"))
+    row_ok = offs_m < q_len
+    out_ptrs = Out + (q_start + offs_m)[:, None] * stride_om + head * stride_oh + offs_dv[None, :]
+    tl.store(out_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DO, Delta, total, stride_om, stride_oh, stride_dom, stride_doh,
+                           stride_delta_h, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_DV: tl.constexpr):
+    """Delta_i = <dO_i, O_i>, the row term of the softmax gradient."""
+    block, head = tl.program_id(0), tl.program_id(1)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_DV)
+    o = _load_rows(Out, rows, stride_om, head * stride_oh, cols, total, HEAD_DIM_V)
+    do = _load_rows(DO, rows, stride_dom, head * stride_doh, cols, total, HEAD_DIM_V)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + head * stride_delta_h + rows, delta, mask=rows < total)
+
+
+@triton.jit
+def _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """The forward pass's softmax tile, recomputed from the stored log-sum-exp."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    keep = (offs_m[:, None] < q_len) & (cols[None, :] < k_len)
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= offs_m[:, None])
+    return tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
+    qk_scale, scale,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Key-stationary: one program owns a key tile and sweeps the queries that see it."""
+    tile, head = tl.program_id(0), tl.program_id(1)
+    segment = tl.load(TileSegment + tile)
+    if segment < 0:
+        return
+    n_block = tl.load(TileBlock + tile)
+    q_start, q_len = _segment_bounds(CuSeqlensQ, segment)
+    k_start, k_len = _segment_bounds(CuSeqlensK, segment)
+
+    cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_rows(K + k_start * stride_km, cols, stride_km, head * stride_kh, offs_d, k_len,
+                   HEAD_DIM)
+    v = _load_rows(V + k_start * stride_vm, cols, stride_vm, head * stride_vh, offs_dv, k_len,
+                   HEAD_DIM_V)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    first = 0
+    if CAUSAL:  # queries before this key tile cannot see it
+        first = (n_block * BLOCK_N // BLOCK_M) * BLOCK_M
+    for start_m in range(first, q_len, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        q = _load_rows(Q + q_start * stride_qm, offs_m, stride_qm, head * stride_qh, offs_d,
+                       q_len, HEAD_DIM)
+        do = _load_rows(DO + q_start * stride_dom, offs_m, stride_dom, head * stride_doh,
+                        offs_dv, q_len, HEAD_DIM_V)
+        lse = tl.load(LSE + head * stride_lse_h + q_start + offs_m, mask=row_ok,
+                      other=float("inf"))
+        delta = tl.load(Delta + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
+        p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, PRECISION)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+
+    col_ok = cols < k_len
+    dk_ptrs = DK + (k_start + cols)[:, None] * stride_dkm + head * stride_dkh + offs_d[None, :]
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    dv_ptrs = DV + (k_start + cols)[:, None] * stride_dvm + head * stride_dvh + offs_dv[None, :]
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
+    qk_scale, scale,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dqm, stride_dqh, stride_lse_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Query-stationary: one program owns a query tile and sweeps the keys it sees."""
+    tile, head = tl.program_id(0), tl.program_id(1)
+    segment = tl.load(TileSegment + tile)
+    if segment < 0:
+        return
+    m_block = tl.load(TileBlock + tile)
+    q_start, q_len = _segment_bounds(CuSeqlensQ, segment)
+    k_start, k_len = _segment_bounds(CuSeqlensK, segment)
+
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+    q = _load_rows(Q + q_start * stride_qm, offs_m, stride_qm, head * stride_qh, offs_d, q_len,
+                   HEAD_DIM)
+    do = _load_rows(DO + q_start * stride_dom, offs_m, stride_dom, head * stride_doh, offs_dv,
+                    q_len, HEAD_DIM_V)
+    lse = tl.load(LSE + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    end = k_len
+    if CAUSAL:
+        end = tl.minimum(k_len, (m_block + 1) * BLOCK_M)
+    for start_n in range(0, end, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(K + k_start * stride_km, cols, stride_km, head * stride_kh, offs_d, k_len,
+                       HEAD_DIM)
+        v = _load_rows(V + k_start * stride_vm, cols, stride_vm, head * stride_vh, offs_dv,
+                       k_len, HEAD_DIM_V)
+        p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+
+    dq_ptrs = DQ + (q_start + offs_m)[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def tile_schedule(cu_seqlens: torch.Tensor, total: int, block: int):
+    """(segment, tile) of every program, without a device sync: the grid is the upper bound
+    ``cdiv(total, block) + num_segments`` and the tail is marked with segment -1."""
+    num_segments = cu_seqlens.numel() - 1
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    tiles = (lengths + block - 1) // block
+    ends = torch.cumsum(tiles, 0)
+    program = torch.arange(triton.cdiv(total, block) + num_segments, device=cu_seqlens.device)
+    segment = torch.searchsorted(ends, program, right=True)
+    in_range = segment < num_segments
+    clamped = segment.clamp(max=max(num_segments - 1, 0))
+    tile = program - (ends[clamped] - tiles[clamped]) if num_segments else program
+    return (torch.where(in_range, segment, -1).to(torch.int32),
+            torch.where(in_range, tile, 0).to(torch.int32))
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
+    assert q.dim() == k.dim() == v.dim() == 3, "q, k, v must be packed (total, H, C)"
+    assert q.shape[1] == k.shape[1] == v.shape[1], f"heads differ: {q.shape}, {k.shape}, {v.shape}"
+    assert q.shape[2] == k.shape[2], f"q and k head dims differ: {q.shape[2]} vs {k.shape[2]}"
+    assert k.shape[0] == v.shape[0], f"k and v rows differ: {k.shape[0]} vs {v.shape[0]}"
+    assert q.dtype == k.dtype == v.dtype, f"dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    assert max(q.shape[2], v.shape[2]) <= 256, "head dims above 256 are not supported"
+    assert all(t.stride(-1) == 1 for t in (q, k, v)), "the channel dim must be contiguous"
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32, "cu_seqlens must be int32"
+    assert cu_seqlens_q.numel() == cu_seqlens_k.numel(), "q and k need the same segment count"
+
+
+def _constants(q, v, block_m, block_n):
+    return dict(
+        HEAD_DIM=q.shape[2], HEAD_DIM_V=v.shape[2],
+        BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[2])),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        # fp32 inputs get fp32 products (no TF32) so they match an fp32 reference.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int]:
+    """Tile sizes: small ones in the CPU interpreter (many tiles at test sizes)."""
+    if device.type != "cuda":
+        return 16, 16
+    return (128, 64) if head_dim <= 64 else (64, 64)
+
+
+def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                            block_m=None, block_n=None):
+    """Returns ``out`` (total_q, H, C_v) and the base-2 log-sum-exp ``lse`` (H, total_q), fp32."""
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    default_m, default_n = default_blocks(q.shape[2], q.device)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    total_q, heads = q.shape[0], q.shape[1]
+    out = torch.empty(total_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
+    segment, tile = tile_schedule(cu_seqlens_q, total_q, block_m)
+    if segment.numel() == 0 or heads == 0:
+        return out, lse
+    _fwd_kernel[(segment.numel(), heads)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        CAUSAL=causal, **_constants(q, v, block_m, block_n))
+    return out, lse
+
+
+def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                             block_m=None, block_n=None):
+    """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``."""
+    default_m, default_n = default_blocks(q.shape[2], q.device)
+    block_m, block_n = block_m or default_m, block_n or default_n
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    total_q, heads = q.shape[0], q.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if heads == 0 or total_q == 0 or k.shape[0] == 0:
+        return dq, dk, dv
+    constants = _constants(q, v, block_m, block_n)
+    delta = torch.empty_like(lse)
+    _bwd_preprocess_kernel[(triton.cdiv(total_q, block_m), heads)](
+        out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=block_m, BLOCK_DV=constants["BLOCK_DV"])
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1))
+    segment, tile = tile_schedule(cu_seqlens_k, k.shape[0], block_n)
+    _bwd_dkdv_kernel[(segment.numel(), heads)](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
+        scale * LOG2E, scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        lse.stride(0), CAUSAL=causal, **constants)
+    segment, tile = tile_schedule(cu_seqlens_q, total_q, block_m)
+    _bwd_dq_kernel[(segment.numel(), heads)](
+        q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
+        scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
+        CAUSAL=causal, **constants)
+    return dq, dk, dv

@@ -1,0 +1,97 @@
+"""The fused Triton kernels against the reference, forward and all gradients.
+
+Without a GPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) on CPU
+tensors; the same cases run on CUDA when a GPU is present (marker ``cuda``).
+"""
+
+import pytest
+import torch
+
+import gatattn
+from tests.conftest import check_against_reference, make_qkv, masked_reference
+from tests.test_functional import batch_from_sizes, same_graph_mask
+
+pytest.importorskip("triton")
+DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def on(device, tensors):
+    return tuple(t.detach().to(device).requires_grad_() for t in tensors)
+
+
+def run_triton(**kwargs):
+    return lambda q, k, v: gatattn.attention(q, k, v, backend="triton", **kwargs)
+
+
+def reference_on_cpu(mask):
+    ref = masked_reference(mask)
+    return lambda q, k, v, compute_dtype: ref(q.cpu(), k.cpu(), v.cpu(), compute_dtype).to(q.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,channels", [(1, 16), (7, 40), (97, 64), (130, 40)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_single_segment(device, n, channels, causal):
+    inputs = on(device, make_qkv(n, n, 2, channels))
+    mask = torch.ones(n, n, dtype=torch.bool)
+    mask = mask.tril() if causal else mask
+    check_against_reference(run_triton(causal=causal), inputs, reference_on_cpu(mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_segments(device, causal):
+    sizes = [1, 5, 64, 33, 0, 17]
+    batch = batch_from_sizes(sizes)
+    inputs = on(device, make_qkv(batch.numel(), batch.numel(), 2, 40))
+    check_against_reference(run_triton(batch=batch.to(device), causal=causal), inputs,
+                            reference_on_cpu(same_graph_mask(batch, batch, causal)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_segments(device, causal):
+    sizes_dst, sizes_src = [3, 17, 0, 9, 4], [20, 2, 5, 0, 33]
+    batch_dst, batch_src = batch_from_sizes(sizes_dst), batch_from_sizes(sizes_src)
+    inputs = on(device, make_qkv(batch_dst.numel(), batch_src.numel(), 2, 16, value_channels=24))
+    check_against_reference(
+        run_triton(batch=(batch_dst.to(device), batch_src.to(device)), causal=causal), inputs,
+        reference_on_cpu(same_graph_mask(batch_dst, batch_src, causal)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(device, dtype):
+    if device == "cpu" and dtype == torch.bfloat16:
+        # Triton 3.9's interpreter returns garbage for tl.dot on bfloat16 operands (a 16x16
+        # product off by 1e10 while loads and casts are exact): this case runs on CUDA only.
+        pytest.skip("Triton's interpreter miscomputes bfloat16 tl.dot")
+    sizes = [7, 40]
+    batch = batch_from_sizes(sizes)
+    inputs = on(device, make_qkv(batch.numel(), batch.numel(), 2, 48, dtype=dtype))
+    check_against_reference(run_triton(batch=batch.to(device), causal=True), inputs,
+                            reference_on_cpu(same_graph_mask(batch, batch, True)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_temperature_and_empty_inputs(device):
+    inputs = on(device, make_qkv(19, 19, 1, 16))
+    mask = torch.ones(19, 19, dtype=torch.bool)
+    ref = masked_reference(mask, scale=0.3, temperature=0.5)
+    check_against_reference(
+        lambda q, k, v: gatattn.attention(q, k, v, scale=0.3, temperature=0.5, backend="triton"),
+        inputs, lambda q, k, v, compute_dtype: ref(q.cpu(), k.cpu(), v.cpu(), compute_dtype))
+    q, k, v = on(device, make_qkv(0, 0, 2, 16))
+    out = gatattn.attention(q, k, v, backend="triton")
+    assert out.shape == (0, 2, 16)
+
+
+def test_tile_schedule_skips_no_work():
+    from gatattn.kernels.flash_attention import tile_schedule
+
+    cu_seqlens = torch.tensor([0, 1, 1, 40, 50], dtype=torch.int32)
+    segment, tile = tile_schedule(cu_seqlens, 50, 16)
+    work = segment >= 0
+    assert segment[work].tolist() == [0, 2, 2, 2, 3]
+    assert tile[work].tolist() == [0, 0, 1, 2, 0]
+    assert segment.numel() == 4 + 4  # cdiv(50, 16) + 4 segments bounds the grid

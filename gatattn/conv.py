@@ -112,7 +112,8 @@ class SelfAttentionConv(MessagePassing):
         self.lin_value = Linear(in_src, heads * out_channels, bias=bias)
         self.lin_edge = self._optional(edge_dim is not None, "lin_edge",
                                        lambda: Linear(edge_dim, heads * out_channels, bias=False))
-        self.lin_out = self._optional(out_proj, "lin_out", lambda: Linear(merged, merged, bias=bias))
+        self.lin_out = self._optional(out_proj, "lin_out",
+                                      lambda: Linear(merged, merged, bias=bias))
         self.lin_skip = self._optional(root_weight, "lin_skip",
                                        lambda: Linear(in_dst, merged, bias=bias))
         self.lin_beta = self._optional(beta, "lin_beta", lambda: Linear(3 * merged, 1, bias=False))
@@ -234,7 +235,8 @@ class SelfAttentionConv(MessagePassing):
             else:
                 weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
             biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
-            for lin, w, b in zip((layer.lin_query, layer.lin_key, layer.lin_value), weights, biases):
+            projections = (layer.lin_query, layer.lin_key, layer.lin_value)
+            for lin, w, b in zip(projections, weights, biases, strict=True):
                 lin.weight.copy_(w)
                 if b is not None:
                     lin.bias.copy_(b)

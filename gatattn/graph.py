@@ -188,7 +188,8 @@ def _split_pair(name: str, value, bipartite: bool):
         return None, None
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
-            raise ValueError(f"{name} must be a tensor or a (dst, src) pair, got {len(value)} items")
+            raise ValueError(
+                f"{name} must be a tensor or a (dst, src) pair, got {len(value)} items")
         if not bipartite:
             raise ValueError(f"{name} is a pair but the graph is not bipartite; pass one tensor")
         return value[0], value[1]
@@ -294,7 +295,8 @@ def _make_segment_plan(graph: AttentionGraph) -> SegmentPlan:
     shapes, counts = torch.unique_consecutive(
         torch.stack([sizes_dst[graph_order], sizes_src[graph_order]], 1), dim=0,
         return_counts=True)
-    groups = [SegmentGroup(c, d, s) for (d, s), c in zip(shapes.tolist(), counts.tolist())]
+    groups = [SegmentGroup(c, d, s)
+              for (d, s), c in zip(shapes.tolist(), counts.tolist(), strict=True)]
     perm_dst = _node_order(graph.batch_dst, graph_order)
     perm_src = _node_order(graph.batch_src, graph_order) if graph.bipartite else perm_dst
     return SegmentPlan(groups, perm_dst, perm_src)

@@ -85,7 +85,7 @@ def block_mask(
     segment (top-left aligned when the two sizes differ, as SDPA's ``is_causal``)."""
     sizes_src = sizes_dst if sizes_src is None else sizes_src
     blocks = []
-    for n_dst, n_src in zip(sizes_dst, sizes_src):
+    for n_dst, n_src in zip(sizes_dst, sizes_src, strict=True):
         block = torch.ones(n_dst, n_src, dtype=torch.bool)
         blocks.append(block.tril() if causal else block)
     if not blocks:
@@ -100,7 +100,8 @@ def edge_mask(edge_index: Tensor, num_dst: int, num_src: int) -> Tensor:
     return mask
 
 
-def dense_edge_features(edge_index: Tensor, edge_attr: Tensor, num_dst: int, num_src: int) -> Tensor:
+def dense_edge_features(edge_index: Tensor, edge_attr: Tensor, num_dst: int,
+                        num_src: int) -> Tensor:
     """Scatter per-edge features ``(E, ...)`` into a dense ``(N_dst, N_src, ...)`` tensor."""
     dense = edge_attr.new_zeros(num_dst, num_src, *edge_attr.shape[1:])
     dense[edge_index[1], edge_index[0]] = edge_attr

@@ -59,7 +59,8 @@ def _forward_and_grads(fn, inputs, grad_out):
     out = fn(*inputs)
     differentiable = [t for t in inputs if t.requires_grad]
     grads = torch.autograd.grad(out, differentiable, grad_out, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(differentiable, grads)]
+    grads = [torch.zeros_like(t) if g is None else g
+             for t, g in zip(differentiable, grads, strict=True)]
     return out, grads
 
 
@@ -76,7 +77,7 @@ def check_against_reference(run, inputs, reference_fn, names=("q", "k", "v")):
         ref_lo, grads_lo = _forward_and_grads(
             lambda *a: reference_fn(*a, compute_dtype=None), inputs, grad_out)
     assert_close("out", out, ref_hi, ref_lo)
-    for name, g, g_hi, g_lo in zip(names, grads, grads_hi, grads_lo):
+    for name, g, g_hi, g_lo in zip(names, grads, grads_hi, grads_lo, strict=True):
         assert_close(f"d{name}", g, g_hi, g_lo)
 
 

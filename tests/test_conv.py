@@ -61,7 +61,7 @@ def test_from_transformer_conv(concat, root_weight, beta, edge_dim):
     assert_close("alpha", alpha, expected_alpha)
     grads = torch.autograd.grad(out.square().sum(), (x_src, x_dst))
     expected_grads = torch.autograd.grad(expected.square().sum(), (x_src, x_dst))
-    for name, g, e in zip(("dx_src", "dx_dst"), grads, expected_grads):
+    for name, g, e in zip(("dx_src", "dx_dst"), grads, expected_grads, strict=True):
         assert_close(name, g, e)
 
 

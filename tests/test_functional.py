@@ -23,8 +23,8 @@ def same_graph_mask(batch_dst, batch_src, causal=False):
     """Reference mask from graph ids, causal by order of appearance inside each graph."""
     mask = batch_dst.unsqueeze(1) == batch_src.unsqueeze(0)
     if causal:
-        pos_dst = torch.stack([(batch_dst[:i] == batch_dst[i]).sum() for i in range(len(batch_dst))])
-        pos_src = torch.stack([(batch_src[:j] == batch_src[j]).sum() for j in range(len(batch_src))])
+        pos_dst = torch.tensor([int((batch_dst[:i] == b).sum()) for i, b in enumerate(batch_dst)])
+        pos_src = torch.tensor([int((batch_src[:j] == b).sum()) for j, b in enumerate(batch_src)])
         mask &= pos_src.unsqueeze(0) <= pos_dst.unsqueeze(1)
     return mask
 

@@ -19,7 +19,7 @@ def loop_attention(q, k, v, mask, scale):
             top = max(logits)
             exps = [math.exp(s - top) for s in logits]
             total = sum(exps)
-            for j, e in zip(sources, exps):
+            for j, e in zip(sources, exps, strict=True):
                 out[i, h] += e / total * v[j, h]
     return out
 

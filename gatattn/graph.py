@@ -33,17 +33,31 @@ class SegmentGroup:
 
 
 @dataclass(frozen=True)
+class Permutation:
+    """A node order: ``forward[p]`` is the node at position ``p``; ``inverse`` undoes it."""
+
+    forward: Tensor
+    inverse: Tensor
+
+    @classmethod
+    def of(cls, forward: Tensor) -> Permutation:
+        inverse = torch.empty_like(forward)
+        inverse[forward] = torch.arange(forward.numel(), device=forward.device)
+        return cls(forward, inverse)
+
+
+@dataclass(frozen=True)
 class SegmentPlan:
     """How the dense route runs many complete graphs without padding.
 
     Nodes are permuted so that graphs of equal size lie next to each other (keeping each graph's
-    own node order); each group is then one ``(count, H, len, C)`` batch. ``perm_*[p]`` is the
-    node at position ``p`` of that order, ``None`` when it is the identity.
+    own node order); each group is then one ``(count, H, len, C)`` batch. ``order_*`` is ``None``
+    when the nodes already lie in that order.
     """
 
     groups: list[SegmentGroup]
-    perm_dst: Tensor | None = None
-    perm_src: Tensor | None = None
+    order_dst: Permutation | None = None
+    order_src: Permutation | None = None
 
 
 @dataclass(frozen=True)
@@ -297,12 +311,12 @@ def _make_segment_plan(graph: AttentionGraph) -> SegmentPlan:
         return_counts=True)
     groups = [SegmentGroup(c, d, s)
               for (d, s), c in zip(shapes.tolist(), counts.tolist(), strict=True)]
-    perm_dst = _node_order(graph.batch_dst, graph_order)
-    perm_src = _node_order(graph.batch_src, graph_order) if graph.bipartite else perm_dst
-    return SegmentPlan(groups, perm_dst, perm_src)
+    order_dst = _node_order(graph.batch_dst, graph_order)
+    order_src = _node_order(graph.batch_src, graph_order) if graph.bipartite else order_dst
+    return SegmentPlan(groups, order_dst, order_src)
 
 
-def _node_order(batch: Tensor, graph_order: Tensor) -> Tensor | None:
+def _node_order(batch: Tensor, graph_order: Tensor) -> Permutation | None:
     """Node permutation listing the graphs in ``graph_order``, each in appearance order;
     ``None`` if that is the identity."""
     rank = torch.empty_like(graph_order)
@@ -310,14 +324,13 @@ def _node_order(batch: Tensor, graph_order: Tensor) -> Tensor | None:
     perm = torch.sort(rank.to(batch.device)[batch], stable=True).indices
     if bool((perm == torch.arange(perm.numel(), device=perm.device)).all()):
         return None
-    return perm
+    return Permutation.of(perm)
 
 
 def _complete_edges(graph: AttentionGraph) -> Tensor:
     """All edges of an implicit graph, sorted by target, then by source position."""
     plan = graph.segment_plan()
     device = graph.batch_dst.device if graph.batch_dst is not None else None
-    perm_dst, perm_src = plan.perm_dst, plan.perm_src
     blocks, start_dst, start_src = [], 0, 0
     for g in plan.groups:
         pairs = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=device)
@@ -331,9 +344,9 @@ def _complete_edges(graph: AttentionGraph) -> Tensor:
         start_dst += g.count * g.len_dst
         start_src += g.count * g.len_src
     edge_index = torch.cat(blocks, 1) if blocks else torch.zeros(2, 0, dtype=torch.long)
-    if perm_src is not None:
-        edge_index[0] = perm_src[edge_index[0]]
-    if perm_dst is not None:
-        edge_index[1] = perm_dst[edge_index[1]]
+    if plan.order_src is not None:
+        edge_index[0] = plan.order_src.forward[edge_index[0]]
+    if plan.order_dst is not None:
+        edge_index[1] = plan.order_dst.forward[edge_index[1]]
         edge_index = edge_index[:, torch.sort(edge_index[1], stable=True).indices]
     return edge_index

@@ -53,10 +53,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
     cu_seqlens_q = _cu_seqlens(plan, "len_dst", q.device)
     cu_seqlens_k = _cu_seqlens(plan, "len_src", q.device)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = _FlashAttention.apply(permute_rows(q, plan.perm_dst), permute_rows(k, plan.perm_src),
-                                permute_rows(v, plan.perm_src), cu_seqlens_q, cu_seqlens_k,
+    out = _FlashAttention.apply(permute_rows(q, plan.order_dst), permute_rows(k, plan.order_src),
+                                permute_rows(v, plan.order_src), cu_seqlens_q, cu_seqlens_k,
                                 scale, graph.causal)
-    return unpermute_rows(out, plan.perm_dst)
+    return unpermute_rows(out, plan.order_dst)
 
 
 def _cu_seqlens(plan: SegmentPlan, side: str, device) -> Tensor:

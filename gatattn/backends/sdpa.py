@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gatattn.graph import AttentionGraph
+from gatattn.graph import AttentionGraph, Permutation
 
 
 def sdpa_attention(
@@ -29,9 +29,9 @@ def sdpa_attention(
     """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
     plan = graph.segment_plan()
-    q = permute_rows(q, plan.perm_dst)
-    k = permute_rows(k, plan.perm_src)
-    v = permute_rows(v, plan.perm_src)
+    q = permute_rows(q, plan.order_dst)
+    k = permute_rows(k, plan.order_src)
+    v = permute_rows(v, plan.order_src)
     rows_dst = [g.count * g.len_dst for g in plan.groups]
     rows_src = [g.count * g.len_src for g in plan.groups]
     outs = [
@@ -40,7 +40,7 @@ def sdpa_attention(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
     ]
     out = torch.cat(outs) if outs else v.new_zeros(0, v.size(1), v.size(2))
-    return unpermute_rows(out, plan.perm_dst)
+    return unpermute_rows(out, plan.order_dst)
 
 
 def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float) -> Tensor:
@@ -71,15 +71,9 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def _inverse(perm: Tensor) -> Tensor:
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inverse
+def permute_rows(x: Tensor, order: Permutation | None) -> Tensor:
+    return x if order is None else _PermuteRows.apply(x, order.forward, order.inverse)
 
 
-def permute_rows(x: Tensor, perm: Tensor | None) -> Tensor:
-    return x if perm is None else _PermuteRows.apply(x, perm, _inverse(perm))
-
-
-def unpermute_rows(x: Tensor, perm: Tensor | None) -> Tensor:
-    return x if perm is None else _PermuteRows.apply(x, _inverse(perm), perm)
+def unpermute_rows(x: Tensor, order: Permutation | None) -> Tensor:
+    return x if order is None else _PermuteRows.apply(x, order.inverse, order.forward)

@@ -1,15 +1,28 @@
 """Attention as GAT-style message passing over an explicit edge set.
 
 Per-edge logits ``<q_i, k_j>``, a softmax over each target's in-edges, a weighted sum of the
-source values: exactly what :class:`torch_geometric.nn.TransformerConv` computes, for any graph.
-This version gathers per-edge ``(E, H, C)`` rows, so its memory grows with ``E * H * C``.
+source values: what :class:`torch_geometric.nn.TransformerConv` computes, for any graph.
+
+The lean route never forms per-edge ``(E, H, C)`` messages. With the edges in CSR order
+(:mod:`gatattn.backends.csr`) the logits are a sampled dense-dense product (SDDMM) and the
+aggregation a sparse-dense product (SpMM), per head; a custom autograd keeps only ``q, k, v``
+and the ``(E, H)`` weights, and its backward is again SDDMMs and SpMMs:
+
+    dV = W^T dO,  dW_e = <dO_i, v_j>,  dS = A * (dA - rowsum(A * dA)),  dQ = s dS K,  dK = s dS^T Q
+
+Edge features are themselves ``(E, H, C)``, so with ``edge_attr`` the route gathers per-edge
+rows as TransformerConv does; so it does under ``torch.compile``, which cannot trace sparse CSR
+tensors.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.utils import scatter, softmax
+
+from gatattn.backends.csr import CSR, csr_of
 
 
 def sparse_attention(
@@ -23,16 +36,83 @@ def sparse_attention(
     edge_attr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
-    dropout). Targets without in-edges get zeros."""
+    dropout, in the order of ``edge_index``; not differentiable). Targets without in-edges get
+    zeros."""
+    if edge_attr is not None or torch.compiler.is_compiling():
+        return _gathered_attention(q, k, v, edge_index, scale, dropout, edge_attr)
+    csr = csr_of(edge_index, q.size(0), k.size(0))
+    out, alpha = _CSRAttention.apply(q, k, v, csr, scale, dropout)
+    return out, alpha.index_select(0, csr.position)
+
+
+class _CSRAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, csr: CSR, scale: float, dropout: float):
+        dtype = _compute_dtype(q)
+        q_h, k_h, v_h = (_by_head(t, dtype) for t in (q, k, v))  # (H, N, C)
+        logits = _sddmm(csr, q_h, k_h) * scale  # (E, H)
+        alpha = softmax(logits, csr.row, num_nodes=csr.num_dst)
+        keep = torch.rand_like(alpha) >= dropout if dropout > 0 else None
+        out = _spmm(csr.matrix, _dropped(alpha, keep, dropout), v_h)  # (N_dst, H, C_v)
+        ctx.save_for_backward(q_h, k_h, v_h, alpha, keep)
+        ctx.csr, ctx.scale, ctx.dropout = csr, scale, dropout
+        alpha_out = alpha.to(q.dtype)
+        ctx.mark_non_differentiable(alpha_out)
+        return out.to(q.dtype), alpha_out
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_alpha):
+        q_h, k_h, v_h, alpha, keep = ctx.saved_tensors
+        csr, scale, dropout = ctx.csr, ctx.scale, ctx.dropout
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        grad_h = _by_head(grad_out, q_h.dtype)  # (H, N_dst, C_v)
+        dv = _spmm(csr.transposed, _dropped(alpha, keep, dropout), grad_h) if need_v else None
+        dq = dk = None
+        if need_q or need_k:
+            grad_alpha = _dropped(_sddmm(csr, grad_h, v_h), keep, dropout)  # (E, H)
+            row_sum = scatter(alpha * grad_alpha, csr.row, 0, dim_size=csr.num_dst, reduce="sum")
+            grad_logits = alpha * (grad_alpha - row_sum.index_select(0, csr.row)) * scale
+            dq = _spmm(csr.matrix, grad_logits, k_h) if need_q else None
+            dk = _spmm(csr.transposed, grad_logits, q_h) if need_k else None
+        dtype = grad_out.dtype
+        return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), None, None, None)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """CPU sparse kernels take float32/float64 only; half precision is computed in float32."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _by_head(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).transpose(0, 1).contiguous()
+
+
+def _dropped(alpha: Tensor, keep: Tensor | None, dropout: float) -> Tensor:
+    return alpha if keep is None else alpha * keep / (1.0 - dropout)
+
+
+def _sddmm(csr: CSR, a: Tensor, b: Tensor) -> Tensor:
+    """``(E, H)``: ``<a[h, target], b[h, source]>`` for every edge, per head."""
+    pattern = csr.matrix(a.new_zeros(csr.num_edges))
+    return torch.stack([
+        torch.sparse.sampled_addmm(pattern, a[h], b[h].t(), beta=0.0).values()
+        for h in range(a.size(0))], dim=1)
+
+
+def _spmm(matrix, weights: Tensor, x: Tensor) -> Tensor:
+    """``(rows, H, C)``: per head, the sparse matrix with ``weights[:, h]`` times ``x[h]``."""
+    return torch.stack([matrix(weights[:, h].contiguous()) @ x[h] for h in range(x.size(0))],
+                       dim=1)
+
+
+def _gathered_attention(q, k, v, edge_index, scale, dropout, edge_attr):
     src, dst = edge_index
     key_j = k.index_select(0, src)  # (E, H, C)
     value_j = v.index_select(0, src)  # (E, H, C_v)
     if edge_attr is not None:
-        key_j = key_j + edge_attr
-        value_j = value_j + edge_attr
+        key_j, value_j = key_j + edge_attr, value_j + edge_attr
     logits = (q.index_select(0, dst) * key_j).sum(dim=-1) * scale  # (E, H)
     alpha = softmax(logits, dst, num_nodes=q.size(0))
     weights = F.dropout(alpha, p=dropout) if dropout > 0 else alpha
-    messages = value_j * weights.unsqueeze(-1)  # (E, H, C_v)
-    out = scatter(messages, dst, dim=0, dim_size=q.size(0), reduce="sum")
+    out = scatter(value_j * weights.unsqueeze(-1), dst, dim=0, dim_size=q.size(0), reduce="sum")
     return out, alpha

@@ -1,0 +1,91 @@
+"""Edges sorted by target (CSR) and by source (its transpose), built once per edge set.
+
+The message-passing route works on these two orders: rows of the CSR are targets (softmax and
+aggregation run along them), rows of the transpose are sources (gradients of keys and values
+gather along them). Sorting costs O(E log E), so the result is cached for the ``edge_index``
+tensor it came from: a model that runs several layers on one graph sorts once.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gatattn.graph import Permutation
+
+_CACHE_SIZE = 8
+_cache: dict[int, tuple[weakref.ref, int, int, int, CSR]] = {}
+
+
+@dataclass(frozen=True)
+class CSR:
+    """``edge_index`` (source -> target) in target-major order, and in source-major order."""
+
+    num_dst: int
+    num_src: int
+    row_ptr: Tensor  # (num_dst + 1,) edges of target i are [row_ptr[i], row_ptr[i + 1])
+    col: Tensor  # (E,) source of each edge, target-major order
+    row: Tensor  # (E,) target of each edge, target-major order
+    position: Tensor  # (E,) target-major position of each of the caller's edges
+    t_row_ptr: Tensor  # (num_src + 1,) the transpose: edges of source j
+    t_col: Tensor  # (E,) target of each edge, source-major order
+    t_perm: Tensor  # (E,) target-major position of each edge in source-major order
+
+    @property
+    def num_edges(self) -> int:
+        return self.col.numel()
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """Sparse ``(num_dst, num_src)`` matrix with ``values`` in target-major order."""
+        return torch.sparse_csr_tensor(self.row_ptr, self.col, values,
+                                       (self.num_dst, self.num_src))
+
+    def transposed(self, values: Tensor) -> Tensor:
+        """Sparse ``(num_src, num_dst)`` transpose; ``values`` in target-major order."""
+        return torch.sparse_csr_tensor(self.t_row_ptr, self.t_col, values[self.t_perm],
+                                       (self.num_src, self.num_dst))
+
+
+def csr_of(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
+    """The :class:`CSR` of ``edge_index``, from the cache when this very tensor was seen
+    (unchanged) with the same sizes."""
+    if torch.compiler.is_compiling():
+        return _build(edge_index, num_dst, num_src)
+    key = id(edge_index)
+    entry = _cache.get(key)
+    if entry is not None:
+        ref, version, n_dst, n_src, csr = entry
+        if ref() is edge_index and version == edge_index._version and (n_dst, n_src) == (
+                num_dst, num_src):
+            return csr
+    csr = _build(edge_index, num_dst, num_src)
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.pop(next(iter(_cache)))
+    _cache[key] = (weakref.ref(edge_index), edge_index._version, num_dst, num_src, csr)
+    return csr
+
+
+def _build(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
+    src, dst = edge_index
+    order = Permutation.of(torch.sort(dst, stable=True).indices)
+    row, col = dst[order.forward], src[order.forward]
+    t_perm = torch.sort(col, stable=True).indices
+    return CSR(
+        num_dst=num_dst,
+        num_src=num_src,
+        row_ptr=_pointers(row, num_dst),
+        col=col,
+        row=row,
+        position=order.inverse,
+        t_row_ptr=_pointers(col[t_perm], num_src),
+        t_col=row[t_perm],
+        t_perm=t_perm,
+    )
+
+
+def _pointers(sorted_ids: Tensor, num_rows: int) -> Tensor:
+    counts = torch.bincount(sorted_ids, minlength=num_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])

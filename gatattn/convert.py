@@ -29,10 +29,13 @@ def networkx_to_edge_index(graph: nx.Graph) -> tuple[Tensor, int]:
 
     An undirected edge becomes two directed edges, as in ``torch_geometric.utils.from_networkx``.
     """
-    numbered = nx.convert_node_labels_to_integers(graph, ordering="default")
-    directed = numbered.to_directed() if not numbered.is_directed() else numbered
-    edges = torch.tensor(list(directed.edges()), dtype=torch.long).reshape(-1, 2)
-    return edges.t().contiguous(), numbered.number_of_nodes()
+    index = {node: i for i, node in enumerate(graph.nodes)}
+    pairs = [(index[u], index[v]) for u, v in graph.edges()]
+    edge_index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).t()
+    if not graph.is_directed():
+        reverse = edge_index.flip(0)[:, edge_index[0] != edge_index[1]]  # one copy of a loop
+        edge_index = torch.cat([edge_index, reverse], dim=1)
+    return edge_index.contiguous(), len(index)
 
 
 def sequences_to_graph(

@@ -107,6 +107,8 @@ def test_networkx_graph_to_edge_index():
     assert edge_index.size(1) == 2 * graph.number_of_edges()
     mask = gatattn.edge_index_to_mask(edge_index, num_nodes)
     assert torch.equal(mask, mask.t())  # undirected -> both directions
+    looped = nx.Graph([(0, 0), (0, 1)])
+    assert gatattn.networkx_to_edge_index(looped)[0].size(1) == 3  # a self loop is one edge
     labelled = nx.relabel_nodes(nx.path_graph(3, create_using=nx.DiGraph), {0: "a", 1: "b", 2: "c"})
     edge_index, num_nodes = gatattn.networkx_to_edge_index(labelled)
     assert edge_index.tolist() == [[0, 1], [1, 2]] and num_nodes == 3

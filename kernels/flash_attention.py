@@ -125,7 +125,7 @@ def _bwd_preprocess_kernel(Out, DO, Delta, total, stride_om, stride_oh, stride_d
                            BLOCK_DV: tl.constexpr):
     """Delta_i = <dO_i, O_i>, the row term of the softmax gradient."""
     block, head = tl.program_id(0), tl.program_id(1)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_DV)
     o = _load_rows(Out, rows, stride_om, head * stride_oh, cols, total, HEAD_DIM_V)
     do = _load_rows(DO, rows, stride_dom, head * stride_doh, cols, total, HEAD_DIM_V)
@@ -295,10 +295,14 @@ def _constants(q, v, block_m, block_n):
 
 
 def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int]:
-    """Tile sizes: small ones in the CPU interpreter (many tiles at test sizes)."""
+    """Tile sizes: small ones in the CPU interpreter (many tiles at test sizes); on a GPU,
+    smaller key tiles for wide heads so that K/V tiles fit in shared memory. Not yet tuned on
+    a GPU: an autotuned list replaces this once the kernels have been measured there."""
     if device.type != "cuda":
         return 16, 16
-    return (128, 64) if head_dim <= 64 else (64, 64)
+    if head_dim <= 64:
+        return 128, 64
+    return (64, 64) if head_dim <= 128 else (64, 32)
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
@@ -324,6 +328,8 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
 def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
                              block_m=None, block_n=None):
     """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``."""
+    assert do.shape == out.shape and do.dtype == out.dtype, (
+        f"grad_out must match out: {tuple(do.shape)} {do.dtype} vs {tuple(out.shape)} {out.dtype}")
     default_m, default_n = default_blocks(q.shape[2], q.device)
     block_m, block_n = block_m or default_m, block_n or default_n
     do = do if do.stride(-1) == 1 else do.contiguous()

@@ -61,6 +61,17 @@ class SegmentPlan:
 
 
 @dataclass(frozen=True)
+class PackedSegments:
+    """The varlen kernels' view of an implicit graph: nodes in graph order (``order_*`` is
+    ``None`` when they already are) and segment offsets ``cu_seqlens_*`` of shape (B + 1,)."""
+
+    order_dst: Permutation | None
+    order_src: Permutation | None
+    cu_seqlens_dst: Tensor
+    cu_seqlens_src: Tensor
+
+
+@dataclass(frozen=True)
 class AttentionGraph:
     """An attention pattern over ``num_src`` sources and ``num_dst`` targets.
 
@@ -108,6 +119,14 @@ class AttentionGraph:
         if not self._plan:
             self._plan.append(_make_segment_plan(self))
         return self._plan[0]
+
+    def packed_segments(self) -> PackedSegments:
+        """Graphs laid end to end, each one segment (no grouping by size, no padding)."""
+        order_dst, cu_dst = _pack(self.batch_dst, self.num_dst, self.num_graphs)
+        if not self.bipartite:
+            return PackedSegments(order_dst, order_dst, cu_dst, cu_dst)
+        order_src, cu_src = _pack(self.batch_src, self.num_src, self.num_graphs)
+        return PackedSegments(order_dst, order_src, cu_dst, cu_src)
 
     def to_edge_index(self) -> Tensor:
         """The explicit edges, sorted by target; materialises implicit graphs (size-checked)."""
@@ -295,6 +314,15 @@ def _causal_edges(edge_index: Tensor, batch_dst, batch_src, num_dst: int,
     pos_src = local_positions(batch_src, num_src, edge_index.device)
     pos_dst = local_positions(batch_dst, num_dst, edge_index.device)
     return pos_src[edge_index[0]] <= pos_dst[edge_index[1]]
+
+
+def _pack(batch: Tensor | None, num_nodes: int, num_graphs: int):
+    if batch is None:
+        return None, torch.tensor([0, num_nodes])
+    is_sorted = bool((batch[1:] >= batch[:-1]).all())
+    order = None if is_sorted else Permutation.of(torch.sort(batch, stable=True).indices)
+    counts = torch.bincount(batch, minlength=num_graphs)
+    return order, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 def _make_segment_plan(graph: AttentionGraph) -> SegmentPlan:

@@ -49,6 +49,15 @@ def test_varlen_segments(device, causal):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_unsorted_batch(device):
+    batch = batch_from_sizes([3, 20, 1, 9])
+    batch = batch[torch.randperm(batch.numel(), generator=torch.Generator().manual_seed(0))]
+    inputs = on(device, make_qkv(batch.numel(), batch.numel(), 2, 16))
+    check_against_reference(run_triton(batch=batch.to(device), causal=True), inputs,
+                            reference_on_cpu(same_graph_mask(batch, batch, True)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_cross_attention_segments(device, causal):
     sizes_dst, sizes_src = [3, 17, 0, 9, 4], [20, 2, 5, 0, 33]

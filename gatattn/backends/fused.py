@@ -1,7 +1,7 @@
 """The fused Triton route (``backend="triton"``): autograd glue, no pointer math.
 
-Implicit graphs reach the kernel as packed segments: the segment plan's node order puts each
-graph's nodes together, and its groups give the segment lengths (``cu_seqlens``).
+Implicit graphs reach the kernel as packed segments: a sorted PyG batch already is one (its
+``ptr`` is the kernel's ``cu_seqlens``); an unsorted one is first permuted into graph order.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from gatattn.backends.sdpa import permute_rows, unpermute_rows
-from gatattn.graph import AttentionGraph, SegmentPlan
+from gatattn.graph import AttentionGraph
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:
@@ -49,17 +49,11 @@ class _FlashAttention(torch.autograd.Function):
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
                      scale: float) -> Tensor:
     """``(N_dst, H, C_v)`` attention over an implicit ``graph`` with the fused kernels."""
-    plan = graph.segment_plan()
-    cu_seqlens_q = _cu_seqlens(plan, "len_dst", q.device)
-    cu_seqlens_k = _cu_seqlens(plan, "len_src", q.device)
+    segments = graph.packed_segments()
+    cu_seqlens_q = segments.cu_seqlens_dst.to(device=q.device, dtype=torch.int32)
+    cu_seqlens_k = segments.cu_seqlens_src.to(device=q.device, dtype=torch.int32)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = _FlashAttention.apply(permute_rows(q, plan.order_dst), permute_rows(k, plan.order_src),
-                                permute_rows(v, plan.order_src), cu_seqlens_q, cu_seqlens_k,
-                                scale, graph.causal)
-    return unpermute_rows(out, plan.order_dst)
-
-
-def _cu_seqlens(plan: SegmentPlan, side: str, device) -> Tensor:
-    lengths = [getattr(g, side) for g in plan.groups for _ in range(g.count)]
-    offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
-    return offsets.to(device=device, dtype=torch.int32)
+    out = _FlashAttention.apply(
+        permute_rows(q, segments.order_dst), permute_rows(k, segments.order_src),
+        permute_rows(v, segments.order_src), cu_seqlens_q, cu_seqlens_k, scale, graph.causal)
+    return unpermute_rows(out, segments.order_dst)

@@ -76,7 +76,9 @@ def attention(
             ``(E, H)`` (before dropout); an implicit graph is materialised for this, up to
             :data:`gatattn.graph.MAX_MATERIALIZED_EDGES` edges. (default: :obj:`False`)
         backend: ``"auto"``, ``"sdpa"`` (implicit graphs only), ``"sparse"`` (message passing;
-            materialises implicit graphs) or ``"triton"``. (default: :obj:`"auto"`)
+            materialises implicit graphs) or ``"triton"`` (fused kernels: tiled for implicit
+            graphs, CSR for edge sets; no dropout, weights or edge features).
+            (default: :obj:`"auto"`)
 
     Returns:
         ``(N_dst, H, C_v)``, and ``(edge_index, alpha)`` if asked.
@@ -96,7 +98,8 @@ def attention(
         edge_attr = edge_attr[graph.kept_edges]
     scale = (q.size(-1) ** -0.5 if scale is None else scale) / temperature
 
-    route = _choose_backend(backend, graph, q, return_attention_weights, dropout)
+    route = _choose_backend(backend, graph, q, return_attention_weights, dropout,
+                            edge_attr is not None)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout)
     if route == "triton":
@@ -108,34 +111,31 @@ def attention(
 
 
 def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, need_weights: bool,
-                    dropout: float) -> str:
+                    dropout: float, has_edge_attr: bool) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
         # The Triton route joins "auto" once its kernels have passed on a real GPU.
         return "sdpa" if graph.is_implicit and not need_weights else "sparse"
-    if requested in ("sdpa", "triton"):
-        _check_dense_route(requested, graph, need_weights)
-    if requested == "triton":
-        reason = triton_unavailable_reason(q.device)
-        if reason is None and dropout > 0:
-            reason = "the fused kernels have no attention dropout; use backend='sdpa'"
-        if reason is not None:
-            raise BackendUnavailableError(f"backend='triton': {reason}")
-    return requested
-
-
-def _check_dense_route(requested: str, graph: AttentionGraph, need_weights: bool) -> None:
-    if not graph.is_implicit:
+    if requested == "sdpa" and not graph.is_implicit:
         raise ValueError(
-            f"backend={requested!r} runs complete, batched, causal and bipartite graphs only; "
-            "for an explicit edge_index use backend='sparse' or 'auto'"
+            "backend='sdpa' runs complete, batched, causal and bipartite graphs only; for an "
+            "explicit edge_index use backend='sparse' or 'auto'"
         )
-    if need_weights:
+    if requested in ("sdpa", "triton") and need_weights:
         raise ValueError(
             f"backend={requested!r} never forms the attention weights; use backend='auto' or "
             "'sparse' with return_attention_weights=True"
         )
+    if requested == "triton":
+        reason = triton_unavailable_reason(q.device)
+        if reason is None and dropout > 0:
+            reason = "the fused kernels have no attention dropout; use backend='sdpa'"
+        if reason is None and has_edge_attr:
+            reason = "the fused kernels take no edge features; use backend='sparse'"
+        if reason is not None:
+            raise BackendUnavailableError(f"backend='triton': {reason}")
+    return requested
 
 
 def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -104,3 +104,30 @@ def test_tile_schedule_skips_no_work():
     assert segment[work].tolist() == [0, 2, 2, 2, 3]
     assert tile[work].tolist() == [0, 0, 1, 2, 0]
     assert segment.numel() == 4 + 4  # cdiv(50, 16) + 4 segments bounds the grid
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,density,channels", [(1, 1.0, 16), (7, 0.4, 40), (97, 0.1, 64),
+                                                (60, 1.0, 24)])
+def test_csr_kernel_on_edge_sets(device, n, density, channels):
+    gen = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, n, generator=gen) < density
+    mask[: max(1, n // 6)] = False  # targets without in-edges
+    edge_index = gatattn.mask_to_edge_index(mask)
+    edge_index = edge_index[:, torch.randperm(edge_index.size(1), generator=gen)]
+    inputs = on(device, make_qkv(n, n, 2, channels, value_channels=channels + 8))
+    check_against_reference(run_triton(edge_index=edge_index.to(device)), inputs,
+                            reference_on_cpu(mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_csr_kernel_on_a_hub_and_a_bipartite_graph(device):
+    hub = torch.stack([torch.arange(1, 150), torch.zeros(149, dtype=torch.long)])  # 149 -> 0
+    inputs = on(device, make_qkv(150, 150, 1, 16))
+    check_against_reference(run_triton(edge_index=hub.to(device)), inputs,
+                            reference_on_cpu(gatattn.edge_index_to_mask(hub, 150)))
+    mask = torch.rand(5, 11, generator=torch.Generator().manual_seed(1)) < 0.5
+    inputs = on(device, make_qkv(5, 11, 2, 16))
+    check_against_reference(
+        run_triton(edge_index=gatattn.mask_to_edge_index(mask).to(device)), inputs,
+        reference_on_cpu(mask))

@@ -1,7 +1,8 @@
 """The fused Triton route (``backend="triton"``): autograd glue, no pointer math.
 
-Implicit graphs reach the kernel as packed segments: a sorted PyG batch already is one (its
-``ptr`` is the kernel's ``cu_seqlens``); an unsorted one is first permuted into graph order.
+Implicit graphs reach the tiled dense kernels as packed segments: a sorted PyG batch already is
+one (its ``ptr`` is the kernel's ``cu_seqlens``); an unsorted one is first permuted into graph
+order. Explicit edge sets reach the CSR kernels in target-major order (cached per edge_index).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import torch
 from torch import Tensor
 
+from gatattn.backends.csr import CSR, csr_of
 from gatattn.backends.sdpa import permute_rows, unpermute_rows
 from gatattn.graph import AttentionGraph
 
@@ -46,13 +48,37 @@ class _FlashAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+class _CSRFlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, csr: CSR, scale):
+        from gatattn.kernels.csr_attention import csr_attention_forward
+
+        out, lse = csr_attention_forward(q, k, v, csr.row_ptr, csr.col, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.csr, ctx.scale = csr, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from gatattn.kernels.csr_attention import csr_attention_backward
+
+        q, k, v, out, lse = ctx.saved_tensors
+        csr = ctx.csr
+        dq, dk, dv = csr_attention_backward(grad_out, q, k, v, out, lse, csr.row_ptr, csr.col,
+                                            csr.t_row_ptr, csr.t_col, ctx.scale)
+        return dq, dk, dv, None, None
+
+
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
                      scale: float) -> Tensor:
-    """``(N_dst, H, C_v)`` attention over an implicit ``graph`` with the fused kernels."""
+    """``(N_dst, H, C_v)`` attention over ``graph`` with the fused kernels."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if not graph.is_implicit:
+        csr = csr_of(graph.edge_index, graph.num_dst, graph.num_src)
+        return _CSRFlashAttention.apply(q, k, v, csr, scale)
     segments = graph.packed_segments()
     cu_seqlens_q = segments.cu_seqlens_dst.to(device=q.device, dtype=torch.int32)
     cu_seqlens_k = segments.cu_seqlens_src.to(device=q.device, dtype=torch.int32)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = _FlashAttention.apply(
         permute_rows(q, segments.order_dst), permute_rows(k, segments.order_src),
         permute_rows(v, segments.order_src), cu_seqlens_q, cu_seqlens_k, scale, graph.causal)

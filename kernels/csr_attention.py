@@ -1,0 +1,212 @@
+"""Attention over an arbitrary edge set in CSR form: one program per (target row, head).
+
+A program walks its row's in-edges in blocks of ``BLOCK_N``, gathers the source rows of K and
+V, and keeps an online softmax in fp32 (base 2, ``log2(e)`` folded into the scale), as the
+dense kernels do; it stores the output and the row's log-sum-exp. Per-edge messages never
+exist in memory.
+
+Backward without atomics: the dQ pass walks the same rows; the dK/dV pass walks the transposed
+CSR (one program per (source row, head), over its out-edges), reading each target's stored
+log-sum-exp and ``Delta = <dO, O>``. A row with no edge gets a zero output, never NaN.
+
+The kernels know nothing of graphs beyond the CSR arrays: ``row_ptr`` (rows + 1,), ``col``
+(E,) and, for the transpose, ``t_row_ptr`` / ``t_col``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from gatattn.kernels.flash_attention import _bwd_preprocess_kernel
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _gather(Ptr, rows, stride_m, head_offset, cols, mask_rows, COLS: tl.constexpr):
+    """Rows ``rows`` (a vector of node ids) of one head: a (len(rows), len(cols)) tile."""
+    mask = mask_rows[:, None] & (cols[None, :] < COLS)
+    return tl.load(Ptr + rows.to(tl.int64)[:, None] * stride_m + head_offset + cols[None, :],
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _row_vector(Ptr, row, stride_m, head_offset, cols, COLS: tl.constexpr):
+    return tl.load(Ptr + row.to(tl.int64) * stride_m + head_offset + cols, mask=cols < COLS,
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _csr_fwd_kernel(
+    Q, K, V, Out, LSE, RowPtr, Col, qk_scale,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
+    stride_lse_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row, head = tl.program_id(0), tl.program_id(1)
+    start, end = tl.load(RowPtr + row), tl.load(RowPtr + row + 1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _row_vector(Q, row, stride_qm, head * stride_qh, offs_d, HEAD_DIM)
+
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), dtype=tl.float32), 0)  # fp32 scalars
+    l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), 0)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for block in range(start, end, BLOCK_N):
+        edges = block + offs_n
+        valid = edges < end
+        sources = tl.load(Col + edges, mask=valid, other=0)
+        k = _gather(K, sources, stride_km, head * stride_kh, offs_d, valid, HEAD_DIM)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every block has at least one edge
+        p = tl.math.exp2(s - m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        v = _gather(V, sources, stride_vm, head * stride_vh, offs_dv, valid, HEAD_DIM_V)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+
+    has_edge = l_i > 0
+    out = acc / tl.where(has_edge, l_i, 1.0)
+    tl.store(Out + row.to(tl.int64) * stride_om + head * stride_oh + offs_dv,
+             out.to(Out.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+    tl.store(LSE + head * stride_lse_h + row,
+             tl.where(has_edge, m_i + tl.math.log2(tl.where(has_edge, l_i, 1.0)), float("inf")))
+
+
+@triton.jit
+def _csr_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ, RowPtr, Col, qk_scale, scale,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dqm, stride_dqh, stride_lse_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ_i = scale * sum_j P_ij (<dO_i, v_j> - Delta_i) k_j over the in-edges of row i."""
+    row, head = tl.program_id(0), tl.program_id(1)
+    start, end = tl.load(RowPtr + row), tl.load(RowPtr + row + 1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _row_vector(Q, row, stride_qm, head * stride_qh, offs_d, HEAD_DIM)
+    do = _row_vector(DO, row, stride_dom, head * stride_doh, offs_dv, HEAD_DIM_V)
+    lse = tl.load(LSE + head * stride_lse_h + row)
+    delta = tl.load(Delta + head * stride_lse_h + row)
+
+    dq = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for block in range(start, end, BLOCK_N):
+        edges = block + offs_n
+        valid = edges < end
+        sources = tl.load(Col + edges, mask=valid, other=0)
+        k = _gather(K, sources, stride_km, head * stride_kh, offs_d, valid, HEAD_DIM)
+        v = _gather(V, sources, stride_vm, head * stride_vh, offs_dv, valid, HEAD_DIM_V)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
+        p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
+        dp = tl.sum(v.to(tl.float32) * do[None, :], 1)
+        ds = p * (dp - delta)
+        dq += tl.sum(ds[:, None] * k.to(tl.float32), 0)
+    tl.store(DQ + row.to(tl.int64) * stride_dqm + head * stride_dqh + offs_d,
+             (dq * scale).to(DQ.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _csr_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV, TRowPtr, TCol, qk_scale, scale,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i dS_ij q_i over the out-edges of j."""
+    src, head = tl.program_id(0), tl.program_id(1)
+    start, end = tl.load(TRowPtr + src), tl.load(TRowPtr + src + 1)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _row_vector(K, src, stride_km, head * stride_kh, offs_d, HEAD_DIM)
+    v = _row_vector(V, src, stride_vm, head * stride_vh, offs_dv, HEAD_DIM_V)
+
+    dk = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for block in range(start, end, BLOCK_N):
+        edges = block + offs_n
+        valid = edges < end
+        targets = tl.load(TCol + edges, mask=valid, other=0)
+        q = _gather(Q, targets, stride_qm, head * stride_qh, offs_d, valid, HEAD_DIM)
+        do = _gather(DO, targets, stride_dom, head * stride_doh, offs_dv, valid, HEAD_DIM_V)
+        lse = tl.load(LSE + head * stride_lse_h + targets, mask=valid, other=float("inf"))
+        delta = tl.load(Delta + head * stride_lse_h + targets, mask=valid, other=0.0)
+        s = tl.sum(q.to(tl.float32) * k[None, :], 1) * qk_scale
+        p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
+        dv += tl.sum(p[:, None] * do.to(tl.float32), 0)
+        dp = tl.sum(do.to(tl.float32) * v[None, :], 1)
+        ds = p * (dp - delta)
+        dk += tl.sum(ds[:, None] * q.to(tl.float32), 0)
+    tl.store(DK + src.to(tl.int64) * stride_dkm + head * stride_dkh + offs_d,
+             (dk * scale).to(DK.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(DV + src.to(tl.int64) * stride_dvm + head * stride_dvh + offs_dv,
+             dv.to(DV.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
+
+
+# ----------------------------------------------------------------------------------- launchers
+
+
+def _constants(q, v, block_n):
+    return dict(HEAD_DIM=q.shape[2], HEAD_DIM_V=v.shape[2],
+                BLOCK_D=triton.next_power_of_2(q.shape[2]),
+                BLOCK_DV=triton.next_power_of_2(v.shape[2]), BLOCK_N=block_n)
+
+
+def _check(q, k, v, row_ptr, col):
+    assert q.dim() == k.dim() == v.dim() == 3, "q, k, v must be (nodes, H, C)"
+    assert q.shape[1] == k.shape[1] == v.shape[1] and q.shape[2] == k.shape[2], (
+        f"head shapes differ: {q.shape}, {k.shape}, {v.shape}")
+    assert q.dtype == k.dtype == v.dtype, f"dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
+    assert all(t.stride(-1) == 1 for t in (q, k, v)), "the channel dim must be contiguous"
+    assert row_ptr.numel() == q.shape[0] + 1, "row_ptr needs one entry per target, plus one"
+    assert row_ptr.dtype == col.dtype, "row_ptr and col must share an integer dtype"
+
+
+def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=32):
+    """``out`` (N_dst, H, C_v) and the base-2 log-sum-exp ``lse`` (H, N_dst), fp32."""
+    _check(q, k, v, row_ptr, col)
+    num_dst, heads = q.shape[0], q.shape[1]
+    out = torch.empty(num_dst, heads, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = torch.empty(heads, num_dst, dtype=torch.float32, device=q.device)
+    if num_dst == 0 or heads == 0:
+        return out, lse
+    _csr_fwd_kernel[(num_dst, heads)](
+        q, k, v, out, lse, row_ptr, col, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+        **_constants(q, v, block_n))
+    return out, lse
+
+
+def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col, scale,
+                           block_n=32):
+    """``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``."""
+    assert do.shape == out.shape and do.dtype == out.dtype, "grad_out must match out"
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    num_dst, heads = q.shape[0], q.shape[1]
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if num_dst == 0 or heads == 0 or k.shape[0] == 0:
+        return dq, dk, dv
+    constants = _constants(q, v, block_n)
+    delta = torch.empty_like(lse)
+    _bwd_preprocess_kernel[(triton.cdiv(num_dst, 16), heads)](
+        out, do, delta, num_dst, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=16,
+        BLOCK_DV=max(16, constants["BLOCK_DV"]))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1))
+    _csr_bwd_dq_kernel[(num_dst, heads)](
+        q, k, v, do, lse, delta, dq, row_ptr, col, scale * LOG2E, scale, *strides,
+        dq.stride(0), dq.stride(1), lse.stride(0), **constants)
+    _csr_bwd_dkdv_kernel[(k.shape[0], heads)](
+        q, k, v, do, lse, delta, dk, dv, t_row_ptr, t_col, scale * LOG2E, scale, *strides,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **constants)
+    return dq, dk, dv

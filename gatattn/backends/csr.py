@@ -8,6 +8,7 @@ tensor it came from: a model that runs several layers on one graph sorts once.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -40,13 +41,20 @@ class CSR:
 
     def matrix(self, values: Tensor) -> Tensor:
         """Sparse ``(num_dst, num_src)`` matrix with ``values`` in target-major order."""
-        return torch.sparse_csr_tensor(self.row_ptr, self.col, values,
-                                       (self.num_dst, self.num_src))
+        return _sparse_csr(self.row_ptr, self.col, values, (self.num_dst, self.num_src))
 
     def transposed(self, values: Tensor) -> Tensor:
         """Sparse ``(num_src, num_dst)`` transpose; ``values`` in target-major order."""
-        return torch.sparse_csr_tensor(self.t_row_ptr, self.t_col, values[self.t_perm],
-                                       (self.num_src, self.num_dst))
+        return _sparse_csr(self.t_row_ptr, self.t_col, values[self.t_perm],
+                           (self.num_src, self.num_dst))
+
+
+def _sparse_csr(row_ptr: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    # The structure is valid by construction, so invariant checks are off on purpose; the
+    # "support is in beta" notice would otherwise be printed on every call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(row_ptr, col, values, size, check_invariants=False)
 
 
 def csr_of(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:

@@ -70,6 +70,10 @@ class SelfAttentionConv(MessagePassing):
         - **output:** node features :math:`(|\mathcal{V}_t|, H * C)` or
           :math:`(|\mathcal{V}_t|, C)` if :obj:`concat=False`
 
+    Under ``torch.compile`` a complete graph and an ``edge_index`` compile without graph breaks;
+    :obj:`batch` / :obj:`ptr` graphs break the graph where graphs are grouped by size (sizes are
+    read on the host).
+
     Not supported: ``SparseTensor`` adjacency, additive attention masks, ``nn.MultiheadAttention``
     with ``add_bias_kv``, ``add_zero_attn`` or ``kdim != vdim``.
     """

@@ -39,6 +39,7 @@ from harness import (
     Peer,
     Step,
     Target,
+    command_line,
     inference,
     memory_ratio,
     run_benchmark,
@@ -202,5 +203,5 @@ def all_cases(quick: bool) -> list[Case]:
 
 
 if __name__ == "__main__":
-    run_benchmark(all_cases, title="CPU benchmarks (DESIGN.md section 7, rows 1-5)",
-                  description=__doc__.split("\n")[0], results_path=RESULTS)
+    run_benchmark(all_cases, quick=command_line(__doc__.split("\n")[0]).quick,
+                  title="CPU benchmarks (DESIGN.md section 7, rows 1-5)", results_path=RESULTS)

@@ -16,15 +16,25 @@ diff column shows the agreement); ``GATConv`` is the other attention layer PyG u
 with its own (additive) scores, so its outputs are not compared. Edges per second are edges
 divided by the median time of one step. How it measures: see ``harness.py``.
 
+On a GPU (``--device cuda``) the same graphs run in one process: time is the median of
+``triton.testing.do_bench``, memory the peak of ``torch.cuda.max_memory_allocated`` over the
+allocation before the step, and our layer runs twice, through the default route (cuSPARSE
+SDDMM / SpMM) and through the Triton CSR kernels (``backend="triton"``).
+
 Usage::
 
     python benchmarks/bench_sparse.py           # full run, writes benchmarks/results/sparse-cpu.md
     python benchmarks/bench_sparse.py --quick   # small graphs, prints only
+    python benchmarks/bench_sparse.py --device cuda   # writes results/sparse-gpu-<device>.md
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import re
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import networkx as nx
@@ -35,6 +45,7 @@ from harness import (
     Peer,
     Step,
     Target,
+    command_line,
     inference,
     memory_ratio,
     run_benchmark,
@@ -44,6 +55,7 @@ from harness import (
 from torch import Tensor
 from torch_geometric.nn import GATConv, TransformerConv
 from torch_geometric.utils import grid, to_undirected
+from tqdm import tqdm
 
 import gatattn
 from gatattn import SelfAttentionConv
@@ -173,7 +185,102 @@ def edges_per_second(cases: list[Case], results: list[CaseResult]) -> list[str]:
     return [*lines, ""]
 
 
+# --- GPU: one process, do_bench and CUDA memory statistics ---
+
+
+def gpu_peers() -> dict[str, Callable[[], torch.nn.Module]]:
+    def ours(backend: str):
+        layer = SelfAttentionConv.from_transformer_conv(seeded_transformer_conv())
+        layer.backend = backend
+        return layer
+
+    def gat_conv():
+        torch.manual_seed(0)
+        return GATConv(FEATURES, CHANNELS, heads=HEADS)
+
+    return {"SelfAttentionConv (SDDMM/SpMM)": lambda: ours("auto"),
+            "SelfAttentionConv (Triton CSR)": lambda: ours("triton"),
+            "TransformerConv": seeded_transformer_conv, "GATConv": gat_conv}
+
+
+def measure_on_gpu(step: Step) -> tuple[float, float]:
+    """Median milliseconds and peak MB allocated above what was live before the step."""
+    from triton.testing import do_bench
+
+    step()  # warm-up: kernels compiled, caches filled
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - before) / 1e6
+    return do_bench(step, return_mode="median"), peak_mb
+
+
+def gpu_rows(quick: bool) -> list[dict]:
+    rows = []
+    graphs = [(name, (small if quick else full), build)
+              for name, (full, small, build) in GRAPHS.items()]
+    for name, size, build in tqdm(graphs, desc="graphs"):
+        edge_index = build(size).cuda()
+        for backward in (False, True):
+            for peer, make in gpu_peers().items():
+                step = make_step(make().cuda(), edge_index, backward)
+                try:
+                    ms, peak_mb = measure_on_gpu(step)
+                except (RuntimeError, MemoryError) as error:
+                    ms, peak_mb = None, str(error).splitlines()[0][:80]
+                rows.append({"graph": name, "edges": edge_index.size(1), "peer": peer,
+                             "pass": "fwd+bwd" if backward else "fwd", "ms": ms,
+                             "peak_mb": peak_mb})
+                del step
+                torch.cuda.empty_cache()
+    return rows
+
+
+def gpu_report(rows: list[dict], quick: bool) -> str:
+    device = torch.cuda.get_device_name()
+    lines = [f"# Sparse route, GPU ({device})", "",
+             f"- date: {datetime.now().astimezone().isoformat(timespec='seconds')}",
+             f"- torch {torch.__version__} (CUDA {torch.version.cuda}), triton "
+             f"{importlib.metadata.version('triton')}, torch_geometric "
+             f"{importlib.metadata.version('torch_geometric')}",
+             f"- dtype: float32, F={FEATURES}, H={HEADS}, C={CHANNELS}"
+             + (", quick sizes" if quick else ""), "",
+             "| graph | pass | peer | ms (median) | edges/s | peak MB | time vs TransformerConv |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        peer_ms = next(r["ms"] for r in rows if r["graph"] == row["graph"]
+                       and r["pass"] == row["pass"] and r["peer"] == "TransformerConv")
+        ms = row["ms"]
+        rate = "-" if ms is None else f"{row['edges'] / (ms / 1e3):.3g}"
+        ratio = "-" if ms is None or peer_ms is None else f"{ms / peer_ms:.3f}x"
+        shown = "failed" if ms is None else f"{ms:.2f}"
+        peak = row["peak_mb"] if isinstance(row["peak_mb"], str) else f"{row['peak_mb']:.0f}"
+        lines.append(f"| {row['graph']} | {row['pass']} | {row['peer']} | {shown} | {rate} "
+                     f"| {peak} | {ratio} |")
+    lines += ["", "Target (DESIGN.md section 7): fwd+bwd >= 3x TransformerConv's speed, i.e. a "
+              "time ratio <= 0.333x, on the random graph.", ""]
+    return "\n".join(lines)
+
+
+def run_on_gpu(quick: bool) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; nothing was measured")
+    text = gpu_report(gpu_rows(quick), quick)
+    print(text)
+    if not quick:
+        slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+        path = RESULTS.parent / f"sparse-gpu-{slug}.md"
+        path.write_text(text)
+        print(f"written to {path}")
+
+
 if __name__ == "__main__":
-    run_benchmark(all_cases, title="Sparse route, CPU (DESIGN.md section 7, sparse row)",
-                  description=__doc__.split("\n")[0], results_path=RESULTS,
-                  extra=edges_per_second)
+    args = command_line(__doc__.split("\n")[0], with_device=True)
+    if args.device == "cuda":
+        run_on_gpu(args.quick)
+    else:
+        run_benchmark(all_cases, quick=args.quick,
+                      title="Sparse route, CPU (DESIGN.md section 7, sparse row)",
+                      results_path=RESULTS, extra=edges_per_second)

@@ -347,27 +347,33 @@ def report(title: str, cases, results, threads, load, elapsed, extra: list[str])
     return "\n".join(lines)
 
 
-def run_benchmark(all_cases: CaseList, *, title: str, description: str, results_path: Path,
-                  extra: Callable[[list[Case], list[CaseResult]], list[str]] | None = None,
-                  ) -> None:
-    """Parse ``--quick``, run every case with a progress bar, print the report and (full runs
-    only) write it to ``results_path``. ``extra`` adds script-specific lines to the report."""
+def command_line(description: str, with_device: bool = False) -> argparse.Namespace:
+    """``--quick`` (and ``--device`` if asked) from the command line."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes; print, write nothing")
-    args = parser.parse_args()
+    if with_device:
+        parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    return parser.parse_args()
+
+
+def run_benchmark(all_cases: CaseList, *, quick: bool, title: str, results_path: Path,
+                  extra: Callable[[list[Case], list[CaseResult]], list[str]] | None = None,
+                  ) -> None:
+    """Run every case with a progress bar, print the report and (full runs only) write it to
+    ``results_path``. ``extra`` adds script-specific lines to the report."""
     # Children start with the heavy imports done. ("__main__" itself cannot be preloaded before
     # Python 3.12: the forkserver never receives its path, so children re-run the script's
     # module level, which is cheap once these are imported.)
     CONTEXT.set_forkserver_preload(["torch", "torch_geometric", "gatattn", "tqdm", "harness"])
 
-    cases, start, load_start = all_cases(args.quick), time.perf_counter(), os.getloadavg()[0]
+    cases, start, load_start = all_cases(quick), time.perf_counter(), os.getloadavg()[0]
     with tqdm(cases, desc="cases", unit="case") as bar:
-        results = [run_case(all_cases, case, args.quick, bar) for case in bar]
+        results = [run_case(all_cases, case, quick, bar) for case in bar]
     threads = next((r.timing["threads"] for r in results if "threads" in r.timing), None)
     text = report(title, cases, results, threads, (load_start, os.getloadavg()[0]),
                   time.perf_counter() - start, extra(cases, results) if extra else [])
     print(text)
-    if not args.quick:
+    if not quick:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(text)
         print(f"written to {results_path}")

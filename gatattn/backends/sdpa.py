@@ -29,6 +29,9 @@ def sdpa_attention(
     """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
     plan = graph.segment_plan()
+    if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
+        # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
+        return _group_attention(plan.groups[0], q, k, v, graph.causal, scale, dropout)
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)

@@ -22,6 +22,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_sparse.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check gatattn kernels tests examples benchmarks

@@ -4,6 +4,8 @@ Without a GPU they run in Triton's interpreter (TRITON_INTERPRET=1, set in conft
 tensors; the same cases run on CUDA when a GPU is present (marker ``cuda``).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -12,7 +14,11 @@ from tests.conftest import check_against_reference, make_qkv, masked_reference
 from tests.test_functional import batch_from_sizes, same_graph_mask
 
 pytest.importorskip("triton")
-DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda)]
+# On a GPU machine the interpreter is off (conftest.py), so the CPU cases give way to CUDA ones.
+INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="Triton's interpreter is off: kernels run on the GPU")
+DEVICES = [pytest.param("cpu", id="interpreter", marks=INTERPRETER),
+           pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def on(device, tensors):

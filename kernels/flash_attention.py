@@ -135,13 +135,38 @@ def _bwd_preprocess_kernel(Out, DO, Delta, total, stride_om, stride_oh, stride_d
 
 @triton.jit
 def _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """The forward pass's softmax tile, recomputed from the stored log-sum-exp."""
+                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """The forward pass's softmax tile, recomputed from the stored log-sum-exp. Unmasked tiles
+    need no per-element test: rows past the segment read lse = inf, so their p is 0."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-    keep = (offs_m[:, None] < q_len) & (cols[None, :] < k_len)
-    if CAUSAL:
-        keep = keep & (cols[None, :] <= offs_m[:, None])
-    return tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+    p = tl.math.exp2(s - lse[:, None])
+    if MASKED:
+        keep = (offs_m[:, None] < q_len) & (cols[None, :] < k_len)
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= offs_m[:, None])
+        p = tl.where(keep, p, 0.0)
+    return p
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, q_len, k_len, start_m, cols, offs_d, offs_dv,
+               stride_qm, q_head, stride_dom, do_head, lse_head, qk_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+               CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile's contribution to a key tile's dK and dV (pointers at the segment)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < q_len
+    q = _load_rows(Q, offs_m, stride_qm, q_head, offs_d, q_len, HEAD_DIM)
+    do = _load_rows(DO, offs_m, stride_dom, do_head, offs_dv, q_len, HEAD_DIM_V)
+    lse = tl.load(LSE + lse_head + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + lse_head + offs_m, mask=row_ok, other=0.0)
+    p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, MASKED,
+                       PRECISION)
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -173,24 +198,25 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
+    # Key columns past the segment load as zeros and only reach dK/dV rows that are never
+    # stored, so just the causal diagonal tiles [first, unmasked_from) need masks.
     first = 0
+    unmasked_from = 0
     if CAUSAL:  # queries before this key tile cannot see it
         first = (n_block * BLOCK_N // BLOCK_M) * BLOCK_M
-    for start_m in range(first, q_len, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < q_len
-        q = _load_rows(Q + q_start * stride_qm, offs_m, stride_qm, head * stride_qh, offs_d,
-                       q_len, HEAD_DIM)
-        do = _load_rows(DO + q_start * stride_dom, offs_m, stride_dom, head * stride_doh,
-                        offs_dv, q_len, HEAD_DIM_V)
-        lse = tl.load(LSE + head * stride_lse_h + q_start + offs_m, mask=row_ok,
-                      other=float("inf"))
-        delta = tl.load(Delta + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
-        p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, PRECISION)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        unmasked_from = tl.cdiv(n_block * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    Q_seg, DO_seg = Q + q_start * stride_qm, DO + q_start * stride_dom
+    LSE_seg, Delta_seg = LSE + q_start, Delta + q_start
+    for start_m in range(first, tl.minimum(unmasked_from, q_len), BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, q_len, k_len,
+                            start_m, cols, offs_d, offs_dv, stride_qm, head * stride_qh,
+                            stride_dom, head * stride_doh, head * stride_lse_h, qk_scale,
+                            HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, True, PRECISION)
+    for start_m in range(unmasked_from, q_len, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, q_len, k_len,
+                            start_m, cols, offs_d, offs_dv, stride_qm, head * stride_qh,
+                            stride_dom, head * stride_doh, head * stride_lse_h, qk_scale,
+                            HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, False, PRECISION)
 
     col_ok = cols < k_len
     dk_ptrs = DK + (k_start + cols)[:, None] * stride_dkm + head * stride_dkh + offs_d[None, :]
@@ -199,6 +225,22 @@ def _bwd_dkdv_kernel(
     dv_ptrs = DV + (k_start + cols)[:, None] * stride_dvm + head * stride_dvh + offs_dv[None, :]
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, K, V, q_len, k_len, start_n, offs_m, offs_n, offs_d,
+             offs_dv, stride_km, k_head, stride_vm, v_head, qk_scale,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
+             MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile's contribution to a query tile's dQ (pointers at the segment)."""
+    cols = start_n + offs_n
+    k = _load_rows(K, cols, stride_km, k_head, offs_d, k_len, HEAD_DIM)
+    v = _load_rows(V, cols, stride_vm, v_head, offs_dv, k_len, HEAD_DIM_V)
+    p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, MASKED,
+                       PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
 
 @triton.jit
@@ -233,19 +275,22 @@ def _bwd_dq_kernel(
     delta = tl.load(Delta + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # As in the forward pass: tiles [0, full_end) need no masks. A key column past the segment
+    # must be masked here, since its p (from a zero key) would meet k = 0 as inf * 0.
     end = k_len
+    full_end = (k_len // BLOCK_N) * BLOCK_N
     if CAUSAL:
         end = tl.minimum(k_len, (m_block + 1) * BLOCK_M)
-    for start_n in range(0, end, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_rows(K + k_start * stride_km, cols, stride_km, head * stride_kh, offs_d, k_len,
-                       HEAD_DIM)
-        v = _load_rows(V + k_start * stride_vm, cols, stride_vm, head * stride_vh, offs_dv,
-                       k_len, HEAD_DIM_V)
-        p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        full_end = tl.minimum(full_end, ((m_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    K_seg, V_seg = K + k_start * stride_km, V + k_start * stride_vm
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, q_len, k_len, start_n, offs_m, offs_n,
+                      offs_d, offs_dv, stride_km, head * stride_kh, stride_vm, head * stride_vh,
+                      qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, False, PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, q_len, k_len, start_n, offs_m, offs_n,
+                      offs_d, offs_dv, stride_km, head * stride_kh, stride_vm, head * stride_vh,
+                      qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, True, PRECISION)
 
     dq_ptrs = DQ + (q_start + offs_m)[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),

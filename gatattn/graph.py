@@ -90,6 +90,8 @@ class AttentionGraph:
     bipartite: bool = False
     #: With ``causal`` and an explicit edge_index: which of the given edges were kept.
     kept_edges: Tensor | None = None
+    # A one-slot cache on a frozen dataclass. (functools.cached_property would take a lock that
+    # torch.compile cannot trace, breaking the graph on every call.)
     _plan: list = field(default_factory=list, repr=False, compare=False)
 
     @property

@@ -14,6 +14,7 @@ from gatattn.backends import (
 from gatattn.graph import AttentionGraph, build_graph
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -98,7 +99,7 @@ def attention(
         edge_attr = edge_attr[graph.kept_edges]
     scale = (q.size(-1) ** -0.5 if scale is None else scale) / temperature
 
-    route = _choose_backend(backend, graph, q, return_attention_weights, dropout,
+    route = _choose_backend(backend, graph, q, v, return_attention_weights, dropout,
                             edge_attr is not None)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout)
@@ -110,13 +111,17 @@ def attention(
     return (out, (edge_index, alpha)) if return_attention_weights else out
 
 
-def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, need_weights: bool,
-                    dropout: float, has_edge_attr: bool) -> str:
+def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,
+                    need_weights: bool, dropout: float, has_edge_attr: bool) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
-        # The Triton route joins "auto" once its kernels have passed on a real GPU.
-        return "sdpa" if graph.is_implicit and not need_weights else "sparse"
+        if need_weights:
+            return "sparse"
+        if _fused_kernels_serve(q.device, q.dtype, max(q.size(-1), v.size(-1)), dropout,
+                                has_edge_attr):
+            return "triton"
+        return "sdpa" if graph.is_implicit else "sparse"
     if requested == "sdpa" and not graph.is_implicit:
         raise ValueError(
             "backend='sdpa' runs complete, batched, causal and bipartite graphs only; for an "
@@ -136,6 +141,16 @@ def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, need_weigh
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton': {reason}")
     return requested
+
+
+def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int, dropout: float,
+                         has_edge_attr: bool) -> bool:
+    """Whether "auto" takes the Triton kernels: CUDA tensors in a kernel dtype with head dims
+    up to 256, no dropout or edge features, and not under torch.compile, which traces SDPA and
+    the sparse route's gathers into its own kernels instead."""
+    return (device.type == "cuda" and dtype in _KERNEL_DTYPES and head_dim <= 256
+            and dropout == 0 and not has_edge_attr and not torch.compiler.is_compiling()
+            and triton_unavailable_reason(device) is None)
 
 
 def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -13,7 +13,8 @@ and a query-stationary pass for dQ, with no atomics (deterministic).
 
 Programs are scheduled by tiles, not by the longest segment: a precomputed list maps each
 program to (segment, tile), so a batch of many small graphs launches no program per padding
-tile. Consecutive programs are the tiles of one (segment, head), which share K/V in L2.
+tile. Consecutive programs are the tiles of one (segment, head), which share K/V in L2. Tile
+sizes, warps and pipeline stages come from the keyed tuner in :mod:`gatattn.kernels.tuning`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,18 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from gatattn.kernels.tuning import (
+    INTERPRETER_CONFIG,
+    TileConfig,
+    Tuner,
+    candidates,
+    length_bucket,
+    shared_memory_limit,
+)
 
 LOG2E = 1.4426950408889634
+PREPROCESS_ROWS = 64  # Delta is a row reduction: any tile height will do
+_TUNER = Tuner()
 
 
 @triton.jit
@@ -328,75 +339,97 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
     assert cu_seqlens_q.numel() == cu_seqlens_k.numel(), "q and k need the same segment count"
 
 
-def _constants(q, v, block_m, block_n):
+def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                     config: TileConfig) -> dict:
+    """The constexprs of the forward and backward kernels for one launch configuration."""
     return dict(
-        HEAD_DIM=q.shape[2], HEAD_DIM_V=v.shape[2],
-        BLOCK_D=max(16, triton.next_power_of_2(q.shape[2])),
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[2])),
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         # fp32 inputs get fp32 products (no TF32) so they match an fp32 reference.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
 
 
-def default_blocks(head_dim: int, device: torch.device) -> tuple[int, int]:
-    """Tile sizes: small ones in the CPU interpreter (many tiles at test sizes); on a GPU,
-    smaller key tiles for wide heads so that K/V tiles fit in shared memory. Not yet tuned on
-    a GPU: an autotuned list replaces this once the kernels have been measured there."""
-    if device.type != "cuda":
-        return 16, 16
-    if head_dim <= 64:
-        return 128, 64
-    return (64, 64) if head_dim <= 128 else (64, 32)
+def _launch_options(q, v, causal, config: TileConfig) -> dict:
+    return dict(CAUSAL=causal, num_warps=config.num_warps, num_stages=config.num_stages,
+                **kernel_constants(q.shape[2], v.shape[2], q.dtype, config))
+
+
+def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, launch) -> TileConfig:
+    """The interpreter's one configuration on CPU; on a GPU, the fastest kept candidate for this
+    kernel, head dims, dtype, causality and bucketed lengths (timed on the first such call)."""
+    if q.device.type != "cuda":
+        return INTERPRETER_CONFIG
+    constants = kernel_constants(q.shape[2], v.shape[2], q.dtype, INTERPRETER_CONFIG)
+    configs = candidates(kernel, constants["BLOCK_D"], constants["BLOCK_DV"], q.element_size(),
+                         shared_memory_limit(q.device))
+    segments = cu_seqlens_q.numel() - 1
+    key = (kernel, length_bucket(q.shape[0], segments), length_bucket(k.shape[0], segments),
+           q.shape[2], v.shape[2], q.dtype, causal, torch.cuda.get_device_capability(q.device))
+    return _TUNER.choose(key, configs, launch)
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                            block_m=None, block_n=None):
-    """Returns ``out`` (total_q, H, C_v) and the base-2 log-sum-exp ``lse`` (H, total_q), fp32."""
+                            config: TileConfig | None = None):
+    """Returns ``out`` (total_q, H, C_v) and the base-2 log-sum-exp ``lse`` (H, total_q), fp32.
+    ``config`` overrides the tuned launch configuration."""
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    default_m, default_n = default_blocks(q.shape[2], q.device)
-    block_m, block_n = block_m or default_m, block_n or default_n
     total_q, heads = q.shape[0], q.shape[1]
     out = torch.empty(total_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
-    segment, tile = tile_schedule(cu_seqlens_q, total_q, block_m)
-    if segment.numel() == 0 or heads == 0:
+    if total_q == 0 or heads == 0:
         return out, lse
-    _fwd_kernel[(segment.numel(), heads)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        CAUSAL=causal, **_constants(q, v, block_m, block_n))
+
+    def launch(config: TileConfig) -> None:
+        segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
+        _fwd_kernel[(segment.numel(), heads)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0), **_launch_options(q, v, causal, config))
+
+    launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, launch))
     return out, lse
 
 
 def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                             block_m=None, block_n=None):
-    """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``."""
+                             config: TileConfig | None = None):
+    """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``.
+    ``config`` overrides the tuned launch configurations of both passes."""
     assert do.shape == out.shape and do.dtype == out.dtype, (
         f"grad_out must match out: {tuple(do.shape)} {do.dtype} vs {tuple(out.shape)} {out.dtype}")
-    default_m, default_n = default_blocks(q.shape[2], q.device)
-    block_m, block_n = block_m or default_m, block_n or default_n
     do = do if do.stride(-1) == 1 else do.contiguous()
     total_q, heads = q.shape[0], q.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if heads == 0 or total_q == 0 or k.shape[0] == 0:
         return dq, dk, dv
-    constants = _constants(q, v, block_m, block_n)
     delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(total_q, block_m), heads)](
+    block_dv = max(16, triton.next_power_of_2(v.shape[2]))
+    _bwd_preprocess_kernel[(triton.cdiv(total_q, PREPROCESS_ROWS), heads)](
         out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=block_m, BLOCK_DV=constants["BLOCK_DV"])
+        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=PREPROCESS_ROWS, BLOCK_DV=block_dv)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
-    segment, tile = tile_schedule(cu_seqlens_k, k.shape[0], block_n)
-    _bwd_dkdv_kernel[(segment.numel(), heads)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
-        scale * LOG2E, scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        lse.stride(0), CAUSAL=causal, **constants)
-    segment, tile = tile_schedule(cu_seqlens_q, total_q, block_m)
-    _bwd_dq_kernel[(segment.numel(), heads)](
-        q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
-        scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
-        CAUSAL=causal, **constants)
+
+    def launch_dkdv(config: TileConfig) -> None:
+        segment, tile = tile_schedule(cu_seqlens_k, k.shape[0], config.block_n)
+        _bwd_dkdv_kernel[(segment.numel(), heads)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
+            scale * LOG2E, scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
+            dv.stride(1), lse.stride(0), **_launch_options(q, v, causal, config))
+
+    def launch_dq(config: TileConfig) -> None:
+        segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
+        _bwd_dq_kernel[(segment.numel(), heads)](
+            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
+            scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
+            **_launch_options(q, v, causal, config))
+
+    launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, causal, launch_dkdv))
+    launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, causal, launch_dq))
     return dq, dk, dv
+
+
+# The kernels by the names that kernels/tuning.py and the resource report use.
+KERNEL_FUNCTIONS = {"forward": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}

@@ -102,6 +102,27 @@ def test_scale_temperature_and_empty_inputs(device):
     assert out.shape == (0, 2, 16)
 
 
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (64, 16), (16, 64)],
+                         ids=lambda t: f"M{t[0]}xN{t[1]}")
+@pytest.mark.parametrize("causal", [False, True])
+@INTERPRETER
+def test_unequal_query_and_key_tiles(monkeypatch, tiles, causal):
+    # GPU configurations pair BLOCK_M with a different BLOCK_N: the causal bounds of full and
+    # diagonal tiles must hold for any pair, so the interpreter runs such pairs too.
+    from gatattn.kernels import flash_attention
+    from gatattn.kernels.tuning import TileConfig
+
+    monkeypatch.setattr(flash_attention, "INTERPRETER_CONFIG", TileConfig(*tiles, 1, 1))
+    batch = batch_from_sizes([70, 1, 33, 16, 0, 97])
+    inputs = make_qkv(batch.numel(), batch.numel(), 1, 16)
+    check_against_reference(run_triton(batch=batch, causal=causal), inputs,
+                            masked_reference(same_graph_mask(batch, batch, causal)))
+    dst, src = batch_from_sizes([5, 40, 17]), batch_from_sizes([48, 3, 30])
+    inputs = make_qkv(dst.numel(), src.numel(), 1, 16)
+    check_against_reference(run_triton(batch=(dst, src), causal=causal), inputs,
+                            masked_reference(same_graph_mask(dst, src, causal)))
+
+
 def test_tile_schedule_skips_no_work():
     from gatattn.kernels.flash_attention import tile_schedule
 

@@ -85,6 +85,7 @@ from torch_geometric.utils import to_dense_batch
 from tqdm import tqdm
 
 import gatattn
+from gatattn.kernels.flash_attention import tuned_configs
 
 DTYPE = torch.bfloat16
 HIDDEN = 2048  # H * C: 16 heads at C=128, 32 at C=64
@@ -713,6 +714,9 @@ def run_lines(env: dict) -> list[str]:
     ]
     if env["stopped"]:
         lines.append(f"- stopped early: {env['stopped']}")
+    tuned = env.get("tuned", [])
+    lines.append(f"- launch configurations the tuner chose ({len(tuned)}):")
+    lines += [f"  - {line}" for line in tuned]
     return lines
 
 
@@ -844,12 +848,14 @@ def main() -> None:
     def after_case(result: dict) -> None:
         results.append(result)
         env["run_time_s"] = time.perf_counter() - start
+        env["tuned"] = tuned_configs()
         if not args.quick:
             save(path, *render(cases, runs, results))
 
     env["stopped"], broken = run_all([c for c in cases if c.key not in measured], args.quick,
                                      len(runs) - 1, args.budget_s, after_case)
     env["run_time_s"] = time.perf_counter() - start
+    env["tuned"] = tuned_configs()
     text, payload = render(cases, runs, results)
     print(text)
     if not args.quick:

@@ -1,25 +1,29 @@
-"""What each launch configuration of the dense kernels needs on sm_80 and sm_90, from real
+"""What each launch configuration of the Triton kernels needs on sm_80 and sm_90, from real
 builds made here without a GPU, and whether ``keep()`` in kernels/tuning.py judged it rightly.
 
-Every configuration of ``CONFIGS`` (kept or not) is compiled for each architecture, dtype, head
-dim and kernel; the table gives Triton's shared memory, ptxas's registers and spills, and the
-verdict: a kept configuration must fit the architecture's shared memory and should not spill; a
-dropped one that would have fitted without spilling is a candidate the filter lost.
+Every configuration of ``CONFIGS`` (kept or not) of the dense kernels is compiled for each
+architecture, dtype and head dim, and the CSR kernels with their one configuration; the table
+gives Triton's shared memory, ptxas's registers and spills, and the verdict: a kept
+configuration must fit the architecture's shared memory and should not spill; a dropped one that
+would have fitted without spilling is a candidate the filter lost.
 
-    python benchmarks/kernel_resources.py          # sm_90, sm_80; bf16, fp32; C = 64, 128, 256
-    python benchmarks/kernel_resources.py --quick  # sm_90, bf16, C = 128
+    python benchmarks/kernel_resources.py             # sm_90, sm_80; bf16, fp32; C = 64, 128, 256
+    python benchmarks/kernel_resources.py --quick     # sm_90, bf16, C = 128
+    python benchmarks/kernel_resources.py --tightest  # per kernel, only the kept candidate with
+                                                      # the most shared memory (the CI check)
 
-It writes benchmarks/results/kernel-resources.md (or ``--out``). This measures resources, not
-speed: timings need a GPU (benchmarks/bench_gpu.py).
+It writes benchmarks/results/kernel-resources.md (or ``--out``), and with ``--json`` the rows.
+This measures resources, not speed: timings need a GPU (benchmarks/bench_gpu.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -28,20 +32,25 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, 
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from gatattn.kernels.flash_attention import KERNEL_FUNCTIONS, kernel_constants  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gatattn.kernels import csr_attention, flash_attention  # noqa: E402
 from gatattn.kernels.resources import SHARED_MEMORY_LIMIT, compile_for  # noqa: E402
 from gatattn.kernels.tuning import (  # noqa: E402
     CONFIGS,
     KERNELS,
     TileConfig,
-    keep,
+    candidates,
     register_tile_estimate,
     shared_memory_estimate,
 )
-from tqdm import tqdm  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+CSR_KERNELS = tuple(csr_attention.KERNEL_FUNCTIONS)
+CSR_OPTIONS = dict(num_warps=4, num_stages=3)  # Triton's defaults: the CSR launchers pass none
 
 
 @dataclass(frozen=True)
@@ -50,15 +59,15 @@ class Build:
     dtype: str
     head_dim: int
     kernel: str
-    config: TileConfig
+    config: TileConfig | None  # None: a CSR kernel, launched with Triton's default options
 
 
 @dataclass(frozen=True)
 class Row:
     build: Build
     kept: bool
-    shared_estimate: int
-    register_estimate: float
+    shared_estimate: int | None
+    register_estimate: float | None
     shared: int | None
     registers: int | None
     spill_bytes: int | None
@@ -66,27 +75,44 @@ class Row:
 
     @property
     def verdict(self) -> str:
+        role = "kept" if self.kept else "dropped"
         if self.error is not None:
-            return "kept, does not compile" if self.kept else "dropped, does not compile"
+            return f"{role}, does not compile"
         fits = self.shared <= SHARED_MEMORY_LIMIT[self.build.capability]
         good = fits and self.spill_bytes == 0
         if self.kept:
-            return "kept, fits" if good else ("kept, SPILLS" if fits else "kept, TOO BIG")
+            return f"{role}, fits" if good else (f"{role}, SPILLS" if fits else f"{role}, TOO BIG")
         return "dropped, would fit" if good else "dropped, rightly"
 
 
 def measure(build: Build) -> Row:
+    if build.config is None:
+        return _measure_csr(build)
     dtype = DTYPES[build.dtype]
-    constants = kernel_constants(build.head_dim, build.head_dim, dtype, build.config)
+    constants = flash_attention.kernel_constants(build.head_dim, build.head_dim, dtype,
+                                                 build.config)
     shape = (build.kernel, build.config, constants["BLOCK_D"], constants["BLOCK_DV"],
              dtype.itemsize)
-    kept = keep(*shape, SHARED_MEMORY_LIMIT[build.capability])
+    kept = build.config in candidates(build.kernel, constants["BLOCK_D"], constants["BLOCK_DV"],
+                                      dtype.itemsize, SHARED_MEMORY_LIMIT[build.capability])
     estimates = dict(shared_estimate=shared_memory_estimate(*shape),
                      register_estimate=register_tile_estimate(*shape))
+    return _compiled(build, kept, estimates, flash_attention.KERNEL_FUNCTIONS[build.kernel],
+                     dict(constants, CAUSAL=False), build.config.num_warps,
+                     build.config.num_stages)
+
+
+def _measure_csr(build: Build) -> Row:
+    constants = csr_attention.kernel_constants(build.head_dim, build.head_dim)
+    return _compiled(build, True, dict(shared_estimate=None, register_estimate=None),
+                     csr_attention.KERNEL_FUNCTIONS[build.kernel], constants, **CSR_OPTIONS)
+
+
+def _compiled(build: Build, kept: bool, estimates: dict, kernel, constants: dict,
+              num_warps: int, num_stages: int) -> Row:
     try:
-        used = compile_for(KERNEL_FUNCTIONS[build.kernel], build.dtype,
-                           dict(constants, CAUSAL=False), build.capability,
-                           build.config.num_warps, build.config.num_stages)
+        used = compile_for(kernel, build.dtype, constants, build.capability, num_warps,
+                           num_stages)
     except Exception as error:  # a build that fails is a result too
         message = str(error).strip().splitlines()
         return Row(build, kept, **estimates, shared=None, registers=None, spill_bytes=None,
@@ -96,9 +122,34 @@ def measure(build: Build) -> Row:
 
 
 def all_builds(capabilities, dtypes, head_dims) -> list[Build]:
-    return [Build(capability, dtype, head_dim, kernel, config)
+    dense = [Build(capability, dtype, head_dim, kernel, config)
+             for capability in capabilities for dtype in dtypes for head_dim in head_dims
+             for kernel in KERNELS for config in CONFIGS]
+    return dense + csr_builds(capabilities, dtypes, head_dims)
+
+
+def csr_builds(capabilities, dtypes, head_dims) -> list[Build]:
+    return [Build(capability, dtype, head_dim, kernel, None)
             for capability in capabilities for dtype in dtypes for head_dim in head_dims
-            for kernel in KERNELS for config in CONFIGS]
+            for kernel in CSR_KERNELS]
+
+
+def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
+    """Per (arch, dtype, head dim, kernel), the kept candidate with the largest shared-memory
+    estimate: if it fits, the estimate bounds the rest. And the CSR kernels."""
+    builds = []
+    for capability in capabilities:
+        for dtype in dtypes:
+            for head_dim in head_dims:
+                block_d = max(16, triton.next_power_of_2(head_dim))
+                size = DTYPES[dtype].itemsize
+                for kernel in KERNELS:
+                    kept = candidates(kernel, block_d, block_d, size, SHARED_MEMORY_LIMIT[
+                        capability])
+                    tightest = max(kept, key=lambda c, k=kernel: shared_memory_estimate(
+                        k, c, block_d, block_d, size))
+                    builds.append(Build(capability, dtype, head_dim, kernel, tightest))
+    return builds + csr_builds(capabilities, dtypes, head_dims)
 
 
 def table(rows: list[Row]) -> list[str]:
@@ -109,10 +160,12 @@ def table(rows: list[Row]) -> list[str]:
         b = row.build
         measured = ([f"{row.shared / 1024:.0f}", f"{row.registers}", f"{row.spill_bytes}"]
                     if row.error is None else [row.error, "", ""])
+        config = b.config or "warps=4 stages=3 (CSR: one config)"
+        estimates = (["", ""] if row.shared_estimate is None else
+                     [f"{row.shared_estimate / 1024:.0f}", f"{row.register_estimate:.0f}"])
         lines.append(f"| sm_{b.capability[0]}{b.capability[1]} | {b.dtype} | {b.head_dim} | "
-                     f"{b.kernel} | {b.config} | {row.shared_estimate / 1024:.0f} | "
-                     f"{measured[0]} | {measured[1]} | {row.register_estimate:.0f} | "
-                     f"{measured[2]} | {row.verdict} |")
+                     f"{b.kernel} | {config} | {estimates[0]} | {measured[0]} | "
+                     f"{measured[1]} | {estimates[1]} | {measured[2]} | {row.verdict} |")
     return lines
 
 
@@ -127,7 +180,7 @@ def summary(rows: list[Row]) -> list[str]:
 
 def report(rows: list[Row], elapsed: float) -> str:
     header = [
-        "# Dense kernels: resources per launch configuration",
+        "# Triton kernels: resources per launch configuration",
         "",
         f"- date: {datetime.now():%Y-%m-%d %H:%M}; built in {elapsed:.0f} s on "
         f"{platform.machine()} without a GPU (Triton's ahead-of-time compiler, its ptxas)",
@@ -154,17 +207,31 @@ def report(rows: list[Row], elapsed: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="sm_90, bf16, head dim 128 only")
+    parser.add_argument("--tightest", action="store_true",
+                        help="per kernel only the kept candidate with the most shared memory")
+    parser.add_argument("--archs", type=int, nargs="+", default=[90, 80],
+                        choices=[a * 10 + b for a, b in SHARED_MEMORY_LIMIT])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--out", type=Path, default=RESULTS / "kernel-resources.md")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     args = parser.parse_args()
-    builds = (all_builds([(9, 0)], ["bfloat16"], [128]) if args.quick else
-              all_builds([(9, 0), (8, 0)], ["bfloat16", "float32"], [64, 128, 256]))
+    capabilities = [divmod(arch, 10) for arch in args.archs]
+    if args.quick:
+        builds = all_builds([(9, 0)], ["bfloat16"], [128])
+    else:
+        select = tightest_builds if args.tightest else all_builds
+        builds = select(capabilities, args.dtypes, args.head_dims)
     start = datetime.now()
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(tqdm(pool.map(measure, builds), total=len(builds), desc="compiling"))
     text = report(rows, (datetime.now() - start).total_seconds())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    if args.json:
+        args.json.write_text(json.dumps([dict(asdict(row), verdict=row.verdict)
+                                         for row in rows], indent=1))
     print("\n".join(summary(rows)))
     print(f"wrote {args.out}")
 

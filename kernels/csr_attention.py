@@ -18,9 +18,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from gatattn.kernels.flash_attention import _bwd_preprocess_kernel
 
 LOG2E = 1.4426950408889634
+BLOCK_N = 32  # in-edges per step of a row's walk
 
 
 @triton.jit
@@ -155,10 +157,11 @@ def _csr_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def _constants(q, v, block_n):
-    return dict(HEAD_DIM=q.shape[2], HEAD_DIM_V=v.shape[2],
-                BLOCK_D=triton.next_power_of_2(q.shape[2]),
-                BLOCK_DV=triton.next_power_of_2(v.shape[2]), BLOCK_N=block_n)
+def kernel_constants(head_dim: int, head_dim_v: int, block_n: int = BLOCK_N) -> dict:
+    """The constexprs of the CSR kernels."""
+    return dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
+                BLOCK_D=triton.next_power_of_2(head_dim),
+                BLOCK_DV=triton.next_power_of_2(head_dim_v), BLOCK_N=block_n)
 
 
 def _check(q, k, v, row_ptr, col):
@@ -171,7 +174,7 @@ def _check(q, k, v, row_ptr, col):
     assert row_ptr.dtype == col.dtype, "row_ptr and col must share an integer dtype"
 
 
-def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=32):
+def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=BLOCK_N):
     """``out`` (N_dst, H, C_v) and the base-2 log-sum-exp ``lse`` (H, N_dst), fp32."""
     _check(q, k, v, row_ptr, col)
     num_dst, heads = q.shape[0], q.shape[1]
@@ -182,12 +185,12 @@ def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=32):
     _csr_fwd_kernel[(num_dst, heads)](
         q, k, v, out, lse, row_ptr, col, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        **_constants(q, v, block_n))
+        **kernel_constants(q.shape[2], v.shape[2], block_n))
     return out, lse
 
 
 def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col, scale,
-                           block_n=32):
+                           block_n=BLOCK_N):
     """``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``."""
     assert do.shape == out.shape and do.dtype == out.dtype, "grad_out must match out"
     do = do if do.stride(-1) == 1 else do.contiguous()
@@ -195,7 +198,7 @@ def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if num_dst == 0 or heads == 0 or k.shape[0] == 0:
         return dq, dk, dv
-    constants = _constants(q, v, block_n)
+    constants = kernel_constants(q.shape[2], v.shape[2], block_n)
     delta = torch.empty_like(lse)
     _bwd_preprocess_kernel[(triton.cdiv(num_dst, 16), heads)](
         out, do, delta, num_dst, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
@@ -210,3 +213,8 @@ def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col
         q, k, v, do, lse, delta, dk, dv, t_row_ptr, t_col, scale * LOG2E, scale, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **constants)
     return dq, dk, dv
+
+
+# The kernels by the names that the resource report uses.
+KERNEL_FUNCTIONS = {"csr_forward": _csr_fwd_kernel, "csr_dq": _csr_bwd_dq_kernel,
+                    "csr_dkdv": _csr_bwd_dkdv_kernel}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from gatattn.kernels.tuning import (
     INTERPRETER_CONFIG,
     TileConfig,
@@ -355,6 +356,17 @@ def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
 def _launch_options(q, v, causal, config: TileConfig) -> dict:
     return dict(CAUSAL=causal, num_warps=config.num_warps, num_stages=config.num_stages,
                 **kernel_constants(q.shape[2], v.shape[2], q.dtype, config))
+
+
+def tuned_configs() -> list[str]:
+    """What the tuner chose in this process, one line per key (for benchmark reports)."""
+    lines = []
+    for key, config in _TUNER.chosen.items():
+        kernel, q_bucket, k_bucket, head_dim, head_dim_v, dtype, causal, capability = key
+        lines.append(f"{kernel}, lengths ~{q_bucket}/~{k_bucket}, C={head_dim}/{head_dim_v}, "
+                     f"{str(dtype).removeprefix('torch.')}, causal={causal}, "
+                     f"sm_{capability[0]}{capability[1]}: {config}")
+    return lines
 
 
 def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, launch) -> TileConfig:

@@ -6,10 +6,12 @@ would run and read its shared memory, registers and spills. This proves, without
 launch configuration compiles and fits; it says nothing about speed or numerical results.
 
 Argument types follow the launchers' naming: capitalised arguments are pointers (``LSE`` and
-``Delta`` are fp32, ``Cu*``, ``Tile*``, ``RowPtr`` and ``Col`` are int32, the rest have the
-input dtype), ``*scale`` is fp32, any other lower-case argument is an int32 (a stride or a
-count). Pointers and strides carry the divisibility-by-16 hint that a real launch with aligned
-tensors and head dims that are multiples of 16 would give.
+``Delta`` are fp32, ``Cu*`` and ``Tile*`` int32, the CSR arrays ``RowPtr``, ``Col``,
+``TRowPtr`` and ``TCol`` int64 as ``edge_index`` is, the rest have the input dtype),
+``*scale`` is fp32, any other lower-case argument is an int32 (a stride or a count). Pointers
+carry the divisibility-by-16 hint that a real launch with aligned tensors gives, and strides
+too when every ``HEAD_DIM*`` is a multiple of 16 (packed ``(N, H, C)`` strides are multiples
+of ``C``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ SHARED_MEMORY_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 2
 
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FP32_POINTERS = {"LSE", "Delta"}
-_INT32_POINTERS = ("Cu", "Tile", "RowPtr", "Col")
+_INT32_POINTERS = ("Cu", "Tile")
+_INT64_POINTERS = {"RowPtr", "Col", "TRowPtr", "TCol"}
 _UNHINTED_INTS = {"total", "stride_lse_h", "stride_delta_h"}  # sizes: any value
 
 
@@ -50,6 +53,8 @@ class KernelResources:
 def signature_of(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
     """``(signature, attrs)`` for :class:`triton.compiler.ASTSource`, by the naming rule above."""
     signature, attrs = {}, {}
+    aligned_strides = all(value % 16 == 0 for name, value in constexprs.items()
+                          if name.startswith("HEAD_DIM"))
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
@@ -57,10 +62,12 @@ def signature_of(kernel, dtype: str, constexprs: dict) -> tuple[dict, dict]:
         if name[0].isupper():
             signature[name] = "*" + ("fp32" if name in _FP32_POINTERS else
                                      "i32" if name.startswith(_INT32_POINTERS) else
+                                     "i64" if name in _INT64_POINTERS else
                                      _TRITON_TYPES[dtype])
         else:
             signature[name] = "fp32" if name.endswith("scale") else "i32"
-        if name[0].isupper() or name.startswith("stride_") and name not in _UNHINTED_INTS:
+        if name[0].isupper() or (aligned_strides and name.startswith("stride_")
+                                 and name not in _UNHINTED_INTS):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, attrs
 

@@ -129,6 +129,11 @@ class Tuner:
         self._bench = bench or _do_bench
         self._best: dict[tuple, TileConfig] = {}
 
+    @property
+    def chosen(self) -> dict[tuple, TileConfig]:
+        """The configuration chosen so far for each key."""
+        return dict(self._best)
+
     def choose(self, key: tuple, configs: Sequence[TileConfig],
                launch: Callable[[TileConfig], None]) -> TileConfig:
         if key not in self._best:

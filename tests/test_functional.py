@@ -216,6 +216,37 @@ def test_auto_picks_sdpa_for_implicit_and_sparse_for_edges(monkeypatch):
     assert calls == ["sdpa", "sparse"]
 
 
+def test_auto_never_picks_the_kernels_on_cpu_even_in_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import gatattn.functional as functional
+    monkeypatch.setattr(functional, "triton_attention",
+                        lambda *a, **kw: pytest.fail("auto took the Triton route on CPU"))
+    q, k, v = make_qkv(4, 4, 1, 16)
+    gatattn.attention(q, k, v)
+    gatattn.attention(q, k, v, edge_index=torch.tensor([[0], [1]]))
+
+
+CUDA = torch.device("cuda")
+
+
+@pytest.mark.parametrize("device,dtype,head_dim,dropout,edge_attr,serves", [
+    (CUDA, torch.bfloat16, 64, 0.0, False, True),
+    (CUDA, torch.float16, 256, 0.0, False, True),
+    (CUDA, torch.float32, 40, 0.0, False, True),
+    (torch.device("cpu"), torch.float32, 64, 0.0, False, False),
+    (CUDA, torch.float64, 64, 0.0, False, False),
+    (CUDA, torch.bfloat16, 512, 0.0, False, False),
+    (CUDA, torch.bfloat16, 64, 0.1, False, False),
+    (CUDA, torch.bfloat16, 64, 0.0, True, False),
+])
+def test_auto_takes_the_kernels_for_what_they_serve(device, dtype, head_dim, dropout, edge_attr,
+                                                     serves):
+    pytest.importorskip("triton")
+    from gatattn.functional import _fused_kernels_serve
+
+    assert _fused_kernels_serve(device, dtype, head_dim, dropout, edge_attr) is serves
+
+
 def test_triton_backend_explains_why_it_cannot_run(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q, k, v = make_qkv(4, 4, 1, 2)

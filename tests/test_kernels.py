@@ -159,3 +159,14 @@ def test_csr_kernel_on_a_hub_and_a_bipartite_graph(device):
     check_against_reference(
         run_triton(edge_index=gatattn.mask_to_edge_index(mask).to(device)), inputs,
         reference_on_cpu(mask))
+
+
+@pytest.mark.cuda
+def test_auto_takes_the_kernels_on_cuda():
+    batch = batch_from_sizes([3, 20, 1, 9]).cuda()
+    q, k, v = (t.detach().cuda() for t in make_qkv(batch.numel(), batch.numel(), 2, 64,
+                                                    dtype=torch.bfloat16))
+    edge_index = gatattn.mask_to_edge_index(torch.rand(33, 33) < 0.3).cuda()
+    for graph in (dict(batch=batch), dict(batch=batch, causal=True), dict(edge_index=edge_index)):
+        assert torch.equal(gatattn.attention(q, k, v, **graph),
+                           gatattn.attention(q, k, v, backend="triton", **graph)), graph

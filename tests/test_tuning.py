@@ -4,6 +4,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
 from gatattn.kernels.tuning import (  # noqa: E402
     CONFIGS,
     KERNELS,
@@ -14,7 +16,6 @@ from gatattn.kernels.tuning import (  # noqa: E402
     length_bucket,
     shared_memory_estimate,
 )
-from triton.runtime.errors import OutOfResources  # noqa: E402
 
 SM90_SHARED = 232448
 SM86_SHARED = 101376

@@ -7,13 +7,15 @@ gives Triton's shared memory, ptxas's registers and spills, and the verdict: a k
 configuration must fit the architecture's shared memory and should not spill; a dropped one that
 would have fitted without spilling is a candidate the filter lost.
 
-    python benchmarks/kernel_resources.py             # sm_90, sm_80; bf16, fp32; C = 64, 128, 256
+    python benchmarks/kernel_resources.py             # sm_90, sm_80; bf16; C = 64, 128, 256
+    python benchmarks/kernel_resources.py --dtypes float32 --archs 90 --head-dims 64
     python benchmarks/kernel_resources.py --quick     # sm_90, bf16, C = 128
     python benchmarks/kernel_resources.py --tightest  # per kernel, only the kept candidate with
                                                       # the most shared memory (the CI check)
 
-It writes benchmarks/results/kernel-resources.md (or ``--out``), and with ``--json`` the rows.
-This measures resources, not speed: timings need a GPU (benchmarks/bench_gpu.py).
+It writes benchmarks/results/kernel-resources-<dtypes>.md (or ``--out``), and with ``--json``
+the rows. fp32 builds take 10-30 s each (exact fp32 dots unroll into FMAs), 16-bit ones about
+1 s. This measures resources, not speed: timings need a GPU (benchmarks/bench_gpu.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from gatattn.kernels.resources import SHARED_MEMORY_LIMIT, compile_for  # noqa: 
 from gatattn.kernels.tuning import (  # noqa: E402
     CONFIGS,
     KERNELS,
+    REGISTER_TILE_BUDGET,
     TileConfig,
     candidates,
     register_tile_estimate,
@@ -47,6 +50,7 @@ from gatattn.kernels.tuning import (  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPE_OF_SIZE = {2: "16-bit", 4: "fp32"}
 
 
 CSR_KERNELS = tuple(csr_attention.KERNEL_FUNCTIONS)
@@ -178,19 +182,24 @@ def summary(rows: list[Row]) -> list[str]:
     return lines
 
 
-def report(rows: list[Row], elapsed: float) -> str:
+def report(rows: list[Row], elapsed: float, scope: str) -> str:
     header = [
         "# Triton kernels: resources per launch configuration",
         "",
         f"- date: {datetime.now():%Y-%m-%d %H:%M}; built in {elapsed:.0f} s on "
         f"{platform.machine()} without a GPU (Triton's ahead-of-time compiler, its ptxas)",
         f"- torch {torch.__version__}, triton {triton.__version__}",
+        f"- builds: {scope}",
         "- shared-memory limits (opt-in, per block): "
         + ", ".join(f"sm_{a}{b}: {v / 1024:.0f} KiB" for (a, b), v in SHARED_MEMORY_LIMIT.items()),
         "- non-causal builds (causal adds masking code, not tiles); pointers and strides carry "
         "the 16-byte alignment hint of a real launch",
         "- smem est. and tile elems/thread est. are keep()'s estimates; keep() asks for "
-        "est. <= limit and <= 128 tile elements per thread",
+        "smem est. <= limit and tile elems/thread est. <= "
+        + ", ".join(f"{budget} ({DTYPE_OF_SIZE[size]})"
+                    for size, budget in REGISTER_TILE_BUDGET.items()),
+        "- where no configuration passes, the one with the fewest tile elements that fits in "
+        "shared memory is kept (it spills, but runs)",
         "",
         "## Summary",
         "",
@@ -211,9 +220,10 @@ def main() -> None:
                         help="per kernel only the kept candidate with the most shared memory")
     parser.add_argument("--archs", type=int, nargs="+", default=[90, 80],
                         choices=[a * 10 + b for a, b in SHARED_MEMORY_LIMIT])
-    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"], choices=list(DTYPES))
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--out", type=Path, default=RESULTS / "kernel-resources.md")
+    parser.add_argument("--out", type=Path,
+                        help="default: benchmarks/results/kernel-resources-<dtypes>.md")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -226,7 +236,12 @@ def main() -> None:
     start = datetime.now()
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(tqdm(pool.map(measure, builds), total=len(builds), desc="compiling"))
-    text = report(rows, (datetime.now() - start).total_seconds())
+    scope = ("--quick" if args.quick else
+             f"sm_{', sm_'.join(map(str, args.archs))}; {', '.join(args.dtypes)}; head dims "
+             f"{', '.join(map(str, args.head_dims))}"
+             + ("; the tightest kept config per kernel" if args.tightest else "; every config"))
+    text = report(rows, (datetime.now() - start).total_seconds(), scope)
+    args.out = args.out or RESULTS / f"kernel-resources-{'-'.join(args.dtypes)}.md"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     if args.json:

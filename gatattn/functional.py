@@ -119,7 +119,7 @@ def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,
         if need_weights:
             return "sparse"
         if _fused_kernels_serve(q.device, q.dtype, max(q.size(-1), v.size(-1)), dropout,
-                                has_edge_attr):
+                                has_edge_attr, graph.is_implicit):
             return "triton"
         return "sdpa" if graph.is_implicit else "sparse"
     if requested == "sdpa" and not graph.is_implicit:
@@ -144,11 +144,14 @@ def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,
 
 
 def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int, dropout: float,
-                         has_edge_attr: bool) -> bool:
-    """Whether "auto" takes the Triton kernels: CUDA tensors in a kernel dtype with head dims
-    up to 256, no dropout or edge features, and not under torch.compile, which traces SDPA and
-    the sparse route's gathers into its own kernels instead."""
-    return (device.type == "cuda" and dtype in _KERNEL_DTYPES and head_dim <= 256
+                         has_edge_attr: bool, implicit: bool) -> bool:
+    """Whether "auto" takes the Triton kernels: CUDA tensors with head dims up to 256, no
+    dropout or edge features, not under torch.compile (which traces SDPA and the sparse route's
+    gathers into its own kernels), and fp16/bf16 (fp32 too for edge sets). Dense fp32 stays with
+    SDPA: exact fp32 dots run on FMAs, whose register pressure leaves the tiled kernels only
+    16x16 tiles (benchmarks/results/kernel-resources-float32.md)."""
+    dtypes = _KERNEL_DTYPES[:2] if implicit else _KERNEL_DTYPES
+    return (device.type == "cuda" and dtype in dtypes and head_dim <= 256
             and dropout == 0 and not has_edge_attr and not torch.compiler.is_compiling()
             and triton_unavailable_reason(device) is None)
 

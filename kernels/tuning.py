@@ -56,8 +56,11 @@ CONFIGS = tuple(
     for num_stages in (2, 1)
 )
 
-# Live fp32 tile elements per thread above which ptxas spills (calibrated on sm_90 builds).
-REGISTER_TILE_BUDGET = 128
+# Live tile elements per thread above which ptxas spills, by input itemsize (calibrated on
+# sm_90 builds at head dim 64, benchmarks/results/kernel-resources*.md). 16-bit inputs use
+# tensor-core dots; fp32 inputs use exact fp32 ("ieee") dots, done by FMAs whose operands
+# crowd the registers, so their tiles must be far smaller.
+REGISTER_TILE_BUDGET = {2: 128, 4: 40}
 
 
 def shared_memory_estimate(kernel: str, config: TileConfig, block_d: int, block_dv: int,
@@ -97,7 +100,7 @@ def keep(kernel: str, config: TileConfig, block_d: int, block_dv: int, itemsize:
     """Whether ``config`` can fit: its shared memory under the limit, its tiles in registers."""
     return (shared_memory_estimate(kernel, config, block_d, block_dv, itemsize) <= shared_limit
             and register_tile_estimate(kernel, config, block_d, block_dv, itemsize)
-            <= REGISTER_TILE_BUDGET)
+            <= REGISTER_TILE_BUDGET[itemsize])
 
 
 def candidates(kernel: str, block_d: int, block_dv: int, itemsize: int,

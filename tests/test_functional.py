@@ -229,22 +229,23 @@ def test_auto_never_picks_the_kernels_on_cpu_even_in_the_interpreter(monkeypatch
 CUDA = torch.device("cuda")
 
 
-@pytest.mark.parametrize("device,dtype,head_dim,dropout,edge_attr,serves", [
-    (CUDA, torch.bfloat16, 64, 0.0, False, True),
-    (CUDA, torch.float16, 256, 0.0, False, True),
-    (CUDA, torch.float32, 40, 0.0, False, True),
-    (torch.device("cpu"), torch.float32, 64, 0.0, False, False),
-    (CUDA, torch.float64, 64, 0.0, False, False),
-    (CUDA, torch.bfloat16, 512, 0.0, False, False),
-    (CUDA, torch.bfloat16, 64, 0.1, False, False),
-    (CUDA, torch.bfloat16, 64, 0.0, True, False),
+@pytest.mark.parametrize("device,dtype,head_dim,dropout,edge_attr,implicit,serves", [
+    (CUDA, torch.bfloat16, 64, 0.0, False, True, True),
+    (CUDA, torch.float16, 256, 0.0, False, False, True),
+    (CUDA, torch.float32, 40, 0.0, False, False, True),
+    (CUDA, torch.float32, 40, 0.0, False, True, False),  # dense fp32: SDPA
+    (torch.device("cpu"), torch.float16, 64, 0.0, False, True, False),
+    (CUDA, torch.float64, 64, 0.0, False, False, False),
+    (CUDA, torch.bfloat16, 512, 0.0, False, True, False),
+    (CUDA, torch.bfloat16, 64, 0.1, False, True, False),
+    (CUDA, torch.bfloat16, 64, 0.0, True, False, False),
 ])
 def test_auto_takes_the_kernels_for_what_they_serve(device, dtype, head_dim, dropout, edge_attr,
-                                                     serves):
+                                                     implicit, serves):
     pytest.importorskip("triton")
     from gatattn.functional import _fused_kernels_serve
 
-    assert _fused_kernels_serve(device, dtype, head_dim, dropout, edge_attr) is serves
+    assert _fused_kernels_serve(device, dtype, head_dim, dropout, edge_attr, implicit) is serves
 
 
 def test_triton_backend_explains_why_it_cannot_run(monkeypatch):

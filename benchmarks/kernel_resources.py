@@ -30,7 +30,6 @@ from datetime import datetime
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compiling needs the real @triton.jit functions
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated
 
 import torch  # noqa: E402
 import triton  # noqa: E402

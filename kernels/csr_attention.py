@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from gatattn.kernels.flash_attention import _bwd_preprocess_kernel
+from gatattn.kernels.tuning import COMPILE_OPTIONS
 
 LOG2E = 1.4426950408889634
 BLOCK_N = 32  # in-edges per step of a row's walk
@@ -185,7 +186,7 @@ def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=BLOCK_N):
     _csr_fwd_kernel[(num_dst, heads)](
         q, k, v, out, lse, row_ptr, col, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
         k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        **kernel_constants(q.shape[2], v.shape[2], block_n))
+        **kernel_constants(q.shape[2], v.shape[2], block_n), **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -203,15 +204,16 @@ def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col
     _bwd_preprocess_kernel[(triton.cdiv(num_dst, 16), heads)](
         out, do, delta, num_dst, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=16,
-        BLOCK_DV=max(16, constants["BLOCK_DV"]))
+        BLOCK_DV=max(16, constants["BLOCK_DV"]), **COMPILE_OPTIONS)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     _csr_bwd_dq_kernel[(num_dst, heads)](
         q, k, v, do, lse, delta, dq, row_ptr, col, scale * LOG2E, scale, *strides,
-        dq.stride(0), dq.stride(1), lse.stride(0), **constants)
+        dq.stride(0), dq.stride(1), lse.stride(0), **constants, **COMPILE_OPTIONS)
     _csr_bwd_dkdv_kernel[(k.shape[0], heads)](
         q, k, v, do, lse, delta, dk, dv, t_row_ptr, t_col, scale * LOG2E, scale, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **constants)
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **constants,
+        **COMPILE_OPTIONS)
     return dq, dk, dv
 
 

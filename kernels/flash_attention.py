@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from gatattn.kernels.tuning import (
+    COMPILE_OPTIONS,
     INTERPRETER_CONFIG,
     TileConfig,
     Tuner,
@@ -355,7 +356,7 @@ def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
 
 def _launch_options(q, v, causal, config: TileConfig) -> dict:
     return dict(CAUSAL=causal, num_warps=config.num_warps, num_stages=config.num_stages,
-                **kernel_constants(q.shape[2], v.shape[2], q.dtype, config))
+                **COMPILE_OPTIONS, **kernel_constants(q.shape[2], v.shape[2], q.dtype, config))
 
 
 def tuned_configs() -> list[str]:
@@ -420,7 +421,8 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     block_dv = max(16, triton.next_power_of_2(v.shape[2]))
     _bwd_preprocess_kernel[(triton.cdiv(total_q, PREPROCESS_ROWS), heads)](
         out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=PREPROCESS_ROWS, BLOCK_DV=block_dv)
+        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=PREPROCESS_ROWS, BLOCK_DV=block_dv,
+        **COMPILE_OPTIONS)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import triton
 
+from gatattn.kernels.tuning import COMPILE_OPTIONS
+
 # Usable shared memory per block (the opt-in limit) by compute capability.
 SHARED_MEMORY_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}
 
@@ -89,8 +91,8 @@ def compile_for(kernel, dtype: str, constexprs: dict, capability: tuple[int, int
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
     log = io.StringIO()
     with _fresh_compile_with_ptxas_log(), contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=target,
-                                  options=dict(num_warps=num_warps, num_stages=num_stages))
+        compiled = triton.compile(source, target=target, options=dict(
+            num_warps=num_warps, num_stages=num_stages, **COMPILE_OPTIONS))
     spill_stores, spill_loads = _spills(log.getvalue())
     return KernelResources(shared_bytes=compiled.metadata.shared,
                            registers=_registers(compiled.asm["cubin"]),

@@ -63,6 +63,7 @@ class Build:
     head_dim: int
     kernel: str
     config: TileConfig | None  # None: a CSR kernel, launched with Triton's default options
+    causal: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def measure(build: Build) -> Row:
     estimates = dict(shared_estimate=shared_memory_estimate(*shape),
                      register_estimate=register_tile_estimate(*shape))
     return _compiled(build, kept, estimates, flash_attention.KERNEL_FUNCTIONS[build.kernel],
-                     dict(constants, CAUSAL=False), build.config.num_warps,
+                     dict(constants, CAUSAL=build.causal), build.config.num_warps,
                      build.config.num_stages)
 
 
@@ -139,7 +140,7 @@ def csr_builds(capabilities, dtypes, head_dims) -> list[Build]:
 
 def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
     """Per (arch, dtype, head dim, kernel), the kept candidate with the largest shared-memory
-    estimate: if it fits, the estimate bounds the rest. And the CSR kernels."""
+    estimate (if it fits, the estimate bounds the rest), causal and not. And the CSR kernels."""
     builds = []
     for capability in capabilities:
         for dtype in dtypes:
@@ -151,7 +152,8 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
                         capability])
                     tightest = max(kept, key=lambda c, k=kernel: shared_memory_estimate(
                         k, c, block_d, block_d, size))
-                    builds.append(Build(capability, dtype, head_dim, kernel, tightest))
+                    builds += [Build(capability, dtype, head_dim, kernel, tightest, causal)
+                               for causal in (False, True)]
     return builds + csr_builds(capabilities, dtypes, head_dims)
 
 
@@ -166,8 +168,9 @@ def table(rows: list[Row]) -> list[str]:
         config = b.config or "warps=4 stages=3 (CSR: one config)"
         estimates = (["", ""] if row.shared_estimate is None else
                      [f"{row.shared_estimate / 1024:.0f}", f"{row.register_estimate:.0f}"])
+        kernel = f"{b.kernel} (causal)" if b.causal else b.kernel
         lines.append(f"| sm_{b.capability[0]}{b.capability[1]} | {b.dtype} | {b.head_dim} | "
-                     f"{b.kernel} | {config} | {estimates[0]} | {measured[0]} | "
+                     f"{kernel} | {config} | {estimates[0]} | {measured[0]} | "
                      f"{measured[1]} | {estimates[1]} | {measured[2]} | {row.verdict} |")
     return lines
 
@@ -191,8 +194,8 @@ def report(rows: list[Row], elapsed: float, scope: str) -> str:
         f"- builds: {scope}",
         "- shared-memory limits (opt-in, per block): "
         + ", ".join(f"sm_{a}{b}: {v / 1024:.0f} KiB" for (a, b), v in SHARED_MEMORY_LIMIT.items()),
-        "- non-causal builds (causal adds masking code, not tiles); pointers and strides carry "
-        "the 16-byte alignment hint of a real launch",
+        "- non-causal builds unless marked (causal adds masking code, not tiles); pointers and "
+        "strides carry the 16-byte alignment hint of a real launch",
         "- smem est. and tile elems/thread est. are keep()'s estimates; keep() asks for "
         "smem est. <= limit and tile elems/thread est. <= "
         + ", ".join(f"{budget} ({DTYPE_OF_SIZE[size]})"

@@ -50,6 +50,17 @@ Usage::
     python benchmarks/bench_gpu.py --quick  # a few small cases (about 2 min), prints only
     python benchmarks/bench_gpu.py --budget-s 480            # part of the run, saved per case;
     python benchmarks/bench_gpu.py --resume --budget-s 480   # then the rest, until complete
+    python benchmarks/bench_gpu.py --out DIR     # write gpu-<device>.md and .json into DIR
+    python benchmarks/bench_gpu.py --smoke [--out DIR]  # CI check of the script, not a
+                                            # measurement: tiny cases on the CPU in float32,
+                                            # Triton's interpreter, a perf_counter timer;
+                                            # prints (and writes smoke-<cpu>.* only to --out)
+
+``--smoke`` runs every step of a real run (cases, peers, correctness check, timing loop,
+targets, report, save) so that CI catches a broken script before GPU time is spent on it. Peers
+the CPU lacks fail the way an unavailable peer fails on a GPU, into "Skipped or failed": SDPA's
+efficient and cuDNN backends, and FlexAttention (no backward on the CPU; its block masks are
+still compiled).
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -70,6 +82,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+# --smoke runs the kernels in Triton's CPU interpreter, which Triton chooses when a kernel is
+# decorated, that is when gatattn's kernels are imported below: so the flag is read here, before
+# argparse (whose allow_abbrev=False keeps this reading and its own the same).
+if "--smoke" in sys.argv[1:]:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
 import torch._dynamo.config
@@ -87,7 +105,12 @@ from tqdm import tqdm
 import gatattn
 from gatattn.kernels.flash_attention import tuned_configs
 
-DTYPE = torch.bfloat16
+SMOKE = "--smoke" in sys.argv[1:]  # as read before the imports
+# A real run times bfloat16 on the GPU. The smoke run takes float32 on the CPU: Triton 3.9's
+# interpreter miscomputes bfloat16 tl.dot (see tests/test_kernels.py), and exact float32 makes
+# the smoke run's correctness table a real check of every peer's layouts.
+DEVICE = torch.device("cpu" if SMOKE else "cuda")
+DTYPE = torch.float32 if SMOKE else torch.bfloat16
 HIDDEN = 2048  # H * C: 16 heads at C=128, 32 at C=64
 TOTAL_TOKENS = 16384
 CHANNELS = (64, 128)
@@ -95,10 +118,13 @@ LENGTHS = (512, 1024, 2048, 4096, 8192, 16384)
 GRAPH_HEADS, GRAPH_CHANNELS = 8, 64
 GRAPH_BATCHES = ((1024, 10, 40), (64, 100, 1000), (256, 10, 1000))  # (graphs, min, max nodes)
 MODES = ("fwd", "bwd", "fwd+bwd")
+SMOKE_REPS = 3  # timed runs per mode in --smoke: its numbers mean nothing, so few
 MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+
+SMOKE_BANNER = "SMOKE RUN (CPU, Triton interpreter): numbers are not measurements"
 
 SDPA_FLASH, SDPA_EFFICIENT, SDPA_CUDNN = "SDPA flash", "SDPA efficient", "SDPA cuDNN"
 FLEX, FLEX_DOC, FLEX_DOC_REBUILT = "Flex", "Flex doc mask", "Flex doc mask, rebuilt per call"
@@ -135,20 +161,29 @@ class Case:
         return per_head * self.heads * (0.5 if self.causal else 1.0) * FLOP_FACTOR[mode]
 
 
-def segment_cases(quick: bool) -> list[Case]:
-    channels, lengths, total = ((128,), (4096,), 8192) if quick else (
-        CHANNELS, LENGTHS, TOTAL_TOKENS)
-    return [Case("segments", HIDDEN // c, c, (n,) * (total // n), causal)
+def segment_cases(size: str) -> list[Case]:
+    """Cases of a run of ``size``: "full", "quick" or "smoke"."""
+    hidden, channels, lengths, total = {
+        "full": (HIDDEN, CHANNELS, LENGTHS, TOTAL_TOKENS),
+        "quick": (HIDDEN, (128,), (4096,), 8192),
+        "smoke": (32, (16,), (32, 64), 64),  # H=2; a few of the interpreter's 16-row tiles
+    }[size]
+    return [Case("segments", hidden // c, c, (n,) * (total // n), causal)
             for c in channels for causal in (False, True) for n in lengths]
 
 
-def graph_cases(quick: bool) -> list[Case]:
+def graph_cases(size: str) -> list[Case]:
+    heads, channels, batches = {
+        "full": (GRAPH_HEADS, GRAPH_CHANNELS, GRAPH_BATCHES),
+        "quick": (GRAPH_HEADS, GRAPH_CHANNELS, ((32, 10, 1000),)),
+        "smoke": (2, 16, ((4, 5, 40),)),
+    }[size]
     cases = []
-    for count, low, high in ((32, 10, 1000),) if quick else GRAPH_BATCHES:
+    for count, low, high in batches:
         gen = torch.Generator().manual_seed(2)
         sizes = tuple(torch.randint(low, high + 1, (count,), generator=gen).tolist())
         drawn = f"{count} graphs of {low}-{high} nodes ({sum(sizes)} nodes)"
-        cases += [Case(group, GRAPH_HEADS, GRAPH_CHANNELS, sizes, graphs=drawn)
+        cases += [Case(group, heads, channels, sizes, graphs=drawn)
                   for group in ("graphs", "layer")]
     return cases
 
@@ -173,7 +208,7 @@ class Setup:
 
 def make_setup(case: Case) -> Setup:
     torch.manual_seed(0)
-    device, H, C = torch.device("cuda"), case.heads, case.channels
+    device, H, C = DEVICE, case.heads, case.channels
     lengths = torch.tensor(case.lengths, device=device)
     ptr = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
     batch = torch.repeat_interleave(torch.arange(len(case.lengths), device=device), lengths)
@@ -251,7 +286,7 @@ def flex(*args, **kwargs) -> Tensor:
 
 def block_mask_of(mask_mod: Callable, length: int):
     # Compiled, so that the mask is never materialised as length x length booleans.
-    return compiled(create_block_mask)(mask_mod, None, None, length, length, device="cuda")
+    return compiled(create_block_mask)(mask_mod, None, None, length, length, device=DEVICE)
 
 
 def causal_mask(b, h, q_idx, kv_idx):
@@ -390,11 +425,16 @@ class DeviceBroken(RuntimeError):
 
 
 def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+    lines = str(error).strip().splitlines() or [""]
+    # torch.compile's errors open with a generic line ("Observed exception") and name the
+    # exception raised in the compiled code further down.
+    cause = [line.strip() for line in lines if line.strip().startswith("Developer debug context")]
+    return f"{type(error).__name__}: {'; '.join([lines[0], *cause[:1]])}"[:300]
 
 
 def recover() -> None:
+    if DEVICE.type != "cuda":
+        return  # the CPU has no queued work to surface errors from, and no cache to empty
     try:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -422,10 +462,31 @@ def bench_times(quick: bool) -> tuple[int, int]:
     return (10, 40) if quick else (25, 100)  # do_bench warm-up and measuring time, ms
 
 
+def timer_note(quick: bool) -> str:
+    if SMOKE:
+        return f"time.perf_counter, median of {SMOKE_REPS} reps (smoke run: do_bench needs a GPU)"
+    return "triton.testing.do_bench, median, warmup {} ms, rep {} ms".format(*bench_times(quick))
+
+
 def bench(step: Step, setup: Setup, quick: bool) -> float:
+    if SMOKE:
+        return smoke_bench(step, setup)
     warmup, rep = bench_times(quick)
     return float(triton.testing.do_bench(step, warmup=warmup, rep=rep,
                                          grad_to_none=list(setup.leaves), return_mode="median"))
+
+
+def smoke_bench(step: Step, setup: Setup) -> float:
+    """Median ms of a few CPU reps, gradients set to None before each as do_bench does; no
+    warm-up, as the correctness check has already run every kernel once."""
+    times = []
+    for _ in range(SMOKE_REPS):
+        for leaf in setup.leaves:
+            leaf.grad = None
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
 
 
 def check_against(runner: Runner, reference: tuple | None) -> dict:
@@ -664,22 +725,39 @@ def summarise(verdicts: list[str]) -> str:
 
 
 def environment(quick: bool) -> dict:
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
     return {
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "capability": f"sm_{props.major}{props.minor}",
-        "memory_gib": round(props.total_memory / 2**30, 1),
-        "nvidia_smi": nvidia_smi(),
+        **(cpu_description() if SMOKE else gpu_description()),
         "python": platform.python_version(),
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "triton": triton.__version__, "torch_geometric": torch_geometric.__version__,
         "gatattn_commit": git_commit(),
         "dtype": str(DTYPE).removeprefix("torch."),
-        "do_bench": "median, warmup {} ms, rep {} ms".format(*bench_times(quick)),
-        "quick": quick,
+        "timer": timer_note(quick),
+        "quick": quick, "smoke": SMOKE,
     }
+
+
+def gpu_description() -> dict:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"device": torch.cuda.get_device_name(), "capability": f"sm_{props.major}{props.minor}",
+            "memory_gib": round(props.total_memory / 2**30, 1), "nvidia_smi": nvidia_smi()}
+
+
+def cpu_description() -> dict:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"device": cpu_name(), "capability": f"CPU, {os.cpu_count()} cores",
+            "memory_gib": round(memory / 2**30, 1), "nvidia_smi": "not queried (CPU run)"}
+
+
+def cpu_name() -> str:
+    # platform.processor() is empty on most Linux machines; /proc/cpuinfo names the model.
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def nvidia_smi() -> str:
@@ -709,8 +787,9 @@ def run_lines(env: dict) -> list[str]:
         f"- python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}, cuDNN "
         f"{env['cudnn']}), triton {env['triton']}, torch_geometric {env['torch_geometric']}, "
         f"gatattn {env['gatattn_commit']}",
-        f"- dtype: {env['dtype']}; time: triton.testing.do_bench {env['do_bench']}",
-        f"- total run time: {env['run_time_s']:.0f} s" + (" (--quick)" if env["quick"] else ""),
+        f"- dtype: {env['dtype']}; time: {env['timer']}",
+        f"- total run time: {env['run_time_s']:.0f} s" + (" (--quick)" if env["quick"] else "")
+        + (" (--smoke)" if env["smoke"] else ""),
     ]
     if env["stopped"]:
         lines.append(f"- stopped early: {env['stopped']}")
@@ -722,15 +801,17 @@ def run_lines(env: dict) -> list[str]:
 
 def report(runs: list[dict], results: list[dict], rows: list[dict], missing: int) -> str:
     lines = ["# GPU benchmarks (DESIGN.md section 7, GPU rows)", ""]
+    if any(env["smoke"] for env in runs):
+        lines += [f"{SMOKE_BANNER}.", ""]
     for i, env in enumerate(runs):
-        if len(runs) > 1:
-            lines.append(f"Run {i} (cases marked run={i} in the JSON):")
-        lines += run_lines(env)
+        if len(runs) > 1:  # blank lines: a line right after a list item would continue it
+            lines += [f"Run {i} (cases marked run={i} in the JSON):", ""]
+        lines += [*run_lines(env), ""]
     if missing:
-        lines.append(f"- INCOMPLETE: {missing} case(s) not measured yet (rerun with --resume)")
-    lines += ["", "## Targets", "", "Ratio = anchor time / our time (higher is better).", "",
+        lines += [f"- INCOMPLETE: {missing} case(s) not measured yet (rerun with --resume)", ""]
+    lines += ["## Targets", "", "Ratio = anchor time / our time (higher is better).", "",
               *target_tables(rows),
-              "## Equal-length segments (16k tokens, H * C = 2048)", "",
+              segment_heading(results), "",
               "Kernel throughput: TFLOP/s of the attention FLOPs (4 N^2 C per head and segment, "
               "halved if causal; backward 2.5x, forward+backward 3.5x).", "",
               *segment_tables(results),
@@ -741,11 +822,19 @@ def report(runs: list[dict], results: list[dict], rows: list[dict], missing: int
               "## Correctness (once per case, before timing)", "",
               *correctness_table(results),
               "## Skipped or failed", "", *failure_notes(results), "",
-              "## Method", "", *method_notes(), ""]
+              "## Method", "", *method_notes(runs[-1]["dtype"]), ""]
     return "\n".join(lines)
 
 
-def method_notes() -> list[str]:
+def segment_heading(results: list[dict]) -> str:
+    cases = [r["case"] for r in results if r["case"]["group"] == "segments"]
+    if not cases:
+        return "## Equal-length segments"
+    tokens, hidden = sum(cases[0]["lengths"]), cases[0]["heads"] * cases[0]["channels"]
+    return f"## Equal-length segments ({tokens} tokens, H * C = {hidden})"
+
+
+def method_notes(dtype: str) -> list[str]:
     return [
         "- fwd is the training forward (inputs require grad); bwd replays the backward of one "
         "retained forward graph; fwd+bwd runs both. Kernel launchers: flash_attention_forward / "
@@ -758,7 +847,7 @@ def method_notes() -> list[str]:
         "- Padded peers: to_dense_batch with batch size and largest graph given, a key padding "
         "mask, and unpadding; they are credited with the useful FLOPs only.",
         "- Max abs diff: largest difference of the output and of all input gradients (one shared "
-        "upstream gradient) to the case's reference, in bfloat16.",
+        f"upstream gradient) to the case's reference, in {dtype}.",
     ]
 
 
@@ -818,29 +907,61 @@ def save(path: Path, text: str, payload: dict) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a few small cases (about 2 minutes on an H100); print, write nothing")
+    # No abbreviations: --smoke is also read from sys.argv before the imports, literally.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="a few small cases (about 2 minutes on an H100); print, write nothing")
+    size.add_argument("--smoke", action="store_true",
+                      help="check the script, measure nothing: tiny cases on the CPU, kernels in "
+                           "Triton's interpreter; print, and write only to --out")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder of the .md and .json (default: benchmarks/results, and "
+                             "none for --smoke)")
     parser.add_argument("--resume", action="store_true",
-                        help="keep the cases already in benchmarks/results/gpu-<device>.json and "
+                        help="keep the cases already in the saved gpu-<device>.json and "
                              "measure only the missing ones")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new case after this many seconds (results are saved after "
                              "every case; finish with --resume)")
     args = parser.parse_args()
-    if args.quick and args.resume:
-        parser.error("--quick writes nothing, so there is nothing to resume")
+    if args.quick and (args.resume or args.out):
+        parser.error("--quick writes nothing: no --resume, no --out")
+    if args.smoke and args.out and is_within(args.out, RESULTS):
+        parser.error("--smoke numbers are not measurements: give an --out outside "
+                     f"{RESULTS.relative_to(REPO)}")
+    if args.smoke and args.resume and not args.out:
+        parser.error("--smoke writes nothing without --out, so there is nothing to resume")
     return args
+
+
+def is_within(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def results_path(args: argparse.Namespace, device: str) -> Path | None:
+    """The JSON to write (the markdown goes next to it), or None where the run only prints."""
+    if args.quick or (args.smoke and not args.out):
+        return None
+    prefix = "smoke" if args.smoke else "gpu"
+    return (args.out or RESULTS) / f"{prefix}-{device_slug(device)}.json"
+
+
+def shown(path: Path) -> Path:
+    return path.relative_to(REPO) if is_within(path, REPO) else path
 
 
 def main() -> None:
     args = parse_args()
-    require_cuda()
+    if not SMOKE:
+        require_cuda()
     configure_torch()
 
-    cases = segment_cases(args.quick) + graph_cases(args.quick)
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    cases = segment_cases(size) + graph_cases(size)
     env = {**environment(args.quick), "run_time_s": 0.0, "stopped": ""}
-    path = RESULTS / f"gpu-{device_slug(env['device'])}.json"
+    path = results_path(args, env["device"])
     runs, results = load_previous(path) if args.resume else ([], [])
     runs.append(env)
     measured, start = {r["key"] for r in results}, time.perf_counter()
@@ -849,7 +970,7 @@ def main() -> None:
         results.append(result)
         env["run_time_s"] = time.perf_counter() - start
         env["tuned"] = tuned_configs()
-        if not args.quick:
+        if path is not None:
             save(path, *render(cases, runs, results))
 
     env["stopped"], broken = run_all([c for c in cases if c.key not in measured], args.quick,
@@ -858,9 +979,9 @@ def main() -> None:
     env["tuned"] = tuned_configs()
     text, payload = render(cases, runs, results)
     print(text)
-    if not args.quick:
+    if path is not None:
         save(path, text, payload)
-        print(f"written to {path.with_suffix('.md').relative_to(REPO)} and {path.name}")
+        print(f"written to {shown(path.with_suffix('.md'))} and {path.name}")
     if broken:
         sys.exit(f"bench_gpu.py: {env['stopped']}")
 

@@ -375,12 +375,21 @@ def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, launch) -> TileConfig:
     kernel, head dims, dtype, causality and bucketed lengths (timed on the first such call)."""
     if q.device.type != "cuda":
         return INTERPRETER_CONFIG
+    return _tuned_for_gpu(kernel, q, k, v, cu_seqlens_q, causal, launch,
+                          torch.cuda.get_device_capability(q.device),
+                          shared_memory_limit(q.device))
+
+
+def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, launch,
+                   capability: tuple[int, int], shared_limit: int) -> TileConfig:
+    """The GPU branch of :func:`_tuned`, with the GPU's figures as arguments, so that tests can
+    run it on CPU tensors in the interpreter."""
     constants = kernel_constants(q.shape[2], v.shape[2], q.dtype, INTERPRETER_CONFIG)
     configs = candidates(kernel, constants["BLOCK_D"], constants["BLOCK_DV"], q.element_size(),
-                         shared_memory_limit(q.device))
+                         shared_limit)
     segments = cu_seqlens_q.numel() - 1
     key = (kernel, length_bucket(q.shape[0], segments), length_bucket(k.shape[0], segments),
-           q.shape[2], v.shape[2], q.dtype, causal, torch.cuda.get_device_capability(q.device))
+           q.shape[2], v.shape[2], q.dtype, causal, capability)
     return _TUNER.choose(key, configs, launch)
 
 

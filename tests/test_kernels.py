@@ -123,6 +123,40 @@ def test_unequal_query_and_key_tiles(monkeypatch, tiles, causal):
                             masked_reference(same_graph_mask(dst, src, causal)))
 
 
+@INTERPRETER
+def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
+    # On a GPU the launchers tune: candidates for the GPU, a key, a timed choice, a launch with
+    # the winner. Here that path runs in the interpreter with sm_90's figures and a timer that
+    # favours the first candidate (the largest tiles); every candidate is launched once.
+    from gatattn.kernels import flash_attention
+    from gatattn.kernels.tuning import Tuner, candidates
+
+    launched = []
+
+    def first_is_fastest(fn):
+        fn()
+        launched.append(fn)
+        return float(len(launched))
+
+    tuner = Tuner(bench=first_is_fastest)
+    monkeypatch.setattr(flash_attention, "_TUNER", tuner)
+    monkeypatch.setattr(flash_attention, "_tuned", lambda *args: flash_attention._tuned_for_gpu(
+        *args, (9, 0), 232448))
+    batch = batch_from_sizes([70, 1, 33, 150])
+    inputs = make_qkv(batch.numel(), batch.numel(), 1, 16)
+    check_against_reference(run_triton(batch=batch, causal=True), inputs,
+                            masked_reference(same_graph_mask(batch, batch, True)))
+
+    chosen = tuner.chosen
+    assert {key[0] for key in chosen} == {"forward", "dkdv", "dq"}
+    for (kernel, q_bucket, k_bucket, *rest), config in chosen.items():
+        assert (q_bucket, k_bucket) == (64, 64)  # mean length 254 / 4, rounded up
+        assert rest == [16, 16, torch.float32, True, (9, 0)]
+        assert config == candidates(kernel, 16, 16, 4, 232448)[0]
+    assert len(launched) == sum(len(candidates(kernel, 16, 16, 4, 232448))
+                                for kernel in ("forward", "dkdv", "dq"))
+
+
 def test_tile_schedule_skips_no_work():
     from gatattn.kernels.flash_attention import tile_schedule
 

@@ -36,7 +36,7 @@ def reference_on_cpu(mask):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,channels", [(1, 16), (7, 40), (97, 64), (130, 40), (33, 96),
-                                        (20, 256)])
+                                        (45, 80), (20, 256)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_single_segment(device, n, channels, causal):
     inputs = on(device, make_qkv(n, n, 2, channels))

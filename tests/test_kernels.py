@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gatattn
-from tests.conftest import check_against_reference, make_qkv, masked_reference
+from tests.conftest import assert_close, check_against_reference, make_qkv, masked_reference
 from tests.test_functional import batch_from_sizes, same_graph_mask
 
 pytest.importorskip("triton")
@@ -204,3 +204,60 @@ def test_auto_takes_the_kernels_on_cuda():
     for graph in (dict(batch=batch), dict(batch=batch, causal=True), dict(edge_index=edge_index)):
         assert torch.equal(gatattn.attention(q, k, v, **graph),
                            gatattn.attention(q, k, v, backend="triton", **graph)), graph
+
+
+def layer_graphs(name):
+    """``(inputs of the layer, keyword arguments)`` for one kind of graph, on CPU."""
+    gen = torch.Generator().manual_seed(3)
+    batch = batch_from_sizes([5, 40, 1, 17])
+    if name == "bipartite":
+        batch_src = batch_from_sizes([9, 3, 30, 2])
+        x = (torch.randn(batch_src.numel(), 8, generator=gen),
+             torch.randn(batch.numel(), 12, generator=gen))
+        return x, dict(batch=(batch_src, batch))
+    x = torch.randn(batch.numel(), 12, generator=gen)
+    if name == "edges":
+        mask = torch.rand(batch.numel(), batch.numel(), generator=gen) < 0.2
+        return x, dict(edge_index=gatattn.mask_to_edge_index(mask))
+    return x, dict(batch=batch, causal=name == "causal")
+
+
+def run_layer(conv, inputs, kwargs, device, dtype):
+    """The layer's output and input gradients in ``dtype`` on ``device``, back on the CPU."""
+    conv = conv.to(device=device, dtype=dtype)
+    xs = inputs if isinstance(inputs, tuple) else (inputs,)
+    xs = tuple(x.to(device=device, dtype=dtype).requires_grad_() for x in xs)
+    kwargs = {key: tuple(t.to(device) for t in value) if isinstance(value, tuple) else
+              value.to(device) if isinstance(value, torch.Tensor) else value
+              for key, value in kwargs.items()}
+    out = conv(xs if isinstance(inputs, tuple) else xs[0], **kwargs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(out)
+    grads = torch.autograd.grad(out, xs, upstream)
+    return [t.detach().cpu() for t in (out, *grads)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("graph", ["batch", "causal", "edges", "bipartite"])
+def test_layer_through_the_kernels(monkeypatch, device, graph):
+    # On CUDA the layer's default route (auto) must reach the kernels; in the interpreter only
+    # an explicit backend does. fp16 either way: the interpreter miscomputes bf16 dots. The
+    # reference is the same layer on CPU in float64 (its routes are checked against
+    # gatattn.reference in test_conv.py and test_functional.py), and in fp16 for the bound.
+    import gatattn.functional as functional
+
+    calls = []
+    kernels = functional.triton_attention
+    monkeypatch.setattr(functional, "triton_attention",
+                        lambda *a, **kw: calls.append(1) or kernels(*a, **kw))
+    inputs, kwargs = layer_graphs(graph)
+    in_channels = (8, 12) if graph == "bipartite" else 12
+    torch.manual_seed(0)
+    conv = gatattn.SelfAttentionConv(in_channels, 16, heads=4, root_weight=True)
+    ref_hi = run_layer(conv, inputs, kwargs, "cpu", torch.float64)
+    ref_lo = run_layer(conv, inputs, kwargs, "cpu", torch.float16)
+    conv.backend = "auto" if device == "cuda" else "triton"
+    got = run_layer(conv, inputs, kwargs, device, torch.float16)
+    assert calls, "the layer did not reach the Triton kernels"
+    names = ["out"] + [f"d(input {i})" for i in range(len(got) - 1)]
+    for name, g, hi, lo in zip(names, got, ref_hi, ref_lo, strict=True):
+        assert_close(name, g, hi, lo)

@@ -145,7 +145,7 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
     for capability in capabilities:
         for dtype in dtypes:
             for head_dim in head_dims:
-                block_d = max(16, triton.next_power_of_2(head_dim))
+                block_d = flash_attention.padded_dim(head_dim)
                 size = DTYPES[dtype].itemsize
                 for kernel in KERNELS:
                     kept = candidates(kernel, block_d, block_d, size, SHARED_MEMORY_LIMIT[

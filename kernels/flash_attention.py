@@ -341,13 +341,17 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
     assert cu_seqlens_q.numel() == cu_seqlens_k.numel(), "q and k need the same segment count"
 
 
+def padded_dim(head_dim: int) -> int:
+    """A head dim's tile width: a power of two, at least 16 (``tl.dot``'s smallest operand)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
 def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
                      config: TileConfig) -> dict:
     """The constexprs of the forward and backward kernels for one launch configuration."""
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_DV=max(16, triton.next_power_of_2(head_dim_v)),
+        BLOCK_D=padded_dim(head_dim), BLOCK_DV=padded_dim(head_dim_v),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         # fp32 inputs get fp32 products (no TF32) so they match an fp32 reference.
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -384,9 +388,8 @@ def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, launch,
                    capability: tuple[int, int], shared_limit: int) -> TileConfig:
     """The GPU branch of :func:`_tuned`, with the GPU's figures as arguments, so that tests can
     run it on CPU tensors in the interpreter."""
-    constants = kernel_constants(q.shape[2], v.shape[2], q.dtype, INTERPRETER_CONFIG)
-    configs = candidates(kernel, constants["BLOCK_D"], constants["BLOCK_DV"], q.element_size(),
-                         shared_limit)
+    configs = candidates(kernel, padded_dim(q.shape[2]), padded_dim(v.shape[2]),
+                         q.element_size(), shared_limit)
     segments = cu_seqlens_q.numel() - 1
     key = (kernel, length_bucket(q.shape[0], segments), length_bucket(k.shape[0], segments),
            q.shape[2], v.shape[2], q.dtype, causal, capability)
@@ -427,11 +430,10 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     if heads == 0 or total_q == 0 or k.shape[0] == 0:
         return dq, dk, dv
     delta = torch.empty_like(lse)
-    block_dv = max(16, triton.next_power_of_2(v.shape[2]))
     _bwd_preprocess_kernel[(triton.cdiv(total_q, PREPROCESS_ROWS), heads)](
         out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=PREPROCESS_ROWS, BLOCK_DV=block_dv,
-        **COMPILE_OPTIONS)
+        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=PREPROCESS_ROWS,
+        BLOCK_DV=padded_dim(v.shape[2]), **COMPILE_OPTIONS)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
 

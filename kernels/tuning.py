@@ -15,6 +15,7 @@ Both estimates are checked against real sm_80 / sm_90 builds by
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -107,8 +108,9 @@ def keep(kernel: str, config: TileConfig, block_d: int, block_dv: int, itemsize:
             <= REGISTER_TILE_BUDGET[itemsize])
 
 
+@functools.cache  # launchers ask on every call, before the tuner's cache
 def candidates(kernel: str, block_d: int, block_dv: int, itemsize: int,
-               shared_limit: int) -> list[TileConfig]:
+               shared_limit: int) -> tuple[TileConfig, ...]:
     """The kept configurations, in ``CONFIGS`` order. Where none passes the register estimate
     (wide fp32 heads), the leanest that fits in shared memory stays: spilling is slow, but it
     runs, and shared memory over the limit does not."""
@@ -118,8 +120,8 @@ def candidates(kernel: str, block_d: int, block_dv: int, itemsize: int,
     kept = [config for config in fitting
             if keep(kernel, config, *shape, shared_limit)]
     if kept or not fitting:
-        return kept
-    return [min(fitting, key=lambda config: register_tile_estimate(kernel, config, *shape))]
+        return tuple(kept)
+    return (min(fitting, key=lambda config: register_tile_estimate(kernel, config, *shape)),)
 
 
 def length_bucket(total: int, num_segments: int) -> int:

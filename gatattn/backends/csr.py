@@ -4,12 +4,17 @@ The message-passing route works on these two orders: rows of the CSR are targets
 aggregation run along them), rows of the transpose are sources (gradients of keys and values
 gather along them). Sorting costs O(E log E), so the result is cached for the ``edge_index``
 tensor it came from: a model that runs several layers on one graph sorts once.
+
+The cache can never answer for different contents: an entry keeps a private copy of the edges
+it was built from and is served only when the tensor still holds exactly those edges (an O(E)
+comparison, far below the sort it saves). Version counters are not enough: a tensor that shares
+memory with a numpy array, or is written through ``.data``, changes without a version bump, and
+inference tensors have no counter at all.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +23,7 @@ from torch import Tensor
 from gatattn.graph import Permutation
 
 _CACHE_SIZE = 8
-_cache: dict[int, tuple[weakref.ref, int, int, int, CSR]] = {}
+_cache: dict[tuple[int, bool], _Entry] = {}
 
 
 @dataclass(frozen=True)
@@ -57,22 +62,33 @@ def _sparse_csr(row_ptr: Tensor, col: Tensor, values: Tensor, size: tuple[int, i
         return torch.sparse_csr_tensor(row_ptr, col, values, size, check_invariants=False)
 
 
+@dataclass(frozen=True)
+class _Entry:
+    edges: Tensor  # a private copy of the edges the CSR was built from
+    csr: CSR
+
+    def serves(self, edge_index: Tensor, num_dst: int, num_src: int) -> bool:
+        return ((self.csr.num_dst, self.csr.num_src) == (num_dst, num_src)
+                and self.edges.shape == edge_index.shape
+                and self.edges.device == edge_index.device
+                and torch.equal(self.edges, edge_index))
+
+
 def csr_of(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
-    """The :class:`CSR` of ``edge_index``, from the cache when this very tensor was seen
-    (unchanged) with the same sizes."""
+    """The :class:`CSR` of ``edge_index``, from the cache when this very tensor was seen with
+    the same contents and sizes."""
     if torch.compiler.is_compiling():
         return _build(edge_index, num_dst, num_src)
-    key = id(edge_index)
+    # id() only finds the candidate entry; serves() checks the contents. CSRs built in inference
+    # mode hold inference tensors, which autograd cannot save: they serve inference mode only.
+    key = (id(edge_index), torch.is_inference_mode_enabled())
     entry = _cache.get(key)
-    if entry is not None:
-        ref, version, n_dst, n_src, csr = entry
-        if ref() is edge_index and version == edge_index._version and (n_dst, n_src) == (
-                num_dst, num_src):
-            return csr
+    if entry is not None and entry.serves(edge_index, num_dst, num_src):
+        return entry.csr
     csr = _build(edge_index, num_dst, num_src)
-    if len(_cache) >= _CACHE_SIZE:
+    if len(_cache) >= _CACHE_SIZE and key not in _cache:
         _cache.pop(next(iter(_cache)))
-    _cache[key] = (weakref.ref(edge_index), edge_index._version, num_dst, num_src, csr)
+    _cache[key] = _Entry(edge_index.clone(), csr)
     return csr
 
 

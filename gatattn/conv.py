@@ -214,6 +214,7 @@ class SelfAttentionConv(MessagePassing):
         layer = cls(conv.in_channels, conv.out_channels, heads=conv.heads, concat=conv.concat,
                     dropout=conv.dropout, bias=conv.lin_query.bias is not None,
                     root_weight=conv.root_weight, beta=conv.beta, edge_dim=conv.edge_dim)
+        layer = _like(layer, conv.lin_query.weight)
         names = ["lin_query", "lin_key", "lin_value", "lin_edge", "lin_skip", "lin_beta"]
         _copy_linears(layer, conv, [n for n in names if getattr(layer, n) is not None])
         return layer
@@ -233,6 +234,7 @@ class SelfAttentionConv(MessagePassing):
         in_channels = E if mha.kdim == E else (mha.kdim, E)
         layer = cls(in_channels, E // H, heads=H, concat=True, dropout=mha.dropout,
                     bias=mha.out_proj.bias is not None, out_proj=True)
+        layer = _like(layer, mha.out_proj.weight)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
                 weights = mha.in_proj_weight.chunk(3)
@@ -252,6 +254,11 @@ def _dst_src(pair):
     """The layer takes bipartite pairs in PyG's (source, target) order; the functional API in
     (q, k) = (target, source) order."""
     return (pair[1], pair[0]) if isinstance(pair, (tuple, list)) else pair
+
+
+def _like(layer: nn.Module, weight: Tensor) -> nn.Module:
+    """``layer`` on the device and in the dtype of the module it was converted from."""
+    return layer.to(device=weight.device, dtype=weight.dtype)
 
 
 def _is_lazy(lin: nn.Module) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -15,6 +17,7 @@ from gatattn.graph import AttentionGraph, build_graph
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_KERNEL_HEAD_DIM = 256
 
 
 class BackendUnavailableError(RuntimeError):
@@ -88,7 +91,7 @@ def attention(
     adjacency (convert with ``torch_geometric.utils.to_edge_index``).
     """
     _validate_qkv(q, k, v)
-    _validate_scalars(temperature, dropout)
+    _validate_scalars(scale, temperature, dropout)
     bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
         q.size(0) != k.size(0))
     graph = build_graph(q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr,
@@ -133,14 +136,30 @@ def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,
             "'sparse' with return_attention_weights=True"
         )
     if requested == "triton":
+        _validate_kernel_inputs(q, v, dropout, has_edge_attr)
         reason = triton_unavailable_reason(q.device)
-        if reason is None and dropout > 0:
-            reason = "the fused kernels have no attention dropout; use backend='sdpa'"
-        if reason is None and has_edge_attr:
-            reason = "the fused kernels take no edge features; use backend='sparse'"
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton': {reason}")
     return requested
+
+
+def _validate_kernel_inputs(q: Tensor, v: Tensor, dropout: float, has_edge_attr: bool) -> None:
+    """What the fused kernels cannot compute, refused before dispatch."""
+    if q.dtype not in _KERNEL_DTYPES:
+        raise ValueError(
+            f"backend='triton' computes in float16, bfloat16 or float32, got {q.dtype}; "
+            "backend='sdpa' (implicit graphs) and 'sparse' compute in float64")
+    head_dim = max(q.size(-1), v.size(-1))
+    if head_dim > MAX_KERNEL_HEAD_DIM:
+        raise ValueError(
+            f"backend='triton' takes head dims up to {MAX_KERNEL_HEAD_DIM}, got {head_dim} "
+            "channels per head; use backend='sdpa' or 'sparse'")
+    if dropout > 0:
+        raise ValueError(f"backend='triton' has no attention dropout, got dropout={dropout}; "
+                         "use backend='sdpa' or 'sparse'")
+    if has_edge_attr:
+        raise ValueError("backend='triton' takes no edge features (edge_attr); use "
+                         "backend='sparse'")
 
 
 def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int, dropout: float,
@@ -151,7 +170,7 @@ def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int
     SDPA: exact fp32 dots run on FMAs, whose register pressure leaves the tiled kernels only
     16x16 tiles (benchmarks/results/kernel-resources-float32.md)."""
     dtypes = _KERNEL_DTYPES[:2] if implicit else _KERNEL_DTYPES
-    return (device.type == "cuda" and dtype in dtypes and head_dim <= 256
+    return (device.type == "cuda" and dtype in dtypes and head_dim <= MAX_KERNEL_HEAD_DIM
             and dropout == 0 and not has_edge_attr and not torch.compiler.is_compiling()
             and triton_unavailable_reason(device) is None)
 
@@ -177,11 +196,22 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not q.is_floating_point():
+        raise TypeError(f"q, k and v must be floating point, got {q.dtype}")
+    if q.size(1) == 0:
+        raise ValueError(f"attention needs at least one head, got q of shape {tuple(q.shape)}")
+    if q.size(2) == 0 or v.size(2) == 0:
+        raise ValueError(
+            f"attention needs at least one channel per head, got q {tuple(q.shape)} and v "
+            f"{tuple(v.shape)}")
 
 
-def _validate_scalars(temperature: float, dropout: float) -> None:
+def _validate_scalars(scale: float | None, temperature: float, dropout: float) -> None:
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (or None for 1/sqrt(C)), got {scale}")
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ValueError(f"temperature must be > 0 (inf gives uniform weights), got "
+                         f"{temperature}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 

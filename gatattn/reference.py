@@ -1,10 +1,11 @@
 """The one plain-PyTorch statement of the math that every route is tested against.
 
-Attention is computed densely from a boolean mask ``(N_dst, N_src)`` in which ``mask[i, j]``
-says that target (query) ``i`` may attend to source (key) ``j``, i.e. that the edge ``j -> i``
-exists. Everything here is deliberately naive: no tiling, no fused kernels, no graph code of the
-library, so that it can serve as an independent oracle. Its cost is O(N_dst * N_src * H); use it
-only on small inputs.
+Attention is computed densely from a mask ``(N_dst, N_src)`` in which ``mask[i, j]`` says that
+target (query) ``i`` may attend to source (key) ``j``, i.e. that the edge ``j -> i`` exists; an
+integer mask gives each edge's multiplicity (a duplicated edge counts twice in the softmax, as
+in message passing). Everything here is deliberately naive: no tiling, no fused kernels, no
+graph code of the library, so that it can serve as an independent oracle. Its cost is
+O(N_dst * N_src * H); use it only on small inputs.
 """
 
 from __future__ import annotations
@@ -35,11 +36,18 @@ def attention(
 
     A target with no allowed source gets a zero output (and zero weights), never NaN.
 
+    Non-finite inputs travel along edges only, as in message passing: a value reaches an output
+    only through an edge, so a NaN in ``q_i`` makes row ``i`` NaN (if it has an edge), a NaN in
+    ``k_j`` (head ``h``) the rows of ``j``'s targets in head ``h``, and a NaN in ``v_j[h, c]``
+    their channel ``c``; every other output is unchanged. ``inf`` follows IEEE arithmetic along
+    the same edges.
+
     Args:
         q: ``(N_dst, H, C)`` queries.
         k: ``(N_src, H, C)`` keys.
         v: ``(N_src, H, C_v)`` values.
-        mask: ``(N_dst, N_src)`` bool, ``True`` where ``j -> i`` is an edge.
+        mask: ``(N_dst, N_src)`` bool, ``True`` where ``j -> i`` is an edge; or integer edge
+            multiplicities (:func:`edge_counts`).
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
         temperature: logits are divided by it. (default: :obj:`1.0`)
         edge_key: ``(N_dst, N_src, H, C)`` per-edge additions to the keys. (default: :obj:`None`)
@@ -47,7 +55,8 @@ def attention(
             (default: :obj:`None`)
         compute_dtype: dtype of the computation; ``None`` computes in the inputs' dtype (the
             "low precision reference" of the tolerance rule). (default: :obj:`torch.float64`)
-        return_weights: also return the ``(H, N_dst, N_src)`` weights. (default: :obj:`False`)
+        return_weights: also return the ``(H, N_dst, N_src)`` weights, summed over duplicate
+            edges. (default: :obj:`False`)
 
     Returns:
         ``(N_dst, H, C_v)`` in the dtype of ``q``, and the weights if asked.
@@ -63,18 +72,28 @@ def attention(
     logits = logits * (scale / temperature)
 
     allowed = mask.to(torch.bool).unsqueeze(0)  # (1, N_dst, N_src)
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    multiplicity = mask.to(dtype).unsqueeze(0)
+    logits = logits.masked_fill(~allowed, float("-inf"))  # also drops non-edges' NaNs
     row_max = logits.amax(dim=-1, keepdim=True) if logits.shape[-1] > 0 else logits[..., :1]
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    unnormalised = torch.exp(logits - row_max)  # exp(-inf) = 0 off the graph
+    unnormalised = torch.exp(logits - row_max) * multiplicity  # exp(-inf) = 0 off the graph
     denominator = unnormalised.sum(dim=-1, keepdim=True)
     weights = unnormalised / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
 
-    out = torch.einsum("hij,jhc->ihc", weights, v)
+    out = _aggregate(weights, v, allowed)
     if edge_value is not None:
         out = out + torch.einsum("hij,ijhc->ihc", weights, edge_value.to(dtype))
     out = out.to(out_dtype)
     return (out, weights) if return_weights else out
+
+
+def _aggregate(weights: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+    """``sum_j weights[h, i, j] v[j, h]`` over edges only: a zero weight off the graph must not
+    meet a non-finite value (0 * NaN = NaN would reach rows without that edge)."""
+    if bool(torch.isfinite(v).all()):
+        return torch.einsum("hij,jhc->ihc", weights, v)
+    terms = weights.unsqueeze(-1) * v.transpose(0, 1).unsqueeze(1)  # (H, N_dst, N_src, C_v)
+    return terms.where(allowed.unsqueeze(-1), 0).sum(2).transpose(0, 1)
 
 
 def block_mask(
@@ -98,6 +117,15 @@ def edge_mask(edge_index: Tensor, num_dst: int, num_src: int) -> Tensor:
     mask = torch.zeros(num_dst, num_src, dtype=torch.bool)
     mask[edge_index[1].cpu(), edge_index[0].cpu()] = True
     return mask
+
+
+def edge_counts(edge_index: Tensor, num_dst: int, num_src: int) -> Tensor:
+    """Integer mask with ``counts[dst, src]`` = how often ``src -> dst`` occurs in
+    ``edge_index`` (duplicate edges count with their multiplicity)."""
+    counts = torch.zeros(num_dst, num_src, dtype=torch.long)
+    counts.index_put_((edge_index[1].cpu(), edge_index[0].cpu()),
+                      torch.ones(edge_index.size(1), dtype=torch.long), accumulate=True)
+    return counts
 
 
 def dense_edge_features(edge_index: Tensor, edge_attr: Tensor, num_dst: int,

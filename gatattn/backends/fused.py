@@ -14,7 +14,10 @@ import torch
 from torch import Tensor
 
 from gatattn.backends.csr import CSR, csr_of
-from gatattn.backends.sdpa import permute_rows, unpermute_rows
+from gatattn.backends.nonfinite import contain_causal_values
+from gatattn.backends.sdpa import permute_rows, sdpa_attention, unpermute_rows
+from gatattn.backends.second_order import twice_differentiable
+from gatattn.backends.sparse import gathered_attention
 from gatattn.graph import AttentionGraph
 
 
@@ -71,8 +74,28 @@ class _CSRFlashAttention(torch.autograd.Function):
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
                      scale: float) -> Tensor:
-    """``(N_dst, H, C_v)`` attention over ``graph`` with the fused kernels."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    """``(N_dst, H, C_v)`` attention over ``graph`` with the fused kernels. Second derivatives
+    come from a twice-differentiable torch route (SDPA's math backend, or per-edge gathers)."""
+
+    def fast(q, k, v):
+        return _fused(q, k, v, graph, scale)
+
+    def recompute(q, k, v):
+        if graph.is_implicit:
+            return sdpa_attention(q, k, v, graph, scale=scale, math=True)
+        src, dst = graph.edge_index
+        return gathered_attention(q, k, v, src, dst, scale, None, 0.0)[0]
+
+    if not (graph.is_implicit and graph.causal):
+        return twice_differentiable(fast, recompute, q, k, v)
+    v, reached = contain_causal_values(v, graph)
+    return twice_differentiable(fast, recompute, q, k, v).masked_fill(reached, float("nan"))
+
+
+def _fused(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float) -> Tensor:
+    # A size-1 channel dim counts as contiguous whatever its stride; the kernels need stride 1.
+    q, k, v = (t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+               for t in (q, k, v))
     if not graph.is_implicit:
         csr = csr_of(graph.edge_index, graph.num_dst, graph.num_src)
         return _CSRFlashAttention.apply(q, k, v, csr, scale)

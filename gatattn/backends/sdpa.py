@@ -13,7 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gatattn.backends.nonfinite import contain_causal_values, expose_query_nans
+from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.graph import AttentionGraph, Permutation
 
 
@@ -25,9 +28,33 @@ def sdpa_attention(
     *,
     scale: float,
     dropout: float = 0.0,
+    math: bool = False,
 ) -> Tensor:
-    """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit."""
+    """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit. Second derivatives
+    come from SDPA's math backend (its fused kernels have no double backward; ``math=True``
+    uses it throughout); with dropout, whose mask cannot be replayed, they are refused."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
+
+    def fast(q, k, v):
+        return _attention(q, k, v, graph, scale, dropout)
+
+    def math_backend(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return _attention(q, k, v, graph, scale, dropout)
+
+    if graph.causal:
+        v, reached = contain_causal_values(v, graph)
+    if math:
+        out = math_backend(q, k, v)
+    else:
+        recompute = math_backend if dropout == 0 else refuse_second_order(
+            "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
+        out = twice_differentiable(fast, recompute, q, k, v)
+    return out.masked_fill(reached, float("nan")) if graph.causal else out
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float,
+               dropout: float) -> Tensor:
     plan = graph.segment_plan()
     if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
@@ -42,22 +69,32 @@ def sdpa_attention(
         for g, q_g, k_g, v_g in zip(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
     ]
-    out = torch.cat(outs) if outs else v.new_zeros(0, v.size(1), v.size(2))
+    out = torch.cat(outs) if outs else empty_output(q, k, v)
     return unpermute_rows(out, plan.order_dst)
 
 
 def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float) -> Tensor:
     H, C_v = v.size(1), v.size(2)
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
-        # Adding an empty sum keeps the zeros on the autograd graph, so backward yields zero
-        # gradients instead of failing on an output that does not require grad.
-        return v.new_zeros(group.count * group.len_dst, H, C_v) + q[:0].sum()
+        return empty_output(q, k, v, group.count * group.len_dst)
+    if scale <= 0:
+        # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
+        # backend): fold such a scale into the queries instead.
+        q, scale = q * scale, 1.0
     q = q.view(group.count, group.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
     k = k.view(group.count, group.len_src, H, -1).transpose(1, 2)  # (B, H, S, C)
     v = v.view(group.count, group.len_src, H, C_v).transpose(1, 2)  # (B, H, S, C_v)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
                                          scale=scale)
+    out = expose_query_nans(out, q)
     return out.transpose(1, 2).reshape(-1, H, C_v)
+
+
+def empty_output(q: Tensor, k: Tensor, v: Tensor, rows: int = 0) -> Tensor:
+    """Zeros ``(rows, H, C_v)`` for targets without keys, on the autograd graph of ``q, k, v``,
+    so that a backward yields zero gradients instead of failing on an output without grad_fn."""
+    on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum()  # exactly 0, even for NaN inputs
+    return v.new_zeros(rows, v.size(1), v.size(2)) + on_graph
 
 
 class _PermuteRows(torch.autograd.Function):

@@ -18,11 +18,11 @@ tensors.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch_geometric.utils import scatter, softmax
 
 from gatattn.backends.csr import CSR, csr_of
+from gatattn.backends.second_order import recorded_grads, recording_backward
 
 
 def sparse_attention(
@@ -37,24 +37,26 @@ def sparse_attention(
 ) -> tuple[Tensor, Tensor]:
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
     dropout, in the order of ``edge_index``; not differentiable). Targets without in-edges get
-    zeros."""
+    zeros. Twice differentiable."""
     if edge_attr is not None or torch.compiler.is_compiling():
-        return _gathered_attention(q, k, v, edge_index, scale, dropout, edge_attr)
+        src, dst = edge_index
+        keep = _keep_mask((src.numel(), q.size(1)), dropout, q.device)
+        return gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr)
     csr = csr_of(edge_index, q.size(0), k.size(0))
-    out, alpha = _CSRAttention.apply(q, k, v, csr, scale, dropout)
+    keep = _keep_mask((csr.num_edges, q.size(1)), dropout, q.device)
+    out, alpha = _CSRAttention.apply(q, k, v, csr, scale, keep, dropout)
     return out, alpha.index_select(0, csr.position)
 
 
 class _CSRAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, csr: CSR, scale: float, dropout: float):
+    def forward(ctx, q, k, v, csr: CSR, scale: float, keep: Tensor | None, dropout: float):
         dtype = _compute_dtype(q)
         q_h, k_h, v_h = (_by_head(t, dtype) for t in (q, k, v))  # (H, N, C)
         logits = _sddmm(csr, q_h, k_h) * scale  # (E, H)
         alpha = softmax(logits, csr.row, num_nodes=csr.num_dst)
-        keep = torch.rand_like(alpha) >= dropout if dropout > 0 else None
         out = _spmm(csr.matrix, _dropped(alpha, keep, dropout), v_h)  # (N_dst, H, C_v)
-        ctx.save_for_backward(q_h, k_h, v_h, alpha, keep)
+        ctx.save_for_backward(q, k, v, alpha, keep)
         ctx.csr, ctx.scale, ctx.dropout = csr, scale, dropout
         alpha_out = alpha.to(q.dtype)
         ctx.mark_non_differentiable(alpha_out)
@@ -62,10 +64,17 @@ class _CSRAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_alpha):
-        q_h, k_h, v_h, alpha, keep = ctx.saved_tensors
+        q, k, v, alpha, keep = ctx.saved_tensors
         csr, scale, dropout = ctx.csr, ctx.scale, ctx.dropout
+        if recording_backward():  # create_graph=True: differentiable gradients, same function
+            grads = recorded_grads(
+                lambda q, k, v: gathered_attention(q, k, v, csr.col, csr.row, scale, keep,
+                                                    dropout)[0],
+                (q, k, v), ctx.needs_input_grad[:3], grad_out)
+            return *grads, None, None, None, None
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        grad_h = _by_head(grad_out, q_h.dtype)  # (H, N_dst, C_v)
+        q_h, k_h, v_h = (_by_head(t, alpha.dtype) for t in (q, k, v))
+        grad_h = _by_head(grad_out, alpha.dtype)  # (H, N_dst, C_v)
         dv = _spmm(csr.transposed, _dropped(alpha, keep, dropout), grad_h) if need_v else None
         dq = dk = None
         if need_q or need_k:
@@ -75,7 +84,14 @@ class _CSRAttention(torch.autograd.Function):
             dq = _spmm(csr.matrix, grad_logits, k_h) if need_q else None
             dk = _spmm(csr.transposed, grad_logits, q_h) if need_k else None
         dtype = grad_out.dtype
-        return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), None, None, None)
+        return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), None, None, None,
+                None)
+
+
+def _keep_mask(shape: tuple[int, int], dropout: float, device) -> Tensor | None:
+    """Which edges' weights dropout keeps; drawn outside the autograd Functions so that a
+    recorded backward replays the same mask."""
+    return torch.rand(shape, device=device) >= dropout if dropout > 0 else None
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -105,14 +121,15 @@ def _spmm(matrix, weights: Tensor, x: Tensor) -> Tensor:
                        dim=1)
 
 
-def _gathered_attention(q, k, v, edge_index, scale, dropout, edge_attr):
-    src, dst = edge_index
+def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None):
+    """The route written with per-edge gathers, as TransformerConv is: twice differentiable,
+    traceable by torch.compile, and the only form that takes per-edge ``edge_attr``."""
     key_j = k.index_select(0, src)  # (E, H, C)
     value_j = v.index_select(0, src)  # (E, H, C_v)
     if edge_attr is not None:
         key_j, value_j = key_j + edge_attr, value_j + edge_attr
     logits = (q.index_select(0, dst) * key_j).sum(dim=-1) * scale  # (E, H)
     alpha = softmax(logits, dst, num_nodes=q.size(0))
-    weights = F.dropout(alpha, p=dropout) if dropout > 0 else alpha
+    weights = _dropped(alpha, keep, dropout)
     out = scatter(value_j * weights.unsqueeze(-1), dst, dim=0, dim_size=q.size(0), reduce="sum")
     return out, alpha

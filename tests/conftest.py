@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. It must be chosen
 # before any kernel is decorated, so here, before test modules import gatattn.kernels.
@@ -13,6 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from gatattn import reference
+
+# Property tests: CI runs a fixed sample (reproducible failures); HYPOTHESIS_PROFILE=fuzz
+# searches ten times as many random cases.
+settings.register_profile("ci", derandomize=True, deadline=None, max_examples=100)
+settings.register_profile("fuzz", deadline=None, max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Fixed floors, scaled by the magnitude of the compared tensor (gradients of sums grow with N).
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gatattn.backends.csr import CSR, csr_of
-from gatattn.backends.nonfinite import contain_causal_values
+from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.sdpa import permute_rows, sdpa_attention, unpermute_rows
 from gatattn.backends.second_order import twice_differentiable
 from gatattn.backends.sparse import gathered_attention
@@ -86,10 +86,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
         src, dst = graph.edge_index
         return gathered_attention(q, k, v, src, dst, scale, None, 0.0)[0]
 
-    if not (graph.is_implicit and graph.causal):
+    if not graph.is_implicit:
         return twice_differentiable(fast, recompute, q, k, v)
-    v, reached = contain_causal_values(v, graph)
-    return twice_differentiable(fast, recompute, q, k, v).masked_fill(reached, float("nan"))
+    (q, k, v), repair = contain_nonfinite(q, k, v, graph)
+    return repair(twice_differentiable(fast, recompute, q, k, v))
 
 
 def _fused(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float) -> Tensor:

@@ -1,42 +1,77 @@
 """Non-finite inputs travel along edges only, on the dense routes too.
 
 Message passing reads a value only through an edge, so a NaN reaches exactly the targets it has
-an edge to (the policy :mod:`gatattn.reference` states). Dense tiles break that in two ways,
-which this module repairs without a host synchronisation:
+an edge to (the policy :mod:`gatattn.reference` states). Dense routes break that: a causal tile
+multiplies the zero weights of future keys with their values (``0 * NaN = NaN`` reaches rows
+without that edge), and SDPA's fused CPU kernel returns finite rows for NaN queries, and for
+rows whose logits are all NaN.
 
-* a causal tile multiplies the zero weights of future keys with their values, and
-  ``0 * NaN = NaN`` reaches rows that have no edge to them: :func:`contain_causal_values`
-  computes with finite values and puts NaN back exactly where an edge reads a non-finite one;
-* SDPA's fused CPU kernel returns a finite row for a NaN query: :func:`expose_query_nans`.
+:func:`contain_nonfinite` repairs all of it: the route computes with finite inputs, and NaN is
+put back exactly where an edge reads a non-finite one. All-finite inputs (the normal case) are
+recognised by one reduction and cost nothing more; under ``torch.compile``, which cannot branch
+on values, the repair always runs.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from gatattn.graph import AttentionGraph, local_positions
 
+Inputs = tuple[Tensor, Tensor, Tensor]
 
-def contain_causal_values(v: Tensor, graph: AttentionGraph) -> tuple[Tensor, Tensor]:
-    """``v`` with non-finite entries zeroed, and the ``(N_dst, H, C_v)`` mask of outputs that
-    read one through an edge (top-left causal: target position ``p`` reads sources ``0..p``)."""
-    bad = ~torch.isfinite(v)  # (N_src, H, C_v)
-    pos_src = local_positions(graph.batch_src, graph.num_src, v.device)
-    pos_dst = local_positions(graph.batch_dst, graph.num_dst, v.device)
-    ids_src, ids_dst = (b if b is not None else torch.zeros(n, dtype=torch.long, device=v.device)
-                        for b, n in ((graph.batch_src, graph.num_src),
-                                     (graph.batch_dst, graph.num_dst)))
-    never = graph.num_src  # a position no target reaches
+
+def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor,
+                      graph: AttentionGraph) -> tuple[Inputs, Callable[[Tensor], Tensor]]:
+    """Finite ``q, k, v`` to compute with, and the repair to apply to the ``(N_dst, H, C_v)``
+    output. ``graph`` must be implicit."""
+    if not torch.compiler.is_compiling():
+        # A non-finite entry makes the sum non-finite. (A sum that overflows only sends finite
+        # inputs down the exact repair path below.)
+        total = sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v))
+        if math.isfinite(total.item()):
+            return (q, k, v), _unchanged
+    bad_q = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # (N_dst, H, 1)
+    bad_k = ~torch.isfinite(k).all(dim=-1, keepdim=True)  # (N_src, H, 1)
+    bad_v = ~torch.isfinite(v)  # (N_src, H, C_v)
+    reached = (bad_q & _has_keys(graph, q.device)) | _reached_from(bad_k | bad_v, graph)
+    finite = tuple(t.masked_fill(bad, 0) for t, bad in ((q, bad_q), (k, bad_k), (v, bad_v)))
+    return finite, lambda out: out.masked_fill(reached, float("nan"))
+
+
+def _unchanged(out: Tensor) -> Tensor:
+    return out
+
+
+def _reached_from(bad: Tensor, graph: AttentionGraph) -> Tensor:
+    """``(N_dst, H, C)``: an edge reads a source whose ``bad`` ``(N_src, H, C)`` is set. Sources
+    are read by every target of their graph, or, causal (top-left), by targets at positions at or
+    after theirs; so the first bad position of each graph decides."""
+    never = max(graph.num_dst, graph.num_src)  # beyond every position
+    pos_src = local_positions(graph.batch_src, graph.num_src, bad.device)
     bad_at = torch.where(bad, pos_src.view(-1, 1, 1), never)
-    first_bad = bad_at.new_full((max(graph.num_graphs, 1), *v.shape[1:]), never)
-    first_bad = first_bad.scatter_reduce(0, ids_src.view(-1, 1, 1).expand_as(bad_at), bad_at,
-                                         "amin")
-    reached = pos_dst.view(-1, 1, 1) >= first_bad.index_select(0, ids_dst)
-    return v.masked_fill(bad, 0), reached
+    first_bad = bad_at.new_full((max(graph.num_graphs, 1), *bad.shape[1:]), never)
+    first_bad = first_bad.scatter_reduce(
+        0, _graph_ids(graph.batch_src, graph.num_src, bad.device).view(-1, 1, 1).expand_as(bad_at),
+        bad_at, "amin")
+    first_bad = first_bad.index_select(0, _graph_ids(graph.batch_dst, graph.num_dst, bad.device))
+    if not graph.causal:
+        return first_bad < never
+    pos_dst = local_positions(graph.batch_dst, graph.num_dst, bad.device)
+    return pos_dst.view(-1, 1, 1) >= first_bad
 
 
-def expose_query_nans(out: Tensor, q: Tensor) -> Tensor:
-    """``out`` (..., L, C_v) with NaN in every row whose query (..., L, C) is not finite; the
-    added term is exactly zero otherwise, and so is its gradient."""
-    return out + q.sum(dim=-1, keepdim=True) * 0
+def _has_keys(graph: AttentionGraph, device) -> Tensor:
+    """``(N_dst, 1, 1)``: the target's graph has sources (so an edge reads its query)."""
+    _, sizes_src = graph.sizes()
+    has_keys = (sizes_src.to(device) > 0).index_select(
+        0, _graph_ids(graph.batch_dst, graph.num_dst, device))
+    return has_keys.view(-1, 1, 1)
+
+
+def _graph_ids(batch: Tensor | None, num_nodes: int, device) -> Tensor:
+    return batch if batch is not None else torch.zeros(num_nodes, dtype=torch.long, device=device)

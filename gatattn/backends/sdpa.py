@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gatattn.backends.nonfinite import contain_causal_values, expose_query_nans
+from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.graph import AttentionGraph, Permutation
 
@@ -42,15 +42,12 @@ def sdpa_attention(
         with sdpa_kernel(SDPBackend.MATH):
             return _attention(q, k, v, graph, scale, dropout)
 
-    if graph.causal:
-        v, reached = contain_causal_values(v, graph)
+    (q, k, v), repair = contain_nonfinite(q, k, v, graph)
     if math:
-        out = math_backend(q, k, v)
-    else:
-        recompute = math_backend if dropout == 0 else refuse_second_order(
-            "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
-        out = twice_differentiable(fast, recompute, q, k, v)
-    return out.masked_fill(reached, float("nan")) if graph.causal else out
+        return repair(math_backend(q, k, v))
+    recompute = math_backend if dropout == 0 else refuse_second_order(
+        "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
+    return repair(twice_differentiable(fast, recompute, q, k, v))
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float,
@@ -86,7 +83,6 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float)
     v = v.view(group.count, group.len_src, H, C_v).transpose(1, 2)  # (B, H, S, C_v)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
                                          scale=scale)
-    out = expose_query_nans(out, q)
     return out.transpose(1, 2).reshape(-1, H, C_v)
 
 

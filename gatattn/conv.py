@@ -96,6 +96,11 @@ class SelfAttentionConv(MessagePassing):
     ):
         kwargs.setdefault("aggr", "add")
         super().__init__(node_dim=0, **kwargs)
+        for name, value in (("heads", heads), ("out_channels", out_channels)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}; use {name} >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if beta and not root_weight:
             raise ValueError("beta gates the root term: it needs root_weight=True")
         self.in_channels = in_channels
@@ -168,6 +173,7 @@ class SelfAttentionConv(MessagePassing):
         """
         H, C = self.heads, self.out_channels
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
+        self._validate_features(x_src, x_dst)
         query = self.lin_query(x_dst).view(-1, H, C)
         key = self.lin_key(x_src).view(-1, H, C)
         value = self.lin_value(x_src).view(-1, H, C)
@@ -186,6 +192,15 @@ class SelfAttentionConv(MessagePassing):
         if self.lin_skip is not None:
             out = self._add_root(out, self.lin_skip(x_dst))
         return (out, weights) if return_attention_weights else out
+
+    def _validate_features(self, x_src: Tensor, x_dst: Tensor) -> None:
+        in_src, in_dst = ((self.in_channels,) * 2 if isinstance(self.in_channels, int)
+                          else self.in_channels)
+        for role, x, expected in (("source", x_src, in_src), ("target", x_dst, in_dst)):
+            if expected != -1 and x.size(-1) != expected:  # -1: lazy, inferred on first use
+                raise ValueError(
+                    f"{role} node features have {x.size(-1)} features but the layer was built "
+                    f"with in_channels={self.in_channels}")
 
     def _embed_edges(self, edge_attr: Tensor | None) -> Tensor | None:
         if self.lin_edge is None:

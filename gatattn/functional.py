@@ -92,6 +92,7 @@ def attention(
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, temperature, dropout)
+    _validate_causal(causal)
     bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
         q.size(0) != k.size(0))
     graph = build_graph(q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr,
@@ -177,9 +178,13 @@ def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int
 
 def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 3:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be (num_nodes, heads, channels), got {shape}")
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a (num_nodes, heads, channels) tensor, got "
+                            f"{type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(
+                f"{name} must be (num_nodes, heads, channels), got {tuple(t.shape)}; "
+                f"reshape it with .view(num_nodes, heads, channels)")
     if not (q.size(1) == k.size(1) == v.size(1)):
         raise ValueError(
             f"q, k and v must have the same number of heads, got {q.size(1)}, {k.size(1)} and "
@@ -192,7 +197,8 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(
             f"k and v must have one row per source node, got {k.size(0)} and {v.size(0)} rows")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                         "cast them to one dtype")
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -214,6 +220,11 @@ def _validate_scalars(scale: float | None, temperature: float, dropout: float) -
                          f"{temperature}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def _validate_causal(causal) -> None:
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
 
 
 def _validate_edge_attr(edge_attr: Tensor | None, graph: AttentionGraph, q: Tensor,

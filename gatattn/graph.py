@@ -168,7 +168,7 @@ def build_graph(
             "pass bipartite=True (or a pair (x_src, x_dst) to the layer) for cross-attention"
         )
     if batch is not None and ptr is not None:
-        raise ValueError("give either batch or ptr, not both")
+        raise ValueError("got both batch and ptr; give either batch or ptr, not both")
     batch_dst, batch_src = _split_pair("batch", batch, bipartite)
     ptr_dst, ptr_src = _split_pair("ptr", ptr, bipartite)
     if ptr_dst is not None:
@@ -289,6 +289,11 @@ def _check_edge_index(edge_index: Tensor, num_dst: int, num_src: int, validate: 
             f"edge_index must be a (2, E) LongTensor, got {type(edge_index).__name__}; convert "
             "a SparseTensor with .coo() or torch_geometric.utils.to_edge_index"
         )
+    if edge_index.layout != torch.strided:
+        raise TypeError(
+            f"edge_index must be a dense (2, E) LongTensor, got a {edge_index.layout} adjacency; "
+            "convert it with torch_geometric.utils.to_edge_index"
+        )
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(
             f"edge_index must have shape (2, E) (row 0 sources, row 1 targets), got "
@@ -301,7 +306,8 @@ def _check_edge_index(edge_index: Tensor, num_dst: int, num_src: int, validate: 
         for row, role, limit in ((0, "sources (row 0)", num_src), (1, "targets (row 1)", num_dst)):
             low, high = int(edge_index[row].min()), int(edge_index[row].max())
             if low < 0:
-                raise ValueError(f"edge_index {role} has a negative id {low}")
+                raise ValueError(f"edge_index {role} has a negative id {low}; node ids must be "
+                                 ">= 0")
             if high >= limit:
                 raise ValueError(
                     f"edge_index {role} has max {high} but there are only {limit} nodes on that "

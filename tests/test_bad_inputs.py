@@ -1,0 +1,137 @@
+"""Every bad input gets a ValueError or TypeError, raised before any route runs, whose message
+names the value received and says what to do instead. One row per bad input."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import gatattn
+from gatattn import SelfAttentionConv
+
+
+def qkv(n_dst=5, n_src=5, heads=2, channels=4, value_channels=None, dtype=torch.float32):
+    value_channels = value_channels or channels
+    return (torch.randn(n_dst, heads, channels, dtype=dtype),
+            torch.randn(n_src, heads, channels, dtype=dtype),
+            torch.randn(n_src, heads, value_channels, dtype=dtype))
+
+
+def attend(*, inputs=None, **kwargs):
+    return gatattn.attention(*(inputs or qkv()), **kwargs)
+
+
+EDGES = torch.tensor([[0, 1, 2], [1, 2, 3]])
+LONG = torch.long
+
+# (id, call, exception, what the message must name (the value), what it must suggest (the fix))
+BAD_INPUTS = [
+    # q, k, v
+    ("q not a tensor", lambda: gatattn.attention([[1.0]], *qkv()[1:]), TypeError,
+     "got list", r"\(num_nodes, heads, channels\) tensor"),
+    ("q 2-D", lambda: attend(inputs=(torch.randn(5, 8), *qkv()[1:])), ValueError,
+     r"got \(5, 8\)", r"view\(num_nodes, heads, channels\)"),
+    ("heads differ", lambda: attend(inputs=(qkv()[0], *qkv(heads=3)[1:])), ValueError,
+     "got 2, 3 and 3", "same number of heads"),
+    ("channels differ", lambda: attend(inputs=(qkv()[0], *qkv(channels=6)[1:])), ValueError,
+     "got 4 and 6", "q and k must have the same channels"),
+    ("k, v rows differ", lambda: attend(inputs=(*qkv()[:2], qkv()[2][:3])), ValueError,
+     "got 5 and 3", "one row per source node"),
+    ("dtypes differ", lambda: attend(inputs=(qkv()[0].double(), *qkv()[1:])), ValueError,
+     "torch.float64, torch.float32", "cast them to one dtype"),
+    ("integer q", lambda: attend(inputs=tuple(t.long() for t in qkv())), TypeError,
+     "torch.int64", "floating point"),
+    ("zero heads", lambda: attend(inputs=qkv(heads=0)), ValueError,
+     r"\(5, 0, 4\)", "at least one head"),
+    ("zero channels", lambda: attend(inputs=qkv(channels=0)), ValueError,
+     r"\(5, 2, 0\)", "at least one channel"),
+    ("zero value channels", lambda: attend(inputs=qkv(value_channels=1)[:2] + (
+        torch.randn(5, 2, 0),)), ValueError, r"\(5, 2, 0\)", "at least one channel"),
+    # scalars and flags
+    ("scale NaN", lambda: attend(scale=float("nan")), ValueError, "got nan", "finite number"),
+    ("scale inf", lambda: attend(scale=float("inf")), ValueError, "got inf", "finite number"),
+    ("temperature 0", lambda: attend(temperature=0.0), ValueError, "got 0.0", "> 0"),
+    ("temperature NaN", lambda: attend(temperature=float("nan")), ValueError, "got nan", "> 0"),
+    ("dropout 1", lambda: attend(dropout=1.0), ValueError, "got 1.0", r"\[0, 1\)"),
+    ("dropout negative", lambda: attend(dropout=-0.1), ValueError, "got -0.1", r"\[0, 1\)"),
+    ("causal a string", lambda: attend(causal="yes"), ValueError, "got 'yes'", "True or False"),
+    ("causal bottom-right", lambda: attend(causal="bottom_right"), ValueError,
+     "got 'bottom_right'", "True or False"),
+    ("backend unknown", lambda: attend(backend="flash"), ValueError, "got 'flash'",
+     "one of"),
+    ("sdpa on edges", lambda: attend(edge_index=EDGES, backend="sdpa"), ValueError,
+     "backend='sdpa'", "use backend='sparse'"),
+    ("sdpa with weights", lambda: attend(backend="sdpa", return_attention_weights=True),
+     ValueError, "backend='sdpa'", "backend='auto' or 'sparse'"),
+    ("triton float64", lambda: attend(inputs=qkv(dtype=torch.float64), backend="triton"),
+     ValueError, "got torch.float64", "'sparse' compute in float64"),
+    ("triton head dim 300", lambda: attend(inputs=qkv(channels=300), backend="triton"),
+     ValueError, "got 300", "backend='sdpa' or 'sparse'"),
+    ("triton dropout", lambda: attend(dropout=0.1, backend="triton"), ValueError,
+     "dropout=0.1", "backend='sdpa' or 'sparse'"),
+    # edge_index
+    ("edge_index a list", lambda: attend(edge_index=[[0, 1], [1, 0]]), TypeError, "got list",
+     "LongTensor"),
+    ("edge_index (E, 2)", lambda: attend(edge_index=EDGES.t()), ValueError, r"got \(3, 2\)",
+     "transpose"),
+    ("edge_index float", lambda: attend(edge_index=EDGES.float()), ValueError,
+     "torch.float32", "integer node ids"),
+    ("edge_index too large", lambda: attend(edge_index=torch.tensor([[0, 1], [1, 5]])),
+     ValueError, "max 5", "< the number of nodes"),
+    ("edge_index negative", lambda: attend(edge_index=torch.tensor([[0, -2], [1, 0]])),
+     ValueError, "-2", ">= 0"),
+    ("sparse adjacency", lambda: attend(edge_index=torch.eye(5).to_sparse()), TypeError,
+     "torch.sparse_coo", "to_edge_index"),
+    ("edge_attr without edges", lambda: attend(edge_attr=torch.randn(3, 2, 4)), ValueError,
+     "edge_attr", "explicit edge_index"),
+    ("edge_attr shape", lambda: attend(edge_index=EDGES, edge_attr=torch.randn(2, 2, 4)),
+     ValueError, r"got \(2, 2, 4\)", r"\(num_edges, heads, channels\) = \(3, 2, 4\)"),
+    # batch / ptr
+    ("batch and ptr", lambda: attend(batch=torch.zeros(5, dtype=LONG),
+                                     ptr=torch.tensor([0, 5])), ValueError,
+     "batch and ptr", "either batch or ptr"),
+    ("batch length", lambda: attend(batch=torch.zeros(4, dtype=LONG)), ValueError,
+     "4 entries", "one graph id per node"),
+    ("batch float", lambda: attend(batch=torch.zeros(5)), ValueError, "torch.float32",
+     "integer tensor of graph ids"),
+    ("batch negative", lambda: attend(batch=torch.tensor([0, 0, -1, 1, 1])), ValueError,
+     "min -1", "ids >= 0"),
+    ("ptr end", lambda: attend(ptr=torch.tensor([0, 2, 4])), ValueError, r"0 \.\.\. 4",
+     "end at the number of nodes"),
+    ("ptr start", lambda: attend(ptr=torch.tensor([1, 5])), ValueError, r"1 \.\.\. 5",
+     "start at 0"),
+    ("ptr decreasing", lambda: attend(ptr=torch.tensor([0, 3, 2, 5])), ValueError,
+     r"\[0, 3, 2, 5\]", "non-decreasing"),
+    ("ptr 2-D", lambda: attend(ptr=torch.tensor([[0, 5]])), ValueError, r"shape \(1, 2\)",
+     "1-D integer tensor"),
+    ("one batch for cross-attention", lambda: attend(inputs=qkv(n_dst=3),
+                                                     batch=torch.zeros(3, dtype=LONG)),
+     ValueError, "batch", "give batch as a pair"),
+    ("pair of three", lambda: attend(inputs=qkv(n_dst=3), batch=(torch.zeros(3, dtype=LONG),) * 3),
+     ValueError, "got 3 items", r"\(dst, src\) pair"),
+    # the layer
+    ("layer heads 0", lambda: SelfAttentionConv(8, 4, heads=0), ValueError, "got 0",
+     "heads >= 1"),
+    ("layer out_channels 0", lambda: SelfAttentionConv(8, 0), ValueError, "got 0",
+     "out_channels >= 1"),
+    ("layer dropout", lambda: SelfAttentionConv(8, 4, dropout=1.5), ValueError, "got 1.5",
+     r"\[0, 1\)"),
+    ("layer features", lambda: SelfAttentionConv(8, 4)(torch.randn(5, 6)), ValueError,
+     "6 features", "in_channels=8"),
+    ("layer edge_attr without edge_dim", lambda: SelfAttentionConv(8, 4)(
+        torch.randn(5, 8), EDGES, torch.randn(3, 2)), ValueError, "edge_dim=None",
+     "edge_dim"),
+]
+
+
+@pytest.mark.parametrize("call,error,value,fix", [row[1:] for row in BAD_INPUTS],
+                         ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_is_named_with_its_fix(call, error, value, fix):
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    print(f"{error.__name__}: {message}")
+    assert re.search(value, message), f"the message does not name the value: {message}"
+    assert re.search(fix, message), f"the message does not say the fix: {message}"

@@ -87,8 +87,11 @@ def attention(
     Returns:
         ``(N_dst, H, C_v)``, and ``(edge_index, alpha)`` if asked.
 
-    Not supported: additive float masks (give edges instead), ``torch_sparse.SparseTensor``
-    adjacency (convert with ``torch_geometric.utils.to_edge_index``).
+    Every route is twice differentiable (SDPA with dropout refuses a recorded backward). A
+    non-finite input reaches only the outputs that read it through an edge (README, Numerics).
+
+    Not supported: additive float masks (give edges instead), sparse adjacencies and
+    ``torch_sparse.SparseTensor`` (convert with ``torch_geometric.utils.to_edge_index``).
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, temperature, dropout)

@@ -249,3 +249,16 @@ def test_a_nan_reaches_only_the_targets_it_has_an_edge_to(backend, tensor, causa
     assert expected.isnan().any() and not expected[:6].isnan().any()
     finite = ~expected.isnan()
     torch.testing.assert_close(out[finite], expected[finite])
+
+
+# Found by the property suite: more (duplicate) edges than node pairs.
+
+@pytest.mark.parametrize("backend", EDGE_ROUTES)
+def test_more_duplicate_edges_than_node_pairs(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    edge_index = torch.tensor([[0, 0, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0, 1]])  # 7 edges, 2x2
+    inputs = qkv(2, 2, dtype=dtype)
+    mask = reference.edge_counts(edge_index, 2, 2)
+    check_against_reference(
+        lambda q, k, v: gatattn.attention(q, k, v, edge_index=edge_index, backend=backend),
+        inputs, masked_reference(mask))

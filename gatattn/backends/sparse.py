@@ -109,6 +109,10 @@ def _dropped(alpha: Tensor, keep: Tensor | None, dropout: float) -> Tensor:
 
 def _sddmm(csr: CSR, a: Tensor, b: Tensor) -> Tensor:
     """``(E, H)``: ``<a[h, target], b[h, source]>`` for every edge, per head."""
+    if csr.num_edges > csr.num_dst * csr.num_src:
+        # More edges than pairs (duplicates): sampled_addmm refuses such a pattern, and a
+        # per-edge product costs no more than the dense graph here.
+        return (a.index_select(1, csr.row) * b.index_select(1, csr.col)).sum(-1).t()
     pattern = csr.matrix(a.new_zeros(csr.num_edges))
     return torch.stack([
         torch.sparse.sampled_addmm(pattern, a[h], b[h].t(), beta=0.0).values()

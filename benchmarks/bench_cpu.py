@@ -93,7 +93,7 @@ def seeded_projections() -> list[nn.Linear]:
 
 
 def ours_with_projections(num_nodes: int) -> Step:
-    layer = SelfAttentionConv(FEATURES, CHANNELS, heads=HEADS).eval()
+    layer = SelfAttentionConv(FEATURES, CHANNELS, heads=HEADS, root_weight=False).eval()
     for lin, source in zip((layer.lin_query, layer.lin_key, layer.lin_value),
                            seeded_projections(), strict=True):
         lin.load_state_dict(source.state_dict())

@@ -29,7 +29,7 @@ def permutation_equivariance(n: int = 16, features: int = 8, heads: int = 2,
     positional encodings added to the input (a position belongs to a slot, not to a node, so
     it does not move with the node)."""
     torch.manual_seed(seed)
-    conv = SelfAttentionConv(features, features // heads, heads=heads).eval()
+    conv = SelfAttentionConv(features, features // heads, heads=heads, root_weight=False).eval()
     x = torch.randn(n, features)
     perm = torch.randperm(n)
     while n > 1 and bool((perm == torch.arange(n)).all()):
@@ -163,7 +163,7 @@ def head_average_variance(heads_list=(1, 2, 4, 8), n: int = 8, features: int = 1
     variances = []
     for h in heads_list:
         torch.manual_seed(seed + h)
-        conv = SelfAttentionConv(features, channels, heads=h * trials).eval()
+        conv = SelfAttentionConv(features, channels, heads=h * trials, root_weight=False).eval()
         with torch.no_grad():
             out = conv(x).view(n, trials, h, channels).mean(dim=2)  # each trial: h heads averaged
         variances.append(float(out.var(dim=1).mean()))
@@ -216,7 +216,7 @@ def gradient_by_distance(length: int = 64, features: int = 16, cnn_layers: int =
     convolutions, all at their default initialisation. Float64, so that the RNN's decay is
     seen far before it underflows."""
     torch.manual_seed(seed)
-    conv = SelfAttentionConv(features, features).double()
+    conv = SelfAttentionConv(features, features, root_weight=False).double()
     rnn = nn.RNN(features, features, batch_first=True).double()
     cnn = nn.Sequential(*[nn.Conv1d(features, features, kernel_size)
                           for _ in range(cnn_layers)]).double()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing, TransformerConv
 from torch_geometric.nn.dense.linear import Linear
+from torch_geometric.typing import Adj
+from torch_geometric.utils import softmax
 
+from gatattn.adjacency import read_adjacency
 from gatattn.functional import attention
+from gatattn.graph import build_graph
 
 
 class SelfAttentionConv(MessagePassing):
@@ -30,9 +37,16 @@ class SelfAttentionConv(MessagePassing):
     layer runs fused dense attention per graph. A node with no in-edge gets a zero attention
     output (then the root term, if any).
 
-    With :obj:`root_weight=True`, :obj:`beta` and :obj:`edge_dim` the layer computes exactly what
-    :class:`torch_geometric.nn.TransformerConv` computes (:meth:`from_transformer_conv`); with
-    :obj:`out_proj=True` what :class:`torch.nn.MultiheadAttention` computes
+    A drop-in for :class:`torch_geometric.nn.TransformerConv`: the same positional arguments and
+    defaults, parameters (a TransformerConv ``state_dict`` loads), forward signature and outputs,
+    ``return_attention_weights`` and ``_alpha`` conventions, and every adjacency PyG passes
+    (``edge_index``, :class:`torch_geometric.EdgeIndex`, ``torch.sparse`` ``adj_t``,
+    ``SparseTensor``). :meth:`message` states the per-edge attention, as TransformerConv's does;
+    :meth:`propagate` runs it whenever PyG needs to see messages (explain mode or an edge mask,
+    a registered propagate, message or aggregate hook, :obj:`aggr` other than ``"add"``,
+    :obj:`flow="target_to_source"`). Otherwise the fused routes of :func:`gatattn.attention`
+    compute the same function. With :obj:`out_proj=True` and :obj:`root_weight=False` it
+    computes what :class:`torch.nn.MultiheadAttention` computes
     (:meth:`from_multihead_attention`).
 
     Args:
@@ -42,29 +56,29 @@ class SelfAttentionConv(MessagePassing):
         heads (int, optional): Number of attention heads. (default: :obj:`1`)
         concat (bool, optional): Concatenate the heads; average them if :obj:`False`.
             (default: :obj:`True`)
+        beta (bool, optional): Gate the root term as in ``TransformerConv``; ignored without
+            :obj:`root_weight`, as there. (default: :obj:`False`)
         dropout (float, optional): Dropout on the attention weights in training.
             (default: :obj:`0.0`)
-        temperature (float, optional): Logits are divided by :math:`\tau`.
-            (default: :obj:`1.0`)
+        edge_dim (int, optional): Edge feature size; edge features are projected and added to
+            keys and values (needs explicit edges). (default: :obj:`None`)
         bias (bool, optional): Biases in the query, key, value, output and root projections.
             (default: :obj:`True`)
         root_weight (bool, optional): Add a projected skip term :math:`\mathbf{W}_r\mathbf{x}_i`.
-            (default: :obj:`False`)
-        beta (bool, optional): Gate the skip term as in ``TransformerConv``
-            (needs :obj:`root_weight`). (default: :obj:`False`)
-        edge_dim (int, optional): Edge feature size; edge features are projected and added to
-            keys and values (needs :obj:`edge_index`). (default: :obj:`None`)
+            (default: :obj:`True`)
+        temperature (float, optional): Logits are divided by :math:`\tau`; keyword only.
+            (default: :obj:`1.0`)
         out_proj (bool, optional): A linear output projection :math:`\mathbf{W}_o` after the heads
-            are merged, as in ``nn.MultiheadAttention``. (default: :obj:`False`)
+            are merged, as in ``nn.MultiheadAttention``; keyword only. (default: :obj:`False`)
         backend (str, optional): Route override passed to :func:`gatattn.attention`, for tests
-            and benchmarks. (default: :obj:`"auto"`)
+            and benchmarks; keyword only. (default: :obj:`"auto"`)
         **kwargs (optional): Additional arguments of
-            :class:`torch_geometric.nn.conv.MessagePassing`.
+            :class:`torch_geometric.nn.conv.MessagePassing` (``aggr``, ``flow``, ...).
 
     Shapes:
         - **input:** node features :math:`(|\mathcal{V}|, F_{in})` or
           :math:`((|\mathcal{V_s}|, F_{s}), (|\mathcal{V_t}|, F_{t}))` if bipartite,
-          edge indices :math:`(2, |\mathcal{E}|)` (optional),
+          edge indices :math:`(2, |\mathcal{E}|)` or a sparse adjacency (optional),
           batch vector :math:`(|\mathcal{V}|)` or a ``(batch_src, batch_dst)`` pair (optional),
           edge features :math:`(|\mathcal{E}|, D)` (optional)
         - **output:** node features :math:`(|\mathcal{V}_t|, H * C)` or
@@ -72,10 +86,11 @@ class SelfAttentionConv(MessagePassing):
 
     Under ``torch.compile`` a complete graph and an ``edge_index`` compile without graph breaks;
     :obj:`batch` / :obj:`ptr` graphs break the graph where graphs are grouped by size (sizes are
-    read on the host).
+    read on the host). TorchScript, which PyTorch has deprecated, is refused: use
+    ``torch.compile`` or ``torch.export``.
 
-    Not supported: ``SparseTensor`` adjacency, additive attention masks, ``nn.MultiheadAttention``
-    with ``add_bias_kv``, ``add_zero_attn`` or ``kdim != vdim``.
+    Not supported: additive attention masks, ``nn.MultiheadAttention`` with ``add_bias_kv``,
+    ``add_zero_attn`` or ``kdim != vdim``.
     """
 
     def __init__(
@@ -84,12 +99,13 @@ class SelfAttentionConv(MessagePassing):
         out_channels: int,
         heads: int = 1,
         concat: bool = True,
-        dropout: float = 0.0,
-        temperature: float = 1.0,
-        bias: bool = True,
-        root_weight: bool = False,
         beta: bool = False,
+        dropout: float = 0.0,
         edge_dim: int | None = None,
+        bias: bool = True,
+        root_weight: bool = True,
+        *,
+        temperature: float = 1.0,
         out_proj: bool = False,
         backend: str = "auto",
         **kwargs,
@@ -101,31 +117,31 @@ class SelfAttentionConv(MessagePassing):
                 raise ValueError(f"{name} must be >= 1, got {value}; use {name} >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if beta and not root_weight:
-            raise ValueError("beta gates the root term: it needs root_weight=True")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.heads = heads
         self.concat = concat
+        self.beta = beta and root_weight  # as in TransformerConv: no root term, no gate
         self.dropout = dropout
-        self.temperature = temperature
-        self.root_weight = root_weight
-        self.beta = beta
         self.edge_dim = edge_dim
+        self.root_weight = root_weight
+        self.temperature = temperature
         self.backend = backend
+        self._alpha: Tensor | None = None
 
         in_src, in_dst = (in_channels, in_channels) if isinstance(in_channels, int) else in_channels
         merged = heads * out_channels if concat else out_channels
-        self.lin_query = Linear(in_dst, heads * out_channels, bias=bias)
         self.lin_key = Linear(in_src, heads * out_channels, bias=bias)
+        self.lin_query = Linear(in_dst, heads * out_channels, bias=bias)
         self.lin_value = Linear(in_src, heads * out_channels, bias=bias)
         self.lin_edge = self._optional(edge_dim is not None, "lin_edge",
                                        lambda: Linear(edge_dim, heads * out_channels, bias=False))
-        self.lin_out = self._optional(out_proj, "lin_out",
-                                      lambda: Linear(merged, merged, bias=bias))
         self.lin_skip = self._optional(root_weight, "lin_skip",
                                        lambda: Linear(in_dst, merged, bias=bias))
-        self.lin_beta = self._optional(beta, "lin_beta", lambda: Linear(3 * merged, 1, bias=False))
+        self.lin_beta = self._optional(self.beta, "lin_beta",
+                                       lambda: Linear(3 * merged, 1, bias=False))
+        self.lin_out = self._optional(out_proj, "lin_out",
+                                      lambda: Linear(merged, merged, bias=bias))
         self.reset_parameters()
 
     def _optional(self, present: bool, name: str, make) -> nn.Module | None:
@@ -136,34 +152,38 @@ class SelfAttentionConv(MessagePassing):
 
     def reset_parameters(self):
         super().reset_parameters()
-        for lin in (self.lin_query, self.lin_key, self.lin_value, self.lin_edge, self.lin_out,
-                    self.lin_skip, self.lin_beta):
+        for lin in (self.lin_key, self.lin_query, self.lin_value, self.lin_edge, self.lin_skip,
+                    self.lin_beta, self.lin_out):
             if lin is not None:
                 lin.reset_parameters()
 
     def forward(
         self,
         x: Tensor | tuple[Tensor, Tensor],
-        edge_index: Tensor | None = None,
+        edge_index: Adj | None = None,
         edge_attr: Tensor | None = None,
         return_attention_weights: bool | None = None,
         *,
         batch: Tensor | tuple[Tensor, Tensor] | None = None,
         ptr: Tensor | tuple[Tensor, Tensor] | None = None,
         causal: bool = False,
-    ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+    ):
         r"""Runs the forward pass of the module.
 
         Args:
             x (torch.Tensor or (torch.Tensor, torch.Tensor)): Node features, or
                 ``(x_src, x_dst)`` for cross-attention.
-            edge_index (torch.Tensor, optional): Edges ``(2, E)``; :obj:`None` attends over
-                the complete graph of each graph. (default: :obj:`None`)
-            edge_attr (torch.Tensor, optional): Edge features ``(E, edge_dim)``.
+            edge_index (torch.Tensor, EdgeIndex, torch.sparse.Tensor or SparseTensor,
+                optional): Edges ``(2, E)`` or an ``adj_t``; :obj:`None` attends over the
+                complete graph of each graph. (default: :obj:`None`)
+            edge_attr (torch.Tensor, optional): Edge features ``(E, edge_dim)``, in the order
+                of the adjacency's edges (a SparseTensor's values serve when not given).
                 (default: :obj:`None`)
-            return_attention_weights (bool, optional): If :obj:`True`, also return
-                ``(edge_index, alpha)``; for an implicit complete graph the edges are built
-                (up to :data:`gatattn.graph.MAX_MATERIALIZED_EDGES`). (default: :obj:`None`)
+            return_attention_weights (bool, optional): If set (to any bool, as in PyG), also
+                return the weights: ``(edge_index, alpha)``, a SparseTensor holding them for a
+                SparseTensor input. They are differentiable. For an implicit complete graph the
+                edges are built (up to :data:`gatattn.graph.MAX_MATERIALIZED_EDGES`).
+                (default: :obj:`None`)
             batch (torch.Tensor or pair, optional): Graph id per node, or
                 ``(batch_src, batch_dst)`` for cross-attention. (default: :obj:`None`)
             ptr (torch.Tensor or pair, optional): Graph offsets instead of :obj:`batch`.
@@ -177,21 +197,96 @@ class SelfAttentionConv(MessagePassing):
         query = self.lin_query(x_dst).view(-1, H, C)
         key = self.lin_key(x_src).view(-1, H, C)
         value = self.lin_value(x_src).view(-1, H, C)
-        edge_emb = self._embed_edges(edge_attr)
+        adjacency = read_adjacency(edge_index) if edge_index is not None else None
+        if adjacency is not None and edge_attr is None:
+            edge_attr = adjacency.values
+        self._check_edge_attr(edge_attr)
+        want_weights = isinstance(return_attention_weights, bool)
 
-        result = attention(
-            query, key, value, edge_index=edge_index, batch=_dst_src(batch), ptr=_dst_src(ptr),
-            causal=causal, temperature=self.temperature,
-            dropout=self.dropout if self.training else 0.0, edge_attr=edge_emb,
-            return_attention_weights=bool(return_attention_weights), backend=self.backend)
-        out, weights = result if return_attention_weights else (result, None)
+        if self._pyg_sees_messages():
+            out, edges, alpha = self._propagate(query, key, value, adjacency, edge_attr, batch,
+                                                ptr, causal)
+        else:
+            out, edges, alpha = self._fused(query, key, value, adjacency, edge_attr, batch, ptr,
+                                            causal, want_weights)
 
         out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
         if self.lin_out is not None:
             out = self.lin_out(out)
         if self.lin_skip is not None:
             out = self._add_root(out, self.lin_skip(x_dst))
-        return (out, weights) if return_attention_weights else out
+        if not want_weights:
+            return out
+        if adjacency is None:
+            return out, (edges, alpha)
+        return out, adjacency.with_weights(alpha)
+
+    def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, edge_attr: Tensor | None,
+                index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+        """The attention each edge ``j -> i`` carries: the spec of every route."""
+        if self.lin_edge is not None:
+            edge_attr = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
+            key_j = key_j + edge_attr
+        logits = (query_i * key_j).sum(dim=-1) / (self.temperature * math.sqrt(self.out_channels))
+        alpha = softmax(logits, index, ptr, size_i)
+        self._alpha = alpha
+        alpha = F.dropout(alpha, p=self.dropout, training=self.training)
+        message = value_j if self.lin_edge is None else value_j + edge_attr
+        return message * alpha.unsqueeze(-1)
+
+    def __repr__(self) -> str:
+        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
+                f"heads={self.heads})")
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{self.__class__.__name__} does not support TorchScript, which PyTorch has "
+            "deprecated: use torch.compile(model) or torch.export.export(model, args) instead")
+
+    def _pyg_sees_messages(self) -> bool:
+        """Whether PyG's machinery must see per-edge messages (so :meth:`propagate` runs)."""
+        hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
+                 self._message_forward_pre_hooks, self._message_forward_hooks,
+                 self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks)
+        return (bool(self.explain) or self._edge_mask is not None or any(hooks)
+                or self.aggr not in ("add", "sum") or self.flow != "source_to_target")
+
+    def _fused(self, query, key, value, adjacency, edge_attr, batch, ptr, causal, want_weights):
+        """Attention through :func:`gatattn.attention` (fused routes): ``(out, edges, alpha)``."""
+        result = attention(
+            query, key, value, edge_index=None if adjacency is None else adjacency.edge_index,
+            batch=_dst_src(batch), ptr=_dst_src(ptr), causal=causal,
+            temperature=self.temperature, dropout=self.dropout if self.training else 0.0,
+            edge_attr=self._embed_edges(edge_attr), return_attention_weights=want_weights,
+            backend=self.backend)
+        if not want_weights:
+            return result, None, None
+        out, (edges, alpha) = result
+        return out, edges, alpha
+
+    def _propagate(self, query, key, value, adjacency, edge_attr, batch, ptr, causal):
+        """Attention through :meth:`propagate` and :meth:`message`: ``(out, edges, alpha)``,
+        ``edges`` oriented as :obj:`flow` says. Implicit graphs are built as edges
+        (size-checked)."""
+        num_dst, num_src = query.size(0), key.size(0)
+        bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
+            num_dst != num_src)
+        source_to_target = self.flow == "source_to_target"
+        given = None if adjacency is None else adjacency.edge_index
+        if given is not None and not source_to_target:
+            given = given.flip(0)  # the graph module reads row 0 as sources
+        graph = build_graph(num_dst, num_src, edge_index=given, batch=_dst_src(batch),
+                            ptr=_dst_src(ptr), causal=causal, bipartite=bipartite)
+        edges = graph.to_edge_index()
+        if graph.kept_edges is not None and edge_attr is not None:
+            edge_attr = edge_attr[graph.kept_edges]
+        # PyG reads edge_index in the direction of self.flow.
+        edges = edges if source_to_target else edges.flip(0)
+        size = (num_src, num_dst) if source_to_target else (num_dst, num_src)
+        out = self.propagate(edges, query=query, key=key, value=value, edge_attr=edge_attr,
+                             size=size)
+        alpha, self._alpha = self._alpha, None
+        return out, edges, alpha
 
     def _validate_features(self, x_src: Tensor, x_dst: Tensor) -> None:
         in_src, in_dst = ((self.in_channels,) * 2 if isinstance(self.in_channels, int)
@@ -202,13 +297,15 @@ class SelfAttentionConv(MessagePassing):
                     f"{role} node features have {x.size(-1)} features but the layer was built "
                     f"with in_channels={self.in_channels}")
 
+    def _check_edge_attr(self, edge_attr: Tensor | None) -> None:
+        if self.lin_edge is None and edge_attr is not None:
+            raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
+        if self.lin_edge is not None and edge_attr is None:
+            raise ValueError(f"the layer was built with edge_dim={self.edge_dim}: give edge_attr")
+
     def _embed_edges(self, edge_attr: Tensor | None) -> Tensor | None:
         if self.lin_edge is None:
-            if edge_attr is not None:
-                raise ValueError("edge_attr was given but the layer was built with edge_dim=None")
             return None
-        if edge_attr is None:
-            raise ValueError(f"the layer was built with edge_dim={self.edge_dim}: give edge_attr")
         return self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
 
     def _add_root(self, out: Tensor, x_root: Tensor) -> Tensor:
@@ -217,21 +314,24 @@ class SelfAttentionConv(MessagePassing):
         gate = self.lin_beta(torch.cat([out, x_root, out - x_root], dim=-1)).sigmoid()
         return gate * x_root + (1 - gate) * out
 
-    def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
-                f"heads={self.heads})")
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # TransformerConv always has lin_skip, even with root_weight=False, where it never
+        # computes anything; such a state_dict loads here without it.
+        if self.lin_skip is None:
+            for key in [k for k in state_dict if k.startswith(prefix + "lin_skip.")]:
+                del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_transformer_conv(cls, conv: TransformerConv) -> SelfAttentionConv:
         """A layer with ``conv``'s weights that computes the same outputs as ``conv``."""
         if _is_lazy(conv.lin_query):
             raise ValueError("conv has uninitialised (lazy) weights: run one forward pass first")
-        layer = cls(conv.in_channels, conv.out_channels, heads=conv.heads, concat=conv.concat,
-                    dropout=conv.dropout, bias=conv.lin_query.bias is not None,
-                    root_weight=conv.root_weight, beta=conv.beta, edge_dim=conv.edge_dim)
+        layer = cls(conv.in_channels, conv.out_channels, conv.heads, conv.concat, conv.beta,
+                    conv.dropout, conv.edge_dim, conv.lin_query.bias is not None,
+                    conv.root_weight, aggr=conv.aggr, flow=conv.flow)
         layer = _like(layer, conv.lin_query.weight)
-        names = ["lin_query", "lin_key", "lin_value", "lin_edge", "lin_skip", "lin_beta"]
-        _copy_linears(layer, conv, [n for n in names if getattr(layer, n) is not None])
+        layer.load_state_dict(conv.state_dict())
         return layer
 
     @classmethod
@@ -248,7 +348,7 @@ class SelfAttentionConv(MessagePassing):
         E, H = mha.embed_dim, mha.num_heads
         in_channels = E if mha.kdim == E else (mha.kdim, E)
         layer = cls(in_channels, E // H, heads=H, concat=True, dropout=mha.dropout,
-                    bias=mha.out_proj.bias is not None, out_proj=True)
+                    bias=mha.out_proj.bias is not None, root_weight=False, out_proj=True)
         layer = _like(layer, mha.out_proj.weight)
         with torch.no_grad():
             if mha._qkv_same_embed_dim:
@@ -278,8 +378,3 @@ def _like(layer: nn.Module, weight: Tensor) -> nn.Module:
 
 def _is_lazy(lin: nn.Module) -> bool:
     return isinstance(lin.weight, nn.parameter.UninitializedParameter)
-
-
-def _copy_linears(target: nn.Module, source: nn.Module, names: list[str]) -> None:
-    for name in names:
-        getattr(target, name).load_state_dict(getattr(source, name).state_dict())

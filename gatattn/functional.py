@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from gatattn.adjacency import read_adjacency
 from gatattn.backends import (
     sdpa_attention,
     sparse_attention,
@@ -62,7 +63,9 @@ def attention(
         q: ``(N_dst, H, C)`` queries.
         k: ``(N_src, H, C)`` keys.
         v: ``(N_src, H, C_v)`` values.
-        edge_index: ``(2, E)`` edges, row 0 sources, row 1 targets. (default: :obj:`None`)
+        edge_index: ``(2, E)`` edges, row 0 sources, row 1 targets, or PyG's ``adj_t`` as a
+            ``torch.sparse`` COO/CSR/CSC tensor or ``SparseTensor`` (row ``i`` lists the sources
+            of target ``i``), or an :class:`torch_geometric.EdgeIndex`. (default: :obj:`None`)
         batch: graph id of each node, or a ``(batch_dst, batch_src)`` pair; need not be sorted
             (a graph's node order is its order of appearance). (default: :obj:`None`)
         ptr: ``(B + 1,)`` graph offsets (PyG's ``Batch.ptr``), or a ``(ptr_dst, ptr_src)`` pair.
@@ -77,8 +80,10 @@ def attention(
             ``TransformerConv`` does; needs ``edge_index`` and ``C_v == C``.
             (default: :obj:`None`)
         return_attention_weights: also return ``(edge_index, alpha)`` with ``alpha`` of shape
-            ``(E, H)`` (before dropout); an implicit graph is materialised for this, up to
-            :data:`gatattn.graph.MAX_MATERIALIZED_EDGES` edges. (default: :obj:`False`)
+            ``(E, H)`` (before dropout, differentiable), in the adjacency's edge order and
+            layout (a SparseTensor holding them for a SparseTensor); an implicit graph is
+            materialised for this, up to :data:`gatattn.graph.MAX_MATERIALIZED_EDGES` edges.
+            (default: :obj:`False`)
         backend: ``"auto"``, ``"sdpa"`` (implicit graphs only), ``"sparse"`` (message passing;
             materialises implicit graphs) or ``"triton"`` (fused kernels: tiled for implicit
             graphs, CSR for edge sets; no dropout, weights or edge features).
@@ -90,12 +95,13 @@ def attention(
     Every route is twice differentiable (SDPA with dropout refuses a recorded backward). A
     non-finite input reaches only the outputs that read it through an edge (README, Numerics).
 
-    Not supported: additive float masks (give edges instead), sparse adjacencies and
-    ``torch_sparse.SparseTensor`` (convert with ``torch_geometric.utils.to_edge_index``).
+    Not supported: additive float masks (give edges instead).
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, temperature, dropout)
     _validate_causal(causal)
+    adjacency = read_adjacency(edge_index) if edge_index is not None else None
+    edge_index = adjacency.edge_index if adjacency is not None else None
     bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
         q.size(0) != k.size(0))
     graph = build_graph(q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr,
@@ -114,8 +120,13 @@ def attention(
         return triton_attention(q, k, v, graph, scale=scale)
     edge_index = graph.to_edge_index()
     out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
-                                  edge_attr=edge_attr)
-    return (out, (edge_index, alpha)) if return_attention_weights else out
+                                  edge_attr=edge_attr,
+                                  differentiable_weights=return_attention_weights)
+    if not return_attention_weights:
+        return out
+    if adjacency is None or graph.kept_edges is not None:
+        return out, (edge_index, alpha)
+    return out, adjacency.with_weights(alpha)
 
 
 def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,

@@ -18,7 +18,8 @@ def complete_edge_index(n_dst, n_src=None):
 def test_repr_and_reset():
     conv = SelfAttentionConv(16, 8, heads=4)
     assert repr(conv) == "SelfAttentionConv(16, 8, heads=4)"
-    assert conv.lin_skip is None and conv.lin_out is None and conv.lin_edge is None
+    assert conv.lin_skip is not None  # root_weight=True by default, as TransformerConv
+    assert conv.lin_beta is None and conv.lin_out is None and conv.lin_edge is None
     before = conv.lin_query.weight.clone()
     conv.reset_parameters()
     assert not torch.equal(before, conv.lin_query.weight)
@@ -140,8 +141,6 @@ def test_edge_attr_mismatch_is_explained():
         SelfAttentionConv(4, 2)(x, edge_index, torch.randn(1, 3))
     with pytest.raises(ValueError, match="edge_dim=3: give edge_attr"):
         SelfAttentionConv(4, 2, edge_dim=3)(x, edge_index)
-    with pytest.raises(ValueError, match="needs root_weight"):
-        SelfAttentionConv(4, 2, beta=True)
 
 
 def test_lazy_in_channels():

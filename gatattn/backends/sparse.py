@@ -34,11 +34,12 @@ def sparse_attention(
     scale: float,
     dropout: float = 0.0,
     edge_attr: Tensor | None = None,
+    differentiable_weights: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
-    dropout, in the order of ``edge_index``; not differentiable). Targets without in-edges get
-    zeros. Twice differentiable."""
-    if edge_attr is not None or torch.compiler.is_compiling():
+    dropout, in the order of ``edge_index``; differentiable only if asked, which takes the
+    per-edge form). Targets without in-edges get zeros. Twice differentiable."""
+    if edge_attr is not None or torch.compiler.is_compiling() or differentiable_weights:
         src, dst = edge_index
         keep = _keep_mask((src.numel(), q.size(1)), dropout, q.device)
         return gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr)

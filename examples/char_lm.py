@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
+import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -61,8 +61,9 @@ class CausalTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.register_buffer("positions", gatattn.sinusoidal_encoding(torch.arange(context), dim))
-        self.attn = nn.ModuleList(SelfAttentionConv(dim, dim // heads, heads=heads, out_proj=True)
-                                  for _ in range(layers))
+        self.attn = nn.ModuleList(
+            SelfAttentionConv(dim, dim // heads, heads=heads, root_weight=False, out_proj=True)
+            for _ in range(layers))
         self.ff = nn.ModuleList(nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(),
                                               nn.Linear(4 * dim, dim)) for _ in range(layers))
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(2 * layers + 1))
@@ -138,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few steps")
     args = parser.parse_args()
+    _smoke.announce(args.smoke)
     steps, context, batch = (20, 32, 16) if args.smoke else (800, 64, 32)
     text = corpus(200_000, seed=0)
     itos = sorted(set(text))
@@ -183,8 +185,8 @@ def main() -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path("char_lm.png")
-    fig.savefig(path, dpi=90)
+    path = _smoke.output_path("char_lm.png", args.smoke)
+    _smoke.savefig(fig, path)
     print(f"\nplot: {path.resolve()}")
 
 

@@ -13,11 +13,11 @@ Run: python examples/graph_transformer.py [--smoke]
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
+import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -60,8 +60,8 @@ class GPSBlock(nn.Module):
         super().__init__()
         mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
         self.local = GINConv(mlp)
-        self.attn = SelfAttentionConv(dim, dim // heads, heads=heads, out_proj=True) \
-            if global_attention else None
+        self.attn = SelfAttentionConv(dim, dim // heads, heads=heads, root_weight=False,
+                                      out_proj=True) if global_attention else None
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
@@ -98,6 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="few graphs, two epochs")
     args = parser.parse_args()
+    _smoke.announce(args.smoke)
     n_train, n_test, epochs = (256, 128, 2) if args.smoke else (2000, 500, 20)
     train = DataLoader(dataset(n_train, 0), batch_size=64, shuffle=True)
     test = DataLoader(dataset(n_test, 1), batch_size=256)
@@ -130,8 +131,8 @@ def main() -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path("graph_transformer.png")
-    fig.savefig(path, dpi=90)
+    path = _smoke.output_path("graph_transformer.png", args.smoke)
+    _smoke.savefig(fig, path)
     print(f"\nplot: {path.resolve()}")
 
 

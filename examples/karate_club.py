@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
+import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import torch  # noqa: E402
@@ -103,13 +104,14 @@ def draw(graph, model, x, edge_index, labels, path: Path) -> None:
                  "edge width = SelfAttentionConv layer-1 attention (mean over heads)")
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _smoke.savefig(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one split, few epochs")
     args = parser.parse_args()
+    _smoke.announce(args.smoke)
     seeds, epochs = (range(1), 20) if args.smoke else (range(20), 200)
     graph, x, edge_index, labels = karate_data()
 
@@ -129,7 +131,7 @@ def main() -> None:
         ms = 1e3 * torch.tensor([s for _, s in runs_]).median()
         std = float(acc.std()) if acc.numel() > 1 else 0.0
         print(f"| {name} | {acc.mean():.3f} +- {std:.3f} | {ms:.1f} |")
-    path = Path("karate_club.png")
+    path = _smoke.output_path("karate_club.png", args.smoke)
     draw(graph, shown, x, edge_index, labels, path)
     print(f"\nplot: {path.resolve()}")
 

@@ -13,11 +13,11 @@ Run: python examples/nbody_springs.py [--smoke]
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
+import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -87,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="few systems, two epochs")
     args = parser.parse_args()
+    _smoke.announce(args.smoke)
     n_train, epochs = (256, 2) if args.smoke else (4000, 40)
     gen = torch.Generator().manual_seed(0)
     train, test = systems(n_train, gen), systems(1000, gen)
@@ -142,8 +143,8 @@ def main() -> None:
            ylabel="count", title="shuffled particles: change beyond the shuffle")
     ax.legend()
     fig.tight_layout()
-    path = Path("nbody_springs.png")
-    fig.savefig(path, dpi=90)
+    path = _smoke.output_path("nbody_springs.png", args.smoke)
+    _smoke.savefig(fig, path)
     print(f"\nplot: {path.resolve()}")
 
 

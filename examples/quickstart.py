@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
 import torch
 from torch import nn
 from torch_geometric.nn import TransformerConv
@@ -62,7 +63,7 @@ def causal_sequences(batch: int, length: int, features: int, heads: int) -> list
 
 
 def graph_batch(num_graphs: int, features: int, heads: int) -> list[str]:
-    layer = SelfAttentionConv(features, features // heads, heads=heads).eval()
+    layer = SelfAttentionConv(features, features // heads, heads=heads, root_weight=False).eval()
     sizes = torch.randint(5, 60, (num_graphs,))
     batch = torch.repeat_interleave(torch.arange(num_graphs), sizes)
     x = torch.randn(batch.numel(), features)
@@ -78,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     args = parser.parse_args()
+    _smoke.announce(args.smoke)
     torch.manual_seed(0)
     n, seq, graphs = (128, 32, 16) if args.smoke else (1024, 256, 256)
     for lines in (complete_graph(n, 64, 4), causal_sequences(8, seq, 64, 4),

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
+import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -39,12 +39,13 @@ def patches(images):  # (B, 8, 8) -> (B, 16, 4), row-major patch order
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.attn = SelfAttentionConv(dim, dim // heads, heads=heads, out_proj=True)
+        self.attn = SelfAttentionConv(dim, dim // heads, heads=heads, root_weight=False,
+                                      out_proj=True)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, h, ptr, weights: bool = False):
-        out = self.attn(self.norm1(h), ptr=ptr, return_attention_weights=weights)
+        out = self.attn(self.norm1(h), ptr=ptr, return_attention_weights=True if weights else None)
         out, alpha = out if weights else (out, None)
         h = h + out
         return h + self.mlp(self.norm2(h)), alpha
@@ -85,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="two epochs")
     args = parser.parse_args()
+    _smoke.announce(args.smoke)
     epochs = 2 if args.smoke else 40
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32) / 16.0
@@ -134,8 +136,8 @@ def main() -> None:
     fig.suptitle(f"ViT on digits (test accuracy {test_acc:.3f}): class-token attention over "
                  "patches, last layer (bottom)")
     fig.tight_layout()
-    path = Path("vit_digits.png")
-    fig.savefig(path, dpi=90)
+    path = _smoke.output_path("vit_digits.png", args.smoke)
+    _smoke.savefig(fig, path)
     print(f"\nplot: {path.resolve()}")
 
 

@@ -1,12 +1,23 @@
-"""Every example runs end to end in its --smoke mode."""
+"""Every example runs end to end in its --smoke mode, and says that its figures are not
+measurements: first in its output, then in the name of every file it writes (so that a smoke run
+never overwrites a full run's results)."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
+EXAMPLES_DIR = Path(__file__).parent.parent / "examples"
+EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_"))
+
+
+def smoke_note() -> str:
+    spec = importlib.util.spec_from_file_location("_smoke", EXAMPLES_DIR / "_smoke.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NOTE
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
@@ -14,4 +25,9 @@ def test_example_smoke(script, tmp_path):
     result = subprocess.run([sys.executable, str(script), "--smoke"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip(), "the example printed no result"
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) > 1, "the example printed no result"
+    assert lines[0] == smoke_note(), "a smoke run must say first that it measures nothing"
+    for written in tmp_path.iterdir():
+        assert ".smoke." in written.name, f"{written.name} would pass for a full run's result"
+    assert "NO |" not in result.stdout, "a smoke run must not judge a claim"

@@ -72,3 +72,47 @@ def test_attention_weights_follow_the_callers_edge_order():
     _, weights = gatattn.reference.attention(q, k, v, mask, return_weights=True)
     expected = weights[:, edge_index[1], edge_index[0]].t()
     torch.testing.assert_close(alpha.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_target_major_edges_are_not_sorted_again(monkeypatch):
+    """A CSR adj_t (or any target-sorted edge set) is already the route's layout: building its
+    CSR sorts only the transpose, and weights come back in the caller's order unpermuted."""
+    adj_t = torch.tensor([[0, 1, 1], [1, 0, 1], [1, 1, 0]]).to_sparse_csr()
+    edge_index = torch.stack([adj_t.col_indices(), torch.tensor([0, 0, 1, 1, 2, 2])])
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **kw: sorts.append(a[0]) or real_sort(*a, **kw))
+    csr = csr_of(edge_index, 3, 3)
+    assert csr.position is None
+    assert len(sorts) == 1 and torch.equal(sorts[0], csr.col)  # the transpose's sort only
+    assert torch.equal(csr.row_ptr, adj_t.crow_indices())
+    q, k, v = make_qkv(3, 3, 2, 4)
+    check_against_reference(
+        lambda q, k, v: gatattn.attention(q, k, v, edge_index=adj_t), (q, k, v),
+        masked_reference(adj_t.to_dense().bool()))
+
+
+def test_unsorted_and_sorted_edges_give_the_same_weights():
+    gen = torch.Generator().manual_seed(1)
+    edge_index = torch.randint(0, 7, (2, 25), generator=gen)
+    ordered = edge_index[:, edge_index[1].argsort(stable=True)]
+    q, k, v = make_qkv(7, 7, 2, 4)
+    out, (_, alpha) = gatattn.attention(q, k, v, edge_index=edge_index,
+                                        return_attention_weights=True)
+    out_sorted, (_, alpha_sorted) = gatattn.attention(q, k, v, edge_index=ordered,
+                                                      return_attention_weights=True)
+    torch.testing.assert_close(out_sorted, out)
+    torch.testing.assert_close(alpha_sorted, alpha[edge_index[1].argsort(stable=True)])
+
+
+def test_edges_written_between_forward_and_backward_do_not_reach_the_backward():
+    """The CSR of sorted edges views its edges; it views the cache's private copy, never the
+    caller's tensor, so a write after the forward cannot change the gradients."""
+    edge_index = torch.tensor([[1, 2, 0, 2, 0, 1], [0, 0, 1, 1, 2, 2]])
+    q, k, v = make_qkv(3, 3, 2, 4)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = gatattn.attention(q, k, v, edge_index=edge_index)
+    grads = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    edge_index[0] = torch.tensor([0, 0, 0, 0, 0, 0])
+    assert all(torch.equal(a, b) for a, b in
+               zip(torch.autograd.grad(out.sum(), (q, k, v)), grads, strict=True))

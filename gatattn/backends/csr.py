@@ -35,7 +35,8 @@ class CSR:
     row_ptr: Tensor  # (num_dst + 1,) edges of target i are [row_ptr[i], row_ptr[i + 1])
     col: Tensor  # (E,) source of each edge, target-major order
     row: Tensor  # (E,) target of each edge, target-major order
-    position: Tensor  # (E,) target-major position of each of the caller's edges
+    position: Tensor | None  # (E,) target-major position of each of the caller's edges; None
+    #                          when the caller's edges are already target-major
     t_row_ptr: Tensor  # (num_src + 1,) the transpose: edges of source j
     t_col: Tensor  # (E,) target of each edge, source-major order
     t_perm: Tensor  # (E,) target-major position of each edge in source-major order
@@ -43,6 +44,10 @@ class CSR:
     @property
     def num_edges(self) -> int:
         return self.col.numel()
+
+    def in_callers_order(self, values: Tensor) -> Tensor:
+        """Per-edge ``values`` from target-major order back to the caller's edge order."""
+        return values if self.position is None else values.index_select(0, self.position)
 
     def matrix(self, values: Tensor) -> Tensor:
         """Sparse ``(num_dst, num_src)`` matrix with ``values`` in target-major order."""
@@ -85,17 +90,23 @@ def csr_of(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
     entry = _cache.get(key)
     if entry is not None and entry.serves(edge_index, num_dst, num_src):
         return entry.csr
-    csr = _build(edge_index, num_dst, num_src)
+    edges = edge_index.clone()  # built from the private copy: the CSR may share its memory
+    csr = _build(edges, num_dst, num_src)
     if len(_cache) >= _CACHE_SIZE and key not in _cache:
         _cache.pop(next(iter(_cache)))
-    _cache[key] = _Entry(edge_index.clone(), csr)
+    _cache[key] = _Entry(edges, csr)
     return csr
 
 
 def _build(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
     src, dst = edge_index
-    order = Permutation.of(torch.sort(dst, stable=True).indices)
-    row, col = dst[order.forward], src[order.forward]
+    # Edges already in target-major order (a CSR adj_t, an EdgeIndex or SparseTensor sorted by
+    # target, a target-sorted edge_index) need no sort: an O(E) check instead of O(E log E).
+    if not torch.compiler.is_compiling() and _is_sorted(dst):
+        row, col, position = dst, src, None
+    else:
+        order = Permutation.of(torch.sort(dst, stable=True).indices)
+        row, col, position = dst[order.forward], src[order.forward], order.inverse
     t_perm = torch.sort(col, stable=True).indices
     return CSR(
         num_dst=num_dst,
@@ -103,11 +114,15 @@ def _build(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
         row_ptr=_pointers(row, num_dst),
         col=col,
         row=row,
-        position=order.inverse,
+        position=position,
         t_row_ptr=_pointers(col[t_perm], num_src),
         t_col=row[t_perm],
         t_perm=t_perm,
     )
+
+
+def _is_sorted(ids: Tensor) -> bool:
+    return ids.numel() < 2 or bool((ids[1:] >= ids[:-1]).all())
 
 
 def _pointers(sorted_ids: Tensor, num_rows: int) -> Tensor:

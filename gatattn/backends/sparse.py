@@ -46,7 +46,7 @@ def sparse_attention(
     csr = csr_of(edge_index, q.size(0), k.size(0))
     keep = _keep_mask((csr.num_edges, q.size(1)), dropout, q.device)
     out, alpha = _CSRAttention.apply(q, k, v, csr, scale, keep, dropout)
-    return out, alpha.index_select(0, csr.position)
+    return out, csr.in_callers_order(alpha)
 
 
 class _CSRAttention(torch.autograd.Function):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -13,7 +11,7 @@ from torch_geometric.typing import Adj
 from torch_geometric.utils import softmax
 
 from gatattn.adjacency import read_adjacency
-from gatattn.functional import attention
+from gatattn.functional import attention, logit_multiplier
 from gatattn.graph import build_graph
 
 
@@ -227,7 +225,8 @@ class SelfAttentionConv(MessagePassing):
         if self.lin_edge is not None:
             edge_attr = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
             key_j = key_j + edge_attr
-        logits = (query_i * key_j).sum(dim=-1) / (self.temperature * math.sqrt(self.out_channels))
+        scale = logit_multiplier(self.out_channels ** -0.5, self.temperature)
+        logits = (query_i * key_j).sum(dim=-1) * scale
         alpha = softmax(logits, index, ptr, size_i)
         self._alpha = alpha
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)

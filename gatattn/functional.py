@@ -98,7 +98,7 @@ def attention(
     Not supported: additive float masks (give edges instead).
     """
     _validate_qkv(q, k, v)
-    _validate_scalars(scale, temperature, dropout)
+    _validate_scalars(scale, dropout)
     _validate_causal(causal)
     adjacency = read_adjacency(edge_index) if edge_index is not None else None
     edge_index = adjacency.edge_index if adjacency is not None else None
@@ -110,7 +110,7 @@ def attention(
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]
-    scale = (q.size(-1) ** -0.5 if scale is None else scale) / temperature
+    scale = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale, temperature)
 
     route = _choose_backend(backend, graph, q, v, return_attention_weights, dropout,
                             edge_attr is not None)
@@ -226,14 +226,25 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"{tuple(v.shape)}")
 
 
-def _validate_scalars(scale: float | None, temperature: float, dropout: float) -> None:
+def _validate_scalars(scale: float | None, dropout: float) -> None:
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number (or None for 1/sqrt(C)), got {scale}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def logit_multiplier(scale: float, temperature: float) -> float:
+    """``scale / temperature``, refused where it overflows (a tiny temperature): every logit
+    would be +-inf or NaN."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (inf gives uniform weights), got "
                          f"{temperature}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    multiplier = scale / temperature
+    if not math.isfinite(multiplier):
+        raise ValueError(
+            f"scale / temperature = {scale} / {temperature} overflows to {multiplier}; use a "
+            "larger temperature (below about 1e-30 float32 logits overflow anyway)")
+    return multiplier
 
 
 def _validate_causal(causal) -> None:

@@ -54,6 +54,9 @@ BAD_INPUTS = [
     ("scale inf", lambda: attend(scale=float("inf")), ValueError, "got inf", "finite number"),
     ("temperature 0", lambda: attend(temperature=0.0), ValueError, "got 0.0", "> 0"),
     ("temperature NaN", lambda: attend(temperature=float("nan")), ValueError, "got nan", "> 0"),
+    ("temperature underflows scale / temperature",
+     lambda: attend(inputs=qkv(dtype=torch.float64), temperature=1e-320), ValueError,
+     "1e-320 overflows to inf", "larger temperature"),
     ("dropout 1", lambda: attend(dropout=1.0), ValueError, "got 1.0", r"\[0, 1\)"),
     ("dropout negative", lambda: attend(dropout=-0.1), ValueError, "got -0.1", r"\[0, 1\)"),
     ("causal a string", lambda: attend(causal="yes"), ValueError, "got 'yes'", "True or False"),
@@ -123,6 +126,15 @@ BAD_INPUTS = [
     ("layer edge_attr without edge_dim", lambda: SelfAttentionConv(8, 4)(
         torch.randn(5, 8), EDGES, torch.randn(3, 2)), ValueError, "edge_dim=None",
      "edge_dim"),
+    # aggr="mean" makes the layer run PyG's propagate and its own message()
+    ("layer temperature 0, by propagate", lambda: SelfAttentionConv(
+        8, 4, temperature=0.0, aggr="mean")(torch.randn(5, 8), EDGES), ValueError, "got 0.0",
+     "> 0"),
+    ("layer temperature overflows, by propagate", lambda: SelfAttentionConv(
+        8, 4, temperature=1e-320, aggr="mean").double()(torch.randn(5, 8).double(), EDGES),
+     ValueError, "overflows to inf", "larger temperature"),
+    ("layer temperature 0, fused", lambda: SelfAttentionConv(8, 4, temperature=0.0)(
+        torch.randn(5, 8)), ValueError, "got 0.0", "> 0"),
 ]
 
 

@@ -8,6 +8,7 @@ plain statement of the math that every route is tested against.
 from gatattn import reference
 from gatattn.conv import SelfAttentionConv
 from gatattn.convert import (
+    attention_to_networkx,
     edge_index_to_mask,
     graph_to_sequences,
     mask_to_edge_index,
@@ -26,6 +27,7 @@ __all__ = [
     "MAX_MATERIALIZED_EDGES",
     "SelfAttentionConv",
     "attention",
+    "attention_to_networkx",
     "build_graph",
     "edge_index_to_mask",
     "graph_positional_encoding",

@@ -24,18 +24,57 @@ def edge_index_to_mask(edge_index: Tensor, num_dst: int, num_src: int | None = N
     return mask
 
 
-def networkx_to_edge_index(graph: nx.Graph) -> tuple[Tensor, int]:
+def networkx_to_edge_index(graph: nx.Graph, *, return_nodes: bool = False):
     """A networkx graph -> ``(edge_index, num_nodes)``, nodes numbered in ``graph.nodes`` order.
 
     An undirected edge becomes two directed edges, as in ``torch_geometric.utils.from_networkx``.
+    With ``return_nodes=True`` also returns the mapping used, ``nodes``: node ``i`` of
+    ``edge_index`` is ``nodes[i]`` of ``graph`` (give it to :func:`attention_to_networkx` to get
+    the names back).
     """
-    index = {node: i for i, node in enumerate(graph.nodes)}
+    nodes = list(graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
     pairs = [(index[u], index[v]) for u, v in graph.edges()]
     edge_index = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).t()
     if not graph.is_directed():
         reverse = edge_index.flip(0)[:, edge_index[0] != edge_index[1]]  # one copy of a loop
         edge_index = torch.cat([edge_index, reverse], dim=1)
-    return edge_index.contiguous(), len(index)
+    if return_nodes:
+        return edge_index.contiguous(), len(nodes), nodes
+    return edge_index.contiguous(), len(nodes)
+
+
+def attention_to_networkx(edge_index: Tensor, alpha: Tensor, num_nodes: int | None = None, *,
+                          nodes: list | None = None) -> nx.DiGraph:
+    """Attention weights as a weighted :class:`networkx.DiGraph`, edges ``source -> target``.
+
+    ``alpha`` is ``(E,)`` or ``(E, H)``, as ``return_attention_weights`` gives it (``edge_index``
+    may be any adjacency the layer takes). Each edge gets ``weight``, the mean over heads, and
+    ``heads``, the per-head weights; repeated edges add up (the attention ``j`` gets from ``i``).
+    Every node is present, edges or not; ``nodes`` (from :func:`networkx_to_edge_index`) names
+    them, else they are ``0 .. num_nodes - 1``.
+    """
+    from gatattn.adjacency import read_adjacency  # here: adjacency imports PyG, convert does not
+
+    edge_index = read_adjacency(edge_index).edge_index
+    per_head = alpha.detach().reshape(alpha.size(0), -1).double().cpu()
+    if per_head.size(0) != edge_index.size(1):
+        raise ValueError(f"alpha must have one row per edge: {edge_index.size(1)} edges, got "
+                         f"alpha of shape {tuple(alpha.shape)}")
+    if num_nodes is None:
+        num_nodes = len(nodes) if nodes is not None else int(edge_index.max()) + 1 \
+            if edge_index.numel() else 0
+    names = list(range(num_nodes)) if nodes is None else list(nodes)
+    if len(names) != num_nodes:
+        raise ValueError(f"nodes names {len(names)} nodes, but num_nodes is {num_nodes}")
+    graph = nx.DiGraph()
+    graph.add_nodes_from(names)
+    for (src, dst), weights in zip(edge_index.t().tolist(), per_head, strict=True):
+        u, v = names[src], names[dst]
+        if graph.has_edge(u, v):
+            weights = weights + torch.tensor(graph[u][v]["heads"], dtype=torch.float64)
+        graph.add_edge(u, v, weight=float(weights.mean()), heads=weights.tolist())
+    return graph
 
 
 def sequences_to_graph(
@@ -50,8 +89,9 @@ def sequences_to_graph(
     Args:
         x: ``(B, L, D)`` (or ``(L, B, D)`` if not ``batch_first``).
         lengths: ``(B,)`` valid lengths; tokens past them are dropped.
-        key_padding_mask: ``(B, L)`` bool, ``True`` at padding (``nn.MultiheadAttention``'s
-            convention); those tokens are dropped and the others keep their order.
+        key_padding_mask: ``(B, L)``, ``nn.MultiheadAttention``'s convention: bool, ``True`` at
+            padding, or float, ``-inf`` at padding and ``0`` elsewhere; padding tokens are
+            dropped and the others keep their order.
     """
     if not batch_first:
         x = x.transpose(0, 1)
@@ -72,15 +112,19 @@ def graph_to_sequences(
 ) -> tuple[Tensor, Tensor]:
     """The inverse of :func:`sequences_to_graph`: ``(x, key_padding_mask)`` with zeros at padding.
 
-    Give the ``key_padding_mask`` used on the way in to put tokens back at their own positions;
-    without it every sequence is left-aligned and padded to ``max_len`` (default: the longest).
+    Give the ``key_padding_mask`` used on the way in (bool or float, as there) to put tokens
+    back at their own positions; without it every sequence is left-aligned and padded to
+    ``max_len`` (default: the longest). The mask returned is the one given, else a bool mask.
     """
     lengths = ptr[1:] - ptr[:-1]
     if key_padding_mask is None:
         max_len = int(lengths.max()) if lengths.numel() and max_len is None else (max_len or 0)
         key_padding_mask = _valid_tokens(lengths.numel(), max_len, lengths, None,
                                          x_flat.device).logical_not()
-    keep = ~key_padding_mask
+    keep = ~padding_positions(key_padding_mask)
+    if keep.sum(1).tolist() != lengths.tolist():
+        raise ValueError(f"key_padding_mask keeps {keep.sum(1).tolist()} tokens per sequence "
+                         f"but ptr holds {lengths.tolist()}; give the mask used on the way in")
     out = x_flat.new_zeros(*keep.shape, *x_flat.shape[1:])
     out[keep] = x_flat
     return (out if batch_first else out.transpose(0, 1)), key_padding_mask
@@ -93,10 +137,26 @@ def _valid_tokens(batch_size, max_len, lengths, key_padding_mask, device) -> Ten
         if tuple(key_padding_mask.shape) != (batch_size, max_len):
             raise ValueError(f"key_padding_mask must be (batch, length) = "
                              f"{(batch_size, max_len)}, got {tuple(key_padding_mask.shape)}")
-        return ~key_padding_mask.to(torch.bool)
+        return ~padding_positions(key_padding_mask)
     if lengths is None:
         return torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
     if lengths.numel() and int(lengths.max()) > max_len:
         raise ValueError(f"lengths has max {int(lengths.max())} but sequences have length "
                          f"{max_len}")
     return torch.arange(max_len, device=device) < lengths.to(device).unsqueeze(1)
+
+
+def padding_positions(key_padding_mask: Tensor) -> Tensor:
+    """``True`` at padding, from either of ``nn.MultiheadAttention``'s mask conventions: bool
+    (``True`` at padding) or float (``-inf`` at padding, ``0`` elsewhere)."""
+    if key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    if not key_padding_mask.is_floating_point():
+        raise TypeError(f"key_padding_mask must be bool or float, got {key_padding_mask.dtype}")
+    padding = key_padding_mask == float("-inf")
+    other = key_padding_mask[~padding & (key_padding_mask != 0)]
+    if other.numel():
+        raise ValueError(f"a float key_padding_mask marks padding with -inf and tokens with 0, "
+                         f"got {other[0].item()}: an additive score bias is not supported; "
+                         "give a bool mask")
+    return padding

@@ -112,3 +112,30 @@ def test_networkx_graph_to_edge_index():
     labelled = nx.relabel_nodes(nx.path_graph(3, create_using=nx.DiGraph), {0: "a", 1: "b", 2: "c"})
     edge_index, num_nodes = gatattn.networkx_to_edge_index(labelled)
     assert edge_index.tolist() == [[0, 1], [1, 2]] and num_nodes == 3
+
+
+def test_networkx_node_mapping_and_attention_graph():
+    graph = nx.relabel_nodes(nx.karate_club_graph(), lambda i: f"member {i}")
+    edge_index, num_nodes, nodes = gatattn.networkx_to_edge_index(graph, return_nodes=True)
+    assert nodes == list(graph.nodes) and num_nodes == 34
+    conv = gatattn.SelfAttentionConv(4, 2, heads=3)
+    _, (edges, alpha) = conv(torch.randn(num_nodes, 4), edge_index, return_attention_weights=True)
+    weighted = gatattn.attention_to_networkx(edges, alpha, nodes=nodes)
+    assert set(weighted.nodes) == set(graph.nodes)
+    assert weighted.number_of_edges() == edge_index.size(1)  # both directions of each edge
+    for target in weighted.nodes:  # each target's attention sums to one, per head
+        heads = torch.tensor([d["heads"] for _, _, d in weighted.in_edges(target, data=True)],
+                             dtype=torch.float64)
+        torch.testing.assert_close(heads.sum(0), torch.ones(3, dtype=torch.float64))
+    src, dst = edge_index[:, 5].tolist()
+    assert weighted[nodes[src]][nodes[dst]]["weight"] == pytest.approx(float(alpha[5].mean()))
+
+
+def test_attention_graph_adds_repeated_edges_and_keeps_isolated_nodes():
+    edge_index = torch.tensor([[0, 0, 1], [2, 2, 2]])
+    alpha = torch.tensor([0.25, 0.25, 0.5])
+    weighted = gatattn.attention_to_networkx(edge_index, alpha, num_nodes=4)
+    assert sorted(weighted.nodes) == [0, 1, 2, 3]
+    assert weighted[0][2]["weight"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="one row per edge"):
+        gatattn.attention_to_networkx(edge_index, alpha[:2])

@@ -1,0 +1,141 @@
+"""``GPSConv``: PyG's GraphGPS layer whose global attention runs per graph, without padding."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+import torch_geometric.nn
+from torch import Tensor, nn
+from torch_geometric.nn.attention import PerformerAttention
+from torch_geometric.typing import Adj
+from torch_geometric.utils import to_dense_batch
+
+from gatattn.functional import attention
+
+
+class GPSConv(torch_geometric.nn.GPSConv):
+    r"""The general, powerful, scalable (GPS) graph transformer layer from the `"Recipe for a
+    General, Powerful, Scalable Graph Transformer" <https://arxiv.org/abs/2205.12454>`_ paper,
+    with its global attention computed over each graph of the batch as a complete graph, never
+    padded to the largest graph.
+
+    .. math::
+        \mathbf{h}_L = \operatorname{norm}_1\big(\mathbf{x} + \operatorname{MPNN}(\mathbf{x},
+            \mathcal{E})\big), \qquad
+        \mathbf{h}_G = \operatorname{norm}_2\big(\mathbf{x} +
+            \operatorname{MHA}_{\mathcal{G}}(\mathbf{x})\big),
+
+        \mathbf{x}^{\prime} = \operatorname{norm}_3\big(\mathbf{h} +
+            \operatorname{MLP}(\mathbf{h})\big), \qquad \mathbf{h} = \mathbf{h}_L + \mathbf{h}_G
+
+    where :math:`\operatorname{MHA}_{\mathcal{G}}` is multi-head self-attention in which node
+    :math:`i` attends to every node of its own graph (:func:`gatattn.attention` with
+    :obj:`batch`): a batch of graphs of 100 to 500 nodes costs the sum of the graphs' squared
+    sizes, not the number of graphs times the largest size squared.
+
+    A drop-in for :class:`torch_geometric.nn.GPSConv` (and a subclass of it): the same
+    constructor, parameters (a PyG ``GPSConv`` ``state_dict`` loads, and back), forward signature,
+    ``reset_parameters`` and ``repr``, and the same outputs and gradients. The attention weights
+    stay in :obj:`self.attn`, an :class:`torch.nn.MultiheadAttention`, read at every call;
+    attention dropout (its :obj:`dropout`) falls on the attention weights in training, as there,
+    with other random masks. Unlike PyG's padded path (``to_dense_batch`` assumes a sorted batch
+    vector), :obj:`batch` need not be sorted: each node attends to the nodes with its graph id.
+
+    Args:
+        channels (int): Size of each input sample.
+        conv (MessagePassing, optional): The local message passing layer.
+        heads (int, optional): Number of attention heads. (default: :obj:`1`)
+        dropout (float, optional): Dropout probability of intermediate embeddings.
+            (default: :obj:`0.0`)
+        act (str or Callable, optional): The activation of the MLP. (default: :obj:`"relu"`)
+        act_kwargs (Dict[str, Any], optional): Arguments of :obj:`act`. (default: :obj:`None`)
+        norm (str or Callable, optional): The normalization. (default: :obj:`"batch_norm"`)
+        norm_kwargs (Dict[str, Any], optional): Arguments of :obj:`norm`.
+            (default: :obj:`None`)
+        attn_type (str, optional): :obj:`"multihead"` (unpadded, as above) or
+            :obj:`"performer"`, which runs PyG's :class:`PerformerAttention` on the padded batch
+            exactly as PyG's ``GPSConv`` does. (default: :obj:`"multihead"`)
+        attn_kwargs (Dict[str, Any], optional): Arguments of the attention module, e.g.
+            :obj:`dropout` for attention dropout. (default: :obj:`None`)
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F)`, edge indices
+          :math:`(2, |\mathcal{E}|)` or a sparse adjacency, batch vector :math:`(|\mathcal{V}|)`
+          (optional; one graph without it)
+        - **output:** node features :math:`(|\mathcal{V}|, F)`
+
+    Not supported (refused with a ValueError): :class:`torch.nn.MultiheadAttention` options that
+    attend to something other than the graph's nodes (:obj:`add_bias_kv`,
+    :obj:`add_zero_attn`) or that cannot take the node features as keys and values
+    (:obj:`kdim` / :obj:`vdim` other than :obj:`channels`, on which PyG's layer fails too).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        conv: nn.Module | None,
+        heads: int = 1,
+        dropout: float = 0.0,
+        act: str = "relu",
+        act_kwargs: dict | None = None,
+        norm: str | None = "batch_norm",
+        norm_kwargs: dict | None = None,
+        attn_type: str = "multihead",
+        attn_kwargs: dict | None = None,
+    ):
+        super().__init__(channels, conv, heads, dropout, act, act_kwargs, norm, norm_kwargs,
+                         attn_type, attn_kwargs)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            _check_node_attention(self.attn)
+
+    def forward(self, x: Tensor, edge_index: Adj, batch: Tensor | None = None,
+                **kwargs) -> Tensor:
+        r"""Runs the forward pass of the module; :obj:`kwargs` go to the local :obj:`conv`."""
+        branches = []
+        if self.conv is not None:  # local message passing
+            h = self.conv(x, edge_index, **kwargs)
+            h = F.dropout(h, p=self.dropout, training=self.training)
+            branches.append(self._normalize(self.norm1, h + x, batch))
+        h = F.dropout(self._global_attention(x, batch), p=self.dropout, training=self.training)
+        branches.append(self._normalize(self.norm2, h + x, batch))
+        out = sum(branches)
+        return self._normalize(self.norm3, out + self.mlp(out), batch)
+
+    def _global_attention(self, x: Tensor, batch: Tensor | None) -> Tensor:
+        if isinstance(self.attn, nn.MultiheadAttention):
+            return unpadded_multihead_attention(self.attn, x, batch)
+        if isinstance(self.attn, PerformerAttention):
+            h, mask = to_dense_batch(x, batch)  # PyG's own route: the performer needs padding
+            return self.attn(h, mask=mask)[mask]
+        raise TypeError(
+            f"GPSConv.attn must be an nn.MultiheadAttention or a PerformerAttention, got "
+            f"{type(self.attn).__name__}; build the layer with attn_type='multihead' or "
+            "'performer' instead of replacing attn")
+
+    def _normalize(self, norm: nn.Module | None, h: Tensor, batch: Tensor | None) -> Tensor:
+        if norm is None:
+            return h
+        return norm(h, batch=batch) if self.norm_with_batch else norm(h)
+
+
+def unpadded_multihead_attention(mha: nn.MultiheadAttention, x: Tensor,
+                                 batch: Tensor | None) -> Tensor:
+    """``mha(x, x, x)`` with each node attending to the nodes of its own graph (all nodes if
+    ``batch`` is None): ``(N, embed_dim)``, with ``mha``'s weights and attention dropout."""
+    _check_node_attention(mha)
+    E, H = mha.embed_dim, mha.num_heads
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(-1, 3, H, E // H).unbind(1)
+    out = attention(q, k, v, batch=batch, dropout=mha.dropout if mha.training else 0.0)
+    return mha.out_proj(out.reshape(-1, E))  # (N, H, C) -> (N, E)
+
+
+def _check_node_attention(mha: nn.MultiheadAttention) -> None:
+    """Refuse what makes ``mha`` attend to more than the graph's nodes, or to other features."""
+    if mha.bias_k is not None or mha.add_zero_attn:
+        raise ValueError(
+            "GPSConv's attention runs over the nodes of each graph: attn_kwargs add_bias_kv=True "
+            "or add_zero_attn=True add a key that is no node; drop them")
+    if not mha._qkv_same_embed_dim:
+        raise ValueError(
+            f"GPSConv attends from node features to node features, so kdim and vdim must equal "
+            f"channels={mha.embed_dim}; got kdim={mha.kdim}, vdim={mha.vdim}: drop them from "
+            "attn_kwargs")

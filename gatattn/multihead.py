@@ -1,0 +1,387 @@
+"""``gatattn.MultiheadAttention``: :class:`torch.nn.MultiheadAttention` computed over graphs.
+
+A batch of sequences is a batch of graphs: every query token is a target node, every key token
+a source node, and each sequence one complete (or causal) bipartite graph. Padded keys are not
+nodes at all, a boolean (or 0/-inf) ``attn_mask`` is an edge set, and ``add_bias_kv`` /
+``add_zero_attn`` are one extra source node per sequence that every query sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.utils import scatter
+
+from gatattn.convert import sequences_to_graph
+from gatattn.functional import attention
+
+
+class MultiheadAttentionInputError(ValueError, AssertionError):
+    """A malformed input. Also an :class:`AssertionError`, which is what
+    :class:`torch.nn.MultiheadAttention` raises for the same input, so callers' handlers work."""
+
+
+class MultiheadAttentionMaskError(ValueError, RuntimeError):
+    """An ``attn_mask`` of the wrong shape, or ``is_causal`` without one. Also a
+    :class:`RuntimeError`, which is what :class:`torch.nn.MultiheadAttention` raises."""
+
+
+@dataclass
+class _Graphs:
+    """A sequence batch as graphs for :func:`gatattn.attention`.
+
+    ``groups`` graphs (one per sequence, or one per sequence and head when the mask differs
+    between heads), each with ``heads`` heads. Target node ``g * L + l`` is query ``l`` of
+    graph ``g``; source node ``n`` is key ``source_position[n] % S`` of its graph
+    (``source_position`` is ``None`` when source node ``n`` is key ``n % S``).
+    """
+
+    q: Tensor  # (groups * L, heads, C)
+    k: Tensor  # (num_src, heads, C)
+    v: Tensor  # (num_src, heads, C)
+    groups: int
+    heads: int
+    graph: dict  # ptr / edge_index / causal, as gatattn.attention takes them
+    source_position: Tensor | None = None
+    per_head: bool = False
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    r"""A drop-in for :class:`torch.nn.MultiheadAttention` whose attention runs over graphs.
+
+    The same constructor, parameters (``state_dict`` loads both ways), forward signature and
+    returns. Inside, each sequence of the batch is a bipartite graph from its keys to its
+    queries and :func:`gatattn.attention` computes
+
+    .. math::
+        \alpha^h_{ij} = \operatorname{softmax}_{j \in \mathcal{N}(i)}
+        \frac{\langle W^h_q x_i, W^h_k y_j \rangle}{\sqrt{C}}, \qquad
+        o_i = W_o \Big\Vert_h \sum_{j \in \mathcal{N}(i)} \alpha^h_{ij} W^h_v z_j
+
+    where :math:`\mathcal{N}(i)` is what the masks leave of the sequence's keys:
+
+    * ``key_padding_mask``: padded keys are dropped from the graph, never attended;
+    * ``attn_mask`` (boolean, or float with entries 0 / ``-inf`` only): its allowed pairs are the
+      edges, per sequence, or per sequence and head for a 3-D mask that differs between heads;
+      a causal mask (``is_causal`` or recognised) runs as a causal graph without edges;
+    * ``add_bias_kv`` / ``add_zero_attn``: one source node per sequence (the learned
+      ``bias_k``/``bias_v``, or zeros) that every query attends to, as in PyTorch.
+
+    Without an ``attn_mask`` no ``(L, S)`` matrix is built. ``need_weights=True`` returns the
+    weights as PyTorch does (``(N, L, S)`` averaged, ``(N, H, L, S)`` with
+    ``average_attn_weights=False``, zeros where masked), which builds the edges of every
+    sequence; pass ``need_weights=False`` for the fused routes. In training, dropout acts on
+    the attention weights, as in PyTorch (the returned weights are the dropped ones).
+
+    Differences from PyTorch, on purpose:
+
+    * A query with no key left (fully masked row) gets a zero attention output, so its output is
+      ``out_proj``'s bias, and zero weights; PyTorch returns NaN there.
+    * A float mask with finite values other than 0 (an additive bias) raises a ``ValueError``:
+      gatattn has no additive attention bias yet.
+    * ``is_causal=True`` with an ``attn_mask`` that is not the causal mask raises a
+      ``ValueError`` (PyTorch's result then depends on the code path); ``is_causal=True``
+      without ``attn_mask`` raises, as PyTorch's own (non fast path) forward does.
+    * Nested tensors are refused (PyTorch takes them only on its inference fast path).
+    * Bad shapes raise :class:`MultiheadAttentionInputError` / :class:`MultiheadAttentionMaskError`,
+      which are ``ValueError`` and also the ``AssertionError`` / ``RuntimeError`` PyTorch raises.
+
+    ``nn.TransformerEncoderLayer`` in eval mode under ``torch.no_grad`` (``batch_first``, even
+    heads, ...) takes PyTorch's fused fast path, which reads this module's weights and does not
+    call :meth:`forward`: it is the same function, computed by PyTorch (with PyTorch's NaN for
+    fully masked rows). ``torch.backends.mha.set_fastpath_enabled(False)`` routes it here.
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """As :meth:`torch.nn.MultiheadAttention.forward`; see the class docstring for what
+        differs."""
+        batched = self._validate_inputs(query, key, value, key_padding_mask, attn_mask)
+        if not batched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        N, L, S = query.size(0), query.size(1), key.size(1)
+        self._validate_mask_shapes(N, L, S, key_padding_mask, attn_mask, batched)
+
+        q, k, v = self._project(query, key, value)  # (N, L, E), (N, S', E), (N, S', E)
+        num_virtual = k.size(1) - S
+        kept_keys = _with_virtual(_allowed(key_padding_mask, "key_padding_mask"), num_virtual)
+        attended = _allowed(attn_mask, "attn_mask")
+        causal = _is_causal_mask(attended, L, S, is_causal)
+        allowed = None if causal else _with_virtual(attended, num_virtual)
+        graphs = self._graphs(q, k, v, kept_keys, allowed, causal, num_virtual)
+
+        dropout = self.dropout if self.training else 0.0
+        out, weights = self._attend(graphs, need_weights, dropout, N, L, k.size(1))
+        out = self.out_proj(out)  # (N, L, E)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention) -> MultiheadAttention:
+        """A copy of ``mha`` (weights, configuration, device, dtype and training mode) that
+        computes its attention over graphs."""
+        weight = mha.out_proj.weight
+        layer = cls(mha.embed_dim, mha.num_heads, mha.dropout, bias=mha.out_proj.bias is not None,
+                    add_bias_kv=mha.bias_k is not None, add_zero_attn=mha.add_zero_attn,
+                    kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first,
+                    device=weight.device, dtype=weight.dtype)
+        layer.load_state_dict(mha.state_dict())
+        return layer.train(mha.training)
+
+    # -- projections ---------------------------------------------------------------------------
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``W_q x``, ``W_k y``, ``W_v z`` (batch first), with the virtual source nodes of
+        ``add_bias_kv`` / ``add_zero_attn`` appended to every sequence's keys and values."""
+        if self._qkv_same_embed_dim:
+            weights = self.in_proj_weight.chunk(3)
+        else:
+            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases,
+                                                       strict=True))
+        N, E = k.size(0), self.embed_dim
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(N, 1, E)], dim=1)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)
+            v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
+        return q, k, v
+
+    # -- sequences -> graphs -------------------------------------------------------------------
+
+    def _graphs(self, q: Tensor, k: Tensor, v: Tensor, kept_keys: Tensor | None,
+                allowed: Tensor | None, causal: bool, num_virtual: int) -> _Graphs:
+        """The cheapest graph description that states the masks: implicit complete / causal
+        graphs with padded keys dropped where possible, explicit edges otherwise."""
+        (N, L, _), S = q.shape, k.size(1)
+        if causal and (num_virtual > 0 or not _left_aligned(kept_keys)):
+            # Dropping keys would shift later keys' positions, and virtual keys come after
+            # every query: state the causal pattern as edges.
+            tril = torch.ones(L, S - num_virtual, dtype=torch.bool, device=q.device).tril()
+            allowed, causal = _with_virtual(tril, num_virtual), False
+        if allowed is None:
+            return self._implicit_graphs(q, k, v, kept_keys, causal)
+        allowed = _as_4d(allowed, N, self.num_heads)
+        if kept_keys is not None:
+            allowed = allowed & kept_keys.view(N, 1, 1, S)
+        return self._explicit_graphs(q, k, v, allowed)
+
+    def _implicit_graphs(self, q, k, v, kept_keys, causal) -> _Graphs:
+        (N, L, E), S, H = q.shape, k.size(1), self.num_heads
+        ptr_dst = torch.arange(N + 1, device=q.device) * L
+        if kept_keys is None:
+            k_nodes, v_nodes = k.reshape(-1, E), v.reshape(-1, E)
+            ptr_src = torch.arange(N + 1, device=q.device) * S
+            position = None
+        else:
+            padding = ~kept_keys
+            k_nodes, ptr_src = sequences_to_graph(k, key_padding_mask=padding)
+            v_nodes, _ = sequences_to_graph(v, key_padding_mask=padding)
+            position = kept_keys.flatten().nonzero().squeeze(1)
+        return _Graphs(q.reshape(N * L, H, -1), k_nodes.view(-1, H, E // H),
+                       v_nodes.view(-1, H, E // H), groups=N, heads=H,
+                       graph={"ptr": (ptr_dst, ptr_src), "causal": causal},
+                       source_position=position)
+
+    def _explicit_graphs(self, q, k, v, allowed: Tensor) -> _Graphs:
+        """``allowed`` is ``(N, H or 1, L, S)``: one graph per sequence if the heads share it,
+        else one single-head graph per sequence and head."""
+        (N, L, _), S, H = q.shape, k.size(1), self.num_heads
+        if allowed.size(1) > 1 and bool((allowed == allowed[:, :1]).all()):
+            allowed = allowed[:, :1]
+        per_head = allowed.size(1) > 1
+        pairs = allowed.expand(N, allowed.size(1), L, S).reshape(-1, L, S)
+        g, dst, src = pairs.nonzero().unbind(1)  # sorted by target
+        edge_index = torch.stack([g * S + src, g * L + dst])
+        nodes = _head_nodes if per_head else _seq_nodes
+        return _Graphs(nodes(q, H), nodes(k, H), nodes(v, H), groups=pairs.size(0),
+                       heads=1 if per_head else H, graph={"edge_index": edge_index},
+                       per_head=per_head)
+
+    # -- attention -----------------------------------------------------------------------------
+
+    def _attend(self, graphs: _Graphs, need_weights: bool, dropout: float, N: int, L: int,
+                S: int) -> tuple[Tensor, Tensor | None]:
+        """``(N, L, E)`` merged head outputs, and ``(N, H, L, S)`` weights if asked."""
+        if not need_weights:
+            out = attention(graphs.q, graphs.k, graphs.v, dropout=dropout, **graphs.graph)
+            return _merge_heads(out, graphs, N, L), None
+        out, (edge_index, alpha) = attention(graphs.q, graphs.k, graphs.v,
+                                             return_attention_weights=True, **graphs.graph)
+        if dropout > 0:
+            # The returned weights must be the ones the output was computed with, so the
+            # dropped weights are aggregated here rather than by a second random draw.
+            alpha = F.dropout(alpha, p=dropout)
+            src, dst = edge_index
+            out = scatter(alpha.unsqueeze(-1) * graphs.v.index_select(0, src), dst, dim=0,
+                          dim_size=graphs.q.size(0), reduce="sum")
+        weights = _dense_weights(alpha, edge_index, graphs, L, S).reshape(N, self.num_heads, L, S)
+        return _merge_heads(out, graphs, N, L), weights
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def _validate_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Shapes that need no sequence lengths; returns whether the input is batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise MultiheadAttentionInputError(
+                    f"{name} is a nested tensor, which this module does not take; pad it and "
+                    "pass key_padding_mask, or call gatattn.attention with ptr=offsets")
+        if query.dim() not in (2, 3):
+            raise MultiheadAttentionInputError(
+                f"query must be 2-D (L, E) unbatched or 3-D batched, got {query.dim()}-D of "
+                f"shape {tuple(query.shape)}")
+        batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise MultiheadAttentionInputError(
+                f"query is {query.dim()}-D, so key and value must be {query.dim()}-D too; got "
+                f"{key.dim()}-D and {value.dim()}-D")
+        if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+            raise MultiheadAttentionInputError(
+                f"key_padding_mask must be {query.dim() - 1}-D for a {query.dim()}-D query "
+                f"((N, S) batched, (S,) unbatched), got {key_padding_mask.dim()}-D")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise MultiheadAttentionInputError(
+                f"attn_mask must be None, 2-D (L, S) or 3-D (N * num_heads, L, S), got "
+                f"{attn_mask.dim()}-D")
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise MultiheadAttentionInputError(
+                    f"{name} must be bool (True = masked) or float (0 / -inf), got {mask.dtype}")
+        for name, t, expected in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                                  ("value", value, self.vdim)):
+            if t.size(-1) != expected:
+                raise MultiheadAttentionInputError(
+                    f"{name} has {t.size(-1)} features but the module was built for "
+                    f"{expected} (embed_dim={self.embed_dim}, kdim={self.kdim}, "
+                    f"vdim={self.vdim})")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise MultiheadAttentionInputError(
+                f"key and value must have the same sequence and batch dims, got "
+                f"{tuple(key.shape)} and {tuple(value.shape)}")
+        batch_dim = 0 if self.batch_first else 1
+        if batched and query.size(batch_dim) != key.size(batch_dim):
+            raise MultiheadAttentionInputError(
+                f"query and key must have the same batch size, got {query.size(batch_dim)} and "
+                f"{key.size(batch_dim)} (batch_first={self.batch_first})")
+        return batched
+
+    def _validate_mask_shapes(self, N, L, S, key_padding_mask, attn_mask, batched) -> None:
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
+            raise MultiheadAttentionInputError(
+                f"key_padding_mask must be (batch, source length) = {(N, S)}, got "
+                f"{tuple(key_padding_mask.shape)}")
+        if attn_mask is None:
+            return
+        expected = (L, S) if attn_mask.dim() == 2 else (N * self.num_heads, L, S)
+        if tuple(attn_mask.shape) != expected:
+            error = MultiheadAttentionMaskError if batched else MultiheadAttentionInputError
+            raise error(f"attn_mask must have shape {expected} (L = target length, S = source "
+                        f"length), got {tuple(attn_mask.shape)}")
+
+
+def _allowed(mask: Tensor | None, name: str) -> Tensor | None:
+    """nn.MultiheadAttention's mask (bool True = masked, or float added to the logits) -> bool
+    True = attended. Float masks may hold 0 and -inf only."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    bias = mask[(mask != 0) & (mask != float("-inf"))]
+    if bias.numel():
+        raise ValueError(
+            f"{name} holds {bias[0].item()}: float masks may hold only 0 (attend) and -inf "
+            "(masked); an additive attention bias is not supported yet. Pass a boolean mask "
+            "(True = masked) or a 0/-inf float mask")
+    return mask == 0
+
+
+def _with_virtual(allowed: Tensor | None, num_virtual: int) -> Tensor | None:
+    """Every query attends to the virtual keys of add_bias_kv / add_zero_attn."""
+    if allowed is None or num_virtual == 0:
+        return allowed
+    return F.pad(allowed, (0, num_virtual), value=True)
+
+
+def _is_causal_mask(attended: Tensor | None, L: int, S: int, is_causal: bool) -> bool:
+    """Whether the mask (True = attended) is the top-left causal mask. ``is_causal`` is
+    PyTorch's hint that it is: refused without a mask, as PyTorch's own forward refuses it, and
+    checked with one."""
+    if attended is None:
+        if is_causal:
+            raise MultiheadAttentionMaskError(
+                "is_causal=True needs attn_mask, the causal mask it stands for (PyTorch's "
+                "contract); pass attn_mask=nn.Transformer.generate_square_subsequent_mask(L)")
+        return False
+    causal = torch.ones(L, S, dtype=torch.bool, device=attended.device).tril()
+    matches = bool((attended == causal).all())
+    if is_causal and not matches:
+        raise ValueError(
+            "is_causal=True but attn_mask is not the causal mask (key j allowed for query i "
+            "iff j <= i); pass is_causal=False to apply the mask as given")
+    return matches
+
+
+def _left_aligned(kept_keys: Tensor | None) -> bool:
+    """No key kept after a padded one: dropping the padding keeps every key's position."""
+    if kept_keys is None:
+        return True
+    return bool((kept_keys[:, 1:] <= kept_keys[:, :-1]).all())
+
+
+def _as_4d(allowed: Tensor, N: int, H: int) -> Tensor:
+    """``(L, S)`` -> ``(1, 1, L, S)``; ``(N * H, L, S)`` -> ``(N, H, L, S)``."""
+    if allowed.dim() == 2:
+        return allowed.view(1, 1, *allowed.shape)
+    return allowed.view(N, H, *allowed.shape[1:])
+
+
+def _seq_nodes(x: Tensor, H: int) -> Tensor:
+    """``(N, T, E)`` -> ``(N * T, H, C)``: one node per token, all heads."""
+    return x.reshape(x.size(0) * x.size(1), H, -1)
+
+
+def _head_nodes(x: Tensor, H: int) -> Tensor:
+    """``(N, T, E)`` -> ``(N * H * T, 1, C)``: one node per token and head (graph ``n * H + h``)."""
+    N, T, E = x.shape
+    return x.view(N, T, H, E // H).transpose(1, 2).reshape(N * H * T, 1, E // H)
+
+
+def _merge_heads(out: Tensor, graphs: _Graphs, N: int, L: int) -> Tensor:
+    """Target nodes' outputs -> ``(N, L, E)``, heads concatenated."""
+    if graphs.per_head:
+        return out.view(N, -1, L, out.size(-1)).transpose(1, 2).reshape(N, L, -1)
+    return out.reshape(N, L, -1)
+
+
+def _dense_weights(alpha: Tensor, edge_index: Tensor, graphs: _Graphs, L: int, S: int) -> Tensor:
+    """Edge weights ``(E, heads)`` -> ``(groups, heads, L, S)``, zeros off the graph."""
+    src, dst = edge_index
+    position = src if graphs.source_position is None else graphs.source_position[src]
+    group, row = dst // max(L, 1), dst % max(L, 1)
+    weights = alpha.new_zeros(graphs.groups, L, S, graphs.heads)
+    weights = weights.index_put((group, row, position % max(S, 1)), alpha)
+    return weights.permute(0, 3, 1, 2)

@@ -74,7 +74,9 @@ class _CSRAttention(torch.autograd.Function):
                 (q, k, v), ctx.needs_input_grad[:3], grad_out)
             return *grads, None, None, None, None
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        q_h, k_h, v_h = (_by_head(t, alpha.dtype) for t in (q, k, v))
+        # Head-major views, not copies: the saved q, k, v are alive anyway, and the products
+        # below copy one head at a time at most.
+        q_h, k_h, v_h = (t.to(alpha.dtype).transpose(0, 1) for t in (q, k, v))
         grad_h = _by_head(grad_out, alpha.dtype)  # (H, N_dst, C_v)
         dv = _spmm(csr.transposed, _dropped(alpha, keep, dropout), grad_h) if need_v else None
         dq = dk = None

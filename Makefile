@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # A CPU build of torch keeps the install small; override for a GPU machine (TORCH=torch).
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test check bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 -q
+
+check: $(VENV)/.installed
+	TRITON_INTERPRET=1 $(PY) -m gatattn.check --device cpu
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_cpu.py

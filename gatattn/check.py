@@ -1,0 +1,298 @@
+"""Every route on this machine against :mod:`gatattn.reference`: ``python -m gatattn.check``.
+
+The test suite's equivalence checks, as a tool for any machine and device: each available route
+(``sdpa``, ``sparse``, ``triton``) runs each graph kind (complete, batched with awkward sizes,
+causal, bipartite, an edge set with duplicates and isolated targets) in each dtype it computes
+in, forward and the gradients of ``q``, ``k`` and ``v``, and is compared with the reference in
+float64 under the project's tolerance rule:
+
+    |out - ref_hi| <= 2 |ref_lo - ref_hi| + floor
+
+where ``ref_lo`` is the reference computed in the run's own low precision (float16/bfloat16
+only) and ``floor`` a small fixed bound per dtype, scaled by the reference's magnitude. A route
+that is silently wrong (say an SDPA 1% off) fails here. The command prints one table and exits
+with status 1 if any row fails; :func:`run` returns the rows.
+
+On CPU the Triton kernels run only in Triton's interpreter (``TRITON_INTERPRET=1``, set before
+Python starts), whose bfloat16 matrix product is broken: that combination is not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from gatattn import reference
+from gatattn.backends.fused import triton_unavailable_reason
+from gatattn.functional import attention
+
+ROUTES = ("sdpa", "sparse", "triton")
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+# Fixed floors, scaled by the magnitude of the reference (gradients of sums grow with N).
+FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+QUANTITIES = ("out", "dq", "dk", "dv")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention graph: the keyword arguments of :func:`gatattn.attention` that describe it,
+    and its mask (``mask[i, j]`` = how often ``j -> i`` is an edge), built independently of the
+    library's own graph code."""
+
+    name: str
+    num_dst: int
+    num_src: int
+    graph: dict = field(default_factory=dict)
+    mask: Tensor | None = None
+
+    @property
+    def implicit(self) -> bool:
+        return "edge_index" not in self.graph
+
+
+@dataclass(frozen=True)
+class Row:
+    route: str
+    case: str
+    dtype: str
+    quantity: str  # "out", "dq", "dk", "dv", or "run" when the route raised
+    error: float  # max |got - ref_hi|
+    bound: float  # the bound at the element nearest to failing
+    passed: bool
+    note: str = ""
+
+
+def run(device: str | torch.device | None = None, routes=ROUTES, dtypes=DTYPES, *,
+        heads: int = 2, channels: int = 24, seed: int = 0,
+        progress: bool = False) -> list[Row]:
+    """Check ``routes`` x graph kinds x ``dtypes`` on ``device`` (default: CUDA if present);
+    rows for every quantity of every combination that runs here (see :func:`skipped`)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    plan = [(route, case, dtype) for route in routes for case in cases()
+            for dtype in dtypes if _applies(route, case, dtype, device) is None]
+    rows = []
+    for route, case, dtype in tqdm(plan, desc="gatattn.check", disable=not progress):
+        rows += _check(route, case, dtype, device, heads, channels, seed)
+    return rows
+
+
+def skipped(device: str | torch.device | None = None, routes=ROUTES,
+            dtypes=DTYPES) -> list[tuple[str, str, str, str]]:
+    """``(route, case, dtype, reason)`` for the combinations :func:`run` leaves out here."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return [(route, case.name, _name(dtype), reason) for route in routes for case in cases()
+            for dtype in dtypes
+            if (reason := _applies(route, case, dtype, device)) is not None]
+
+
+def cases() -> list[Case]:
+    return [
+        _implicit("complete, 33 nodes", [33], [33]),
+        _implicit("batched, unsorted batch, graphs of 0, 1, 7, 20 nodes", [0, 1, 7, 20],
+                  [0, 1, 7, 20], shuffle=True),
+        _implicit("causal, ptr, sequences of 5, 17, 1", [5, 17, 1], [5, 17, 1], causal=True),
+        _implicit("bipartite, 3x6 and 8x2 per graph", [3, 8], [6, 2]),
+        _implicit("bipartite causal, 9x4 and 2x7 per graph", [9, 2], [4, 7], causal=True),
+        _edges("edge set, duplicates, self loops, isolated targets", 20, 16, 70),
+    ]
+
+
+def _applies(route: str, case: Case, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why ``route`` does not run ``case`` in ``dtype`` here, or ``None`` if it does."""
+    if route == "sdpa" and not case.implicit:
+        return "sdpa runs implicit graphs only"
+    if route == "triton":
+        reason = triton_unavailable_reason(device)
+        if reason is not None:
+            return reason
+        if dtype == torch.float64:
+            return "the kernels refuse float64 (sdpa and sparse compute in it)"
+        if dtype == torch.bfloat16 and device.type == "cpu":
+            return "Triton's interpreter has a broken bfloat16 tl.dot"
+    return None
+
+
+def _check(route: str, case: Case, dtype: torch.dtype, device: torch.device, heads: int,
+           channels: int, seed: int) -> list[Row]:
+    q, k, v = _inputs(case, heads, channels, seed)
+    grad_out = torch.randn(case.num_dst, heads, channels,
+                           generator=torch.Generator().manual_seed(seed + 1))
+    ref_hi = _forward_and_grads(
+        lambda q, k, v: reference.attention(q, k, v, case.mask, compute_dtype=torch.float64),
+        _cast((q, k, v), torch.float64, "cpu"), grad_out.double())
+    ref_lo = None
+    if dtype in LOW_PRECISION:
+        ref_lo = _forward_and_grads(
+            lambda q, k, v: reference.attention(q, k, v, case.mask, compute_dtype=None),
+            _cast((q, k, v), dtype, "cpu"), grad_out.to(dtype))
+    graph = {key: value.to(device) if isinstance(value, Tensor) else value
+             for key, value in case.graph.items()}
+    try:
+        got = _forward_and_grads(
+            lambda q, k, v: attention(q, k, v, backend=route, **graph),
+            _cast((q, k, v), dtype, device), grad_out.to(device, dtype))
+    except Exception as error:  # a route that raises on a supported case fails the check
+        note = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        return [Row(route, case.name, _name(dtype), "run", float("nan"), float("nan"), False,
+                    note)]
+    return [_compare(route, case.name, dtype, quantity, g, hi, None if ref_lo is None else lo)
+            for quantity, g, hi, lo in zip(QUANTITIES, got, ref_hi, ref_lo or ref_hi,
+                                           strict=True)]
+
+
+def _compare(route, case, dtype, quantity, got: Tensor, ref_hi: Tensor,
+             ref_lo: Tensor | None) -> Row:
+    got, ref_hi = got.detach().cpu().double(), ref_hi.detach().double()
+    scale = ref_hi.abs().max().item() if ref_hi.numel() else 0.0
+    bound = torch.full_like(ref_hi, FLOOR[dtype] * max(1.0, scale))
+    if ref_lo is not None:
+        bound = bound + 2 * (ref_lo.detach().cpu().double() - ref_hi).abs()
+    error = (got - ref_hi).abs()
+    if not error.numel():
+        return Row(route, case, _name(dtype), quantity, 0.0, 0.0, True, "empty")
+    nonfinite = int((~torch.isfinite(got)).sum())
+    worst = (error / bound).nan_to_num(float("inf")).argmax()
+    passed = nonfinite == 0 and bool((error <= bound).all())
+    note = f"{nonfinite} non-finite values" if nonfinite else ""
+    return Row(route, case, _name(dtype), quantity, error.max().item(),
+               bound.flatten()[worst].item(), passed, note)
+
+
+def _forward_and_grads(fn: Callable[..., Tensor], inputs, grad_out: Tensor) -> list[Tensor]:
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    return [out, *(torch.zeros_like(t) if g is None else g
+                   for t, g in zip(inputs, grads, strict=True))]
+
+
+def _inputs(case: Case, heads: int, channels: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(case.num_dst, heads, channels, generator=gen),
+            torch.randn(case.num_src, heads, channels, generator=gen),
+            torch.randn(case.num_src, heads, channels, generator=gen))
+
+
+def _cast(tensors, dtype: torch.dtype, device) -> tuple[Tensor, ...]:
+    return tuple(t.to(device=device, dtype=dtype) for t in tensors)
+
+
+def _implicit(name: str, sizes_dst: list[int], sizes_src: list[int], *, causal: bool = False,
+              shuffle: bool = False) -> Case:
+    """One complete graph per entry of ``sizes_*``, given by ``batch`` (shuffled: nodes of a
+    graph need not be contiguous) or ``ptr``; causal keeps ``pos(j) <= pos(i)`` per graph."""
+    batch_dst = torch.repeat_interleave(torch.arange(len(sizes_dst)), torch.tensor(sizes_dst))
+    batch_src = torch.repeat_interleave(torch.arange(len(sizes_src)), torch.tensor(sizes_src))
+    if shuffle:
+        gen = torch.Generator().manual_seed(7)
+        batch_dst = batch_dst[torch.randperm(batch_dst.numel(), generator=gen)]
+        batch_src = batch_dst if sizes_src == sizes_dst else batch_src
+    pos_dst, pos_src = _positions(batch_dst), _positions(batch_src)
+    mask = batch_dst[:, None] == batch_src[None, :]
+    if causal:
+        mask &= pos_src[None, :] <= pos_dst[:, None]
+    bipartite = sizes_dst != sizes_src
+    if shuffle:
+        graph = {"batch": (batch_dst, batch_src) if bipartite else batch_dst}
+    else:
+        ptr_dst, ptr_src = (torch.tensor([0, *sizes]).cumsum(0) for sizes in (sizes_dst, sizes_src))
+        graph = {"ptr": (ptr_dst, ptr_src) if bipartite else ptr_dst}
+    return Case(name, sum(sizes_dst), sum(sizes_src), {**graph, "causal": causal}, mask)
+
+
+def _positions(batch: Tensor) -> Tensor:
+    """Each node's position within its graph, in order of appearance."""
+    seen: dict[int, int] = {}
+    positions = []
+    for graph in batch.tolist():
+        positions.append(seen.get(graph, 0))
+        seen[graph] = positions[-1] + 1
+    return torch.tensor(positions, dtype=torch.long)
+
+
+def _edges(name: str, num_dst: int, num_src: int, num_edges: int) -> Case:
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randint(0, num_src, (num_edges,), generator=gen)
+    dst = torch.randint(0, num_dst - 3, (num_edges,), generator=gen)  # the last 3: no in-edge
+    edge_index = torch.cat([torch.stack([src, dst]), _self_loops(min(num_dst, num_src))], 1)
+    edge_index = torch.cat([edge_index, edge_index[:, :5]], 1)  # duplicates
+    mask = reference.edge_counts(edge_index, num_dst, num_src)
+    return Case(name, num_dst, num_src, {"edge_index": edge_index}, mask)
+
+
+def _self_loops(n: int) -> Tensor:
+    """Self loops on every 4th node, none on the last 3."""
+    return torch.arange(0, n - 3, 4).repeat(2, 1)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def table(rows: list[Row]) -> str:
+    """One line per (route, case, dtype): each quantity's max error and bound, and the verdict."""
+    combos: dict[tuple[str, str, str], dict[str, Row]] = {}
+    for row in rows:
+        combos.setdefault((row.route, row.case, row.dtype), {})[row.quantity] = row
+    lines = ["| route | case | dtype | " + " | ".join(QUANTITIES) + " | result |",
+             "|---" * (len(QUANTITIES) + 4) + "|"]
+    for (route, case, dtype), by_quantity in combos.items():
+        if "run" in by_quantity:
+            cells = [by_quantity["run"].note] + [""] * (len(QUANTITIES) - 1)
+        else:
+            cells = [_cell(by_quantity[q]) for q in QUANTITIES]
+        verdict = "pass" if all(r.passed for r in by_quantity.values()) else "**FAIL**"
+        lines.append(f"| {route} | {case} | {dtype} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
+def _cell(row: Row) -> str:
+    text = f"{row.error:.1e} <= {row.bound:.1e}"
+    return text + (f" ({row.note})" if row.note else "")
+
+
+def _combinations(left_out: list[tuple[str, str, str, str]]) -> str:
+    routes, case_names, dtypes = ({c[i] for c in left_out} for i in range(3))
+    every_case = case_names == {case.name for case in cases()}
+    return (f"{', '.join(sorted(routes))} on "
+            f"{'every case' if every_case else '; '.join(sorted(case_names))}, "
+            f"{', '.join(sorted(dtypes))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gatattn.check", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--routes", nargs="+", choices=ROUTES, default=list(ROUTES))
+    parser.add_argument("--dtypes", nargs="+", choices=[_name(d) for d in DTYPES],
+                        default=[_name(d) for d in DTYPES])
+    args = parser.parse_args(argv)
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = run(device, args.routes, dtypes, progress=sys.stderr.isatty())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"gatattn.check on {device} ({name}), torch {torch.__version__}, "
+          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}\n")
+    print(table(rows))
+    left_out = skipped(device, args.routes, dtypes)
+    if left_out:
+        print("\nNot run here:")
+        for reason in dict.fromkeys(r for *_, r in left_out):
+            print(f"- {reason}: {_combinations([c for c in left_out if c[3] == reason])}")
+    failed = sum(not row.passed for row in rows)
+    print(f"\n{len(rows) - failed} of {len(rows)} checks pass" +
+          (f"; {failed} FAIL" if failed else ""))
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

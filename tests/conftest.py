@@ -21,9 +21,8 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=10
 settings.register_profile("fuzz", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Fixed floors, scaled by the magnitude of the compared tensor (gradients of sums grow with N).
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+# The tolerance rule's floors, shared with the check tool users run (python -m gatattn.check).
+from gatattn.check import FLOOR, LOW_PRECISION  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,8 +19,7 @@ from torch_geometric.typing import WITH_TORCH_SPARSE, SparseTensor
 from torch_geometric.utils import to_torch_csc_tensor
 
 from gatattn.gps import GPSConv
-
-from .conftest import assert_close
+from tests.conftest import assert_close
 
 ATOL = 1e-6  # PyG's tolerance in test_gps_conv.py
 
@@ -46,7 +45,7 @@ def _seed():
 def graph_batch(sizes, channels, dtype=torch.float32, seed=0):
     """Node features, a ring inside each graph (both directions) and the sorted batch vector."""
     gen = torch.Generator().manual_seed(seed)
-    batch = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    batch = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
     edges, start = [], 0
     for n in sizes:
         if n > 1:
@@ -210,11 +209,20 @@ def test_graph_without_nodes_in_the_batch(GPS):
     assert all(torch.isfinite(g).all() for g in result[1].values() if g is not None)
 
 
-def test_empty_input(GPS):
+@pytest.mark.parametrize("GPS", [
+    pytest.param(PyGGPSConv, id="pyg", marks=pytest.mark.xfail(
+        strict=True, reason="PyG's padded attention fails on a batch without nodes")),
+    pytest.param(GPSConv, id="gatattn")])
+@pytest.mark.parametrize("with_batch", [False, True], ids=["batch=None", "empty batch"])
+@pytest.mark.parametrize("norm", [None, "batch_norm"])
+def test_no_nodes_at_all(GPS, with_batch, norm):
     x, edge_index, batch = graph_batch([], 16)
-    layer = GPS(16, SAGEConv(16, 16), heads=4, norm=None)
-    out = layer(x, edge_index, batch)
+    x.requires_grad_()
+    layer = GPS(16, SAGEConv(16, 16), heads=4, norm=norm)
+    out = layer(x, edge_index, batch if with_batch else None)
     assert out.shape == (0, 16)
+    out.sum().backward()
+    assert x.grad.shape == (0, 16)
 
 
 # --- state_dict, reset_parameters ---
@@ -232,21 +240,29 @@ def test_state_dict_round_trip():
 
 
 def test_reset_parameters_redraws_every_part(GPS):
+    """As PyG: the local conv, the attention's input projection and the MLP are redrawn
+    (``nn.MultiheadAttention._reset_parameters`` zeroes ``out_proj.bias`` but keeps its
+    weight)."""
     layer = GPS(16, SAGEConv(16, 16), heads=4, norm="layer_norm")
+    with torch.no_grad():
+        layer.attn.out_proj.bias.fill_(1.0)
     before = {n: p.detach().clone() for n, p in layer.named_parameters()}
     layer.reset_parameters()
-    for part in ("conv.lin_l.weight", "attn.in_proj_weight", "attn.out_proj.weight",
-                 "mlp.0.weight", "mlp.3.weight"):
+    for part in ("conv.lin_l.weight", "attn.in_proj_weight", "mlp.0.weight", "mlp.3.weight"):
         assert not torch.equal(before[part], layer.get_parameter(part)), part
+    assert (layer.attn.out_proj.bias == 0).all()
 
 
 # --- attention dropout ---
 
 
 def attention_only(GPS, attn_dropout):
-    """A layer whose output varies only through attention dropout (no local conv, no norm, no
-    dropout elsewhere), in training mode."""
+    """A layer in training mode whose output is ``x + attention(x)``: no local conv, no norm, no
+    dropout elsewhere, the MLP's last linear zeroed (so the output is linear in the attention
+    weights)."""
     layer = GPS(16, None, heads=4, norm=None, attn_kwargs={"dropout": attn_dropout})
+    torch.nn.init.zeros_(layer.mlp[-2].weight)
+    torch.nn.init.zeros_(layer.mlp[-2].bias)
     return layer.train()
 
 
@@ -263,22 +279,18 @@ def test_attention_dropout_is_applied_in_training(GPS):
 
 
 def test_attention_dropout_is_unbiased(GPS):
-    """Dropout on the attention weights, rescaled by 1 / (1 - p): the mean over many masks of the
-    heads' output (read by a hook on the input of the attention's output projection) approaches
-    its dropout-free value, while one sample does not."""
+    """Dropout on the attention weights, rescaled by 1 / (1 - p): the mean of the attention
+    term over many masks is its dropout-free value, within 5 standard errors everywhere, while
+    one sample is far from it."""
     x, edge_index, batch = graph_batch(SIZES, 16)
     layer = attention_only(GPS, 0.5)
-    seen = []
-    layer.attn.out_proj.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0]))
     with torch.no_grad():
-        for _ in range(400):
-            layer(x, edge_index, batch)
+        samples = torch.stack([layer(x, edge_index, batch) - x for _ in range(200)])
         layer.attn.eval()
-        layer(x, edge_index, batch)
-    expected = seen.pop().reshape(x.size(0), -1)
-    mean = torch.stack([s.reshape(x.size(0), -1) for s in seen]).mean(0)
-    assert (mean - expected).abs().max() < 0.1 * expected.abs().max()
-    assert (seen[0].reshape(x.size(0), -1) - expected).abs().max() > 0.1 * expected.abs().max()
+        expected = layer(x, edge_index, batch) - x
+    standard_error = samples.std(0) / len(samples) ** 0.5
+    assert ((samples.mean(0) - expected).abs() <= 5 * standard_error + 1e-6).all()
+    assert (samples[0] - expected).abs().max() > 0.5 * expected.abs().max()
 
 
 # --- where gatattn differs on purpose ---

@@ -652,3 +652,39 @@ def test_encoder_layer_inference_fast_path_is_the_same_function():
         finally:
             torch.backends.mha.set_fastpath_enabled(enabled)
         assert calls["self_attn"] == 1
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad_nested_fast_path", "grad"])
+def test_transformer_encoder_stack_equals_torch(grad):
+    """nn.TransformerEncoder in eval mode: under no_grad with a padding mask it packs the batch
+    into a nested tensor for PyTorch's fused layers (our forward is not called); with gradients
+    each layer calls our forward. Both equal PyTorch."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True,
+                                       dtype=DTYPE)
+    theirs = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True).eval()
+    ours = copy.deepcopy(theirs)
+    for block in ours.layers:
+        block.self_attn = MultiheadAttention.from_torch(block.self_attn)
+    calls = [count_forward_calls(block) for block in ours.layers]
+    src = torch.randn(3, 5, E, dtype=DTYPE)
+    padding = torch.arange(5) >= torch.tensor([5, 3, 2]).unsqueeze(1)
+    with torch.set_grad_enabled(grad):
+        expected = theirs(src, src_key_padding_mask=padding)
+        assert_close("out", ours(src, src_key_padding_mask=padding), expected)
+    assert sum(c["self_attn"] for c in calls) == (2 if grad else 0)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_float32_equals_torch(need_weights):
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(64, 4, batch_first=True)
+    ours = MultiheadAttention.from_torch(theirs)
+    query, key = torch.randn(4, 10, 64), torch.randn(4, 12, 64)
+    padding = torch.arange(12) >= torch.tensor([12, 5, 9, 1]).unsqueeze(1)
+    expected = theirs(query, key, key, key_padding_mask=padding, need_weights=need_weights)
+    got = ours(query, key, key, key_padding_mask=padding, need_weights=need_weights)
+    assert got[0].dtype == torch.float32
+    assert_close("out", got[0], expected[0])
+    if need_weights:
+        assert_close("weights", got[1], expected[1])

@@ -2,7 +2,9 @@
 stale cached edge orders, second derivatives, inference mode, empty batches, degenerate scales,
 strided head dims, float64 on the kernels, converters' dtypes, and non-finite inputs."""
 
+import gc
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -128,6 +130,23 @@ def test_first_order_backward_still_retains_graphs():
     first, = torch.autograd.grad(out.sum(), q, retain_graph=True)
     again, = torch.autograd.grad(out.sum(), q)
     torch.testing.assert_close(first, again)
+
+
+def test_a_plain_backward_frees_what_the_fast_route_saved():
+    """The fast route's own graph is nested inside the twice-differentiable wrapper: a backward
+    that does not retain the graph must free it, as it would without the wrapper, even while
+    the output (and so the wrapper's node) is still alive."""
+    q, k, v = qkv(12, 12, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(weakref.ref(t)) or t, lambda t: t):
+        out = gatattn.attention(q, k, v, batch=torch.tensor([1, 0] * 6), backend="sdpa")
+    assert saved
+    out.backward(torch.ones_like(out))
+    gc.collect()
+    alive = [t for ref in saved if (t := ref()) is not None and t.is_floating_point()
+             and not any(t is leaf for leaf in (q, k, v))]  # (integer node orders are cached)
+    assert not alive, f"{len(alive)} saved activations outlive a backward without retain_graph"
 
 
 # 3. Inference mode.

@@ -58,9 +58,14 @@ class _TwiceDifferentiable(torch.autograd.Function):
         if recording_backward():
             return None, None, *recorded_grads(ctx.recompute, ctx.saved_tensors, needs, grad_out)
         wanted = [t for t, needed in zip(ctx.inner, needs, strict=True) if needed]
-        # The inner graph lives as long as this node: a retain_graph=True backward may replay it.
-        grads = iter(torch.autograd.grad(ctx.inner_out, wanted, grad_out, retain_graph=True,
+        # The inner graph is kept exactly when the outer one is (retain_graph=True may replay
+        # it); freed otherwise, so its saved tensors go as soon as this node has run, as they
+        # would without the wrapper (torch's own AOT autograd asks the engine the same way).
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        grads = iter(torch.autograd.grad(ctx.inner_out, wanted, grad_out, retain_graph=keep,
                                          allow_unused=True))
+        if not keep:
+            ctx.inner = ctx.inner_out = None
         return None, None, *(next(grads) if needed else None for needed in needs)
 
 

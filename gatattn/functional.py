@@ -14,7 +14,8 @@ from gatattn.backends import (
     triton_attention,
     triton_unavailable_reason,
 )
-from gatattn.graph import AttentionGraph, build_graph
+from gatattn.backends.ops import segment_attention
+from gatattn.graph import AttentionGraph, build_graph, graph_membership
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -95,22 +96,33 @@ def attention(
     Every route is twice differentiable (SDPA with dropout refuses a recorded backward). A
     non-finite input reaches only the outputs that read it through an edge (README, Numerics).
 
+    Under ``torch.compile`` and ``torch.export``, ``batch`` / ``ptr`` graphs without dropout
+    run as one opaque operator, ``gatattn::segment_attention``: no graph break, and one compile
+    serves batches of any sizes (``dynamic=True``). It has first derivatives only; second
+    derivatives are refused there (eager mode has them).
+
     Not supported: additive float masks (give edges instead).
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, dropout)
     _validate_causal(causal)
+    scale = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale, temperature)
     adjacency = read_adjacency(edge_index) if edge_index is not None else None
     edge_index = adjacency.edge_index if adjacency is not None else None
     bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
         q.size(0) != k.size(0))
+    if _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
+                              return_attention_weights, backend):
+        batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
+                                                bipartite=bipartite, validate=False)
+        return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
+                                 causal)
     graph = build_graph(q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr,
                         causal=causal, bipartite=bipartite,
                         validate=not torch.compiler.is_compiling())
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]
-    scale = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale, temperature)
 
     route = _choose_backend(backend, graph, q, v, return_attention_weights, dropout,
                             edge_attr is not None)
@@ -127,6 +139,17 @@ def attention(
     if adjacency is None or graph.kept_edges is not None:
         return out, (edge_index, alpha)
     return out, adjacency.with_weights(alpha)
+
+
+def _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout: float,
+                           need_weights: bool, backend: str) -> bool:
+    """Whether batched implicit graphs run as the opaque operator ``gatattn::segment_attention``:
+    under ``torch.compile`` / ``torch.export``, whose tracing cannot read the graph sizes that
+    grouping by size needs. Not with dropout (the operator's backward recomputes the forward and
+    could not replay the mask), edge features or attention weights: those keep their routes."""
+    return (torch.compiler.is_compiling() and edge_index is None
+            and (batch is not None or ptr is not None) and edge_attr is None and dropout == 0
+            and not need_weights and backend in ("auto", "sdpa"))
 
 
 def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,
@@ -240,7 +263,9 @@ def logit_multiplier(scale: float, temperature: float) -> float:
         raise ValueError(f"temperature must be > 0 (inf gives uniform weights), got "
                          f"{temperature}")
     multiplier = scale / temperature
-    if not math.isfinite(multiplier):
+    # Comparisons, not math.isfinite: traced with dynamic=True the multiplier can be a
+    # symbolic float, which torch.compile can compare but not pass to math.isfinite.
+    if not -math.inf < multiplier < math.inf:  # also refuses NaN
         raise ValueError(
             f"scale / temperature = {scale} / {temperature} overflows to {multiplier}; use a "
             "larger temperature (below about 1e-30 float32 logits overflow anyway)")

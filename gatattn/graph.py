@@ -162,20 +162,8 @@ def build_graph(
     not be sorted: a graph's nodes are taken in the order they appear. ``validate=False`` skips
     the checks that read tensor values (used under ``torch.compile``).
     """
-    if not bipartite and num_dst != num_src:
-        raise ValueError(
-            f"self-attention needs as many queries as keys, got {num_dst} and {num_src}; "
-            "pass bipartite=True (or a pair (x_src, x_dst) to the layer) for cross-attention"
-        )
-    if batch is not None and ptr is not None:
-        raise ValueError("got both batch and ptr; give either batch or ptr, not both")
-    batch_dst, batch_src = _split_pair("batch", batch, bipartite)
-    ptr_dst, ptr_src = _split_pair("ptr", ptr, bipartite)
-    if ptr_dst is not None:
-        batch_dst = ptr_to_batch(_check_ptr("ptr", ptr_dst, num_dst, validate), num_dst)
-        batch_src = ptr_to_batch(_check_ptr("ptr", ptr_src, num_src, validate), num_src)
-    batch_dst = _check_batch("batch", batch_dst, num_dst, "queries (x_dst)")
-    batch_src = _check_batch("batch", batch_src, num_src, "keys (x_src)")
+    batch_dst, batch_src = graph_membership(num_dst, num_src, batch=batch, ptr=ptr,
+                                            bipartite=bipartite, validate=validate)
     num_graphs = _count_graphs(batch_dst, batch_src, validate)
 
     if edge_index is not None:
@@ -190,11 +178,41 @@ def build_graph(
                           num_graphs=num_graphs, causal=causal, bipartite=bipartite)
 
 
+def graph_membership(
+    num_dst: int,
+    num_src: int,
+    *,
+    batch: Tensor | tuple[Tensor, Tensor] | None = None,
+    ptr: Tensor | tuple[Tensor, Tensor] | None = None,
+    bipartite: bool = False,
+    validate: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Graph id per target and per source, ``(batch_dst, batch_src)``, from ``batch`` or ``ptr``
+    (``None`` each without them), checked as :func:`build_graph` does. Reads no tensor value
+    with ``validate=False``, so it traces under ``torch.compile`` without a graph break."""
+    if not bipartite and num_dst != num_src:
+        raise ValueError(
+            f"self-attention needs as many queries as keys, got {num_dst} and {num_src}; "
+            "pass bipartite=True (or a pair (x_src, x_dst) to the layer) for cross-attention"
+        )
+    if batch is not None and ptr is not None:
+        raise ValueError("got both batch and ptr; give either batch or ptr, not both")
+    batch_dst, batch_src = _split_pair("batch", batch, bipartite)
+    ptr_dst, ptr_src = _split_pair("ptr", ptr, bipartite)
+    if ptr_dst is not None:
+        batch_dst = ptr_to_batch(_check_ptr("ptr", ptr_dst, num_dst, validate), num_dst)
+        batch_src = ptr_to_batch(_check_ptr("ptr", ptr_src, num_src, validate), num_src)
+    batch_dst = _check_batch("batch", batch_dst, num_dst, "queries (x_dst)")
+    batch_src = _check_batch("batch", batch_src, num_src, "keys (x_src)")
+    return batch_dst, batch_src
+
+
 def ptr_to_batch(ptr: Tensor, num_nodes: int) -> Tensor:
-    """``ptr`` (B+1,) -> per-node graph ids (num_nodes,)."""
-    counts = ptr[1:] - ptr[:-1]
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts,
-                                   output_size=num_nodes)
+    """``ptr`` (B+1,) -> per-node graph ids (num_nodes,): node ``i`` lies in the last graph
+    that starts at or before it (empty graphs start where the next one does). A search rather
+    than ``ptr[1:] - ptr[:-1]``, whose size a tracer would specialise for one graph."""
+    nodes = torch.arange(num_nodes, device=ptr.device, dtype=ptr.dtype)
+    return torch.searchsorted(ptr, nodes, right=True) - 1
 
 
 def local_positions(batch: Tensor | None, num_nodes: int, device=None) -> Tensor:

@@ -1,0 +1,224 @@
+"""Batched implicit graphs (batch= / ptr=) under torch.compile, torch.export and ONNX export.
+
+Under tracing they run as the opaque operator gatattn::segment_attention: one compile serves
+batches of any sizes and graph counts, without graph breaks, forward and backward.
+"""
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+import gatattn
+from gatattn.backends.ops import ONNX_DECOMPOSITIONS, segment_attention
+from tests.conftest import check_against_reference, make_qkv, masked_reference
+from tests.test_functional import batch_from_sizes, ptr_from_sizes, same_graph_mask
+
+# Eight batches: new node counts and graph counts each time, graphs of size 1, one lone graph.
+SIZES = [[3, 5, 2], [4, 4, 4, 1], [7], [2, 6, 3, 3, 5], [1, 1, 2], [5, 2],
+         [3, 3, 3, 3, 3, 3], [9, 2, 4, 1]]
+# With dynamic=True torch "duck sizes" dims equal on the first call (one symbol, then a guard
+# that they stay equal): head and channel counts differ from every node and graph count here.
+HEADS, CHANNELS = 3, 12
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def assert_compiled_graphs(expected):
+    """Dynamo built ``expected`` graphs (a retried trace of one frame counts once) and broke
+    none."""
+    assert counters["stats"]["unique_graphs"] == expected, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, causal=False):
+        super().__init__()
+        self.causal = causal
+        self.conv1 = gatattn.SelfAttentionConv(8, 4, heads=2)
+        self.conv2 = gatattn.SelfAttentionConv(8, 4, heads=2)
+
+    def forward(self, x, batch=None, ptr=None):
+        x = self.conv1(x, batch=batch, ptr=ptr, causal=self.causal).relu()
+        return self.conv2(x, batch=batch, ptr=ptr, causal=self.causal)
+
+
+def graph_kwargs(form, sizes):
+    return {"batch": batch_from_sizes(sizes)} if form == "batch" else {
+        "ptr": ptr_from_sizes(sizes)}
+
+
+def forward_and_grads(model, x, kwargs):
+    out = model(x, **kwargs)
+    grads = torch.autograd.grad(out.square().sum(), [x, *model.parameters()])
+    return out, grads
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("form", ["batch", "ptr"])
+def test_layer_compiles_once_for_eight_new_batches(form, causal):
+    torch.manual_seed(0)
+    model = TwoLayers(causal)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for sizes in SIZES:
+            x = torch.randn(sum(sizes), 8, requires_grad=True)
+            kwargs = graph_kwargs(form, sizes)
+            out, grads = forward_and_grads(compiled, x, kwargs)
+            ref_out, ref_grads = forward_and_grads(model, x, kwargs)
+            torch.testing.assert_close(out, ref_out)
+            for g, ref_g in zip(grads, ref_grads, strict=True):
+                torch.testing.assert_close(g, ref_g)
+    assert_compiled_graphs(1)
+
+
+@pytest.mark.parametrize("form", ["batch", "ptr"])
+def test_layer_has_no_graph_breaks(form):
+    sizes = SIZES[0]
+    explanation = torch._dynamo.explain(TwoLayers())(torch.randn(sum(sizes), 8),
+                                                     **graph_kwargs(form, sizes))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def compiled_attention(**fixed):
+    def run(q, k, v, **graph):
+        return gatattn.attention(q, k, v, **fixed, **graph)
+    return torch.compile(run, backend="aot_eager", fullgraph=True, dynamic=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("form", ["batch", "ptr", "unsorted"])
+def test_functional_against_reference_on_new_batches(form, causal):
+    run = compiled_attention(causal=causal)
+    for seed, sizes in enumerate(SIZES[:4]):
+        n = sum(sizes)
+        batch = batch_from_sizes(sizes)
+        if form == "unsorted":
+            batch = batch[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+        graph = {"ptr": ptr_from_sizes(sizes)} if form == "ptr" else {"batch": batch}
+        check_against_reference(lambda q, k, v, graph=graph: run(q, k, v, **graph),
+                                make_qkv(n, n, HEADS, CHANNELS, seed=seed),
+                                masked_reference(same_graph_mask(batch, batch, causal)))
+    assert_compiled_graphs(2)  # one with grad, one without (no_grad), for all sizes
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_functional_bipartite_against_reference(causal):
+    run = compiled_attention(causal=causal)
+    for seed, (sizes_dst, sizes_src) in enumerate([([2, 5, 1], [4, 3, 6]),
+                                                   ([3, 0, 4, 2], [1, 5, 2, 2])]):
+        batch_dst, batch_src = batch_from_sizes(sizes_dst), batch_from_sizes(sizes_src)
+        mask = same_graph_mask(batch_dst, batch_src, causal)
+        check_against_reference(
+            lambda q, k, v, b=(batch_dst, batch_src): run(q, k, v, batch=b),
+            make_qkv(sum(sizes_dst), sum(sizes_src), HEADS, CHANNELS, value_channels=11,
+                     seed=seed),
+            masked_reference(mask))
+    assert_compiled_graphs(2)  # with and without grad
+
+
+def test_functional_has_no_graph_breaks():
+    q, k, v = make_qkv(10, 10, 2, 8)
+    explanation = torch._dynamo.explain(gatattn.attention)(q, k, v,
+                                                           batch=batch_from_sizes([3, 5, 2]))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_operator_checks():
+    """torch.library's own checks: schema, fake (meta) shapes, autograd registration."""
+    q, k, v = make_qkv(10, 10, 2, 8, value_channels=6)
+    batch = torch.tensor([1, 0, 0, 1, 2, 2, 2, 0, 1, 1])
+    for batch_src, causal in ((None, False), (None, True), (batch.flip(0), True)):
+        torch.library.opcheck(segment_attention, (q, k, v, batch, batch_src, 0.3, causal))
+
+
+def test_nonfinite_inputs_travel_along_edges_only():
+    q, k, v = (t.detach() for t in make_qkv(10, 10, 2, 8))
+    k[4, 1, 0] = float("nan")  # graph 1, head 1
+    batch = batch_from_sizes([3, 5, 2])
+    out = compiled_attention()(q, k, v, batch=batch)
+    expected = torch.zeros(10, 2, dtype=torch.bool)
+    expected[3:8, 1] = True
+    assert torch.equal(out.isnan().any(-1), expected)
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    q, k, v = make_qkv(10, 10, 2, 8)
+    batch = batch_from_sizes([3, 5, 2])
+    out = compiled_attention()(q, k, v, batch=batch)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward|second derivatives"):
+        torch.autograd.grad(dq.sum(), v)
+    # The operator called directly (as an exported program does) refuses it by name.
+    out = segment_attention(q, k, v, batch, None, 0.3, False)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not available"):
+        torch.autograd.grad(dq.sum(), v)
+
+
+def test_dropout_under_compile_keeps_its_route():
+    # The operator cannot replay a dropout mask in its backward; dropout keeps the grouped
+    # route (with graph breaks), so fullgraph refuses it rather than drop the dropout.
+    q, k, v = make_qkv(10, 10, 2, 8)
+    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
+        compiled_attention(dropout=0.5)(q, k, v, batch=batch_from_sizes([3, 5, 2]))
+
+
+def export_layer():
+    torch.manual_seed(0)
+    model = TwoLayers().eval()
+    sizes = SIZES[0]
+    nodes = torch.export.Dim("nodes", min=2)
+    program = torch.export.export(
+        model, (torch.randn(sum(sizes), 8),), {"batch": batch_from_sizes(sizes)},
+        dynamic_shapes={"x": {0: nodes}, "batch": {0: nodes}})
+    return model, program
+
+
+def test_export_runs_batches_of_other_sizes():
+    model, program = export_layer()
+    for sizes in SIZES[1:4]:
+        x, batch = torch.randn(sum(sizes), 8), batch_from_sizes(sizes)
+        torch.testing.assert_close(program.module()(x, batch=batch), model(x, batch=batch))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bipartite", [False, True])
+def test_onnx_decomposition_against_reference(bipartite, causal):
+    decomposed = ONNX_DECOMPOSITIONS[torch.ops.gatattn.segment_attention.default]
+    batch_dst = torch.tensor([1, 0, 0, 1, 2, 2, 2, 0, 1, 1, 4])  # graph 3 empty, graph 4 alone
+    batch_src = torch.tensor([2, 0, 1, 1, 0, 2, 0]) if bipartite else batch_dst
+    inputs = make_qkv(batch_dst.numel(), batch_src.numel(), 2, 8, value_channels=6)
+    check_against_reference(
+        lambda q, k, v: decomposed(q, k, v, batch_dst, batch_src if bipartite else None, 0.3,
+                                   causal),
+        inputs, masked_reference(same_graph_mask(batch_dst, batch_src, causal), scale=0.3))
+
+
+def test_decomposed_program_runs_batches_of_other_sizes():
+    model, program = export_layer()
+    decomposed = program.run_decompositions(ONNX_DECOMPOSITIONS).module()
+    for sizes in SIZES[1:4]:
+        x, batch = torch.randn(sum(sizes), 8), batch_from_sizes(sizes)
+        torch.testing.assert_close(decomposed(x, batch=batch), model(x, batch=batch))
+
+
+def test_onnx_export_runs_in_onnxruntime():
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model, program = export_layer()
+    onnx_program = torch.onnx.export(program.run_decompositions(ONNX_DECOMPOSITIONS),
+                                     dynamo=True)
+    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    for sizes in SIZES[1:4]:
+        x, batch = torch.randn(sum(sizes), 8), batch_from_sizes(sizes)
+        (out,) = session.run(None, dict(zip(names, (x.numpy(), batch.numpy()), strict=True)))
+        torch.testing.assert_close(torch.from_numpy(out), model(x, batch=batch))

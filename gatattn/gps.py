@@ -37,8 +37,8 @@ class GPSConv(torch_geometric.nn.GPSConv):
     ``reset_parameters`` and ``repr``, and the same outputs and gradients. The attention weights
     stay in :obj:`self.attn`, an :class:`torch.nn.MultiheadAttention`, read at every call;
     attention dropout (its :obj:`dropout`) falls on the attention weights in training, as there,
-    with other random masks. Unlike PyG's padded path (``to_dense_batch`` assumes a sorted batch
-    vector), :obj:`batch` need not be sorted: each node attends to the nodes with its graph id.
+    with other random masks. Unlike PyG's (``to_dense_batch`` assumes a sorted batch vector),
+    :obj:`batch` need not be sorted: each node attends to the nodes with its graph id.
 
     Args:
         channels (int): Size of each input sample.
@@ -53,7 +53,8 @@ class GPSConv(torch_geometric.nn.GPSConv):
             (default: :obj:`None`)
         attn_type (str, optional): :obj:`"multihead"` (unpadded, as above) or
             :obj:`"performer"`, which runs PyG's :class:`PerformerAttention` on the padded batch
-            exactly as PyG's ``GPSConv`` does. (default: :obj:`"multihead"`)
+            as PyG's ``GPSConv`` does (nodes sorted by graph first). (default:
+            :obj:`"multihead"`)
         attn_kwargs (Dict[str, Any], optional): Arguments of the attention module, e.g.
             :obj:`dropout` for attention dropout. (default: :obj:`None`)
 
@@ -102,10 +103,9 @@ class GPSConv(torch_geometric.nn.GPSConv):
 
     def _global_attention(self, x: Tensor, batch: Tensor | None) -> Tensor:
         if isinstance(self.attn, nn.MultiheadAttention):
-            return unpadded_multihead_attention(self.attn, x, batch)
+            return _multihead_attention_per_graph(self.attn, x, batch)
         if isinstance(self.attn, PerformerAttention):
-            h, mask = to_dense_batch(x, batch)  # PyG's own route: the performer needs padding
-            return self.attn(h, mask=mask)[mask]
+            return _padded_performer(self.attn, x, batch)
         raise TypeError(
             f"GPSConv.attn must be an nn.MultiheadAttention or a PerformerAttention, got "
             f"{type(self.attn).__name__}; build the layer with attn_type='multihead' or "
@@ -117,8 +117,8 @@ class GPSConv(torch_geometric.nn.GPSConv):
         return norm(h, batch=batch) if self.norm_with_batch else norm(h)
 
 
-def unpadded_multihead_attention(mha: nn.MultiheadAttention, x: Tensor,
-                                 batch: Tensor | None) -> Tensor:
+def _multihead_attention_per_graph(mha: nn.MultiheadAttention, x: Tensor,
+                                   batch: Tensor | None) -> Tensor:
     """``mha(x, x, x)`` with each node attending to the nodes of its own graph (all nodes if
     ``batch`` is None): ``(N, embed_dim)``, with ``mha``'s weights and attention dropout."""
     _check_node_attention(mha)
@@ -126,6 +126,20 @@ def unpadded_multihead_attention(mha: nn.MultiheadAttention, x: Tensor,
     q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(-1, 3, H, E // H).unbind(1)
     out = attention(q, k, v, batch=batch, dropout=mha.dropout if mha.training else 0.0)
     return mha.out_proj(out.reshape(-1, E))  # (N, H, C) -> (N, E)
+
+
+def _padded_performer(performer: PerformerAttention, x: Tensor,
+                      batch: Tensor | None) -> Tensor:
+    """PyG's route: the performer runs on the batch padded by ``to_dense_batch``, which needs
+    the nodes sorted by graph, so they are sorted first (a stable sort: graphs keep their node
+    order) and put back after."""
+    if batch is None:
+        h, mask = to_dense_batch(x)
+        return performer(h, mask=mask)[mask]
+    order = batch.argsort(stable=True)
+    h, mask = to_dense_batch(x[order], batch[order])
+    out = performer(h, mask=mask)[mask]
+    return out[order.argsort()]
 
 
 def _check_node_attention(mha: nn.MultiheadAttention) -> None:

@@ -300,11 +300,12 @@ def test_attention_dropout_is_unbiased(GPS):
     pytest.param(PyGGPSConv, id="pyg", marks=pytest.mark.xfail(
         strict=True, reason="PyG pads with to_dense_batch, which assumes a sorted batch vector")),
     pytest.param(GPSConv, id="gatattn")])
-def test_unsorted_batch_is_a_permutation(GPS):
+@pytest.mark.parametrize("attn_type", ["multihead", "performer"])
+def test_unsorted_batch_is_a_permutation(GPS, attn_type):
     """Shuffling the nodes of a batch (batch vector, features and edges alike) shuffles the
     output the same way."""
     x, edge_index, batch = graph_batch(SIZES, 16)
-    layer = GPS(16, SAGEConv(16, 16), heads=4, norm="layer_norm")
+    layer = GPS(16, SAGEConv(16, 16), heads=4, norm="layer_norm", attn_type=attn_type)
     perm = torch.randperm(x.size(0), generator=torch.Generator().manual_seed(3))
     new_position = torch.empty_like(perm)
     new_position[perm] = torch.arange(perm.numel())

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch_geometric.utils import scatter
 
 from gatattn.convert import sequences_to_graph
 from gatattn.functional import attention
@@ -72,12 +71,11 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     Without an ``attn_mask`` no ``(L, S)`` matrix is built. ``need_weights=True`` (PyTorch's
     default) returns the weights as PyTorch does (``(N, L, S)`` averaged, ``(N, H, L, S)`` with
-    ``average_attn_weights=False``, zeros where masked); that builds every edge and runs
-    differentiable per-edge message passing, much slower than the fused routes (on a 2-core
-    CPU, forward + backward at N=32, L=128, E=128: about 20x PyTorch's time or more, against
-    about 1.0x with ``need_weights=False``). Pass ``need_weights=False`` unless the weights are
-    needed, as the Transformer layers do. In training, dropout acts on the attention weights,
-    as in PyTorch (the returned weights are the dropped ones).
+    ``average_attn_weights=False``, zeros where masked, differentiable) from the same call of
+    :func:`gatattn.attention`: each key's value is extended with the one-hot vector of its
+    position, so a query's output carries its weights too, on the fused routes. In training,
+    dropout acts on the attention weights, as in PyTorch, and the returned weights are the
+    dropped ones the output was computed with.
 
     Differences from PyTorch, on purpose:
 
@@ -230,17 +228,20 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not need_weights:
             out = attention(graphs.q, graphs.k, graphs.v, dropout=dropout, **graphs.graph)
             return _merge_heads(out, graphs, N, L), None
-        out, (edge_index, alpha) = attention(graphs.q, graphs.k, graphs.v,
-                                             return_attention_weights=True, **graphs.graph)
-        if dropout > 0:
-            # The returned weights must be the ones the output was computed with, so the
-            # dropped weights are aggregated here rather than by a second random draw.
-            alpha = F.dropout(alpha, p=dropout)
-            src, dst = edge_index
-            out = scatter(alpha.unsqueeze(-1) * graphs.v.index_select(0, src), dst, dim=0,
-                          dim_size=graphs.q.size(0), reduce="sum")
-        weights = _dense_weights(alpha, edge_index, graphs, L, S).reshape(N, self.num_heads, L, S)
-        return _merge_heads(out, graphs, N, L), weights
+        # A target's weights are what attention carries to it when every key's value is the
+        # one-hot vector of its position: one call with values [v_j, onehot(j)] returns the
+        # output and the weights it was computed with (dropped ones in training), on the
+        # fused routes, without building edges.
+        C = graphs.v.size(-1)
+        position = graphs.source_position
+        if position is None:
+            position = torch.arange(graphs.k.size(0), device=graphs.k.device)
+        one_hot = F.one_hot(position % max(S, 1), S).to(graphs.v.dtype)  # (num_src, S)
+        values = torch.cat([graphs.v, one_hot.unsqueeze(1).expand(-1, graphs.heads, -1)], -1)
+        out, weights = attention(graphs.q, graphs.k, values, dropout=dropout,
+                                 **graphs.graph).split([C, S], dim=-1)
+        weights = weights.reshape(graphs.groups, L, graphs.heads, S).transpose(1, 2)
+        return _merge_heads(out, graphs, N, L), weights.reshape(N, self.num_heads, L, S)
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -378,13 +379,3 @@ def _merge_heads(out: Tensor, graphs: _Graphs, N: int, L: int) -> Tensor:
     if graphs.per_head:
         return out.view(N, -1, L, out.size(-1)).transpose(1, 2).reshape(N, L, -1)
     return out.reshape(N, L, -1)
-
-
-def _dense_weights(alpha: Tensor, edge_index: Tensor, graphs: _Graphs, L: int, S: int) -> Tensor:
-    """Edge weights ``(E, heads)`` -> ``(groups, heads, L, S)``, zeros off the graph."""
-    src, dst = edge_index
-    position = src if graphs.source_position is None else graphs.source_position[src]
-    group, row = dst // max(L, 1), dst % max(L, 1)
-    weights = alpha.new_zeros(graphs.groups, L, S, graphs.heads)
-    weights = weights.index_put((group, row, position % max(S, 1)), alpha)
-    return weights.permute(0, 3, 1, 2)

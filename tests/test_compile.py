@@ -60,8 +60,7 @@ def forward_and_grads(model, x, kwargs):
     return out, grads
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("form", ["batch", "ptr"])
+@pytest.mark.parametrize("form,causal", [("batch", False), ("ptr", True)])
 def test_layer_compiles_once_for_eight_new_batches(form, causal):
     torch.manual_seed(0)
     model = TwoLayers(causal)
@@ -93,8 +92,7 @@ def compiled_attention(**fixed):
     return torch.compile(run, backend="aot_eager", fullgraph=True, dynamic=True)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("form", ["batch", "ptr", "unsorted"])
+@pytest.mark.parametrize("form,causal", [("batch", False), ("ptr", True), ("unsorted", True)])
 def test_functional_against_reference_on_new_batches(form, causal):
     run = compiled_attention(causal=causal)
     for seed, sizes in enumerate(SIZES[:4]):
@@ -171,7 +169,9 @@ def test_dropout_under_compile_keeps_its_route():
         compiled_attention(dropout=0.5)(q, k, v, batch=batch_from_sizes([3, 5, 2]))
 
 
-def export_layer():
+@pytest.fixture(scope="module")
+def exported():
+    """A 2-layer model and its program, exported once with a dynamic node count."""
     torch.manual_seed(0)
     model = TwoLayers().eval()
     sizes = SIZES[0]
@@ -182,8 +182,8 @@ def export_layer():
     return model, program
 
 
-def test_export_runs_batches_of_other_sizes():
-    model, program = export_layer()
+def test_export_runs_batches_of_other_sizes(exported):
+    model, program = exported
     for sizes in SIZES[1:4]:
         x, batch = torch.randn(sum(sizes), 8), batch_from_sizes(sizes)
         torch.testing.assert_close(program.module()(x, batch=batch), model(x, batch=batch))
@@ -202,18 +202,18 @@ def test_onnx_decomposition_against_reference(bipartite, causal):
         inputs, masked_reference(same_graph_mask(batch_dst, batch_src, causal), scale=0.3))
 
 
-def test_decomposed_program_runs_batches_of_other_sizes():
-    model, program = export_layer()
+def test_decomposed_program_runs_batches_of_other_sizes(exported):
+    model, program = exported
     decomposed = program.run_decompositions(ONNX_DECOMPOSITIONS).module()
     for sizes in SIZES[1:4]:
         x, batch = torch.randn(sum(sizes), 8), batch_from_sizes(sizes)
         torch.testing.assert_close(decomposed(x, batch=batch), model(x, batch=batch))
 
 
-def test_onnx_export_runs_in_onnxruntime():
+def test_onnx_export_runs_in_onnxruntime(exported):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
-    model, program = export_layer()
+    model, program = exported
     onnx_program = torch.onnx.export(program.run_decompositions(ONNX_DECOMPOSITIONS),
                                      dynamo=True)
     session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())

@@ -33,10 +33,10 @@ os.environ.pop("TRITON_INTERPRET", None)  # compiling needs the real @triton.jit
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from aot_compile import SHARED_MEMORY_LIMIT, compile_for  # noqa: E402  (beside this script)
 from tqdm import tqdm  # noqa: E402
 
 from gatattn.kernels import csr_attention, flash_attention  # noqa: E402
-from gatattn.kernels.resources import SHARED_MEMORY_LIMIT, compile_for  # noqa: E402
 from gatattn.kernels.tuning import (  # noqa: E402
     CONFIGS,
     KERNELS,
@@ -52,7 +52,14 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DTYPE_OF_SIZE = {2: "16-bit", 4: "fp32"}
 
 
-CSR_KERNELS = tuple(csr_attention.KERNEL_FUNCTIONS)
+# The kernels by the names kernels/tuning.py uses (the CSR kernels are not tuned).
+DENSE_KERNEL_FUNCTIONS = {"forward": flash_attention._fwd_kernel,
+                          "dkdv": flash_attention._bwd_dkdv_kernel,
+                          "dq": flash_attention._bwd_dq_kernel}
+CSR_KERNEL_FUNCTIONS = {"csr_forward": csr_attention._csr_fwd_kernel,
+                        "csr_dq": csr_attention._csr_bwd_dq_kernel,
+                        "csr_dkdv": csr_attention._csr_bwd_dkdv_kernel}
+CSR_KERNELS = tuple(CSR_KERNEL_FUNCTIONS)
 CSR_OPTIONS = dict(num_warps=4, num_stages=3)  # Triton's defaults: the CSR launchers pass none
 
 
@@ -101,7 +108,7 @@ def measure(build: Build) -> Row:
                                       dtype.itemsize, SHARED_MEMORY_LIMIT[build.capability])
     estimates = dict(shared_estimate=shared_memory_estimate(*shape),
                      register_estimate=register_tile_estimate(*shape))
-    return _compiled(build, kept, estimates, flash_attention.KERNEL_FUNCTIONS[build.kernel],
+    return _compiled(build, kept, estimates, DENSE_KERNEL_FUNCTIONS[build.kernel],
                      dict(constants, CAUSAL=build.causal), build.config.num_warps,
                      build.config.num_stages)
 
@@ -109,7 +116,7 @@ def measure(build: Build) -> Row:
 def _measure_csr(build: Build) -> Row:
     constants = csr_attention.kernel_constants(build.head_dim, build.head_dim)
     return _compiled(build, True, dict(shared_estimate=None, register_estimate=None),
-                     csr_attention.KERNEL_FUNCTIONS[build.kernel], constants, **CSR_OPTIONS)
+                     CSR_KERNEL_FUNCTIONS[build.kernel], constants, **CSR_OPTIONS)
 
 
 def _compiled(build: Build, kept: bool, estimates: dict, kernel, constants: dict,

@@ -215,8 +215,3 @@ def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **constants,
         **COMPILE_OPTIONS)
     return dq, dk, dv
-
-
-# The kernels by the names that the resource report uses.
-KERNEL_FUNCTIONS = {"csr_forward": _csr_fwd_kernel, "csr_dq": _csr_bwd_dq_kernel,
-                    "csr_dkdv": _csr_bwd_dkdv_kernel}

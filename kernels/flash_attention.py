@@ -454,7 +454,3 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, causal, launch_dkdv))
     launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, causal, launch_dq))
     return dq, dk, dv
-
-
-# The kernels by the names that kernels/tuning.py and the resource report use.
-KERNEL_FUNCTIONS = {"forward": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}

@@ -200,7 +200,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             k_nodes, ptr_src = sequences_to_graph(k, key_padding_mask=padding)
             v_nodes, _ = sequences_to_graph(v, key_padding_mask=padding)
             position = kept_keys.flatten().nonzero().squeeze(1)
-        return _Graphs(q.reshape(N * L, H, -1), k_nodes.view(-1, H, E // H),
+        return _Graphs(q.reshape(N * L, H, E // H), k_nodes.view(-1, H, E // H),
                        v_nodes.view(-1, H, E // H), groups=N, heads=H,
                        graph={"ptr": (ptr_dst, ptr_src), "causal": causal},
                        source_position=position)
@@ -227,21 +227,22 @@ class MultiheadAttention(nn.MultiheadAttention):
         """``(N, L, E)`` merged head outputs, and ``(N, H, L, S)`` weights if asked."""
         if not need_weights:
             out = attention(graphs.q, graphs.k, graphs.v, dropout=dropout, **graphs.graph)
-            return _merge_heads(out, graphs, N, L), None
+            return _merge_heads(out, graphs, N, L, self.num_heads), None
         # A target's weights are what attention carries to it when every key's value is the
         # one-hot vector of its position: one call with values [v_j, onehot(j)] returns the
         # output and the weights it was computed with (dropped ones in training), on the
         # fused routes, without building edges.
-        C = graphs.v.size(-1)
+        C, H = graphs.v.size(-1), self.num_heads
         position = graphs.source_position
         if position is None:
             position = torch.arange(graphs.k.size(0), device=graphs.k.device)
-        one_hot = F.one_hot(position % max(S, 1), S).to(graphs.v.dtype)  # (num_src, S)
+        slots = torch.arange(S, device=position.device)
+        one_hot = (position.remainder(max(S, 1)).unsqueeze(1) == slots).to(graphs.v.dtype)
         values = torch.cat([graphs.v, one_hot.unsqueeze(1).expand(-1, graphs.heads, -1)], -1)
         out, weights = attention(graphs.q, graphs.k, values, dropout=dropout,
                                  **graphs.graph).split([C, S], dim=-1)
         weights = weights.reshape(graphs.groups, L, graphs.heads, S).transpose(1, 2)
-        return _merge_heads(out, graphs, N, L), weights.reshape(N, self.num_heads, L, S)
+        return _merge_heads(out, graphs, N, L, H), weights.reshape(N, H, L, S)
 
     # -- validation ----------------------------------------------------------------------------
 
@@ -365,7 +366,8 @@ def _as_4d(allowed: Tensor, N: int, H: int) -> Tensor:
 
 def _seq_nodes(x: Tensor, H: int) -> Tensor:
     """``(N, T, E)`` -> ``(N * T, H, C)``: one node per token, all heads."""
-    return x.reshape(x.size(0) * x.size(1), H, -1)
+    N, T, E = x.shape
+    return x.reshape(N * T, H, E // H)
 
 
 def _head_nodes(x: Tensor, H: int) -> Tensor:
@@ -374,8 +376,9 @@ def _head_nodes(x: Tensor, H: int) -> Tensor:
     return x.view(N, T, H, E // H).transpose(1, 2).reshape(N * H * T, 1, E // H)
 
 
-def _merge_heads(out: Tensor, graphs: _Graphs, N: int, L: int) -> Tensor:
+def _merge_heads(out: Tensor, graphs: _Graphs, N: int, L: int, H: int) -> Tensor:
     """Target nodes' outputs -> ``(N, L, E)``, heads concatenated."""
+    C = out.size(-1)
     if graphs.per_head:
-        return out.view(N, -1, L, out.size(-1)).transpose(1, 2).reshape(N, L, -1)
-    return out.reshape(N, L, -1)
+        return out.view(N, H, L, C).transpose(1, 2).reshape(N, L, H * C)
+    return out.reshape(N, L, H * C)

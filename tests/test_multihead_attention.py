@@ -688,3 +688,18 @@ def test_float32_equals_torch(need_weights):
     assert_close("out", got[0], expected[0])
     if need_weights:
         assert_close("weights", got[1], expected[1])
+
+
+@pytest.mark.parametrize("sizes", [(0, 3, 4), (2, 0, 4), (2, 3, 0)], ids=["N=0", "L=0", "S=0"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_empty_batch_and_sequences_equal_torch(sizes, need_weights):
+    N, L, S = sizes
+    theirs = make_module(nn.MultiheadAttention, batch_first=True)
+    ours = MultiheadAttention.from_torch(theirs)
+    query, key, value = make_inputs(theirs, N, L, S)
+    expected = theirs(query, key, value, need_weights=need_weights)
+    got = ours(query, key, value, need_weights=need_weights)
+    assert_close("out", got[0], expected[0])
+    if need_weights:
+        assert got[1].shape == expected[1].shape == (N, L, S)
+    got[0].sum().backward()

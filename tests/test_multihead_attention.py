@@ -180,17 +180,28 @@ MASK_KINDS = ["none", "bool", "float", "bool3d", "float3d", "causal"]
 @pytest.mark.parametrize("padding", [False, True], ids=["no_padding", "padding"])
 @pytest.mark.parametrize("extra_keys", ["none", "bias_kv", "zero_attn", "both"])
 @pytest.mark.parametrize("kdim", [None, 5], ids=["packed", "kdim"])
-@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
-def test_matches_reference(impl, mask_kind, padding, extra_keys, kdim, batch_first):
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
+def test_matches_reference(impl, mask_kind, padding, extra_keys, kdim, need_weights):
     mha = make_module(impl, add_bias_kv=extra_keys in ("bias_kv", "both"),
                       add_zero_attn=extra_keys in ("zero_attn", "both"), kdim=kdim,
-                      vdim=None if kdim is None else 3, batch_first=batch_first)
+                      vdim=None if kdim is None else 3)
     N, L, S = 3, 3, 5  # cross-attention: L != S
     padding_mask, attn_mask = random_masks(mask_kind, N, L, S)
     kwargs = {"attn_mask": attn_mask} if attn_mask is not None else {}
     if padding:
         kwargs["key_padding_mask"] = padding_mask
-    check_against_reference(mha, make_inputs(mha, N, L, S), **kwargs)
+    check_against_reference(mha, make_inputs(mha, N, L, S), need_weights=need_weights,
+                            average_attn_weights=False, **kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
+def test_batch_first(impl, mask_kind, need_weights):
+    mha = make_module(impl, add_bias_kv=True, batch_first=True)
+    padding, attn_mask = random_masks(mask_kind, 3, 3, 5)
+    check_against_reference(mha, make_inputs(mha, 3, 3, 5), key_padding_mask=padding,
+                            attn_mask=attn_mask, need_weights=need_weights)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -138,10 +138,13 @@ def test_unknown_attn_type_is_refused(GPS):
 SIZES = [1, 7, 3, 12, 5, 9]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+CONFIGS = [(heads, dtype) for heads in (1, 4) for dtype in (torch.float32, torch.float64)
+           if heads == 4 or dtype == torch.float32]  # float64 with 4 heads only: time
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("norm", [None, "batch_norm", "layer_norm", "graph_norm"])
-@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("heads, dtype", CONFIGS, ids=lambda v: str(v).replace("torch.", ""))
 def test_same_outputs_and_gradients_as_pyg(GPS, heads, norm, training, dtype):
     x, edge_index, batch = graph_batch(SIZES, 16, dtype)
     reference, layer = twin(GPS, 16, lambda: SAGEConv(16, 16), dtype, heads=heads, norm=norm,

@@ -52,8 +52,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     r"""A drop-in for :class:`torch.nn.MultiheadAttention` whose attention runs over graphs.
 
     The same constructor, parameters (``state_dict`` loads both ways), forward signature and
-    returns. Inside, each sequence of the batch is a bipartite graph from its keys to its
-    queries and :func:`gatattn.attention` computes
+    returns (:meth:`from_torch` copies an existing module). Inside, each sequence of the batch
+    is a bipartite graph from its keys to its queries and :func:`gatattn.attention` computes
 
     .. math::
         \alpha^h_{ij} = \operatorname{softmax}_{j \in \mathcal{N}(i)}

@@ -16,6 +16,7 @@ from gatattn.convert import (
     sequences_to_graph,
 )
 from gatattn.functional import BackendUnavailableError, attention
+from gatattn.gps import GPSConv
 from gatattn.graph import MAX_MATERIALIZED_EDGES, GraphTooLargeError, build_graph
 from gatattn.positional import graph_positional_encoding, sinusoidal_encoding
 
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "GPSConv",
     "GraphTooLargeError",
     "MAX_MATERIALIZED_EDGES",
     "SelfAttentionConv",

@@ -140,23 +140,23 @@ def random_masks(kind, N, L, S, seed=2):
     return padding, masked
 
 
-def forward_and_grads(fn, leaves, upstream):
-    out, weights = fn()
-    grads = torch.autograd.grad(out, leaves, upstream, allow_unused=True)
-    return out, weights, [torch.zeros_like(t) if g is None else g
-                          for t, g in zip(leaves, grads, strict=True)]
+def gradients(outputs, leaves, seed=3):
+    """Gradients of ``sum(random * output)`` over ``outputs`` (the same randoms for equal
+    shapes), zeros for leaves that do not reach them."""
+    gen = torch.Generator().manual_seed(seed)
+    upstream = [torch.randn(o.shape, dtype=o.dtype, generator=gen) for o in outputs]
+    grads = torch.autograd.grad(outputs, leaves, upstream, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads, strict=True)]
 
 
 def check_against_reference(mha, inputs, **kwargs):
-    """Output, weights and the gradients of every input and parameter against the reference."""
+    """Output, weights and the gradients of every input and parameter (through the output and
+    the weights) against the reference."""
     query, key, value = inputs
     leaves = list(dict.fromkeys([query, key, value])) + list(mha.parameters())
-    upstream = torch.randn(query.shape[:2] + (E,), dtype=DTYPE,
-                           generator=torch.Generator().manual_seed(3))
     masks = {k: kwargs[k] for k in ("key_padding_mask", "attn_mask") if k in kwargs}
-    out, weights, grads = forward_and_grads(lambda: call(mha, *inputs, **kwargs), leaves, upstream)
-    ref, ref_weights, ref_grads = forward_and_grads(
-        lambda: reference_mha(mha, *inputs, **masks), leaves, upstream)
+    out, weights = call(mha, *inputs, **kwargs)
+    ref, ref_weights = reference_mha(mha, *inputs, **masks)
     assert out.shape == ref.shape
     assert_close("out", out, ref)
     if kwargs.get("need_weights", True):
@@ -164,8 +164,11 @@ def check_against_reference(mha, inputs, **kwargs):
             ref_weights = ref_weights.mean(dim=1)
         assert weights.shape == ref_weights.shape
         assert_close("weights", weights.detach(), ref_weights.detach())
+        outputs, ref_outputs = (out, weights), (ref, ref_weights)
     else:
         assert weights is None
+        outputs, ref_outputs = (out,), (ref,)
+    grads, ref_grads = gradients(outputs, leaves), gradients(ref_outputs, leaves)
     for i, (g, g_ref) in enumerate(zip(grads, ref_grads, strict=True)):
         assert_close(f"grad {i}", g, g_ref)
 

@@ -18,6 +18,11 @@ from gatattn.convert import (
 from gatattn.functional import BackendUnavailableError, attention
 from gatattn.gps import GPSConv
 from gatattn.graph import MAX_MATERIALIZED_EDGES, GraphTooLargeError, build_graph
+from gatattn.multihead import (
+    MultiheadAttention,
+    MultiheadAttentionInputError,
+    MultiheadAttentionMaskError,
+)
 from gatattn.positional import graph_positional_encoding, sinusoidal_encoding
 
 __version__ = "0.1.0"
@@ -27,6 +32,9 @@ __all__ = [
     "GPSConv",
     "GraphTooLargeError",
     "MAX_MATERIALIZED_EDGES",
+    "MultiheadAttention",
+    "MultiheadAttentionInputError",
+    "MultiheadAttentionMaskError",
     "SelfAttentionConv",
     "attention",
     "attention_to_networkx",

@@ -6,6 +6,7 @@ plain statement of the math that every route is tested against.
 """
 
 from gatattn import reference
+from gatattn.backends.ops import ONNX_DECOMPOSITIONS
 from gatattn.conv import SelfAttentionConv
 from gatattn.convert import (
     attention_to_networkx,
@@ -32,6 +33,7 @@ __all__ = [
     "GPSConv",
     "GraphTooLargeError",
     "MAX_MATERIALIZED_EDGES",
+    "ONNX_DECOMPOSITIONS",
     "MultiheadAttention",
     "MultiheadAttentionInputError",
     "MultiheadAttentionMaskError",

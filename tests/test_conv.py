@@ -171,7 +171,7 @@ def test_torch_compile_has_no_graph_breaks(graph):
 
 
 def test_torch_compile_of_batched_graphs_is_correct():
-    # Grouping graphs by size reads their sizes on the host, so this path has graph breaks.
+    # Under compile, batched graphs run as one opaque operator (tests/test_compile.py).
     torch.manual_seed(7)
     conv = SelfAttentionConv(8, 4, heads=2)
     x, batch = torch.randn(10, 8), torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])

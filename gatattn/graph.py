@@ -269,6 +269,10 @@ def _check_ptr(name: str, ptr: Tensor, num_nodes: int, validate: bool) -> Tensor
             )
         if bool((ptr[1:] < ptr[:-1]).any()):
             raise ValueError(f"{name} must be non-decreasing, got {ptr.tolist()[:10]}...")
+    else:  # traced: the same checks, on the device, failing when the graph runs
+        valid = (ptr[0] == 0) & (ptr[-1] == num_nodes) & (ptr[1:] >= ptr[:-1]).all()
+        torch._assert_async(valid, f"{name} must be non-decreasing, start at 0 and end at the "
+                            f"number of nodes ({num_nodes})")
     return ptr
 
 

@@ -222,3 +222,16 @@ def test_onnx_export_runs_in_onnxruntime(exported):
         x, batch = torch.randn(sum(sizes), 8), batch_from_sizes(sizes)
         (out,) = session.run(None, dict(zip(names, (x.numpy(), batch.numpy()), strict=True)))
         torch.testing.assert_close(torch.from_numpy(out), model(x, batch=batch))
+
+
+@pytest.mark.parametrize("bad_ptr", [[0, 3, 8], [1, 3, 10], [0, 6, 3, 10]],
+                         ids=["ends early", "starts late", "decreasing"])
+def test_invalid_ptr_is_refused_when_the_compiled_graph_runs(bad_ptr):
+    """Traced, ptr's values cannot be read on the host: a device-side assert refuses what eager
+    mode refuses, instead of putting nodes in the wrong graph."""
+    conv = gatattn.SelfAttentionConv(8, 4, heads=2)
+    compiled = torch.compile(conv, fullgraph=True, dynamic=True, backend="aot_eager")
+    x = torch.randn(10, 8)
+    compiled(x, ptr=torch.tensor([0, 3, 10]))
+    with pytest.raises(RuntimeError, match="ptr must be non-decreasing, start at 0 and end"):
+        compiled(x, ptr=torch.tensor(bad_ptr))

@@ -84,7 +84,8 @@ class SelfAttentionConv(MessagePassing):
 
     Under ``torch.compile`` a complete graph and an ``edge_index`` compile without graph breaks;
     :obj:`batch` / :obj:`ptr` graphs (without attention dropout) run as one opaque operator, so
-    ``fullgraph=True`` and ``dynamic=True`` work and new sizes need no recompile. TorchScript, which PyTorch has deprecated, is refused: use
+    ``fullgraph=True`` and ``dynamic=True`` work and new sizes need no recompile.
+    TorchScript, which PyTorch has deprecated, is refused: use
     ``torch.compile`` or ``torch.export``.
 
     Not supported: additive attention masks, ``nn.MultiheadAttention`` with ``add_bias_kv``,

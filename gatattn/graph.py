@@ -270,9 +270,11 @@ def _check_ptr(name: str, ptr: Tensor, num_nodes: int, validate: bool) -> Tensor
         if bool((ptr[1:] < ptr[:-1]).any()):
             raise ValueError(f"{name} must be non-decreasing, got {ptr.tolist()[:10]}...")
     else:  # traced: the same checks, on the device, failing when the graph runs
-        valid = (ptr[0] == 0) & (ptr[-1] == num_nodes) & (ptr[1:] >= ptr[:-1]).all()
+        non_decreasing = (ptr.cummax(0).values == ptr).all()  # slices would specialise sizes
+        valid = (ptr[0] == 0) & (ptr[-1] == num_nodes) & non_decreasing
+        # (The message must not format num_nodes: a traced size would be specialised.)
         torch._assert_async(valid, f"{name} must be non-decreasing, start at 0 and end at the "
-                            f"number of nodes ({num_nodes})")
+                            "number of nodes")
     return ptr
 
 

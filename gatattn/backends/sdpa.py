@@ -34,35 +34,23 @@ def sdpa_attention(
     come from SDPA's math backend (its fused kernels have no double backward; ``math=True``
     uses it throughout); with dropout, whose mask cannot be replayed, they are refused."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
-
-    def fast(q, k, v):
-        return _attention(q, k, v, graph, scale, dropout)
-
-    def math_backend(q, k, v):
-        with sdpa_kernel(SDPBackend.MATH):
-            return _attention(q, k, v, graph, scale, dropout)
-
     (q, k, v), repair = contain_nonfinite(q, k, v, graph)
-    if math:
-        return repair(math_backend(q, k, v))
-    recompute = math_backend if dropout == 0 else refuse_second_order(
-        "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
-    return repair(twice_differentiable(fast, recompute, q, k, v))
+    return repair(_attention(q, k, v, graph, scale, dropout, math))
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float,
-               dropout: float) -> Tensor:
+               dropout: float, math: bool) -> Tensor:
     plan = graph.segment_plan()
     if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
-        return _group_attention(plan.groups[0], q, k, v, graph.causal, scale, dropout)
+        return _group_attention(plan.groups[0], q, k, v, graph.causal, scale, dropout, math)
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)
     rows_dst = [g.count * g.len_dst for g in plan.groups]
     rows_src = [g.count * g.len_src for g in plan.groups]
     outs = [
-        _group_attention(g, q_g, k_g, v_g, graph.causal, scale, dropout)
+        _group_attention(g, q_g, k_g, v_g, graph.causal, scale, dropout, math)
         for g, q_g, k_g, v_g in zip(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
     ]
@@ -70,7 +58,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
     return unpermute_rows(out, plan.order_dst)
 
 
-def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float) -> Tensor:
+def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
+                     math: bool) -> Tensor:
     H, C_v = v.size(1), v.size(2)
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
@@ -81,8 +70,23 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float)
     q = q.view(group.count, group.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
     k = k.view(group.count, group.len_src, H, -1).transpose(1, 2)  # (B, H, S, C)
     v = v.view(group.count, group.len_src, H, C_v).transpose(1, 2)  # (B, H, S, C_v)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
-                                         scale=scale)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
+                                              scale=scale)
+
+    def math_backend(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa(q, k, v)
+
+    if math:
+        out = math_backend(q, k, v)
+    else:
+        # Wrapped around the SDPA call itself, whose inputs SDPA saves anyway: the wrapper's
+        # own saved inputs cost no memory (around the whole route they kept q, k, v alive).
+        recompute = math_backend if dropout == 0 else refuse_second_order(
+            "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
+        out = twice_differentiable(sdpa, recompute, q, k, v)
     return out.transpose(1, 2).reshape(-1, H, C_v)
 
 

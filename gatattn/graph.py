@@ -201,7 +201,8 @@ def graph_membership(
     ptr_dst, ptr_src = _split_pair("ptr", ptr, bipartite)
     if ptr_dst is not None:
         batch_dst = ptr_to_batch(_check_ptr("ptr", ptr_dst, num_dst, validate), num_dst)
-        batch_src = ptr_to_batch(_check_ptr("ptr", ptr_src, num_src, validate), num_src)
+        batch_src = batch_dst if ptr_src is ptr_dst else ptr_to_batch(
+            _check_ptr("ptr", ptr_src, num_src, validate), num_src)  # self-attention: once
     batch_dst = _check_batch("batch", batch_dst, num_dst, "queries (x_dst)")
     batch_src = _check_batch("batch", batch_src, num_src, "keys (x_src)")
     return batch_dst, batch_src
@@ -262,12 +263,12 @@ def _check_ptr(name: str, ptr: Tensor, num_nodes: int, validate: bool) -> Tensor
         )
     ptr = ptr.long()
     if validate:
-        if int(ptr[0]) != 0 or int(ptr[-1]) != num_nodes:
-            raise ValueError(
-                f"{name} must start at 0 and end at the number of nodes ({num_nodes}), got "
-                f"{int(ptr[0])} ... {int(ptr[-1])}"
-            )
-        if bool((ptr[1:] < ptr[:-1]).any()):
+        # One host sync for all three checks; the details only when one fails.
+        if not bool((ptr[0] == 0) & (ptr[-1] == num_nodes) & (ptr[1:] >= ptr[:-1]).all()):
+            if int(ptr[0]) != 0 or int(ptr[-1]) != num_nodes:
+                raise ValueError(
+                    f"{name} must start at 0 and end at the number of nodes ({num_nodes}), "
+                    f"got {int(ptr[0])} ... {int(ptr[-1])}")
             raise ValueError(f"{name} must be non-decreasing, got {ptr.tolist()[:10]}...")
     else:  # traced: the same checks, on the device, failing when the graph runs
         non_decreasing = (ptr.cummax(0).values == ptr).all()  # slices would specialise sizes
@@ -297,14 +298,16 @@ def _check_batch(name: str, batch: Tensor | None, num_nodes: int, what: str) -> 
 def _count_graphs(batch_dst: Tensor | None, batch_src: Tensor | None, validate: bool) -> int:
     if batch_dst is None:
         return 1
-    nonempty = [b for b in (batch_dst, batch_src) if b.numel() > 0]
+    distinct = (batch_dst,) if batch_src is batch_dst else (batch_dst, batch_src)
+    nonempty = [b for b in distinct if b.numel() > 0]
     if not nonempty:
         return 0
-    if validate:
-        for b in nonempty:
-            if int(b.min()) < 0:
-                raise ValueError(f"batch must hold graph ids >= 0, got min {int(b.min())}")
-    return max(int(b.max()) for b in nonempty) + 1
+    lowest = torch.stack([b.min() for b in nonempty]).min()
+    highest = torch.stack([b.max() for b in nonempty]).max()
+    low, high = torch.stack([lowest, highest]).tolist()  # one host sync for both
+    if validate and low < 0:
+        raise ValueError(f"batch must hold graph ids >= 0, got min {low}")
+    return high + 1
 
 
 def _check_edge_index(edge_index: Tensor, num_dst: int, num_src: int, validate: bool) -> Tensor:

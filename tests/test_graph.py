@@ -3,6 +3,7 @@
 import networkx as nx
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gatattn
 from gatattn.graph import build_graph, local_positions
@@ -139,3 +140,29 @@ def test_attention_graph_adds_repeated_edges_and_keeps_isolated_nodes():
     assert weighted[0][2]["weight"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="one row per edge"):
         gatattn.attention_to_networkx(edge_index, alpha[:2])
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts device-to-host reads (``aten._local_scalar_dense``: ``int()``, ``bool()``,
+    ``.tolist()`` of a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("form,most", [("ptr", 4), ("batch", 3)])
+def test_host_syncs_per_batched_call(form, most):
+    """Validation reads each graph description once, in one sync (ptr: 13 reads before; the
+    goal, one per call, needs the segment plan and the NaN check folded in too)."""
+    sizes = torch.tensor([10, 15, 5])
+    graph = {"ptr": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
+             "batch": torch.repeat_interleave(torch.arange(3), sizes)}[form]
+    q, k, v = (torch.randn(30, 2, 8) for _ in range(3))
+    with HostSyncs() as syncs:
+        gatattn.attention(q, k, v, **{form: graph})
+    assert syncs.count <= most

@@ -121,7 +121,7 @@ def graph_to_sequences(
         max_len = int(lengths.max()) if lengths.numel() and max_len is None else (max_len or 0)
         key_padding_mask = _valid_tokens(lengths.numel(), max_len, lengths, None,
                                          x_flat.device).logical_not()
-    keep = ~padding_positions(key_padding_mask)
+    keep = ~masked_positions(key_padding_mask)
     if keep.sum(1).tolist() != lengths.tolist():
         raise ValueError(f"key_padding_mask keeps {keep.sum(1).tolist()} tokens per sequence "
                          f"but ptr holds {lengths.tolist()}; give the mask used on the way in")
@@ -137,7 +137,7 @@ def _valid_tokens(batch_size, max_len, lengths, key_padding_mask, device) -> Ten
         if tuple(key_padding_mask.shape) != (batch_size, max_len):
             raise ValueError(f"key_padding_mask must be (batch, length) = "
                              f"{(batch_size, max_len)}, got {tuple(key_padding_mask.shape)}")
-        return ~padding_positions(key_padding_mask)
+        return ~masked_positions(key_padding_mask)
     if lengths is None:
         return torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
     if lengths.numel() and int(lengths.max()) > max_len:
@@ -146,17 +146,18 @@ def _valid_tokens(batch_size, max_len, lengths, key_padding_mask, device) -> Ten
     return torch.arange(max_len, device=device) < lengths.to(device).unsqueeze(1)
 
 
-def padding_positions(key_padding_mask: Tensor) -> Tensor:
-    """``True`` at padding, from either of ``nn.MultiheadAttention``'s mask conventions: bool
-    (``True`` at padding) or float (``-inf`` at padding, ``0`` elsewhere)."""
-    if key_padding_mask.dtype == torch.bool:
-        return key_padding_mask
-    if not key_padding_mask.is_floating_point():
-        raise TypeError(f"key_padding_mask must be bool or float, got {key_padding_mask.dtype}")
-    padding = key_padding_mask == float("-inf")
-    other = key_padding_mask[~padding & (key_padding_mask != 0)]
-    if other.numel():
-        raise ValueError(f"a float key_padding_mask marks padding with -inf and tokens with 0, "
-                         f"got {other[0].item()}: an additive score bias is not supported; "
-                         "give a bool mask")
-    return padding
+def masked_positions(mask: Tensor, name: str = "key_padding_mask") -> Tensor:
+    """``True`` where ``mask`` masks, from either of ``nn.MultiheadAttention``'s conventions:
+    bool (``True`` = masked) or float (``-inf`` = masked, ``0`` = kept)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool or float, got {mask.dtype}")
+    masked = mask == float("-inf")
+    bias = mask[~masked & (mask != 0)]
+    if bias.numel():
+        raise ValueError(
+            f"{name} holds {bias[0].item()}: float masks may hold only 0 (attend) and -inf "
+            "(masked); an additive attention bias is not supported yet. Give a bool mask "
+            "(True = masked) or a 0/-inf float mask")
+    return masked

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gatattn.convert import sequences_to_graph
+from gatattn.convert import masked_positions, sequences_to_graph
 from gatattn.functional import attention
 
 
@@ -196,9 +196,9 @@ class MultiheadAttention(nn.MultiheadAttention):
             ptr_src = torch.arange(N + 1, device=q.device) * S
             position = None
         else:
-            padding = ~kept_keys
-            k_nodes, ptr_src = sequences_to_graph(k, key_padding_mask=padding)
-            v_nodes, _ = sequences_to_graph(v, key_padding_mask=padding)
+            kv_nodes, ptr_src = sequences_to_graph(torch.cat([k, v], -1),
+                                                   key_padding_mask=~kept_keys)
+            k_nodes, v_nodes = kv_nodes.split([E, v.size(-1)], -1)
             position = kept_keys.flatten().nonzero().squeeze(1)
         return _Graphs(q.reshape(N * L, H, E // H), k_nodes.view(-1, H, E // H),
                        v_nodes.view(-1, H, E // H), groups=N, heads=H,
@@ -309,19 +309,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
 
 def _allowed(mask: Tensor | None, name: str) -> Tensor | None:
-    """nn.MultiheadAttention's mask (bool True = masked, or float added to the logits) -> bool
-    True = attended. Float masks may hold 0 and -inf only."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return ~mask
-    bias = mask[(mask != 0) & (mask != float("-inf"))]
-    if bias.numel():
-        raise ValueError(
-            f"{name} holds {bias[0].item()}: float masks may hold only 0 (attend) and -inf "
-            "(masked); an additive attention bias is not supported yet. Pass a boolean mask "
-            "(True = masked) or a 0/-inf float mask")
-    return mask == 0
+    """nn.MultiheadAttention's mask (bool True = masked, or 0/-inf float) -> True = attended."""
+    return None if mask is None else ~masked_positions(mask, name)
 
 
 def _with_virtual(allowed: Tensor | None, num_virtual: int) -> Tensor | None:

@@ -60,7 +60,7 @@ def test_padding_masks_in_either_form_both_ways(form_in, form_out):
 
 def test_a_float_mask_with_a_score_bias_is_refused():
     mask = torch.tensor([[0.0, -1.5, float("-inf")]])
-    with pytest.raises(ValueError, match="got -1.5.*give a bool mask"):
+    with pytest.raises(ValueError, match="holds -1.5.*Give a bool mask"):
         gatattn.sequences_to_graph(torch.randn(1, 3, 2), key_padding_mask=mask)
     with pytest.raises(TypeError, match="torch.int64"):
         gatattn.sequences_to_graph(torch.randn(1, 3, 2), key_padding_mask=torch.zeros(1, 3).long())

@@ -26,6 +26,7 @@ check: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_sparse.py
+	$(PY) benchmarks/bench_gps.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check gatattn kernels tests examples benchmarks

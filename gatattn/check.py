@@ -9,7 +9,8 @@ float64 under the project's tolerance rule:
     |out - ref_hi| <= 2 |ref_lo - ref_hi| + floor
 
 where ``ref_lo`` is the reference computed in the run's own low precision (float16/bfloat16
-only) and ``floor`` a small fixed bound per dtype, scaled by the reference's magnitude. A route
+only) and ``floor`` a small fixed bound per dtype, scaled by the reference's magnitude
+(:mod:`gatattn.tolerance`). A route
 that is silently wrong (say an SDPA 1% off) fails here. The command prints one table and exits
 with status 1 if any row fails; :func:`run` returns the rows.
 
@@ -32,12 +33,10 @@ from tqdm import tqdm
 from gatattn import reference
 from gatattn.backends.fused import triton_unavailable_reason
 from gatattn.functional import attention
+from gatattn.tolerance import LOW_PRECISION, compare
 
 ROUTES = ("sdpa", "sparse", "triton")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-# Fixed floors, scaled by the magnitude of the reference (gradients of sums grow with N).
-FLOOR = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 QUANTITIES = ("out", "dq", "dk", "dv")
 
 
@@ -150,20 +149,9 @@ def _check(route: str, case: Case, dtype: torch.dtype, device: torch.device, hea
 
 def _compare(route, case, dtype, quantity, got: Tensor, ref_hi: Tensor,
              ref_lo: Tensor | None) -> Row:
-    got, ref_hi = got.detach().cpu().double(), ref_hi.detach().double()
-    scale = ref_hi.abs().max().item() if ref_hi.numel() else 0.0
-    bound = torch.full_like(ref_hi, FLOOR[dtype] * max(1.0, scale))
-    if ref_lo is not None:
-        bound = bound + 2 * (ref_lo.detach().cpu().double() - ref_hi).abs()
-    error = (got - ref_hi).abs()
-    if not error.numel():
-        return Row(route, case, _name(dtype), quantity, 0.0, 0.0, True, "empty")
-    nonfinite = int((~torch.isfinite(got)).sum())
-    worst = (error / bound).nan_to_num(float("inf")).argmax()
-    passed = nonfinite == 0 and bool((error <= bound).all())
-    note = f"{nonfinite} non-finite values" if nonfinite else ""
-    return Row(route, case, _name(dtype), quantity, error.max().item(),
-               bound.flatten()[worst].item(), passed, note)
+    verdict = compare(got.cpu(), ref_hi, ref_lo, dtype)
+    return Row(route, case, _name(dtype), quantity, verdict.error, verdict.bound, verdict.passed,
+               verdict.note)
 
 
 def _forward_and_grads(fn: Callable[..., Tensor], inputs, grad_out: Tensor) -> list[Tensor]:

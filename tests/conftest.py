@@ -22,7 +22,7 @@ settings.register_profile("fuzz", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The tolerance rule's floors, shared with the check tool users run (python -m gatattn.check).
-from gatattn.check import FLOOR, LOW_PRECISION  # noqa: E402
+from gatattn.tolerance import FLOOR, LOW_PRECISION  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,9 +10,8 @@ float64 under the project's tolerance rule:
 
 where ``ref_lo`` is the reference computed in the run's own low precision (float16/bfloat16
 only) and ``floor`` a small fixed bound per dtype, scaled by the reference's magnitude
-(:mod:`gatattn.tolerance`). A route
-that is silently wrong (say an SDPA 1% off) fails here. The command prints one table and exits
-with status 1 if any row fails; :func:`run` returns the rows.
+(:mod:`gatattn.tolerance`). A route that is silently wrong (say an SDPA 1% off) fails here. The
+command prints one table and exits with status 1 if any row fails; :func:`run` returns the rows.
 
 On CPU the Triton kernels run only in Triton's interpreter (``TRITON_INTERPRET=1``, set before
 Python starts), whose bfloat16 matrix product is broken: that combination is not run.

@@ -55,6 +55,7 @@ class RouteKey:
 
     graph: str  # "segments", "causal segments", "bipartite segments", ... or "edges"
     lengths: tuple[int, int]  # mean targets and sources per graph (degree for edges), bucketed
+    rows: int  # all targets, bucketed: few long graphs and many short ones may race apart
     heads: int
     head_dims: tuple[int, int]
     dtype: str
@@ -63,7 +64,8 @@ class RouteKey:
     versions: str
 
     def __str__(self) -> str:
-        return (f"{self.graph}, lengths ~{self.lengths[0]}/~{self.lengths[1]}, H={self.heads}, "
+        return (f"{self.graph}, lengths ~{self.lengths[0]}/~{self.lengths[1]}, "
+                f"~{self.rows} rows, H={self.heads}, "
                 f"C={self.head_dims[0]}/{self.head_dims[1]}, {self.dtype}, "
                 f"{'fwd+bwd' if self.grad else 'fwd'}, {self.device}, {self.versions}")
 
@@ -193,7 +195,8 @@ def route_key(q: Tensor, v: Tensor, graph: AttentionGraph, needs_grad: bool) -> 
         kind = "edges"
         lengths = (length_bucket(graph.edge_index.size(1), graph.num_dst),
                    length_bucket(graph.num_src, 1))
-    return RouteKey(kind, lengths, q.size(1), (q.size(-1), v.size(-1)),
+    rows = 1 << max(graph.num_dst - 1, 0).bit_length()
+    return RouteKey(kind, lengths, rows, q.size(1), (q.size(-1), v.size(-1)),
                     str(q.dtype).removeprefix("torch."), needs_grad, _device_name(q.device),
                     _versions())
 

@@ -14,8 +14,9 @@ from gatattn.backends import (
     triton_attention,
     triton_unavailable_reason,
 )
+from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import segment_attention
-from gatattn.graph import AttentionGraph, build_graph, graph_membership
+from gatattn.graph import AttentionGraph, build_graph, graph_membership, validation_enabled
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -117,9 +118,12 @@ def attention(
                                                 bipartite=bipartite, validate=False)
         return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
                                  causal)
+    validate = validation_enabled() and not torch.compiler.is_compiling()
+    # Whether q, k, v are finite is read in the graph's one host read (dense routes use it).
+    finite = finite_flag(q, k, v) if validate and edge_index is None else None
     graph = build_graph(q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr,
-                        causal=causal, bipartite=bipartite,
-                        validate=not torch.compiler.is_compiling())
+                        causal=causal, bipartite=bipartite, validate=validate,
+                        finite_flag=finite)
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]

@@ -8,33 +8,43 @@ rows whose logits are all NaN.
 
 :func:`contain_nonfinite` repairs all of it: the route computes with finite inputs, and NaN is
 put back exactly where an edge reads a non-finite one. All-finite inputs (the normal case) are
-recognised by one reduction and cost nothing more; under ``torch.compile``, which cannot branch
-on values, the repair always runs.
+recognised by one reduction (read on the host with the graph description) and cost nothing
+more; under ``torch.compile``, which cannot branch on values, and with validation switched off
+(:class:`gatattn.graph.validation`), the repair always runs, without a host read.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from gatattn.graph import AttentionGraph, local_positions
+from gatattn.graph import AttentionGraph, validation_enabled
 
 Inputs = tuple[Tensor, Tensor, Tensor]
+
+
+def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """0-dim bool tensor, on the device: ``q``, ``k`` and ``v`` are all finite. One reduction: a
+    non-finite entry makes the sum non-finite (a sum that overflows only sends finite inputs
+    down the exact repair path). Left on the device so the caller can read it along with
+    whatever else it reads."""
+    with torch.no_grad():
+        return torch.isfinite(sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v)))
 
 
 def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor,
                       graph: AttentionGraph) -> tuple[Inputs, Callable[[Tensor], Tensor]]:
     """Finite ``q, k, v`` to compute with, and the repair to apply to the ``(N_dst, H, C_v)``
-    output. ``graph`` must be implicit."""
-    if not torch.compiler.is_compiling():
-        # A non-finite entry makes the sum non-finite. (A sum that overflows only sends finite
-        # inputs down the exact repair path below.)
-        total = sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v))
-        if math.isfinite(total.item()):
-            return (q, k, v), _unchanged
+    output. ``graph`` must be implicit. Whether the inputs are finite comes from
+    ``graph.inputs_finite`` (read with the graph), else from one host read; with validation
+    off or under ``torch.compile`` nothing is read and the repair always runs (no host read)."""
+    finite = graph.inputs_finite
+    if finite is None and validation_enabled() and not torch.compiler.is_compiling():
+        finite = bool(finite_flag(q, k, v))
+    if finite:
+        return (q, k, v), _unchanged
     bad_q = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # (N_dst, H, 1)
     bad_k = ~torch.isfinite(k).all(dim=-1, keepdim=True)  # (N_src, H, 1)
     bad_v = ~torch.isfinite(v)  # (N_src, H, C_v)
@@ -50,28 +60,22 @@ def _unchanged(out: Tensor) -> Tensor:
 def _reached_from(bad: Tensor, graph: AttentionGraph) -> Tensor:
     """``(N_dst, H, C)``: an edge reads a source whose ``bad`` ``(N_src, H, C)`` is set. Sources
     are read by every target of their graph, or, causal (top-left), by targets at positions at or
-    after theirs; so the first bad position of each graph decides."""
+    after theirs; so the first bad position of each graph decides. No host read."""
     never = max(graph.num_dst, graph.num_src)  # beyond every position
-    pos_src = local_positions(graph.batch_src, graph.num_src, bad.device)
+    ids_dst, ids_src = graph.graph_ids(bad.device)
+    pos_dst, pos_src = graph.positions(bad.device)
     bad_at = torch.where(bad, pos_src.view(-1, 1, 1), never)
     first_bad = bad_at.new_full((max(graph.num_graphs, 1), *bad.shape[1:]), never)
-    first_bad = first_bad.scatter_reduce(
-        0, _graph_ids(graph.batch_src, graph.num_src, bad.device).view(-1, 1, 1).expand_as(bad_at),
-        bad_at, "amin")
-    first_bad = first_bad.index_select(0, _graph_ids(graph.batch_dst, graph.num_dst, bad.device))
+    first_bad = first_bad.scatter_reduce(0, ids_src.view(-1, 1, 1).expand_as(bad_at), bad_at,
+                                         "amin")
+    first_bad = first_bad.index_select(0, ids_dst)
     if not graph.causal:
         return first_bad < never
-    pos_dst = local_positions(graph.batch_dst, graph.num_dst, bad.device)
     return pos_dst.view(-1, 1, 1) >= first_bad
 
 
 def _has_keys(graph: AttentionGraph, device) -> Tensor:
     """``(N_dst, 1, 1)``: the target's graph has sources (so an edge reads its query)."""
-    _, sizes_src = graph.sizes()
-    has_keys = (sizes_src.to(device) > 0).index_select(
-        0, _graph_ids(graph.batch_dst, graph.num_dst, device))
+    ids_dst, _ = graph.graph_ids(device)
+    has_keys = (graph.source_counts(device) > 0).index_select(0, ids_dst)
     return has_keys.view(-1, 1, 1)
-
-
-def _graph_ids(batch: Tensor | None, num_nodes: int, device) -> Tensor:
-    return batch if batch is not None else torch.zeros(num_nodes, dtype=torch.long, device=device)

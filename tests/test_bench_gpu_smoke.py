@@ -1,74 +1,85 @@
-"""benchmarks/bench_gpu.py runs end to end in its --smoke mode (CPU, Triton's interpreter).
+"""benchmarks/bench_gpu.py runs end to end in its --smoke mode (CPU, Triton's interpreter) and
+saves every case with every peer's result or skip reason.
 
-The GPU benchmark runs only where a GPU is lent, for a few minutes: this catches a broken peer,
-report or save before it costs that time. Two runs: one stopped by its budget before the first
-case, then --resume, so that the partial save and the resume path run too.
+The GPU benchmark runs only where a GPU is lent, for a few minutes: this catches a broken peer or
+a broken save before it costs that time. Three runs: one stopped by its budget before the first
+case, then --resume, which measures them all; then, with one case taken out of the save as a
+cut-off run would leave it, --resume again, which measures only that case.
 """
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
-OURS = {"segments": ("gatattn.attention (triton)", "kernel launchers"),
-        "graphs": ("gatattn.attention (triton)", "kernel launchers"),
-        "layer": ("projections + gatattn.attention (triton)",)}
-NUMBER = re.compile(r"\d+(\.\d+)?( \(\d+\))?")  # ms or TFLOP/s, maybe "ms (TFLOP/s)"
+OURS, LAUNCHERS = "gatattn.attention (triton)", "kernel launchers"
+OURS_LAYER = "projections + gatattn.attention (triton)"
+# Every peer of every group; the smoke run's case count per group.
+PEERS = {
+    "segments": {"SDPA flash", "SDPA efficient", "SDPA cuDNN", "varlen_attn", "Flex", OURS,
+                 LAUNCHERS},
+    "graphs": {"padded SDPA", "varlen_attn", "Flex doc mask", "Flex doc mask, rebuilt per call",
+               OURS, LAUNCHERS},
+    "layer": {"padded nn.MultiheadAttention", OURS_LAYER},
+}
+CASES = {"segments": 4, "graphs": 1, "layer": 1}
 MODES = {"fwd", "bwd", "fwd+bwd"}
-HEADINGS = ("## Targets", "## Equal-length segments", "## Batched graphs, attention core",
-            "## Batched graphs, layer", "## Correctness", "## Skipped or failed")
 
 
-def run_smoke(*args: str) -> str:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+def run_smoke(out: Path, *args: str) -> dict:
+    """The saved JSON after a smoke run into ``out``."""
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    [saved] = out.glob("gpu-*.smoke.json")
+    assert saved.with_suffix(".md").exists()
+    return json.loads(saved.read_text())
 
 
-def column(text: str, name: str) -> list[str]:
-    """Cells under the header ``name`` in every markdown table of ``text`` that has one."""
-    cells, index = [], None
-    for line in text.splitlines():
-        row = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if not line.startswith("|"):
-            index = None
-        elif index is None:
-            index = row.index(name) if name in row else -1
-        elif index >= 0 and not line.startswith("|---"):
-            cells.append(row[index])
-    return cells
+def check_complete(payload: dict) -> None:
+    results = payload["results"]
+    assert len({r["key"] for r in results}) == len(results), "a case saved twice"
+    groups = [r["info"]["group"] for r in results]
+    assert {group: groups.count(group) for group in CASES} == CASES
+    for result in results:
+        assert "reference_error" not in result, result["reference_error"]
+        assert set(result["peers"]) == PEERS[result["info"]["group"]], result["label"]
+        for name, entry in result["peers"].items():
+            check_entry(result["label"], name, entry)
+
+
+def check_entry(case: str, name: str, entry: dict) -> None:
+    """A skip with its reason, or a time or an error for every mode, and the check's result."""
+    if "skipped" in entry:
+        assert entry["skipped"].strip() and name not in (OURS, LAUNCHERS, OURS_LAYER), entry
+        return
+    assert set(entry["ms"]) | set(entry["errors"]) >= MODES, (case, name, entry)
+    if name in (OURS, LAUNCHERS, OURS_LAYER):  # ours: measured in every mode, and checked
+        assert set(entry["ms"]) == MODES and not entry["errors"], (case, name, entry)
+    if "check" not in entry["errors"]:  # float32 on the CPU: every peer agrees closely
+        diff = max(entry["max_abs_diff_out"], entry["max_abs_diff_grad"])
+        assert diff < 1e-4, (case, name, diff)
 
 
 def test_bench_gpu_smoke(tmp_path):
-    first = run_smoke("--out", str(tmp_path), "--budget-s", "0")
-    assert "stopped early: time budget" in first and "INCOMPLETE" in first
+    first = run_smoke(tmp_path, "--budget-s", "0")
+    assert first["results"] == [] and "time budget" in first["runs"][0]["stopped"]
 
-    text = run_smoke("--out", str(tmp_path), "--resume")
-    assert text.startswith("# GPU benchmarks")
-    assert "SMOKE RUN (CPU, Triton interpreter): numbers are not measurements" in text
-    assert "INCOMPLETE" not in text and "Run 1 " in text
-    for heading in HEADINGS:
-        assert f"\n{heading}" in text, heading
-    for name in {name for names in OURS.values() for name in names}:
-        cells = column(text, name)  # timing tables: a number in every row, no skip or error
-        assert cells and all(NUMBER.fullmatch(cell) for cell in cells), (name, cells)
+    payload = run_smoke(tmp_path, "--resume")
+    assert len(payload["runs"]) == 2 and not payload["runs"][1]["stopped"]
+    assert all(r["run"] == 1 for r in payload["results"])
+    check_complete(payload)
+    for result in payload["results"]:  # CUDA only: skipped, and says why
+        if "varlen_attn" in result["peers"]:
+            assert "CUDA only" in result["peers"]["varlen_attn"].get("skipped", ""), result
+    assert payload["targets"]
 
-    [saved] = tmp_path.glob("smoke-*.json")
-    assert saved.with_suffix(".md").read_text() in text
-    payload = json.loads(saved.read_text())
-    assert {r["case"]["group"] for r in payload["results"]} == {"segments", "graphs", "layer"}
-    for result in payload["results"]:
-        assert "reference_error" not in result, result["reference_error"]
-        for name in OURS[result["case"]["group"]]:  # measured in every mode, and checked
-            entry = result["peers"][name]
-            assert set(entry["ms"]) == MODES and not entry["errors"], (name, entry)
-            assert "max_abs_diff_out" in entry, (name, entry)
-        for name, entry in result["peers"].items():
-            if "max_abs_diff_out" in entry:  # float32 on the CPU: every peer agrees closely
-                diff = max(entry["max_abs_diff_out"], entry["max_abs_diff_grad"])
-                assert diff < 1e-4, (result["label"], name, diff)
-    assert payload["targets"] and not list((REPO / "benchmarks" / "results").glob("smoke-*"))
+    [saved] = tmp_path.glob("gpu-*.smoke.json")
+    cut = [r for r in payload["results"] if r["info"]["group"] != "layer"]
+    saved.write_text(json.dumps({**payload, "results": cut}))
+    resumed = run_smoke(tmp_path, "--resume")
+    check_complete(resumed)
+    assert [r["run"] for r in resumed["results"]] == [1] * len(cut) + [2]
+    assert not list((REPO / "benchmarks" / "results").glob("*smoke*"))

@@ -3,7 +3,6 @@
 import networkx as nx
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import gatattn
 from gatattn.graph import build_graph, local_positions
@@ -142,27 +141,53 @@ def test_attention_graph_adds_repeated_edges_and_keeps_isolated_nodes():
         gatattn.attention_to_networkx(edge_index, alpha[:2])
 
 
-class HostSyncs(TorchDispatchMode):
-    """Counts device-to-host reads (``aten._local_scalar_dense``: ``int()``, ``bool()``,
-    ``.tolist()`` of a tensor)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
+def test_ptr_is_the_kernels_cu_seqlens_as_given():
+    ptr = torch.tensor([0, 3, 3, 7])
+    segments = build_graph(7, 7, ptr=ptr).packed_segments()
+    assert segments.cu_seqlens_dst is ptr and segments.cu_seqlens_src is ptr
+    assert segments.order_dst is None and segments.order_src is None
 
 
-@pytest.mark.parametrize("form,most", [("ptr", 4), ("batch", 3)])
-def test_host_syncs_per_batched_call(form, most):
-    """Validation reads each graph description once, in one sync (ptr: 13 reads before; the
-    goal, one per call, needs the segment plan and the NaN check folded in too)."""
-    sizes = torch.tensor([10, 15, 5])
-    graph = {"ptr": torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]),
-             "batch": torch.repeat_interleave(torch.arange(3), sizes)}[form]
-    q, k, v = (torch.randn(30, 2, 8) for _ in range(3))
-    with HostSyncs() as syncs:
-        gatattn.attention(q, k, v, **{form: graph})
-    assert syncs.count <= most
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_plan_groups_graphs_by_size_keeping_node_order(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes_dst = torch.randint(0, 5, (9,), generator=gen)
+    sizes_src = torch.randint(0, 5, (9,), generator=gen)
+    ptr_dst, ptr_src = (torch.cat([torch.zeros(1, dtype=torch.long), s.cumsum(0)])
+                        for s in (sizes_dst, sizes_src))
+    graph = build_graph(int(ptr_dst[-1]), int(ptr_src[-1]), ptr=(ptr_dst, ptr_src),
+                        bipartite=True)
+    plan = graph.segment_plan()
+    shapes = sorted(zip(sizes_dst.tolist(), sizes_src.tolist(), strict=True))
+    expected_groups = [(shapes.count(shape), *shape) for shape in dict.fromkeys(shapes)]
+    assert [(g.count, g.len_dst, g.len_src) for g in plan.groups] == expected_groups
+    graph_order = sorted(range(9), key=lambda g: (int(sizes_dst[g]), int(sizes_src[g])))
+    for order, ptr in ((plan.order_dst, ptr_dst), (plan.order_src, ptr_src)):
+        nodes = [n for g in graph_order for n in range(int(ptr[g]), int(ptr[g + 1]))]
+        if order is None:
+            assert nodes == list(range(len(nodes)))
+        else:
+            assert order.forward.tolist() == nodes
+            assert order.inverse[order.forward].tolist() == list(range(len(nodes)))
+
+
+def test_segment_plan_knows_the_identity_from_the_sizes():
+    ptr = torch.tensor([0, 2, 2, 5, 9])  # sizes 2, 0, 3, 4: already grouped in size order
+    assert build_graph(9, 9, ptr=ptr).segment_plan().order_dst is None
+    ptr = torch.tensor([0, 4, 6])
+    assert build_graph(6, 6, ptr=ptr).segment_plan().order_dst.forward.tolist() == [
+        4, 5, 0, 1, 2, 3]
+
+
+def test_ptr_pair_of_unequal_lengths_means_trailing_empty_graphs():
+    q, k, v = (t.detach() for t in make_qkv(5, 6, 2, 4))
+    short = gatattn.attention(q, k, v, ptr=(torch.tensor([0, 2, 5]), torch.tensor([0, 6])))
+    padded = gatattn.attention(q, k, v, ptr=(torch.tensor([0, 2, 5]), torch.tensor([0, 6, 6])))
+    torch.testing.assert_close(short, padded)
+    assert bool((short[2:] == 0).all())  # the second graph has no keys: zeros
+
+
+def test_graph_positions_without_a_sorted_batch():
+    batch = torch.tensor([1, 0, 1, 1, 0, 2])
+    pos_dst, pos_src = build_graph(6, 6, batch=batch).positions(batch.device)
+    assert pos_dst.tolist() == pos_src.tolist() == local_positions(batch, 6).tolist()

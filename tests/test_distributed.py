@@ -1,0 +1,292 @@
+"""``gatattn.distributed`` on 1, 2 and 3 gloo processes against the single-process reference.
+
+Each world size is spawned once (process start-up is the cost): every rank runs every case on
+its shard of the same full inputs and saves its output rows and gradients; the parent computes
+the reference on the full tensors and compares the concatenated shards, forward and backward,
+to 1e-9 in float64 (the tolerance rule in bfloat16).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gatattn import SelfAttentionConv, reference
+from gatattn.distributed import ShardedSelfAttention, ring_attention
+from gatattn.tolerance import compare
+
+HEADS, CHANNELS, VALUE_CHANNELS, FEATURES = 2, 3, 5, 6
+F64_TOL = 1e-9
+SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2)]}
+SPAWN_TIMEOUT_S = 240
+CONVS = {  # name: (constructor kwargs, causal)
+    "concat-root-out_proj": (dict(out_channels=4, heads=2, out_proj=True, temperature=0.8), False),
+    "concat-root-out_proj-causal": (dict(out_channels=4, heads=2, out_proj=True), True),
+    "mean-beta": (dict(out_channels=5, heads=3, concat=False, beta=True), False),
+}
+
+
+def ring_cases(world: int) -> list[dict]:
+    cases = [dict(sizes=sizes, causal=causal, scale=None, temperature=1.0, dtype=torch.float64)
+             for sizes in SHARDS[world] for causal in (False, True)]
+    first = SHARDS[world][0]
+    cases.append(dict(sizes=first, causal=True, scale=0.7, temperature=1.3, dtype=torch.float64))
+    cases.append(dict(sizes=first, causal=False, scale=None, temperature=1.0,
+                      dtype=torch.bfloat16))
+    return cases
+
+
+def case_id(world: int, index: int) -> str:
+    case = ring_cases(world)[index]
+    flags = "causal" if case["causal"] else "full"
+    extra = "" if case["scale"] is None else f"-scale{case['scale']}-tau{case['temperature']}"
+    dtype = str(case["dtype"]).removeprefix("torch.")
+    return f"P{world}-{'+'.join(map(str, case['sizes']))}-{flags}{extra}-{dtype}"
+
+
+def full_inputs(case: dict, seed: int):
+    """q, k, v and the upstream gradient over all N nodes, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(case["sizes"])
+    shapes = ((n, HEADS, CHANNELS), (n, HEADS, CHANNELS), (n, HEADS, VALUE_CHANNELS),
+              (n, HEADS, VALUE_CHANNELS))
+    return [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
+
+
+def shard(t: torch.Tensor, sizes, rank: int) -> torch.Tensor:
+    return t.narrow(0, sum(sizes[:rank]), sizes[rank]).clone()
+
+
+def make_conv(kwargs: dict) -> SelfAttentionConv:
+    torch.manual_seed(3)
+    return SelfAttentionConv(FEATURES, **kwargs).double()
+
+
+def conv_inputs(sizes, out_channels: int):
+    gen = torch.Generator().manual_seed(5)
+    n = sum(sizes)
+    return (torch.randn(n, FEATURES, generator=gen, dtype=torch.float64),
+            torch.randn(n, out_channels, generator=gen, dtype=torch.float64))
+
+
+# --- what every rank runs ---
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=60))
+    try:
+        results = {"ring": [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))],
+                   "conv": {name: _conv_case(kwargs, causal, SHARDS[world][0], rank)
+                            for name, (kwargs, causal) in CONVS.items()},
+                   "refusals": _refusals(rank, world)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ring_case(case: dict, rank: int, seed: int) -> dict:
+    q, k, v, grad = (shard(t, case["sizes"], rank) for t in full_inputs(case, seed))
+    q, k, v = (t.to(case["dtype"]).requires_grad_() for t in (q, k, v))
+    out = ring_attention(q, k, v, causal=case["causal"], scale=case["scale"],
+                         temperature=case["temperature"])
+    out.backward(grad.to(case["dtype"]))
+    return {"out": out.detach(), "grads": [q.grad, k.grad, v.grad]}
+
+
+def _conv_case(kwargs: dict, causal: bool, sizes, rank: int) -> dict:
+    conv = make_conv(kwargs)
+    x, grad = conv_inputs(sizes, _out_width(kwargs))
+    x = shard(x, sizes, rank).requires_grad_()
+    out = ShardedSelfAttention(conv)(x, causal=causal)
+    out.backward(shard(grad, sizes, rank))
+    for p in conv.parameters():  # each rank holds its share of every parameter's gradient
+        dist.all_reduce(p.grad)
+    return {"out": out.detach(), "x_grad": x.grad,
+            "param_grads": {name: p.grad for name, p in conv.named_parameters()}}
+
+
+def _out_width(kwargs: dict) -> int:
+    return kwargs["out_channels"] * (kwargs["heads"] if kwargs.get("concat", True) else 1)
+
+
+def _refusals(rank: int, world: int) -> dict:
+    """Errors each rank got for inputs that some rank must refuse: ``(type, message)``."""
+    gen = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(3, HEADS, CHANNELS, generator=gen, dtype=torch.float64,
+                           requires_grad=True) for _ in range(3))
+    checks = {
+        "causal differs": lambda: ring_attention(q, k, v, causal=rank == 0),
+        "bad shape on the last rank": lambda: ring_attention(
+            q[:, 0] if rank == world - 1 else q, k, v),
+        "heads differ": lambda: ring_attention(*(t[:, :1] if rank == 0 else t
+                                                 for t in (q, k, v))),
+        "second derivatives": lambda: torch.autograd.grad(
+            ring_attention(q, k, v).pow(2).sum(), q, create_graph=True),
+    }
+    errors = {}
+    for name, check in checks.items():
+        try:
+            check()
+            errors[name] = None
+        except (ValueError, RuntimeError) as error:
+            errors[name] = (type(error).__name__, str(error))
+    return errors
+
+
+# --- the parent: spawn once per world size, compare with the reference ---
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def rank_results(world: int) -> list[dict]:
+    """Every rank's saved results, after spawning ``world`` gloo processes once."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(_rank_main, args=(world, free_port(), out_dir),
+                                     nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"{world} ranks did not finish in {SPAWN_TIMEOUT_S} s")
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+
+
+def reference_ring(case: dict, seed: int, dtype: torch.dtype | None):
+    """Output and q, k, v gradients of the reference on the full inputs; ``dtype`` None computes
+    in float64, else in ``dtype`` (the low-precision reference of the tolerance rule)."""
+    q, k, v, grad = full_inputs(case, seed)
+    cast = case["dtype"]
+    q, k, v = (t.to(cast).requires_grad_() for t in (q, k, v))
+    mask = reference.block_mask([q.size(0)], causal=case["causal"])
+    out = reference.attention(q, k, v, mask, scale=case["scale"],
+                              temperature=case["temperature"],
+                              compute_dtype=torch.float64 if dtype is None else dtype)
+    return [out, *torch.autograd.grad(out, (q, k, v), grad.to(cast))]
+
+
+def gathered(per_rank: list, key) -> torch.Tensor:
+    return torch.cat([key(r) for r in per_rank])
+
+
+RING_PARAMS = [pytest.param(world, i, id=case_id(world, i))
+               for world in (2, 3) for i in range(len(ring_cases(world)))]
+
+
+@pytest.mark.parametrize("world, index", RING_PARAMS)
+def test_ring_attention_equals_single_process(world, index):
+    case = ring_cases(world)[index]
+    runs = [r["ring"][index] for r in rank_results(world)]
+    got = [gathered(runs, lambda r: r["out"]),
+           *(gathered(runs, lambda r, i=i: r["grads"][i]) for i in range(3))]
+    ref_hi = reference_ring(case, index, None)
+    low = case["dtype"] in (torch.float16, torch.bfloat16)
+    ref_lo = reference_ring(case, index, case["dtype"]) if low else [None] * 4
+    for name, g, hi, lo in zip(("out", "dq", "dk", "dv"), got, ref_hi, ref_lo, strict=True):
+        assert g.shape == hi.shape and g.dtype == case["dtype"]
+        if low:
+            result = compare(g, hi, lo, case["dtype"])
+            print(f"{name}: max error {result.error:.3e}, bound {result.bound:.3e}")
+            assert result.passed, f"{name}: {result}"
+        else:
+            error = (g - hi).abs().max().item() if g.numel() else 0.0
+            print(f"{name}: max error {error:.3e}")
+            assert error <= F64_TOL, f"{name}: max error {error:.3e} > {F64_TOL}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_sharded_layer_equals_conv(world, name):
+    kwargs, causal = CONVS[name]
+    sizes = SHARDS[world][0]
+    conv = make_conv(kwargs)
+    x, grad = conv_inputs(sizes, _out_width(kwargs))
+    x.requires_grad_()
+    out = conv(x, causal=causal)
+    out.backward(grad)
+    runs = [r["conv"][name] for r in rank_results(world)]
+    checks = {"out": (gathered(runs, lambda r: r["out"]), out),
+              "x.grad": (gathered(runs, lambda r: r["x_grad"]), x.grad)}
+    for pname, p in conv.named_parameters():
+        for rank, run in enumerate(runs):  # every rank holds the all-reduced full gradient
+            checks[f"{pname}.grad on rank {rank}"] = (run["param_grads"][pname], p.grad)
+    for what, (got, expected) in checks.items():
+        error = (got - expected).abs().max().item()
+        print(f"{what}: max error {error:.3e}")
+        assert error <= F64_TOL, f"{what}: max error {error:.3e} > {F64_TOL}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_refusals_raise_on_every_rank(world):
+    per_rank = [r["refusals"] for r in rank_results(world)]
+    for rank, errors in enumerate(per_rank):
+        assert errors["causal differs"][0] == "ValueError"
+        assert "same causal" in errors["causal differs"][1]
+        assert errors["heads differ"][0] == "ValueError"
+        assert "same heads" in errors["heads differ"][1]
+        shape_error = errors["bad shape on the last rank"]
+        assert shape_error[0] == "ValueError"
+        if rank == world - 1:
+            assert "must be (num_nodes, heads, channels)" in shape_error[1]
+        else:
+            assert f"rank(s) [{world - 1}] were refused" in shape_error[1]
+        assert errors["second derivatives"][0] == "RuntimeError"
+        assert "second derivatives are not available" in errors["second derivatives"][1]
+
+
+def test_single_rank_equals_reference():
+    """World size 1: the ring has one block, no transfer."""
+    assert not dist.is_initialized(), "another test left a process group behind"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for causal in (False, True):
+            case = dict(sizes=(9,), causal=causal, scale=None, temperature=1.0,
+                        dtype=torch.float64)
+            q, k, v, grad = full_inputs(case, 0)
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            out = ring_attention(q, k, v, causal=causal)
+            got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+            for g, expected in zip(got, reference_ring(case, 0, None), strict=True):
+                assert (g - expected).abs().max().item() <= F64_TOL
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("option, kwargs, message", [
+    ("edge_dim", dict(edge_dim=3), "edge_dim=3"),
+    ("dropout", dict(dropout=0.1), "dropout=0.1"),
+    ("backend", dict(backend="sparse"), "backend='sparse'"),
+    ("aggr", dict(aggr="mean"), "aggr other than 'add'"),
+    ("lazy", dict(in_channels=-1), "lazy"),
+])
+def test_sharded_layer_refuses_unsupported_options(option, kwargs, message):
+    """Refused on the local rank before any communication, so no process group is needed."""
+    in_channels = kwargs.pop("in_channels", FEATURES)
+    wrapped = ShardedSelfAttention(SelfAttentionConv(in_channels, 4, heads=2, **kwargs))
+    with pytest.raises(ValueError, match=message):
+        wrapped(torch.randn(3, FEATURES))
+
+
+def test_sharded_layer_refuses_bipartite_input_and_other_modules():
+    wrapped = ShardedSelfAttention(SelfAttentionConv(FEATURES, 4))
+    with pytest.raises(ValueError, match="bipartite"):
+        wrapped((torch.randn(3, FEATURES), torch.randn(2, FEATURES)))
+    with pytest.raises(TypeError, match="SelfAttentionConv"):
+        ShardedSelfAttention(torch.nn.Linear(3, 3))
+    assert repr(wrapped) == "ShardedSelfAttention(SelfAttentionConv(6, 4, heads=1))"

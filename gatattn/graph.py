@@ -346,6 +346,10 @@ def read_host(parts: list[Tensor]) -> list[list[int]]:
     """The values of several 1-D integer (or bool) tensors on one device, in ONE host read."""
     if not parts:
         return []
+    if torch.compiler.is_compiling():
+        # Traced, the values would be unbacked symbols that the next read's sizes depend on:
+        # break the graph and read them eagerly (fullgraph=True refuses it as unsupported).
+        torch._dynamo.graph_break()
     values = torch.cat([p.long() for p in parts]).tolist()  # the one device-to-host read
     bounds = list(itertools.accumulate((p.numel() for p in parts), initial=0))
     return [values[start:end] for start, end in itertools.pairwise(bounds)]

@@ -26,9 +26,9 @@ How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
 
 Local blocks are computed with plain torch math (logits, ``logsumexp``, softmax), not the
 library's SDPA or Triton routes, because neither returns the log-sum-exp that merging needs: a
-block of n_q queries and n_k keys holds (H, n_q, n_k) logits and weights (in the backward also
-their gradients) at once. Half precision inputs compute in float32, and travel in their own dtype
-(gradient accumulators in float32).
+block of n_q queries and n_k keys holds one (H, n_q, n_k) block of logits (weights in place) in
+the forward, two in the backward. Half precision inputs compute in float32 and travel in their
+own dtype (gradient accumulators in float32).
 
 :class:`ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` this way, on the shard of
 node features a rank holds.
@@ -262,14 +262,14 @@ def _block_logits(q: Tensor, k: Tensor, ring: _Ring, origin: int) -> Tensor:
     logits = torch.einsum("ihc,jhc->hij", q.to(dtype), k.to(dtype)) * ring.multiplier
     if ring.causal and origin == ring.rank:
         future = torch.ones(logits.shape[1:], dtype=torch.bool, device=q.device).triu(1)
-        logits = logits.masked_fill(future, float("-inf"))
+        logits.masked_fill_(future, float("-inf"))
     return logits
 
 
 def _block_forward(q, k, v, ring, origin) -> tuple[Tensor, Tensor]:
     logits = _block_logits(q, k, ring, origin)
     lse = logits.logsumexp(dim=-1)  # (H, n_q); finite: every row sees a key here
-    weights = (logits - lse.unsqueeze(-1)).exp()
+    weights = logits.sub_(lse.unsqueeze(-1)).exp_()  # in place: one (H, n_q, n_k) block alive
     out = torch.einsum("hij,jhc->ihc", weights, v.to(weights.dtype))
     return out, lse.transpose(0, 1)
 
@@ -297,11 +297,13 @@ def _block_backward(q, k, v, dk, dv, dq, grad_out, lse, delta, ring, origin) -> 
     """Adds this rank's queries' share of the gradients for ``origin``'s block: into ``dq``
     (local) and into the travelling ``dk``, ``dv``."""
     dtype = dq.dtype
-    logits = _block_logits(q, k, ring, origin)
-    weights = (logits - lse.transpose(0, 1).unsqueeze(-1)).exp()  # (H, n_q, n_k)
+    # In place where a block is last read, so at most two (H, n_q, n_k) blocks are alive.
+    weights = _block_logits(q, k, ring, origin).sub_(lse.transpose(0, 1).unsqueeze(-1)).exp_()
     dv += torch.einsum("hij,ihc->jhc", weights, grad_out)
     dweights = torch.einsum("ihc,jhc->hij", grad_out, v.to(dtype))
-    dlogits = weights * (dweights - delta.transpose(0, 1).unsqueeze(-1)) * ring.multiplier
+    dlogits = dweights.sub_(delta.transpose(0, 1).unsqueeze(-1)).mul_(weights)
+    dlogits.mul_(ring.multiplier)
+    del weights
     dq += torch.einsum("hij,jhc->ihc", dlogits, k.to(dtype))
     dk += torch.einsum("hij,ihc->jhc", dlogits, q.to(dtype))
 

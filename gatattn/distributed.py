@@ -153,12 +153,17 @@ class _Ring:
         received = [t.new_empty((self.sizes[incoming], *t.shape[1:])) for t in tensors]
         ops = []
         if self.sizes[origin] > 0:
-            ops += [dist.P2POp(dist.isend, t.contiguous(), group=self.group,
-                               group_peer=(self.rank + 1) % self.world) for t in tensors]
+            ops += [dist.P2POp(dist.isend, t.contiguous(), self._neighbour(+1), self.group)
+                    for t in tensors]
         if self.sizes[incoming] > 0:
-            ops += [dist.P2POp(dist.irecv, t, group=self.group,
-                               group_peer=(self.rank - 1) % self.world) for t in received]
+            ops += [dist.P2POp(dist.irecv, t, self._neighbour(-1), self.group) for t in received]
         return _Transfer(dist.batch_isend_irecv(ops) if ops else [], received)
+
+    def _neighbour(self, direction: int) -> int:
+        """The global rank (what P2POp's ``peer`` takes on every torch >= 2.4) of the next
+        (+1) or previous (-1) rank of the group."""
+        group_rank = (self.rank + direction) % self.world
+        return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
 
 @dataclass

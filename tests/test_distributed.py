@@ -28,6 +28,9 @@ HEADS, CHANNELS, VALUE_CHANNELS, FEATURES = 2, 3, 5, 6
 F64_TOL = 1e-9
 SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2)]}
 SPAWN_TIMEOUT_S = 240
+# A group of ranks 1..P-1 (group rank = global rank - 1): peers are addressed by global rank.
+SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64)
+SUBGROUP_SIZES = {2: (6,), 3: (4, 6)}
 CONVS = {  # name: (constructor kwargs, causal)
     "concat-root-out_proj": (dict(out_channels=4, heads=2, out_proj=True, temperature=0.8), False),
     "concat-root-out_proj-causal": (dict(out_channels=4, heads=2, out_proj=True), True),
@@ -89,19 +92,27 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         results = {"ring": [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))],
                    "conv": {name: _conv_case(kwargs, causal, SHARDS[world][0], rank)
                             for name, (kwargs, causal) in CONVS.items()},
-                   "refusals": _refusals(rank, world)}
+                   "refusals": _refusals(rank, world),
+                   "subgroup": _subgroup_case(rank, world)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _ring_case(case: dict, rank: int, seed: int) -> dict:
+def _ring_case(case: dict, rank: int, seed: int, group=None) -> dict:
     q, k, v, grad = (shard(t, case["sizes"], rank) for t in full_inputs(case, seed))
     q, k, v = (t.to(case["dtype"]).requires_grad_() for t in (q, k, v))
-    out = ring_attention(q, k, v, causal=case["causal"], scale=case["scale"],
+    out = ring_attention(q, k, v, group=group, causal=case["causal"], scale=case["scale"],
                          temperature=case["temperature"])
     out.backward(grad.to(case["dtype"]))
     return {"out": out.detach(), "grads": [q.grad, k.grad, v.grad]}
+
+
+def _subgroup_case(rank: int, world: int) -> dict | None:
+    group = dist.new_group(list(range(1, world)))  # every rank must call new_group
+    if rank == 0:
+        return None
+    return _ring_case({**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world]}, rank - 1, 0, group)
 
 
 def _conv_case(kwargs: dict, causal: bool, sizes, rank: int) -> dict:
@@ -230,6 +241,20 @@ def test_sharded_layer_equals_conv(world, name):
         error = (got - expected).abs().max().item()
         print(f"{what}: max error {error:.3e}")
         assert error <= F64_TOL, f"{what}: max error {error:.3e} > {F64_TOL}"
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ring_attention_on_a_subgroup(world):
+    case = {**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world]}
+    runs = [r["subgroup"] for r in rank_results(world)]
+    assert runs[0] is None
+    got = [gathered(runs[1:], lambda r: r["out"]),
+           *(gathered(runs[1:], lambda r, i=i: r["grads"][i]) for i in range(3))]
+    for name, g, expected in zip(("out", "dq", "dk", "dv"), got, reference_ring(case, 0, None),
+                                 strict=True):
+        error = (g - expected).abs().max().item()
+        print(f"{name}: max error {error:.3e}")
+        assert error <= F64_TOL, f"{name}: max error {error:.3e} > {F64_TOL}"
 
 
 @pytest.mark.parametrize("world", [2, 3])

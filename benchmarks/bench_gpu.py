@@ -1,34 +1,22 @@
 """GPU benchmarks of the fused Triton attention against its peers: DESIGN.md section 7, GPU rows.
 
-Everything runs in bfloat16 on one CUDA device, all peers of a case in one process
-(``harness.run_in_process``: skip reasons, correctness check, saving, report).
+bfloat16 on one CUDA device; all peers of a case run in one process on shared inputs
+(``harness.run_in_process``), each checked once against the case's reference, then timed in
+three modes. ``method_notes`` below, printed with every report, says how.
 
 1. Equal-length segments, as the FlashAttention papers measure: C in {64, 128} channels per head
-   with H = 2048 / C heads, segment length N from 512 to 16k, 16k tokens in all (batch
-   16384 / N), causal and not. Peers: SDPA's flash, memory-efficient and cuDNN backends, each
-   forced with ``sdpa_kernel`` (one that raises is skipped, and the reason, with SDPA's own
-   warnings, is reported); ``torch.nn.attention.varlen.varlen_attn`` on the packed rows;
-   FlexAttention compiled with ``torch.compile`` (no mask, or a causal BlockMask); ours through
-   ``gatattn.attention(..., ptr=, backend="triton")``; and the kernels' launchers called
-   directly, so that the gap between the two is gatattn's host-side work.
-2. Batched graphs of 10-1000 nodes (H=8, C=64), attention core on packed ``(nodes, H, C)``
-   tensors: padded SDPA (``to_dense_batch`` + a boolean key mask, then unpadding);
-   ``varlen_attn`` with the batch's ``ptr`` as cu_seqlens; FlexAttention with a document mask
-   over the packed rows, its BlockMask built once, and rebuilt on every call as a new batch of
-   graphs would need; ours (API and launchers).
+   with H = 2048 / C heads, segment length N from 512 to 16k, 16k tokens in all, causal and not.
+   Peers: SDPA's flash, memory-efficient and cuDNN backends (each forced; one that raises is
+   skipped with its reason and SDPA's warnings), ``varlen_attn``, FlexAttention (no mask or a
+   causal BlockMask), ours through ``gatattn.attention(..., ptr=, backend="triton")``, and the
+   kernels' launchers called directly (the gap between the two is gatattn's host-side work).
+2. Batched graphs of 10-1000 nodes (H=8, C=64), attention core on packed ``(nodes, H, C)``:
+   padded SDPA, ``varlen_attn`` (cu_seqlens = ptr), FlexAttention with a document mask (its
+   BlockMask built once, and rebuilt per call as a new batch of graphs would need), ours.
 3. The same batches as a layer: GPSConv-style ``to_dense_batch`` + ``nn.MultiheadAttention``
-   with ``key_padding_mask`` against the same MHA's weights used as in_proj ->
-   ``gatattn.attention`` -> out_proj.
+   against the same MHA's weights used as in_proj -> ``gatattn.attention`` -> out_proj.
 
-Modes: ``fwd`` is the training forward (inputs require grad, as FlashAttention's benchmark
-does); ``bwd`` replays the backward of one retained forward graph; ``fwd+bwd`` runs both. Time:
-median of ``triton.testing.do_bench``; compilation (Triton, torch.compile, BlockMask) happens in
-untimed first calls. Padded peers and ``varlen_attn`` get the batch size and the largest graph
-size as host ints (their best case). FLOPs: forward ``4 * N^2 * C`` per head and segment
-(halved when causal); backward 2.5x, forward+backward 3.5x; padded peers are credited with the
-same useful FLOPs. Correctness, once per case: output and input gradients against SDPA's
-default dispatch (segments), gatattn's SDPA route (graphs), padded ``nn.MultiheadAttention``
-(layers). Not measured: FlexAttention's recompilation when graph sizes change between batches.
+Not measured: FlexAttention's recompilation when graph sizes change between batches.
 
 Usage::
 
@@ -38,15 +26,14 @@ Usage::
     python benchmarks/bench_gpu.py --budget-s 480            # part of the run;
     python benchmarks/bench_gpu.py --resume --budget-s 480   # then the rest, until complete
     python benchmarks/bench_gpu.py --out DIR     # write into DIR instead
-    python benchmarks/bench_gpu.py --smoke [--out DIR]  # CI check of the script, not a
-                                            # measurement: tiny cases on the CPU in float32,
-                                            # Triton's interpreter, a perf_counter timer;
-                                            # prints (and writes gpu-<cpu>.smoke.* only to --out)
+    python benchmarks/bench_gpu.py --smoke [--out DIR]   # CI check of the script, measuring
+                                            # nothing: tiny cases on the CPU in float32, Triton's
+                                            # interpreter, a perf_counter timer; prints (and
+                                            # writes gpu-<cpu>.smoke.* only to --out)
 
-``--smoke`` runs every step of a real run so that CI catches a broken script before GPU time is
+``--smoke`` runs every step of a real run, so that CI catches a broken script before GPU time is
 spent on it. Peers the CPU lacks are reported as skipped, as an unavailable peer is on a GPU:
-SDPA's efficient and cuDNN backends, varlen_attn (CUDA only) and FlexAttention (no backward on
-the CPU).
+SDPA's efficient and cuDNN backends, varlen_attn (CUDA only), FlexAttention (no CPU backward).
 """
 
 from __future__ import annotations
@@ -67,8 +54,6 @@ if "--smoke" in sys.argv[1:]:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-import torch._dynamo.config
-import torch._functorch.config
 import torch.nn.functional as F
 from harness import (
     Case,
@@ -83,6 +68,7 @@ from harness import (
     host_timer,
     mode_speedup,
     peer_table,
+    require_cuda,
     run_in_process,
     saved_path,
 )
@@ -92,16 +78,14 @@ from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex
 from torch_geometric.utils import to_dense_batch
 
 import gatattn
-from gatattn.kernels.flash_attention import (
-    flash_attention_backward,
-    flash_attention_forward,
-    tuned_configs,
-)
+from gatattn.backends.varlen import varlen_unavailable_reason
+from gatattn.graph import build_graph
+from gatattn.kernels import flash_attention as kernels
 
 try:
     from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
 except ImportError:
-    varlen_attn = None
+    varlen_attn = None  # the varlen peer is skipped, saying so
 
 SMOKE = "--smoke" in sys.argv[1:]  # as read before the imports
 # A real run times bfloat16 on the GPU. The smoke run takes float32 on the CPU: Triton 3.9's
@@ -116,7 +100,6 @@ GRAPH_BATCHES = ((1024, 10, 40), (64, 100, 1000), (256, 10, 1000))  # (graphs, m
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-SMOKE_REPS = 3  # timed runs per mode in --smoke: its numbers mean nothing, so few
 RESULTS = Path(__file__).resolve().parent / "results"
 TITLE = "GPU benchmarks (DESIGN.md section 7, GPU rows)"
 
@@ -157,7 +140,7 @@ def segment_shapes(size: str) -> list[Shape]:
     hidden, channels, lengths, total = {
         "full": (HIDDEN, CHANNELS, LENGTHS, TOTAL_TOKENS),
         "quick": (HIDDEN, (128,), (4096,), 8192),
-        "smoke": (32, (16,), (32, 64), 64),  # H=2; a few of the interpreter's 16-row tiles
+        "smoke": (32, (16,), (32,), 64),  # H=2, two segments of two of the interpreter's tiles
     }[size]
     return [Shape("segments", hidden // c, c, (n,) * (total // n), causal)
             for c in channels for causal in (False, True) for n in lengths]
@@ -199,7 +182,7 @@ def targets(shape: Shape) -> tuple[Target, ...]:
 
 
 def all_cases(size: str) -> list[Case]:
-    return [Case(f"{shape.group}: {shape.label}", f"{shape.group}: {shape.label}", SMOKE_REPS,
+    return [Case(f"{shape.group}: {shape.label}", f"{shape.group}: {shape.label}", 0,
                  PEERS[shape.group], targets(shape), setup=functools.partial(make_setup, shape),
                  reference=REFERENCES[shape.group],
                  info={**dataclasses.asdict(shape), "label": shape.label,
@@ -274,13 +257,14 @@ def sdpa_segments(backend: SDPBackend | None) -> Callable[[Setup], Runner]:
 
 def varlen(setup: Setup) -> Runner:
     """torch's varlen_attn on the packed rows, offsets as int32, longest length as a host int;
-    window (-1, 0) is causal (bottom-right aligned: top-left, as ours, for self-attention)."""
-    if varlen_attn is None:
-        raise RuntimeError(f"torch {torch.__version__} has no "
-                           "torch.nn.attention.varlen.varlen_attn (torch >= 2.10)")
+    window (-1, 0) is causal (bottom-right aligned: top-left, as ours, for self-attention).
+    Skipped where gatattn's own varlen route would not run it, with that route's reason."""
+    q, _, v = setup.leaves
     if DEVICE.type != "cuda":
-        raise RuntimeError(f"varlen_attn runs on CUDA only (fp16/bf16); this run is on "
-                           f"{DEVICE.type}")
+        raise RuntimeError(f"varlen_attn runs on CUDA only; this run is on {DEVICE.type}")
+    graph = build_graph(q.size(0), q.size(0), ptr=setup.ptr, causal=setup.shape.causal)
+    if reason := varlen_unavailable_reason(q, v, graph):
+        raise RuntimeError(reason)
     longest, window = max(setup.shape.lengths), (-1, 0) if setup.shape.causal else (-1, -1)
     return runner(setup, lambda: varlen_attn(*setup.leaves, setup.cu_seqlens, setup.cu_seqlens,
                                              longest, longest, scale=setup.scale,
@@ -369,10 +353,10 @@ def launchers(setup: Setup) -> Runner:
     args = (setup.cu_seqlens, setup.cu_seqlens, setup.scale, setup.shape.causal)
 
     def forward():
-        return flash_attention_forward(q, k, v, *args)
+        return kernels.flash_attention_forward(q, k, v, *args)
 
     def backward(grad, out, lse):
-        return flash_attention_backward(grad, q, k, v, out, lse, *args)
+        return kernels.flash_attention_backward(grad, q, k, v, out, lse, *args)
 
     out, lse = forward()
     grad = torch.randn_like(out)
@@ -435,44 +419,32 @@ def show_tflops(result: dict, mode: str, ms: float) -> str:
     return f"{result['info']['flops_fwd'] * FLOP_FACTOR[mode] / ms / 1e9:.0f}"
 
 
-def show_ms(result: dict, mode: str, ms: float) -> str:
-    return f"{ms:.3f} ({show_tflops(result, mode, ms)})"
+TABLES = {  # group: heading, how a median is shown
+    "segments": ("Equal-length segments: TFLOP/s of the attention FLOPs (4 N^2 C per head and "
+                 "segment, halved if causal; backward 2.5x, forward+backward 3.5x)", show_tflops),
+    "graphs": ("Batched graphs, attention core: ms (effective TFLOP/s)",
+               lambda r, mode, ms: f"{ms:.3f} ({show_tflops(r, mode, ms)})"),
+    "layer": ("Batched graphs, layer (in_proj, attention, out_proj): ms",
+              lambda r, mode, ms: f"{ms:.3f}"),
+}
 
 
 def sections(cases: list[Case], results: list[dict]) -> list[str]:
-    def of(group: str) -> list[dict]:
-        return [r for r in results if r["info"]["group"] == group]
-
-    def names(group: str) -> list[str]:
-        return [peer.name for peer in PEERS[group]]
-
-    lines = ["## Equal-length segments: TFLOP/s", "",
-             "Kernel throughput of the attention FLOPs (4 N^2 C per head and segment, halved if "
-             "causal; backward 2.5x, forward+backward 3.5x).", ""]
-    for channels, causal in sorted({(r["info"]["channels"], r["info"]["causal"])
-                                    for r in of("segments")}):
-        rows = [r for r in of("segments")
-                if (r["info"]["channels"], r["info"]["causal"]) == (channels, causal)]
-        for mode in MODES:
-            lines += [f"### C={channels}, H={rows[0]['info']['heads']}, "
-                      f"{'causal' if causal else 'non-causal'}, {MODE_TITLES[mode]}", ""]
-            lines += peer_table(["N", "batch"], [
-                ([str(r["info"]["lengths"][0]), str(len(r["info"]["lengths"]))], r, mode)
-                for r in rows], names("segments"), show_tflops)
-    for group, heading, show in (
-            ("graphs", "attention core: ms (effective TFLOP/s)", show_ms),
-            ("layer", "layer (in_proj, attention, out_proj): ms", lambda r, m, ms: f"{ms:.3f}")):
-        lines += [f"## Batched graphs, {heading}", ""]
-        lines += peer_table(["graphs", "mode"], [
-            ([r["info"]["label"], MODE_TITLES[mode]], r, mode)
-            for r in of(group) for mode in MODES], names(group), show)
+    lines = []
+    for group, (heading, show) in TABLES.items():
+        rows = [([r["info"]["label"], MODE_TITLES[mode]], r, mode)
+                for r in results if r["info"]["group"] == group for mode in MODES]
+        lines += [f"## {heading}", "",
+                  *peer_table(["case", "mode"], rows, [p.name for p in PEERS[group]], show)]
     return lines
 
 
 def method_notes() -> list[str]:
     return [
-        "fwd is the training forward (inputs require grad); bwd replays the backward of one "
-        "retained forward graph; fwd+bwd runs both. Kernel launchers: flash_attention_forward / "
+        "fwd is the training forward (inputs require grad, as FlashAttention's benchmark does); "
+        "bwd replays the backward of one retained forward graph; fwd+bwd runs both. Time: "
+        "median of the timer above; compilation (Triton, torch.compile, BlockMask) happens in "
+        "untimed first calls. Kernel launchers: flash_attention_forward / "
         "flash_attention_backward called directly, without gatattn.attention's validation and "
         "segment plan. Target ratios: anchor time / our time (higher is better).",
         "SDPA backends are forced one at a time with torch.nn.attention.sdpa_kernel. varlen_attn "
@@ -492,46 +464,20 @@ def method_notes() -> list[str]:
 # --- entry point ---
 
 
-def timer_note(quick: bool) -> str:
-    if SMOKE:
-        return f"time.perf_counter, median of {SMOKE_REPS} reps (smoke run: do_bench needs a GPU)"
-    return "triton.testing.do_bench, median, warmup {} ms, rep {} ms".format(*bench_ms(quick))
-
-
-def bench_ms(quick: bool) -> tuple[int, int]:
-    return (10, 40) if quick else (25, 100)  # do_bench warm-up and measuring time
-
-
-def configure_torch() -> None:
-    # Every case has new shapes, so FlexAttention recompiles per case; past dynamo's recompile
-    # limits it would fall back to the unfused eager implementation without failing.
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                 "accumulated_cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, 10_000)
-    # The bwd mode replays one compiled backward (retain_graph=True), which donated buffers
-    # forbid.
-    if hasattr(torch._functorch.config, "donated_buffer"):
-        torch._functorch.config.donated_buffer = False
-
-
 def note_tuned(env: dict) -> None:
-    tuned = tuned_configs()
+    tuned = kernels.tuned_configs()
     env["notes"] = [f"launch configurations the tuner chose ({len(tuned)}): "
                     + ("; ".join(tuned) or "none")]
 
 
 def main() -> None:
     args = command_line(__doc__.split("\n")[0], saving_to=RESULTS, smoke=True)
-    if not SMOKE and not torch.cuda.is_available():
-        sys.exit(f"bench_gpu.py: no CUDA device (torch {torch.__version__}, built with CUDA "
-                 f"{torch.version.cuda}; torch.cuda.is_available() is False). This benchmark "
-                 "times GPU kernels and does not run without one; nothing was measured.")
-    configure_torch()
+    if not SMOKE:
+        require_cuda("bench_gpu.py")
     size = "smoke" if SMOKE else "quick" if args.quick else "full"
-    env = device_environment(DEVICE, DTYPE, timer_note(args.quick), quick=args.quick,
-                             smoke=SMOKE)
-    timer = host_timer(SMOKE_REPS) if SMOKE else cuda_timer(*bench_ms(args.quick))
+    # do_bench's warm-up and measuring time, ms; the smoke run's numbers mean nothing: few reps
+    timer = host_timer(3) if SMOKE else cuda_timer(*((10, 40) if args.quick else (25, 100)))
+    env = device_environment(DEVICE, DTYPE, timer, quick=args.quick, smoke=SMOKE)
     title = TITLE + (": SMOKE RUN (CPU, Triton interpreter), numbers are not measurements"
                      if SMOKE else "")
     completed = run_in_process(

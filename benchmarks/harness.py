@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo.config
+import torch._functorch.config
 import torch_geometric
 from torch import Tensor
 from tqdm import tqdm
@@ -122,7 +124,7 @@ class Target:
 class Case:
     name: str
     title: str
-    reps: int
+    reps: int  # timed reps of forked runs (in-process runs: their timer decides)
     peers: tuple[Peer, ...]  # peers[0] is our layer (forked runs)
     targets: tuple[Target, ...]
     #: In-process runs only: the inputs all peers share, built when the case is measured ...
@@ -507,7 +509,12 @@ def autograd_runner(forward: Step, leaves: Sequence[Tensor], grad_out: Tensor,
                    "fwd+bwd": lambda: forward().backward(grad)}, check, tuple(leaves))
 
 
-Timer = Callable[[Step, Sequence[Tensor]], float]  # (step, leaves) -> median ms
+@dataclass(frozen=True)
+class Timer:
+    """``median_ms(step, leaves)``, and how it times, for the report."""
+
+    median_ms: Callable[[Step, Sequence[Tensor]], float]
+    note: str
 
 
 def cuda_timer(warmup_ms: int, rep_ms: int) -> Timer:
@@ -518,7 +525,8 @@ def cuda_timer(warmup_ms: int, rep_ms: int) -> Timer:
         return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms,
                                              grad_to_none=list(leaves), return_mode="median"))
 
-    return median_ms
+    return Timer(median_ms, f"triton.testing.do_bench, median, warmup {warmup_ms} ms, "
+                            f"rep {rep_ms} ms")
 
 
 def host_timer(reps: int) -> Timer:
@@ -534,7 +542,26 @@ def host_timer(reps: int) -> Timer:
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times)
 
-    return median_ms
+    return Timer(median_ms, f"time.perf_counter, median of {reps} reps")
+
+
+def require_cuda(script: str) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script}: no CUDA device (torch {torch.__version__}, built with CUDA "
+                         f"{torch.version.cuda}; torch.cuda.is_available() is False); nothing "
+                         "was measured.")
+
+
+def allow_compiled_peers() -> None:
+    """Every case has new shapes, so a torch.compile'd peer recompiles per case: past dynamo's
+    recompile limits it would silently fall back to eager. And the ``bwd`` mode replays one
+    compiled backward (retain_graph=True), which donated buffers forbid."""
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 10_000)
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
 
 
 class DeviceBroken(RuntimeError):
@@ -610,7 +637,7 @@ def measure_peer(peer: Peer, setup: Any, reference: tuple | None, timer: Timer,
         recover(device)
     for mode, step in runner.steps.items():
         try:
-            entry["ms"][mode] = timer(step, runner.leaves)
+            entry["ms"][mode] = timer.median_ms(step, runner.leaves)
         except Exception as error:
             entry["errors"][mode] = first_line(error)
             recover(device)
@@ -658,6 +685,7 @@ def run_in_process(cases: list[Case], *, title: str, timer: Timer, device: torch
     """Measures the cases not yet in ``path`` (all of them unless ``resume``), saving after
     every case; stops starting cases after ``budget_s``. Prints the report; returns False if
     the device broke (the report says where)."""
+    allow_compiled_peers()
     runs, results = load_saved(path) if resume and path else ([], [])
     env = {**env, "run_time_s": 0.0, "stopped": ""}
     runs.append(env)
@@ -783,7 +811,7 @@ def failure_notes(results: list[dict]) -> list[str]:
 # --- in-process runs: the environment ---
 
 
-def device_environment(device: torch.device, dtype: torch.dtype, timer_note: str,
+def device_environment(device: torch.device, dtype: torch.dtype, timer: Timer,
                        **flags: bool) -> dict:
     """What a saved run records about where and how it was measured."""
     import triton
@@ -795,7 +823,7 @@ def device_environment(device: torch.device, dtype: torch.dtype, timer_note: str
         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
         "triton": triton.__version__, "torch_geometric": torch_geometric.__version__,
         "gatattn_commit": git_commit(), "dtype": str(dtype).removeprefix("torch."),
-        "timer": timer_note, **flags,
+        "timer": timer.note, **flags,
     }
 
 

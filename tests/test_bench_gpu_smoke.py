@@ -24,7 +24,7 @@ PEERS = {
                OURS, LAUNCHERS},
     "layer": {"padded nn.MultiheadAttention", OURS_LAYER},
 }
-CASES = {"segments": 4, "graphs": 1, "layer": 1}
+CASES = {"segments": 2, "graphs": 1, "layer": 1}
 MODES = {"fwd", "bwd", "fwd+bwd"}
 
 

@@ -142,6 +142,9 @@ def _refusals(rank: int, world: int) -> dict:
             q[:, 0] if rank == world - 1 else q, k, v),
         "heads differ": lambda: ring_attention(*(t[:, :1] if rank == 0 else t
                                                  for t in (q, k, v))),
+        "needs grad differs": lambda: ring_attention(q.detach() if rank == 0 else q,
+                                                     k.detach() if rank == 0 else k,
+                                                     v.detach() if rank == 0 else v),
         "second derivatives": lambda: torch.autograd.grad(
             ring_attention(q, k, v).pow(2).sum(), q, create_graph=True),
     }
@@ -265,6 +268,8 @@ def test_refusals_raise_on_every_rank(world):
         assert "same causal" in errors["causal differs"][1]
         assert errors["heads differ"][0] == "ValueError"
         assert "same heads" in errors["heads differ"][1]
+        assert errors["needs grad differs"][0] == "ValueError"
+        assert "same needs grad" in errors["needs grad differs"][1]
         shape_error = errors["bad shape on the last rank"]
         assert shape_error[0] == "ValueError"
         if rank == world - 1:

@@ -66,8 +66,10 @@ from harness import (
     device_environment,
     device_slug,
     host_timer,
+    mode_ms,
     mode_speedup,
     peer_table,
+    ratio,
     require_cuda,
     run_in_process,
     saved_path,
@@ -108,6 +110,8 @@ VARLEN, FLEX = "varlen_attn", "Flex"
 FLEX_DOC, FLEX_DOC_REBUILT = "Flex doc mask", "Flex doc mask, rebuilt per call"
 PADDED_SDPA, PADDED_MHA = "padded SDPA", "padded nn.MultiheadAttention"
 OURS, LAUNCHERS = "gatattn.attention (triton)", "kernel launchers"
+OURS_AUTO = "gatattn.attention (auto)"  # verified and raced against the torch routes it knows
+GATATTN_SDPA = "gatattn SDPA route (one SDPA call per graph size, no padding)"
 OURS_LAYER = "projections + gatattn.attention (triton)"
 
 
@@ -173,12 +177,27 @@ def targets(shape: Shape) -> tuple[Target, ...]:
             return ()
         return tuple(target for ours in (OURS, LAUNCHERS) for target in (
             at_least(ours, "fwd", 1.0, SDPA_FLASH, " (C=128, N>=4k)"),
-            at_least(ours, "fwd+bwd", 0.9, SDPA_FLASH, " (C=128, N>=4k)")))
+            at_least(ours, "fwd+bwd", 0.9, SDPA_FLASH, " (C=128, N>=4k)"))) + never_slower()
     if shape.group == "layer":
         return tuple(at_least(OURS_LAYER, mode, 3.0, PADDED_MHA) for mode in ("fwd+bwd", "fwd"))
     return tuple(target for mode in ("fwd+bwd", "fwd") for target in (
         at_least(OURS, mode, 3.0, PADDED_SDPA), at_least(OURS, mode, 1.0, VARLEN),
-        at_least(OURS, mode, 1.0, FLEX_DOC, " (mask prebuilt)")))
+        at_least(OURS, mode, 1.0, FLEX_DOC, " (mask prebuilt)"))) + never_slower()
+
+
+def never_slower() -> tuple[Target, ...]:
+    """DESIGN.md: ``auto`` is never slower than the torch routes it races (SDPA per size group,
+    varlen_attn); 5% is left for timing noise between two runs of the same route."""
+    def value(mode):
+        def fastest_torch_over_auto(result):
+            times = [mode_ms(result, peer, mode) for peer in (GATATTN_SDPA, VARLEN)]
+            times = [t for t in times if t is not None]
+            return ratio(min(times), mode_ms(result, OURS_AUTO, mode)) if times else None
+        return fastest_torch_over_auto
+
+    return tuple(Target(f"{OURS_AUTO}, {mode}: >= 0.95x the fastest of SDPA per group and "
+                        "varlen_attn", value(mode), True, 0.95, "x")
+                 for mode in ("fwd+bwd", "fwd"))
 
 
 def all_cases(size: str) -> list[Case]:
@@ -397,17 +416,20 @@ PEERS: dict[str, tuple[Peer, ...]] = {
                  Peer(SDPA_EFFICIENT, BATCHED, sdpa_segments(SDPBackend.EFFICIENT_ATTENTION)),
                  Peer(SDPA_CUDNN, BATCHED, sdpa_segments(SDPBackend.CUDNN_ATTENTION)),
                  Peer(VARLEN, PACKED, varlen), Peer(FLEX, BATCHED, flex_segments),
-                 Peer(OURS, PACKED, ours_api), Peer(LAUNCHERS, PACKED, launchers)),
+                 Peer(OURS, PACKED, ours_api), Peer(LAUNCHERS, PACKED, launchers),
+                 Peer(GATATTN_SDPA, PACKED, functools.partial(ours_api, backend="sdpa")),
+                 Peer(OURS_AUTO, PACKED, functools.partial(ours_api, backend="auto"))),
     "graphs": (Peer(PADDED_SDPA, PADDED, padded_sdpa), Peer(VARLEN, PACKED, varlen),
                Peer(FLEX_DOC, "(1, H, T, C)", flex_documents(rebuild=False)),
                Peer(FLEX_DOC_REBUILT, "(1, H, T, C)", flex_documents(rebuild=True)),
-               Peer(OURS, PACKED, ours_api), Peer(LAUNCHERS, PACKED, launchers)),
+               Peer(OURS, PACKED, ours_api), Peer(LAUNCHERS, PACKED, launchers),
+               Peer(GATATTN_SDPA, PACKED, functools.partial(ours_api, backend="sdpa")),
+               Peer(OURS_AUTO, PACKED, functools.partial(ours_api, backend="auto"))),
     "layer": (Peer(PADDED_MHA, PADDED, padded_mha), Peer(OURS_LAYER, PACKED, ours_layer)),
 }
 REFERENCES = {
     "segments": Peer("SDPA, default dispatch", BATCHED, sdpa_segments(None)),
-    "graphs": Peer("gatattn SDPA route (one SDPA call per graph size, no padding)", PACKED,
-                   functools.partial(ours_api, backend="sdpa")),
+    "graphs": Peer(GATATTN_SDPA, PACKED, functools.partial(ours_api, backend="sdpa")),
     "layer": Peer(PADDED_MHA, PADDED, padded_mha),
 }
 

@@ -16,12 +16,15 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
 OURS, LAUNCHERS = "gatattn.attention (triton)", "kernel launchers"
 OURS_LAYER = "projections + gatattn.attention (triton)"
+AUTO = "gatattn.attention (auto)"
+SDPA_ROUTE = "gatattn SDPA route (one SDPA call per graph size, no padding)"
+OURS_ALL = (OURS, LAUNCHERS, OURS_LAYER, AUTO, SDPA_ROUTE)
 # Every peer of every group; the smoke run's case count per group.
 PEERS = {
     "segments": {"SDPA flash", "SDPA efficient", "SDPA cuDNN", "varlen_attn", "Flex", OURS,
-                 LAUNCHERS},
+                 LAUNCHERS, SDPA_ROUTE, AUTO},
     "graphs": {"padded SDPA", "varlen_attn", "Flex doc mask", "Flex doc mask, rebuilt per call",
-               OURS, LAUNCHERS},
+               OURS, LAUNCHERS, SDPA_ROUTE, AUTO},
     "layer": {"padded nn.MultiheadAttention", OURS_LAYER},
 }
 CASES = {"segments": 2, "graphs": 1, "layer": 1}
@@ -53,10 +56,10 @@ def check_complete(payload: dict) -> None:
 def check_entry(case: str, name: str, entry: dict) -> None:
     """A skip with its reason, or a time or an error for every mode, and the check's result."""
     if "skipped" in entry:
-        assert entry["skipped"].strip() and name not in (OURS, LAUNCHERS, OURS_LAYER), entry
+        assert entry["skipped"].strip() and name not in OURS_ALL, entry
         return
     assert set(entry["ms"]) | set(entry["errors"]) >= MODES, (case, name, entry)
-    if name in (OURS, LAUNCHERS, OURS_LAYER):  # ours: measured in every mode, and checked
+    if name in OURS_ALL:  # ours: measured in every mode, and checked
         assert set(entry["ms"]) == MODES and not entry["errors"], (case, name, entry)
     if "check" not in entry["errors"]:  # float32 on the CPU: every peer agrees closely
         diff = max(entry["max_abs_diff_out"], entry["max_abs_diff_grad"])

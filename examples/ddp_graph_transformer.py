@@ -110,8 +110,10 @@ def train(rank: int, world: int, device: torch.device, smoke: bool) -> None:
               f"{batch_size} graphs per rank, float64")
         print("| epoch | step | loss (rank 0) | max abs gradient gap to one process |")
         print("|---|---|---|---|")
+    epoch_losses = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, graphs
         for step, batch in enumerate(loader):
             if step == steps:
                 break
@@ -120,6 +122,8 @@ def train(rank: int, world: int, device: torch.device, smoke: bool) -> None:
             opt.zero_grad()
             loss = F.cross_entropy(model(batch), batch.y)
             loss.backward()
+            total += torch.tensor([loss.item() * batch.num_graphs, batch.num_graphs],
+                                  dtype=torch.float64, device=device)
             if smoke or step == 0:  # the check costs a second forward and backward
                 union = union_batch(dataset, world, epoch, step, batch_size)
                 union.x = union.x.double()
@@ -130,7 +134,12 @@ def train(rank: int, world: int, device: torch.device, smoke: bool) -> None:
                 if rank == 0:
                     print(f"| {epoch} | {step} | {loss.item():.4f} | {gap:.2e} |", flush=True)
             opt.step()
+        dist.all_reduce(total)
+        epoch_losses.append(float(total[0] / total[1]))
     if rank == 0:
+        print("\n| epoch | mean training loss (all ranks) |\n|---|---|")
+        for epoch, loss in enumerate(epoch_losses):
+            print(f"| {epoch} | {loss:.4f} |")
         print(f"\nDDP gradients equal one process's on the union batch (to {TOLERANCE:.0e}) at "
               "every checked step", flush=True)
 

@@ -5,7 +5,7 @@ sequence, a full-graph transformer), its nodes are cut into contiguous shards, o
 rank order. :func:`ring_attention` computes exact attention over the whole graph (every node
 attends to every node, or to earlier ones with ``causal``) while each rank holds only its own
 shard and one travelling block of keys and values: memory per rank is O(N/P * H * C) for the
-tensors, plus one (N/P x N/P x H) block of logits at a time (below).
+tensors, plus one (two in the backward) (H, N/P, N/P) block of logits at a time (below).
 
 How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
 
@@ -41,6 +41,7 @@ dropout, attention weights, ``batch`` / ``ptr`` graphs (for many graphs, use dat
 
 Every rank of the group must call, with the same ``causal``, ``scale`` and ``temperature``, and
 must backpropagate through the output when any does (the backward is collective, as DDP's).
+Tensors live on the process group's device: CPU with gloo, one GPU per rank with NCCL.
 """
 
 from __future__ import annotations

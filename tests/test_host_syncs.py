@@ -16,6 +16,7 @@ import gatattn
 import gatattn.graph as graph_module
 from gatattn import reference
 from gatattn.graph import set_validation, validation, validation_enabled
+from tests.conftest import assert_close
 from tests.test_functional import batch_from_sizes, ptr_from_sizes, same_graph_mask
 
 SIZES = [10, 15, 5, 15]  # 45 nodes
@@ -316,3 +317,21 @@ def test_invalid_ptr_with_validation_off_fails_the_device_assertion():
     q, k, v = inputs(5, 5)
     with validation(False), pytest.raises(RuntimeError, match="non-decreasing"):
         gatattn.attention(q, k, v, ptr=torch.tensor([0, 3, 2, 5]), backend="triton")
+
+
+@pytest.mark.cuda
+def test_host_reads_on_a_gpu(monkeypatch):
+    """The same counts with real kernels (no interpreter), after the launch configurations are
+    tuned (tuning times the kernels, which waits for them, on the first call only)."""
+    ptr = ptr_from_sizes(SIZES).cuda()
+    q, k, v = (t.cuda().half() for t in inputs())
+    gatattn.attention(q, k, v, ptr=ptr, backend="triton")
+    for enabled, count in ((True, 1), (False, 0)):
+        with validation(enabled), count_host_reads(monkeypatch, pause_launches=False) as reads:
+            out = gatattn.attention(q, k, v, ptr=ptr, backend="triton")
+        assert reads.count == count
+        batch = batch_from_sizes(SIZES).cuda()
+        mask = same_graph_mask(batch, batch)
+        ref_hi = reference.attention(q, k, v, mask, compute_dtype=torch.float64)
+        ref_lo = reference.attention(q, k, v, mask, compute_dtype=None)
+        assert_close("out", out, ref_hi, ref_lo)

@@ -1,0 +1,207 @@
+"""Per-call host overhead on small graphs: ``gatattn.attention(..., ptr=)`` against bare SDPA.
+
+The peer is the least work possible for the same attention: the nodes already grouped by graph
+size into ``(count, H, len, C)`` tensors outside the timed region, then one
+``F.scaled_dot_product_attention`` call per size group. gatattn gets the packed ``(N, H, C)``
+nodes and ``ptr`` and does everything else (reading and checking ``ptr``, grouping, permuting,
+the non-finite check), with validation on and off (``gatattn.validation``). Forward only, no
+autograd. The table also gives the host reads per call (device-to-host reads: ``.item()``,
+``.tolist()``, ``int()``, ...), counted in a separate call.
+
+    python benchmarks/bench_overhead.py                   # CPU, writes results/overhead-cpu.md
+    python benchmarks/bench_overhead.py --device cuda     # times with CUDA events
+
+Measures, never asserts. The ratio of the single 64-node graph is DESIGN.md's "small graph, one
+call" row (target <= 1.2x bare SDPA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import gatattn  # noqa: E402
+from benchmarks.harness import environment, table  # noqa: E402
+
+HEADS, CHANNELS = 4, 16
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    sizes: list[int] | None  # None: one complete graph, no ptr
+
+
+def cases(seed: int = 0) -> list[Case]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def random_sizes(count: int) -> list[int]:
+        return torch.randint(10, 31, (count,), generator=gen).tolist()
+
+    return [
+        Case("one graph of 64 nodes, no ptr", None),
+        Case("16 graphs of 10-30 nodes", random_sizes(16)),
+        Case("64 graphs of 10-30 nodes", random_sizes(64)),
+        Case("256 graphs of 10-30 nodes", random_sizes(256)),
+        Case("64 graphs of 20 nodes (one group)", [20] * 64),
+    ]
+
+
+def grouped(q: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """``q`` as one ``(count, H, len, C)`` tensor per graph size (the peer's free lunch)."""
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    groups = []
+    for length in sorted(set(sizes)):
+        graphs = [q[starts[g]:starts[g + 1]] for g, s in enumerate(sizes) if s == length]
+        groups.append(torch.stack(graphs).transpose(1, 2).contiguous())
+    return groups
+
+
+class _HostReads(TorchDispatchMode):
+    """``_local_scalar_dense`` (``item``, ``int()``, ``bool()``) plus ``tolist`` / ``cpu`` /
+    ``numpy``, which do not dispatch it (tests/test_host_syncs.py counts the same way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.inside = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not self.inside:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(step) -> int:
+    reads = _HostReads()
+    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "cpu", "numpy", "item")}
+
+    def counted(method):
+        def wrapper(self, *args, **kwargs):
+            reads.count += not reads.inside
+            reads.inside += 1
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                reads.inside -= 1
+        return wrapper
+
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counted(method))
+        with reads:
+            step()
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+    return reads.count
+
+
+def time_ms(step, device: torch.device) -> float:
+    """One call's wall time, device work included (CUDA events around it on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    step()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def measure(case: Case, device: torch.device, dtype: torch.dtype, reps: int) -> list[str]:
+    n = 64 if case.sizes is None else sum(case.sizes)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, HEADS, CHANNELS, generator=gen).to(device, dtype) for _ in range(3))
+    sizes = [n] if case.sizes is None else case.sizes
+    graph = {} if case.sizes is None else {
+        "ptr": torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], device=device)}
+    groups = list(zip(grouped(q, sizes), grouped(k, sizes), grouped(v, sizes), strict=True))
+
+    def bare_sdpa():
+        return [F.scaled_dot_product_attention(*g) for g in groups]
+
+    def ours():
+        return gatattn.attention(q, k, v, **graph)
+
+    def ours_unchecked():
+        with gatattn.graph.validation(False):
+            return gatattn.attention(q, k, v, **graph)
+
+    steps = {"sdpa": bare_sdpa, "on": ours, "off": ours_unchecked}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    with torch.no_grad():
+        for step in steps.values():  # warm-up; also fills gatattn's structure cache
+            step()
+        for rep in range(reps):  # interleaved, rotating who goes first
+            names = list(steps)
+            for name in names[rep % 3:] + names[:rep % 3]:
+                times[name].append(time_ms(steps[name], device))
+        reads = {name: host_reads(steps[name]) for name in ("on", "off")}
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    return [case.name, str(len(set(sizes))), f"{ms['sdpa']:.3f}",
+            f"{ms['on']:.3f}", f"{ms['on'] / ms['sdpa']:.2f}x", str(reads["on"]),
+            f"{ms['off']:.3f}", f"{ms['off'] / ms['sdpa']:.2f}x", str(reads["off"])]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--reps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these ops are too small to share, "
+                        "and on a busy machine a second thread spin-waits for a core)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results file (default: results/overhead-<device>.md)")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
+    header = ["case", "size groups", "bare SDPA ms", "gatattn ms", "ratio", "host reads",
+              "gatattn, validation off, ms", "ratio", "host reads"]
+    rows = [measure(case, device, dtype, args.reps) for case in cases()]
+    load_end = os.getloadavg()[0]
+    lines = [f"# Per-call overhead on small graphs ({device.type})", "",
+             *(line.replace("(default)", "(--threads)")
+               for line in environment(torch.get_num_threads()) if not line.startswith("- dtype")),
+             f"- device: {_device_name(device)}, "
+             f"dtype {args.dtype}, H={HEADS}, C={CHANNELS}, forward only, no autograd",
+             f"- load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f}", "",
+             *table(header, rows),
+             f"Median of {args.reps} interleaved reps per column after one warm-up call (which "
+             "fills gatattn's structure cache, as the first layer of a model does). Bare SDPA "
+             "gets the nodes already grouped by size, one call per size group; gatattn gets "
+             "them packed with ptr (auto route). Host reads: per call, counted separately."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or RESULTS / f"overhead-{device.type}.md"
+    out.write_text(text)
+    print(f"written to {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()

@@ -4,8 +4,8 @@ When one graph's global attention is too slow or too large for one device (a poi
 sequence, a full-graph transformer), its nodes are cut into contiguous shards, one per rank, in
 rank order. :func:`ring_attention` computes exact attention over the whole graph (every node
 attends to every node, or to earlier ones with ``causal``) while each rank holds only its own
-shard and one travelling block of keys and values: memory per rank is O(N/P * H * C) for the
-tensors, plus one (two in the backward) (H, N/P, N/P) block of logits at a time (below).
+shard and one travelling block of keys and values: memory per rank is O(N/P * H * C), plus one
+(two in the backward) tile of (H, 1024, N/P) logits at a time (below).
 
 How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
 
@@ -25,10 +25,11 @@ How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
   re-layout, which balances this, is not done).
 
 Local blocks are computed with plain torch math (logits, ``logsumexp``, softmax), not the
-library's SDPA or Triton routes, because neither returns the log-sum-exp that merging needs: a
-block of n_q queries and n_k keys holds one (H, n_q, n_k) block of logits (weights in place) in
-the forward, two in the backward. Half precision inputs compute in float32 and travel in their
-own dtype (gradient accumulators in float32).
+library's SDPA or Triton routes, because neither returns the log-sum-exp that merging needs;
+they run on tiles of up to 1024 query rows against the whole key block, so a block of n_k keys
+holds one (H, 1024, n_k) tile of logits at a time (weights in place) in the forward, two in the
+backward. Half precision inputs compute in float32 and travel in their own dtype (gradient
+accumulators in float32).
 
 :class:`ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` this way, on the shard of
 node features a rank holds.
@@ -57,6 +58,9 @@ from gatattn.conv import SelfAttentionConv
 from gatattn.functional import _validate_qkv, logit_multiplier
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Query rows per tile of a block: its logits take H * _QUERY_TILE * n_k values, so memory stays
+# linear in the shard size.
+_QUERY_TILE = 1024
 # What each rank states in the one all_gather: its own node count, then values all must share.
 _FIELDS = ("nodes", "heads", "channels", "value channels", "dtype", "needs grad", "causal",
            "logit multiplier", "refused")
@@ -261,23 +265,36 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor):
     return out, merged
 
 
-def _block_logits(q: Tensor, k: Tensor, ring: _Ring, origin: int) -> Tensor:
-    """``(H, n_q, n_k)`` scaled logits of this rank's queries against ``origin``'s keys, the
-    future masked to -inf on a causal diagonal block (the only block that holds both)."""
-    dtype = _compute_dtype(q)
-    logits = torch.einsum("ihc,jhc->hij", q.to(dtype), k.to(dtype)) * ring.multiplier
+def _tiles(rows: int):
+    """``(start, stop)`` of each tile of at most ``_QUERY_TILE`` query rows."""
+    return ((start, min(start + _QUERY_TILE, rows)) for start in range(0, rows, _QUERY_TILE))
+
+
+def _block_logits(q: Tensor, k: Tensor, ring: _Ring, origin: int, first_row: int) -> Tensor:
+    """``(H, t, n_k)`` scaled logits of a tile of this rank's queries (rows ``first_row`` on)
+    against ``origin``'s keys, the future masked to -inf on a causal diagonal block (the only
+    block that holds both; there query row ``i`` and key ``j`` share the shard's offset)."""
+    logits = torch.einsum("ihc,jhc->hij", q.to(k.dtype), k) * ring.multiplier
     if ring.causal and origin == ring.rank:
-        future = torch.ones(logits.shape[1:], dtype=torch.bool, device=q.device).triu(1)
+        rows = torch.arange(first_row, first_row + q.size(0), device=q.device).unsqueeze(1)
+        future = torch.arange(k.size(0), device=q.device) > rows
         logits.masked_fill_(future, float("-inf"))
     return logits
 
 
 def _block_forward(q, k, v, ring, origin) -> tuple[Tensor, Tensor]:
-    logits = _block_logits(q, k, ring, origin)
-    lse = logits.logsumexp(dim=-1)  # (H, n_q); finite: every row sees a key here
-    weights = logits.sub_(lse.unsqueeze(-1)).exp_()  # in place: one (H, n_q, n_k) block alive
-    out = torch.einsum("hij,jhc->ihc", weights, v.to(weights.dtype))
-    return out, lse.transpose(0, 1)
+    """This rank's output over ``origin``'s block ``(n_q, H, C_v)`` and its log-sum-exp
+    ``(n_q, H)``, a tile of query rows at a time."""
+    dtype = _compute_dtype(q)
+    k, v = k.to(dtype), v.to(dtype)
+    outs, lses = [], []
+    for start, stop in _tiles(q.size(0)):
+        logits = _block_logits(q[start:stop], k, ring, origin, start)
+        lse = logits.logsumexp(dim=-1)  # (H, t); finite: every row sees a key here
+        weights = logits.sub_(lse.unsqueeze(-1)).exp_()  # in place: one tile of logits alive
+        outs.append(torch.einsum("hij,jhc->ihc", weights, v))
+        lses.append(lse.transpose(0, 1))
+    return torch.cat(outs), torch.cat(lses)
 
 
 def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Tensor, Tensor]:
@@ -301,17 +318,21 @@ def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Te
 
 def _block_backward(q, k, v, dk, dv, dq, grad_out, lse, delta, ring, origin) -> None:
     """Adds this rank's queries' share of the gradients for ``origin``'s block: into ``dq``
-    (local) and into the travelling ``dk``, ``dv``."""
+    (local) and into the travelling ``dk``, ``dv``; a tile of query rows at a time."""
     dtype = dq.dtype
-    # In place where a block is last read, so at most two (H, n_q, n_k) blocks are alive.
-    weights = _block_logits(q, k, ring, origin).sub_(lse.transpose(0, 1).unsqueeze(-1)).exp_()
-    dv += torch.einsum("hij,ihc->jhc", weights, grad_out)
-    dweights = torch.einsum("ihc,jhc->hij", grad_out, v.to(dtype))
-    dlogits = dweights.sub_(delta.transpose(0, 1).unsqueeze(-1)).mul_(weights)
-    dlogits.mul_(ring.multiplier)
-    del weights
-    dq += torch.einsum("hij,jhc->ihc", dlogits, k.to(dtype))
-    dk += torch.einsum("hij,ihc->jhc", dlogits, q.to(dtype))
+    k, v = k.to(dtype), v.to(dtype)
+    for start, stop in _tiles(q.size(0)):
+        rows = slice(start, stop)
+        # In place where a tile is last read, so at most two (H, t, n_k) tiles are alive.
+        weights = _block_logits(q[rows], k, ring, origin, start)
+        weights.sub_(lse[rows].transpose(0, 1).unsqueeze(-1)).exp_()
+        dv += torch.einsum("hij,ihc->jhc", weights, grad_out[rows])
+        dlogits = torch.einsum("ihc,jhc->hij", grad_out[rows], v)
+        dlogits.sub_(delta[rows].transpose(0, 1).unsqueeze(-1)).mul_(weights)
+        dlogits.mul_(ring.multiplier)
+        del weights
+        dq[rows] += torch.einsum("hij,jhc->ihc", dlogits, k)
+        dk += torch.einsum("hij,ihc->jhc", dlogits, q[rows].to(dtype))
 
 
 class ShardedSelfAttention(nn.Module):

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gatattn import SelfAttentionConv, reference
+from gatattn import distributed as gatattn_distributed
 from gatattn.distributed import ShardedSelfAttention, ring_attention
 from gatattn.tolerance import compare
 
@@ -28,6 +29,9 @@ HEADS, CHANNELS, VALUE_CHANNELS, FEATURES = 2, 3, 5, 6
 F64_TOL = 1e-9
 SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2)]}
 SPAWN_TIMEOUT_S = 240
+# Query rows per tile in the ring cases: several tiles per block, the last one partial (the
+# layer cases keep the default, one tile per block).
+SMALL_TILE = 4
 # A group of ranks 1..P-1 (group rank = global rank - 1): peers are addressed by global rank.
 SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64)
 SUBGROUP_SIZES = {2: (6,), 3: (4, 6)}
@@ -89,7 +93,10 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
-        results = {"ring": [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))],
+        default_tile, gatattn_distributed._QUERY_TILE = gatattn_distributed._QUERY_TILE, SMALL_TILE
+        ring = [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))]
+        gatattn_distributed._QUERY_TILE = default_tile
+        results = {"ring": ring,
                    "conv": {name: _conv_case(kwargs, causal, SHARDS[world][0], rank)
                             for name, (kwargs, causal) in CONVS.items()},
                    "refusals": _refusals(rank, world),
@@ -280,8 +287,10 @@ def test_refusals_raise_on_every_rank(world):
         assert "second derivatives are not available" in errors["second derivatives"][1]
 
 
-def test_single_rank_equals_reference():
+@pytest.mark.parametrize("tile", [SMALL_TILE, 1024])
+def test_single_rank_equals_reference(tile, monkeypatch):
     """World size 1: the ring has one block, no transfer."""
+    monkeypatch.setattr(gatattn_distributed, "_QUERY_TILE", tile)
     assert not dist.is_initialized(), "another test left a process group behind"
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -188,7 +188,15 @@ def main() -> None:
              f"Median of {args.reps} interleaved reps per column after one warm-up call (which "
              "fills gatattn's structure cache, as the first layer of a model does). Bare SDPA "
              "gets the nodes already grouped by size, one call per size group; gatattn gets "
-             "them packed with ptr (auto route). Host reads: per call, counted separately."]
+             "them packed with ptr (auto route). Host reads: per call, counted separately.",
+             "",
+             "Validation off (`gatattn.validation(False)`) skips the host read but runs the "
+             "non-finite repair on every call (element-wise passes over q, k, v and a scatter "
+             "over the sources), where a read would have found all inputs finite. On a CPU, "
+             "where a read costs no device wait, those passes cost more than the read; the "
+             "SDPA route (auto on CPU) still reads the graph sizes, which grouping by size "
+             "needs. The fused route (backend='triton', auto for half precision on CUDA) is "
+             "the one that reads nothing."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or RESULTS / f"overhead-{device.type}.md"

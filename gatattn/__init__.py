@@ -7,6 +7,7 @@ plain statement of the math that every route is tested against.
 
 from gatattn import reference
 from gatattn.backends.ops import ONNX_DECOMPOSITIONS
+from gatattn.backends.routing import RouteRejectedWarning, route_choices
 from gatattn.conv import SelfAttentionConv
 from gatattn.convert import (
     attention_to_networkx,
@@ -18,7 +19,14 @@ from gatattn.convert import (
 )
 from gatattn.functional import BackendUnavailableError, attention
 from gatattn.gps import GPSConv
-from gatattn.graph import MAX_MATERIALIZED_EDGES, GraphTooLargeError, build_graph
+from gatattn.graph import (
+    MAX_MATERIALIZED_EDGES,
+    GraphTooLargeError,
+    build_graph,
+    set_validation,
+    validation,
+    validation_enabled,
+)
 from gatattn.multihead import (
     MultiheadAttention,
     MultiheadAttentionInputError,
@@ -37,6 +45,7 @@ __all__ = [
     "MultiheadAttention",
     "MultiheadAttentionInputError",
     "MultiheadAttentionMaskError",
+    "RouteRejectedWarning",
     "SelfAttentionConv",
     "attention",
     "attention_to_networkx",
@@ -47,6 +56,10 @@ __all__ = [
     "mask_to_edge_index",
     "networkx_to_edge_index",
     "reference",
+    "route_choices",
     "sequences_to_graph",
+    "set_validation",
     "sinusoidal_encoding",
+    "validation",
+    "validation_enabled",
 ]

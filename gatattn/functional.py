@@ -9,6 +9,7 @@ from torch import Tensor
 
 from gatattn.adjacency import read_adjacency
 from gatattn.backends import (
+    routing,
     sdpa_attention,
     sparse_attention,
     triton_attention,
@@ -16,6 +17,7 @@ from gatattn.backends import (
 )
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import segment_attention
+from gatattn.backends.varlen import varlen_attention
 from gatattn.graph import AttentionGraph, build_graph, graph_membership, validation_enabled
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
@@ -130,10 +132,14 @@ def attention(
 
     route = _choose_backend(backend, graph, q, v, return_attention_weights, dropout,
                             edge_attr is not None)
+    if backend == "auto" and route == "triton":  # verified and raced on the key's first call
+        route = routing.choose_route(q, k, v, graph, scale)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout)
     if route == "triton":
         return triton_attention(q, k, v, graph, scale=scale)
+    if route == "varlen":
+        return varlen_attention(q, k, v, graph, scale=scale)
     edge_index = graph.to_edge_index()
     out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
                                   edge_attr=edge_attr,
@@ -206,13 +212,14 @@ def _validate_kernel_inputs(q: Tensor, v: Tensor, dropout: float, has_edge_attr:
 
 def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int, dropout: float,
                          has_edge_attr: bool, implicit: bool) -> bool:
-    """Whether "auto" takes the Triton kernels: CUDA tensors with head dims up to 256, no
+    """Whether "auto" may take the Triton kernels (once they pass verification and win the race,
+    :mod:`gatattn.backends.routing`): CUDA tensors with head dims up to 256, no
     dropout or edge features, not under torch.compile (which traces SDPA and the sparse route's
     gathers into its own kernels), and fp16/bf16 (fp32 too for edge sets). Dense fp32 stays with
     SDPA: exact fp32 dots run on FMAs, whose register pressure leaves the tiled kernels only
     16x16 tiles (benchmarks/results/kernel-resources-float32.md)."""
     dtypes = _KERNEL_DTYPES[:2] if implicit else _KERNEL_DTYPES
-    return (device.type == "cuda" and dtype in dtypes and head_dim <= MAX_KERNEL_HEAD_DIM
+    return (routing.races_on(device) and dtype in dtypes and head_dim <= MAX_KERNEL_HEAD_DIM
             and dropout == 0 and not has_edge_attr and not torch.compiler.is_compiling()
             and triton_unavailable_reason(device) is None)
 

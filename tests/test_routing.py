@@ -2,6 +2,7 @@
 (gatattn/backends/routing.py), run here with the kernels in Triton's interpreter and a fake
 timer: a deliberately wrong kernel must be rejected, a faster torch route must win."""
 
+import functools
 import json
 import warnings
 
@@ -10,8 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import check_against_reference, masked_reference  # noqa: E402
 from test_functional import same_graph_mask  # noqa: E402
 
+import gatattn  # noqa: E402
 import gatattn.kernels.csr_attention as csr_kernels  # noqa: E402
 import gatattn.kernels.flash_attention as flash_kernels  # noqa: E402
 from gatattn import reference  # noqa: E402
@@ -245,3 +248,35 @@ def test_varlen_states_why_it_does_not_apply():
     assert "float16" in varlen.varlen_unavailable_reason(q.float(), v.float(), graph)
     assert "multiples of 8" in varlen.varlen_unavailable_reason(q[..., :12], v[..., :12], graph)
     assert "CUDA" in varlen.varlen_unavailable_reason(q, v, graph)
+
+
+def test_auto_through_the_public_api_serves_only_verified_routes(monkeypatch):
+    """``gatattn.attention(backend="auto")`` as on a GPU (the kernels in the interpreter): a
+    verified kernel serves; a wrong one is reported and torch serves, with the right result."""
+    monkeypatch.setattr(routing, "races_on", lambda device: True)
+    ptr = torch.tensor([0, 5, 22, 31, 32])
+    check = functools.partial(
+        check_against_reference, lambda q, k, v: gatattn.attention(q, k, v, ptr=ptr, causal=True),
+        batched(dtype=torch.float16)[:3],
+        masked_reference(reference.block_mask([5, 17, 9, 1], causal=True)))
+
+    monkeypatch.setattr(routing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
+    check()  # an inference call, then a training call: two keys
+    assert {(c.key.grad, c.route) for c in gatattn.route_choices()} == {(False, "triton"),
+                                                                         (True, "triton")}
+
+    monkeypatch.setattr(flash_kernels, "flash_attention_forward",
+                        wrong_by(1.02, flash_kernels.flash_attention_forward))
+    monkeypatch.setattr(routing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
+    with pytest.warns(RouteRejectedWarning, match="python -m gatattn.check"):
+        check()
+    choices = gatattn.route_choices()
+    assert len(choices) == 2
+    assert all(c.route == "sdpa" and "out max error" in c.rejected["triton"] for c in choices)
+
+
+def test_no_race_where_the_kernels_do_not_compete():
+    q, k, v, _ = batched()
+    before = len(gatattn.route_choices())
+    gatattn.attention(q, k, v, ptr=torch.tensor([0, 5, 22, 31, 32]))  # CPU: SDPA, no race
+    assert len(gatattn.route_choices()) == before

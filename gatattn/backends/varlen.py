@@ -59,8 +59,8 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float
         return empty_output(q, k, v)
     segments = graph.packed_segments()
     cu_seqlens = segments.cu_seqlens_dst.to(device=q.device, dtype=torch.int32)
-    sizes, _ = graph.sizes()
-    longest = int(sizes.max())
+    sizes, _ = graph.host_sizes()  # known without a read when ptr was given
+    longest = max(sizes)
     order = segments.order_dst
     q, k, v = (permute_rows(t, order).contiguous() for t in (q, k, v))
     out = _kernel()(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale,

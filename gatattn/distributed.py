@@ -274,7 +274,7 @@ def _block_logits(q: Tensor, k: Tensor, ring: _Ring, origin: int, first_row: int
     """``(H, t, n_k)`` scaled logits of a tile of this rank's queries (rows ``first_row`` on)
     against ``origin``'s keys, the future masked to -inf on a causal diagonal block (the only
     block that holds both; there query row ``i`` and key ``j`` share the shard's offset)."""
-    logits = torch.einsum("ihc,jhc->hij", q.to(k.dtype), k) * ring.multiplier
+    logits = torch.einsum("ihc,jhc->hij", q.to(k.dtype), k).mul_(ring.multiplier)
     if ring.causal and origin == ring.rank:
         rows = torch.arange(first_row, first_row + q.size(0), device=q.device).unsqueeze(1)
         future = torch.arange(k.size(0), device=q.device) > rows
@@ -290,10 +290,14 @@ def _block_forward(q, k, v, ring, origin) -> tuple[Tensor, Tensor]:
     outs, lses = [], []
     for start, stop in _tiles(q.size(0)):
         logits = _block_logits(q[start:stop], k, ring, origin, start)
-        lse = logits.logsumexp(dim=-1)  # (H, t); finite: every row sees a key here
-        weights = logits.sub_(lse.unsqueeze(-1)).exp_()  # in place: one tile of logits alive
+        # logsumexp by hand, in place: torch's would allocate a second tile.
+        row_max = logits.amax(dim=-1, keepdim=True)  # finite: every row sees a key here
+        weights = logits.sub_(row_max).exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        weights.div_(total)
         outs.append(torch.einsum("hij,jhc->ihc", weights, v))
-        lses.append(lse.transpose(0, 1))
+        lses.append((row_max + total.log()).squeeze(-1).transpose(0, 1))
+        del logits, weights  # before the next tile is allocated
     return torch.cat(outs), torch.cat(lses)
 
 
@@ -333,6 +337,7 @@ def _block_backward(q, k, v, dk, dv, dq, grad_out, lse, delta, ring, origin) -> 
         del weights
         dq[rows] += torch.einsum("hij,jhc->ihc", dlogits, k)
         dk += torch.einsum("hij,ihc->jhc", dlogits, q[rows].to(dtype))
+        del dlogits  # before the next tile is allocated
 
 
 class ShardedSelfAttention(nn.Module):

@@ -18,6 +18,7 @@ from gatattn.backends import (
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import segment_attention
 from gatattn.backends.varlen import varlen_attention
+from gatattn.bias import expected_rows, graph_block_offsets, stacked_rows
 from gatattn.graph import AttentionGraph, build_graph, graph_membership, validation_enabled
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
@@ -42,6 +43,7 @@ def attention(
     temperature: float = 1.0,
     dropout: float = 0.0,
     edge_attr: Tensor | None = None,
+    attn_bias: Tensor | None = None,
     return_attention_weights: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -51,7 +53,8 @@ def attention(
 
     .. math::
         \alpha_{ij} = \operatorname{softmax}_{j \in N(i)}
-            \left(\langle q_i, k_j + e_{ij} \rangle \cdot \frac{\text{scale}}{\tau}\right),
+            \left(\langle q_i, k_j + e_{ij} \rangle \cdot \frac{\text{scale}}{\tau}
+            + b_{ij}\right),
         \qquad o_i = \sum_{j \in N(i)} \alpha_{ij} (v_j + e_{ij})
 
     The graph is one complete graph over all nodes when neither ``edge_index`` nor
@@ -83,6 +86,13 @@ def attention(
         edge_attr: ``(E, H, C)`` per-edge terms added to keys and values, as
             ``TransformerConv`` does; needs ``edge_index`` and ``C_v == C``.
             (default: :obj:`None`)
+        attn_bias: additive per-head logit bias ``b_ij``, differentiable, cast to ``q``'s
+            dtype. With ``edge_index``: ``(E, H)``, one row per edge. On implicit graphs: each
+            graph's full ``n_dst x n_src`` block, target-major, graphs in id order, stacked to
+            ``(sum_b n_dst_b * n_src_b, H)`` (:mod:`gatattn.bias` builds it from a padded
+            ``(B, H, L, S)`` tensor); pairs a causal graph excludes are ignored. Entries must be
+            finite (drop pairs with edges, not with ``-inf``). Its gradient is deterministic on
+            every route. (default: :obj:`None`)
         return_attention_weights: also return ``(edge_index, alpha)`` with ``alpha`` of shape
             ``(E, H)`` (before dropout, differentiable), in the adjacency's edge order and
             layout (a SparseTensor holding them for a SparseTensor); an implicit graph is
@@ -104,7 +114,9 @@ def attention(
     serves batches of any sizes (``dynamic=True``). It has first derivatives only; second
     derivatives are refused there (eager mode has them).
 
-    Not supported: additive float masks (give edges instead).
+    Not supported: ``attn_bias`` with ``batch`` / ``ptr`` under ``torch.compile`` (refused);
+    ``-inf`` entries in ``attn_bias`` (give edges instead). With ``attn_bias``, ``auto`` does not
+    race the fused kernels (it takes SDPA or message passing); ``backend="triton"`` runs them.
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, dropout)
@@ -114,6 +126,15 @@ def attention(
     edge_index = adjacency.edge_index if adjacency is not None else None
     bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
         q.size(0) != k.size(0))
+    if attn_bias is not None:
+        _validate_bias_tensor(attn_bias, q)
+        attn_bias = attn_bias.to(q.dtype)
+        if torch.compiler.is_compiling() and edge_index is None and (
+                batch is not None or ptr is not None):
+            raise ValueError(
+                "attn_bias with batch / ptr is not supported under torch.compile / torch.export "
+                "(the batched graphs run as an opaque operator without a bias); run the call "
+                "eagerly, or give the pairs as an explicit edge_index with an (E, H) bias")
     if _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
                               return_attention_weights, backend):
         batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
@@ -129,20 +150,29 @@ def attention(
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]
+    if attn_bias is not None:
+        _validate_bias_rows(attn_bias, graph, edge_index, q.size(1), validate)
+        if graph.kept_edges is not None:
+            attn_bias = attn_bias[graph.kept_edges]
 
     route = _choose_backend(backend, graph, q, v, return_attention_weights, dropout,
                             edge_attr is not None)
-    if backend == "auto" and route == "triton":  # verified and raced on the key's first call
-        route = routing.choose_route(q, k, v, graph, scale)
+    if backend == "auto" and route == "triton":
+        # Verified and raced on the key's first call; the race's candidates take no bias, so
+        # a call with one takes the torch route.
+        route = routing.choose_route(q, k, v, graph, scale) if attn_bias is None else (
+            "sdpa" if graph.is_implicit else "sparse")
     if route == "sdpa":
-        return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout)
+        return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias)
     if route == "triton":
-        return triton_attention(q, k, v, graph, scale=scale)
+        return triton_attention(q, k, v, graph, scale=scale, bias=attn_bias)
     if route == "varlen":
         return varlen_attention(q, k, v, graph, scale=scale)
     edge_index = graph.to_edge_index()
+    if attn_bias is not None and graph.is_implicit:
+        attn_bias = attn_bias.index_select(0, stacked_rows(graph, edge_index[1], edge_index[0]))
     out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
-                                  edge_attr=edge_attr,
+                                  edge_attr=edge_attr, bias=attn_bias,
                                   differentiable_weights=return_attention_weights)
     if not return_attention_weights:
         return out
@@ -286,6 +316,37 @@ def logit_multiplier(scale: float, temperature: float) -> float:
 def _validate_causal(causal) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
+
+
+def _validate_bias_tensor(attn_bias, q: Tensor) -> None:
+    if not isinstance(attn_bias, Tensor):
+        raise TypeError(f"attn_bias must be a (rows, heads) tensor, got {type(attn_bias).__name__}")
+    if not attn_bias.is_floating_point():
+        raise TypeError(f"attn_bias must be floating point, got {attn_bias.dtype}")
+    if attn_bias.device != q.device:
+        raise ValueError(f"attn_bias must be on q's device {q.device}, got {attn_bias.device}")
+
+
+def _validate_bias_rows(attn_bias: Tensor, graph: AttentionGraph, edge_index: Tensor | None,
+                        heads: int, validate: bool) -> None:
+    """``(rows, H)``: one row per given edge, or per pair of each implicit graph's block. The
+    block sizes are checked on the host when known, else by a device-side assertion."""
+    layout = ("one row per edge of edge_index, in its order" if edge_index is not None else
+              "each graph's n_dst x n_src block, target-major (row i * n_src + j), graphs in id "
+              "order, stacked; gatattn.bias.stacked_from_padded builds it from (B, H, L, S)")
+    if edge_index is not None:
+        rows = edge_index.size(1)
+    elif validate or graph.membership is None or graph.membership.dst.sizes is not None:
+        rows = expected_rows(graph)
+    else:
+        rows = None
+        total = graph_block_offsets(graph, attn_bias.device)[-1]
+        torch._assert_async(total == attn_bias.size(0),
+                            "attn_bias must have sum_b n_dst_b * n_src_b rows (stacked layout)")
+    if (attn_bias.dim() != 2 or attn_bias.size(1) != heads
+            or (rows is not None and attn_bias.size(0) != rows)):
+        expected = f"({'sum_b n_dst_b * n_src_b' if rows is None else rows}, {heads})"
+        raise ValueError(f"attn_bias must be {expected}: {layout}; got {tuple(attn_bias.shape)}")
 
 
 def _validate_edge_attr(edge_attr: Tensor | None, graph: AttentionGraph, q: Tensor,

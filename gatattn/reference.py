@@ -24,13 +24,14 @@ def attention(
     temperature: float = 1.0,
     edge_key: Tensor | None = None,
     edge_value: Tensor | None = None,
+    bias: Tensor | None = None,
     compute_dtype: torch.dtype | None = torch.float64,
     return_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     r"""Masked multi-head attention, computed densely.
 
     .. math::
-        s_{ij} = \langle q_i, k_j + e_{ij} \rangle \cdot \frac{\text{scale}}{\tau},\quad
+        s_{ij} = \langle q_i, k_j + e_{ij} \rangle \cdot \frac{\text{scale}}{\tau} + b_{ij},\quad
         a_{ij} = \frac{\exp s_{ij}}{\sum_{j' : \text{mask}_{ij'}} \exp s_{ij'}},\quad
         o_i = \sum_{j : \text{mask}_{ij}} a_{ij} (v_j + e^v_{ij})
 
@@ -53,6 +54,8 @@ def attention(
         edge_key: ``(N_dst, N_src, H, C)`` per-edge additions to the keys. (default: :obj:`None`)
         edge_value: ``(N_dst, N_src, H, C_v)`` per-edge additions to the values.
             (default: :obj:`None`)
+        bias: ``(N_dst, N_src, H)`` additive logit bias ``b_ij`` (after the scale); entries off
+            the mask are ignored. (default: :obj:`None`)
         compute_dtype: dtype of the computation; ``None`` computes in the inputs' dtype (the
             "low precision reference" of the tolerance rule). (default: :obj:`torch.float64`)
         return_weights: also return the ``(H, N_dst, N_src)`` weights, summed over duplicate
@@ -70,6 +73,8 @@ def attention(
     if edge_key is not None:
         logits = logits + torch.einsum("ihc,ijhc->hij", q, edge_key.to(dtype))
     logits = logits * (scale / temperature)
+    if bias is not None:
+        logits = logits + bias.to(dtype).permute(2, 0, 1)
 
     allowed = mask.to(torch.bool).unsqueeze(0)  # (1, N_dst, N_src)
     multiplicity = mask.to(dtype).unsqueeze(0)

@@ -9,6 +9,10 @@ Backward without atomics: the dQ pass walks the same rows; the dK/dV pass walks 
 CSR (one program per (source row, head), over its out-edges), reading each target's stored
 log-sum-exp and ``Delta = <dO, O>``. A row with no edge gets a zero output, never NaN.
 
+An optional per-edge bias ``(E, H)`` in target-major order (``HAS_BIAS``) joins the logits; the
+dK/dV pass reads it through ``t_perm`` (each source-major edge's target-major position), and the
+dQ pass, which owns each edge once, writes its gradient ``dS`` (no atomics).
+
 The kernels know nothing of graphs beyond the CSR arrays: ``row_ptr`` (rows + 1,), ``col``
 (E,) and, for the transpose, ``t_row_ptr`` / ``t_col``.
 """
@@ -41,12 +45,21 @@ def _row_vector(Ptr, row, stride_m, head_offset, cols, COLS: tl.constexpr):
 
 
 @triton.jit
+def _edge_bias(Bias, edges, stride_be, bias_head, valid, HAS_BIAS: tl.constexpr):
+    """Base-2 bias of ``edges`` (target-major ids), fp32; 0 without a bias."""
+    if HAS_BIAS:
+        return tl.load(Bias + edges.to(tl.int64) * stride_be + bias_head, mask=valid,
+                       other=0.0).to(tl.float32) * 1.4426950408889634
+    return 0.0
+
+
+@triton.jit
 def _csr_fwd_kernel(
-    Q, K, V, Out, LSE, RowPtr, Col, qk_scale,
+    Q, K, V, Out, LSE, RowPtr, Col, Bias, qk_scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
-    stride_lse_h,
+    stride_lse_h, stride_be, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     row, head = tl.program_id(0), tl.program_id(1)
     start, end = tl.load(RowPtr + row), tl.load(RowPtr + row + 1)
@@ -64,6 +77,7 @@ def _csr_fwd_kernel(
         sources = tl.load(Col + edges, mask=valid, other=0)
         k = _gather(K, sources, stride_km, head * stride_kh, offs_d, valid, HEAD_DIM)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
+        s += _edge_bias(Bias, edges, stride_be, head * stride_bh, valid, HAS_BIAS)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every block has at least one edge
         p = tl.math.exp2(s - m_new)
@@ -83,13 +97,14 @@ def _csr_fwd_kernel(
 
 @triton.jit
 def _csr_bwd_dq_kernel(
-    Q, K, V, DO, LSE, Delta, DQ, RowPtr, Col, qk_scale, scale,
+    Q, K, V, DO, LSE, Delta, DQ, RowPtr, Col, Bias, DBias, qk_scale, scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
-    stride_dqm, stride_dqh, stride_lse_h,
+    stride_dqm, stride_dqh, stride_lse_h, stride_be, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    """dQ_i = scale * sum_j P_ij (<dO_i, v_j> - Delta_i) k_j over the in-edges of row i."""
+    """dQ_i = scale * sum_j P_ij (<dO_i, v_j> - Delta_i) k_j over the in-edges of row i, and
+    each in-edge's bias gradient dS_ij = P_ij (<dO_i, v_j> - Delta_i)."""
     row, head = tl.program_id(0), tl.program_id(1)
     start, end = tl.load(RowPtr + row), tl.load(RowPtr + row + 1)
     offs_n = tl.arange(0, BLOCK_N)
@@ -108,21 +123,25 @@ def _csr_bwd_dq_kernel(
         k = _gather(K, sources, stride_km, head * stride_kh, offs_d, valid, HEAD_DIM)
         v = _gather(V, sources, stride_vm, head * stride_vh, offs_dv, valid, HEAD_DIM_V)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
+        s += _edge_bias(Bias, edges, stride_be, head * stride_bh, valid, HAS_BIAS)
         p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
         dp = tl.sum(v.to(tl.float32) * do[None, :], 1)
         ds = p * (dp - delta)
         dq += tl.sum(ds[:, None] * k.to(tl.float32), 0)
+        if HAS_BIAS:
+            tl.store(DBias + edges.to(tl.int64) * stride_be + head * stride_bh,
+                     ds.to(DBias.dtype.element_ty), mask=valid)
     tl.store(DQ + row.to(tl.int64) * stride_dqm + head * stride_dqh + offs_d,
              (dq * scale).to(DQ.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @triton.jit
 def _csr_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, Delta, DK, DV, TRowPtr, TCol, qk_scale, scale,
+    Q, K, V, DO, LSE, Delta, DK, DV, TRowPtr, TCol, TPerm, Bias, qk_scale, scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
-    stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h,
+    stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h, stride_be, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     """dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i dS_ij q_i over the out-edges of j."""
     src, head = tl.program_id(0), tl.program_id(1)
@@ -144,6 +163,9 @@ def _csr_bwd_dkdv_kernel(
         lse = tl.load(LSE + head * stride_lse_h + targets, mask=valid, other=float("inf"))
         delta = tl.load(Delta + head * stride_lse_h + targets, mask=valid, other=0.0)
         s = tl.sum(q.to(tl.float32) * k[None, :], 1) * qk_scale
+        if HAS_BIAS:
+            in_target_order = tl.load(TPerm + edges, mask=valid, other=0)
+            s += _edge_bias(Bias, in_target_order, stride_be, head * stride_bh, valid, HAS_BIAS)
         p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
         dv += tl.sum(p[:, None] * do.to(tl.float32), 0)
         dp = tl.sum(do.to(tl.float32) * v[None, :], 1)
@@ -158,11 +180,23 @@ def _csr_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def kernel_constants(head_dim: int, head_dim_v: int, block_n: int = BLOCK_N) -> dict:
+def kernel_constants(head_dim: int, head_dim_v: int, block_n: int = BLOCK_N,
+                     has_bias: bool = False) -> dict:
     """The constexprs of the CSR kernels."""
     return dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
                 BLOCK_D=triton.next_power_of_2(head_dim),
-                BLOCK_DV=triton.next_power_of_2(head_dim_v), BLOCK_N=block_n)
+                BLOCK_DV=triton.next_power_of_2(head_dim_v), BLOCK_N=block_n, HAS_BIAS=has_bias)
+
+
+def _bias_args(bias, q, col):
+    """``(Bias, stride_be, stride_bh)``; a placeholder without a bias (never read then)."""
+    if bias is None:
+        return q, 0, 0
+    assert bias.dim() == 2 and bias.shape == (col.numel(), q.shape[1]), (
+        f"bias must be (E={col.numel()}, H={q.shape[1]}) in target-major order, got "
+        f"{tuple(bias.shape)}")
+    assert bias.dtype == q.dtype, f"bias dtype {bias.dtype} differs from q's {q.dtype}"
+    return bias, bias.stride(0), bias.stride(1)
 
 
 def _check(q, k, v, row_ptr, col):
@@ -175,43 +209,56 @@ def _check(q, k, v, row_ptr, col):
     assert row_ptr.dtype == col.dtype, "row_ptr and col must share an integer dtype"
 
 
-def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=BLOCK_N):
-    """``out`` (N_dst, H, C_v) and the base-2 log-sum-exp ``lse`` (H, N_dst), fp32."""
+def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=BLOCK_N, bias=None):
+    """``out`` (N_dst, H, C_v) and the base-2 log-sum-exp ``lse`` (H, N_dst), fp32. ``bias``:
+    ``(E, H)`` per edge, target-major (the order of ``col``)."""
     _check(q, k, v, row_ptr, col)
+    bias_ptr, stride_be, stride_bh = _bias_args(bias, q, col)
     num_dst, heads = q.shape[0], q.shape[1]
     out = torch.empty(num_dst, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(heads, num_dst, dtype=torch.float32, device=q.device)
     if num_dst == 0 or heads == 0:
         return out, lse
     _csr_fwd_kernel[(num_dst, heads)](
-        q, k, v, out, lse, row_ptr, col, scale * LOG2E, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        **kernel_constants(q.shape[2], v.shape[2], block_n), **COMPILE_OPTIONS)
+        q, k, v, out, lse, row_ptr, col, bias_ptr, scale * LOG2E, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0), stride_be, stride_bh,
+        **kernel_constants(q.shape[2], v.shape[2], block_n, bias is not None), **COMPILE_OPTIONS)
     return out, lse
 
 
 def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col, scale,
-                           block_n=BLOCK_N):
-    """``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``."""
+                           block_n=BLOCK_N, bias=None, dbias=None, t_perm=None):
+    """``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``. With ``bias``
+    (target-major), its gradient is written into ``dbias`` (strided as ``bias``), and
+    ``t_perm`` gives each source-major edge's target-major position."""
+    bias_ptr, stride_be, stride_bh = _bias_args(bias, q, col)
+    assert bias is None or (dbias is not None and t_perm is not None
+                            and dbias.stride() == bias.stride()), (
+        "a bias needs dbias (strided as bias) and t_perm")
+    dbias_ptr = bias_ptr if dbias is None else dbias
+    t_perm = col if t_perm is None else t_perm
     assert do.shape == out.shape and do.dtype == out.dtype, "grad_out must match out"
     do = do if do.stride(-1) == 1 else do.contiguous()
     num_dst, heads = q.shape[0], q.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if num_dst == 0 or heads == 0 or k.shape[0] == 0:
         return dq, dk, dv
-    constants = kernel_constants(q.shape[2], v.shape[2], block_n)
+    constants = kernel_constants(q.shape[2], v.shape[2], block_n, bias is not None)
     delta = torch.empty_like(lse)
     _bwd_preprocess_kernel[(triton.cdiv(num_dst, 16), heads)](
         out, do, delta, num_dst, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=16,
         BLOCK_DV=max(16, constants["BLOCK_DV"]), **COMPILE_OPTIONS)
+    bias_strides = (stride_be, stride_bh)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     _csr_bwd_dq_kernel[(num_dst, heads)](
-        q, k, v, do, lse, delta, dq, row_ptr, col, scale * LOG2E, scale, *strides,
-        dq.stride(0), dq.stride(1), lse.stride(0), **constants, **COMPILE_OPTIONS)
-    _csr_bwd_dkdv_kernel[(k.shape[0], heads)](
-        q, k, v, do, lse, delta, dk, dv, t_row_ptr, t_col, scale * LOG2E, scale, *strides,
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), **constants,
+        q, k, v, do, lse, delta, dq, row_ptr, col, bias_ptr, dbias_ptr, scale * LOG2E, scale,
+        *strides, dq.stride(0), dq.stride(1), lse.stride(0), *bias_strides, **constants,
         **COMPILE_OPTIONS)
+    _csr_bwd_dkdv_kernel[(k.shape[0], heads)](
+        q, k, v, do, lse, delta, dk, dv, t_row_ptr, t_col, t_perm, bias_ptr, scale * LOG2E,
+        scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0),
+        *bias_strides, **constants, **COMPILE_OPTIONS)
     return dq, dk, dv

@@ -11,6 +11,11 @@ inner loop uses ``exp2``. The forward pass stores ``LSE`` (base 2) for the backw
 recomputes the probabilities tile by tile: a Delta preprocess, a key-stationary pass for dK/dV
 and a query-stationary pass for dQ, with no atomics (deterministic).
 
+An optional additive bias (``HAS_BIAS``) is stored per segment as a ``(len_q, len_k)`` block of
+rows (target-major, one column per head) starting at ``BiasOffsets[segment]``. The forward and
+both backward passes read its tiles; the key-stationary pass writes the bias gradient ``dS``
+(the logit gradient) of each (query tile, key tile) it owns: one writer per element, no atomics.
+
 Programs are scheduled by tiles, not by the longest segment: a precomputed list maps each
 program to (segment, tile), so a batch of many small graphs launches no program per padding
 tile. Consecutive programs are the tiles of one (segment, head), which share K/V in L2. Tile
@@ -54,13 +59,32 @@ def _load_rows(Ptr, rows, stride_m, head_offset, cols, row_limit, COLS: tl.const
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, k_start, k_len, start_n, offs_m, offs_n, offs_d, offs_dv,
-               stride_km, stride_vm, k_head, v_head, qk_scale,
+def _bias_tile(BiasSeg, rows, cols, q_len, k_len, stride_bm):
+    """The bias of pairs (rows, cols) of a segment, base 2 (times log2(e)), fp32; 0 outside."""
+    mask = (rows[:, None] < q_len) & (cols[None, :] < k_len)
+    ptrs = BiasSeg + (rows[:, None].to(tl.int64) * k_len + cols[None, :]) * stride_bm
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh,
+                  HAS_BIAS: tl.constexpr):
+    """Pointer to the segment's bias block, head ``head`` (``Bias`` itself without a bias)."""
+    if HAS_BIAS:
+        return Bias + tl.load(BiasOffsets + segment) * stride_bm + head * stride_bh
+    return Bias
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, start_n, offs_m, offs_n,
+               offs_d, offs_dv, stride_km, stride_vm, stride_bm, k_head, v_head, qk_scale,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
-               MASKED: tl.constexpr, PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K + k_start * stride_km, cols, stride_km, k_head, offs_d, k_len, HEAD_DIM)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        s += _bias_tile(BiasSeg, offs_m, cols, q_len, k_len, stride_bm)
     if MASKED:  # only boundary and diagonal tiles pay for per-element masks
         keep = cols[None, :] < k_len
         if CAUSAL:
@@ -78,12 +102,13 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, k_start, k_len, start_n, offs_m, offs_n, 
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock, qk_scale,
+    Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock, Bias, BiasOffsets,
+    qk_scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
-    stride_lse_h,
+    stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile, head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
@@ -100,6 +125,7 @@ def _fwd_kernel(
     q = _load_rows(Q + q_start * stride_qm, offs_m, stride_qm, head * stride_qh, offs_d, q_len,
                    HEAD_DIM)
 
+    bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -112,15 +138,17 @@ def _fwd_kernel(
         end = tl.minimum(k_len, (m_block + 1) * BLOCK_M)
         full_end = tl.minimum(full_end, ((m_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
     for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_start, k_len, start_n, offs_m,
-                                   offs_n, offs_d, offs_dv, stride_km, stride_vm,
-                                   head * stride_kh, head * stride_vh, qk_scale, HEAD_DIM,
-                                   HEAD_DIM_V, CAUSAL, False, PRECISION)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
+                                   start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
+                                   stride_vm, stride_bm, head * stride_kh, head * stride_vh,
+                                   qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, False, HAS_BIAS,
+                                   PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, k_start, k_len, start_n, offs_m,
-                                   offs_n, offs_d, offs_dv, stride_km, stride_vm,
-                                   head * stride_kh, head * stride_vh, qk_scale, HEAD_DIM,
-                                   HEAD_DIM_V, CAUSAL, True, PRECISION)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
+                                   start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
+                                   stride_vm, stride_bm, head * stride_kh, head * stride_vh,
+                                   qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, True, HAS_BIAS,
+                                   PRECISION)
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -147,11 +175,14 @@ def _bwd_preprocess_kernel(Out, DO, Delta, total, stride_om, stride_oh, stride_d
 
 
 @triton.jit
-def _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL: tl.constexpr,
-                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, stride_bm, qk_scale,
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """The forward pass's softmax tile, recomputed from the stored log-sum-exp. Unmasked tiles
     need no per-element test: rows past the segment read lse = inf, so their p is 0."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if HAS_BIAS:
+        s += _bias_tile(BiasSeg, offs_m, cols, q_len, k_len, stride_bm)
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         keep = (offs_m[:, None] < q_len) & (cols[None, :] < k_len)
@@ -162,22 +193,28 @@ def _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL: tl.c
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, q_len, k_len, start_m, cols, offs_d, offs_dv,
-               stride_qm, q_head, stride_dom, do_head, lse_head, qk_scale,
-               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-               CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One query tile's contribution to a key tile's dK and dV (pointers at the segment)."""
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len, start_m, cols,
+               offs_d, offs_dv, stride_qm, q_head, stride_dom, do_head, lse_head, stride_bm,
+               qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """One query tile's contribution to a key tile's dK and dV (pointers at the segment), and
+    the tile's bias gradient, written here and nowhere else."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < q_len
     q = _load_rows(Q, offs_m, stride_qm, q_head, offs_d, q_len, HEAD_DIM)
     do = _load_rows(DO, offs_m, stride_dom, do_head, offs_dv, q_len, HEAD_DIM_V)
     lse = tl.load(LSE + lse_head + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + lse_head + offs_m, mask=row_ok, other=0.0)
-    p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, MASKED,
-                       PRECISION)
+    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, stride_bm, qk_scale,
+                       CAUSAL, MASKED, HAS_BIAS, PRECISION)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
+    if HAS_BIAS:
+        pair_ok = row_ok[:, None] & (cols[None, :] < k_len)
+        ptrs = DBiasSeg + (offs_m[:, None].to(tl.int64) * k_len + cols[None, :]) * stride_bm
+        tl.store(ptrs, ds.to(DBiasSeg.dtype.element_ty), mask=pair_ok)
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     return dk, dv
 
@@ -185,12 +222,12 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, q_len, k_len, start_m, cols, off
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    qk_scale, scale,
+    Bias, DBias, BiasOffsets, qk_scale, scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
-    stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h,
+    stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Key-stationary: one program owns a key tile and sweeps the queries that see it."""
     tile, head = tl.program_id(0), tl.program_id(1)
@@ -220,16 +257,20 @@ def _bwd_dkdv_kernel(
         unmasked_from = tl.cdiv(n_block * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M
     Q_seg, DO_seg = Q + q_start * stride_qm, DO + q_start * stride_dom
     LSE_seg, Delta_seg = LSE + q_start, Delta + q_start
+    bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
+    dbias_seg = _bias_segment(DBias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     for start_m in range(first, tl.minimum(unmasked_from, q_len), BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, q_len, k_len,
-                            start_m, cols, offs_d, offs_dv, stride_qm, head * stride_qh,
-                            stride_dom, head * stride_doh, head * stride_lse_h, qk_scale,
-                            HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, True, PRECISION)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
+                            dbias_seg, q_len, k_len, start_m, cols, offs_d, offs_dv, stride_qm,
+                            head * stride_qh, stride_dom, head * stride_doh,
+                            head * stride_lse_h, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                            BLOCK_M, CAUSAL, True, HAS_BIAS, PRECISION)
     for start_m in range(unmasked_from, q_len, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, q_len, k_len,
-                            start_m, cols, offs_d, offs_dv, stride_qm, head * stride_qh,
-                            stride_dom, head * stride_doh, head * stride_lse_h, qk_scale,
-                            HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, False, PRECISION)
+        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
+                            dbias_seg, q_len, k_len, start_m, cols, offs_d, offs_dv, stride_qm,
+                            head * stride_qh, stride_dom, head * stride_doh,
+                            head * stride_lse_h, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                            BLOCK_M, CAUSAL, False, HAS_BIAS, PRECISION)
 
     col_ok = cols < k_len
     dk_ptrs = DK + (k_start + cols)[:, None] * stride_dkm + head * stride_dkh + offs_d[None, :]
@@ -241,16 +282,16 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, q_len, k_len, start_n, offs_m, offs_n, offs_d,
-             offs_dv, stride_km, k_head, stride_vm, v_head, qk_scale,
+def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, start_n, offs_m, offs_n,
+             offs_d, offs_dv, stride_km, k_head, stride_vm, v_head, stride_bm, qk_scale,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
-             MASKED: tl.constexpr, PRECISION: tl.constexpr):
+             MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile's contribution to a query tile's dQ (pointers at the segment)."""
     cols = start_n + offs_n
     k = _load_rows(K, cols, stride_km, k_head, offs_d, k_len, HEAD_DIM)
     v = _load_rows(V, cols, stride_vm, v_head, offs_dv, k_len, HEAD_DIM_V)
-    p = _probabilities(q, k, lse, offs_m, cols, q_len, k_len, qk_scale, CAUSAL, MASKED,
-                       PRECISION)
+    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, stride_bm, qk_scale,
+                       CAUSAL, MASKED, HAS_BIAS, PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -259,12 +300,12 @@ def _dq_step(dq, q, do, lse, delta, K, V, q_len, k_len, start_n, offs_m, offs_n,
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    qk_scale, scale,
+    Bias, BiasOffsets, qk_scale, scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
-    stride_dqm, stride_dqh, stride_lse_h,
+    stride_dqm, stride_dqh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Query-stationary: one program owns a query tile and sweeps the keys it sees."""
     tile, head = tl.program_id(0), tl.program_id(1)
@@ -296,14 +337,17 @@ def _bwd_dq_kernel(
         end = tl.minimum(k_len, (m_block + 1) * BLOCK_M)
         full_end = tl.minimum(full_end, ((m_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
     K_seg, V_seg = K + k_start * stride_km, V + k_start * stride_vm
+    bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, q_len, k_len, start_n, offs_m, offs_n,
-                      offs_d, offs_dv, stride_km, head * stride_kh, stride_vm, head * stride_vh,
-                      qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, False, PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, start_n,
+                      offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh, stride_vm,
+                      head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL,
+                      False, HAS_BIAS, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, q_len, k_len, start_n, offs_m, offs_n,
-                      offs_d, offs_dv, stride_km, head * stride_kh, stride_vm, head * stride_vh,
-                      qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, True, PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, start_n,
+                      offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh, stride_vm,
+                      head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL,
+                      True, HAS_BIAS, PRECISION)
 
     dq_ptrs = DQ + (q_start + offs_m)[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
@@ -327,6 +371,30 @@ def tile_schedule(cu_seqlens: torch.Tensor, total: int, block: int):
     tile = program - (ends[clamped] - tiles[clamped]) if num_segments else program
     return (torch.where(in_range, segment, -1).to(torch.int32),
             torch.where(in_range, tile, 0).to(torch.int32))
+
+
+def bias_offsets(cu_seqlens_q, cu_seqlens_k):
+    """``(B + 1,)`` int64 first bias row of each segment's block (exclusive cumsum of
+    ``len_q * len_k``), computed on the device without a sync."""
+    sizes = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long() * (cu_seqlens_k[1:] - cu_seqlens_k[:-1])
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+
+
+def _check_bias(q, bias):
+    if bias is None:
+        return
+    assert bias.dim() == 2 and bias.shape[1] == q.shape[1], (
+        f"bias must be (sum_b len_q_b * len_k_b, H={q.shape[1]}), got {tuple(bias.shape)}")
+    assert bias.dtype == q.dtype, f"bias dtype {bias.dtype} differs from q's {q.dtype}"
+    assert bias.device == q.device, f"bias is on {bias.device}, q on {q.device}"
+
+
+def _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k):
+    """``(Bias, BiasOffsets, stride_bm, stride_bh)`` of a launch; placeholders without a bias
+    (the kernels never read them then)."""
+    if bias is None:
+        return q, cu_seqlens_q, 0, 0
+    return bias, bias_offsets(cu_seqlens_q, cu_seqlens_k), bias.stride(0), bias.stride(1)
 
 
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
@@ -358,8 +426,9 @@ def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
     )
 
 
-def _launch_options(q, v, causal, config: TileConfig) -> dict:
-    return dict(CAUSAL=causal, num_warps=config.num_warps, num_stages=config.num_stages,
+def _launch_options(q, v, causal, config: TileConfig, has_bias: bool = False) -> dict:
+    return dict(CAUSAL=causal, HAS_BIAS=has_bias, num_warps=config.num_warps,
+                num_stages=config.num_stages,
                 **COMPILE_OPTIONS, **kernel_constants(q.shape[2], v.shape[2], q.dtype, config))
 
 
@@ -397,10 +466,13 @@ def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, launch,
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                            config: TileConfig | None = None):
+                            config: TileConfig | None = None, bias=None):
     """Returns ``out`` (total_q, H, C_v) and the base-2 log-sum-exp ``lse`` (H, total_q), fp32.
-    ``config`` overrides the tuned launch configuration."""
+    ``config`` overrides the tuned launch configuration. ``bias``: ``(rows, H)``, each
+    segment's ``(len_q, len_k)`` block target-major, segments stacked in order."""
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    _check_bias(q, bias)
+    bias_args = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
     total_q, heads = q.shape[0], q.shape[1]
     out = torch.empty(total_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
@@ -410,18 +482,24 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
     def launch(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _fwd_kernel[(segment.numel(), heads)](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, scale * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), **_launch_options(q, v, causal, config))
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, *bias_args[:2],
+            scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), out.stride(0), out.stride(1), lse.stride(0), *bias_args[2:],
+            **_launch_options(q, v, causal, config, bias is not None))
 
     launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, launch))
     return out, lse
 
 
 def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                             config: TileConfig | None = None):
+                             config: TileConfig | None = None, bias=None, dbias=None):
     """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``.
-    ``config`` overrides the tuned launch configurations of both passes."""
+    ``config`` overrides the tuned launch configurations of both passes. With ``bias``, the
+    bias gradient is written into ``dbias`` (zeros, shaped and strided as ``bias``; pairs a
+    causal segment excludes stay 0)."""
+    _check_bias(q, bias)
+    assert (bias is None) == (dbias is None), "give bias and dbias together"
+    assert dbias is None or dbias.stride() == bias.stride(), "dbias must be strided as bias"
     assert do.shape == out.shape and do.dtype == out.dtype, (
         f"grad_out must match out: {tuple(do.shape)} {do.dtype} vs {tuple(out.shape)} {out.dtype}")
     do = do if do.stride(-1) == 1 else do.contiguous()
@@ -436,20 +514,25 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         BLOCK_DV=padded_dim(v.shape[2]), **COMPILE_OPTIONS)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
+    bias_ptr, offsets, stride_bm, stride_bh = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
+    dbias_ptr = bias_ptr if dbias is None else dbias
+    has_bias = bias is not None
 
     def launch_dkdv(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_k, k.shape[0], config.block_n)
         _bwd_dkdv_kernel[(segment.numel(), heads)](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            scale * LOG2E, scale, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
-            dv.stride(1), lse.stride(0), **_launch_options(q, v, causal, config))
+            bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, *strides, dk.stride(0),
+            dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), stride_bm, stride_bh,
+            **_launch_options(q, v, causal, config, has_bias))
 
     def launch_dq(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _bwd_dq_kernel[(segment.numel(), heads)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
-            **_launch_options(q, v, causal, config))
+            bias_ptr, offsets, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
+            lse.stride(0), stride_bm, stride_bh, **_launch_options(q, v, causal, config,
+                                                                   has_bias))
 
     launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, causal, launch_dkdv))
     launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, causal, launch_dq))

@@ -49,6 +49,13 @@ class CSR:
         """Per-edge ``values`` from target-major order back to the caller's edge order."""
         return values if self.position is None else values.index_select(0, self.position)
 
+    def in_target_order(self, values: Tensor | None) -> Tensor | None:
+        """Per-edge ``values`` from the caller's edge order to target-major order (the inverse
+        of :meth:`in_callers_order`; its backward is a gather, deterministic)."""
+        if values is None or self.position is None:
+            return values
+        return values.new_empty(values.shape).index_copy(0, self.position, values)
+
     def matrix(self, values: Tensor) -> Tensor:
         """Sparse ``(num_dst, num_src)`` matrix with ``values`` in target-major order."""
         return _sparse_csr(self.row_ptr, self.col, values, (self.num_dst, self.num_src))

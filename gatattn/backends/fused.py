@@ -3,6 +3,9 @@
 Implicit graphs reach the tiled dense kernels as packed segments: a sorted PyG batch already is
 one (its ``ptr`` is the kernel's ``cu_seqlens``); an unsorted one is first permuted into graph
 order. Explicit edge sets reach the CSR kernels in target-major order (cached per edge_index).
+An additive bias rides along: stacked per graph in id order (which is the segments' order) for
+the tiled kernels, per edge in target-major order for the CSR kernels; the kernels write its
+gradient once per element, so it is bitwise deterministic.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal):
+    def forward(ctx, q, k, v, bias, cu_seqlens_q, cu_seqlens_k, scale, causal):
         from gatattn.kernels.flash_attention import flash_attention_forward
 
-        out, lse = flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        out, lse = flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                                           bias=bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.scale, ctx.causal = scale, causal
         return out
 
@@ -45,19 +49,21 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         from gatattn.kernels.flash_attention import flash_attention_backward
 
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dbias = None if bias is None else torch.zeros_like(bias)
         dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q,
-                                              cu_seqlens_k, ctx.scale, ctx.causal)
-        return dq, dk, dv, None, None, None, None
+                                              cu_seqlens_k, ctx.scale, ctx.causal, bias=bias,
+                                              dbias=dbias)
+        return dq, dk, dv, dbias, None, None, None, None
 
 
 class _CSRFlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, csr: CSR, scale):
+    def forward(ctx, q, k, v, bias, csr: CSR, scale):
         from gatattn.kernels.csr_attention import csr_attention_forward
 
-        out, lse = csr_attention_forward(q, k, v, csr.row_ptr, csr.col, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, lse = csr_attention_forward(q, k, v, csr.row_ptr, csr.col, scale, bias=bias)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
         ctx.csr, ctx.scale = csr, scale
         return out
 
@@ -65,44 +71,51 @@ class _CSRFlashAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         from gatattn.kernels.csr_attention import csr_attention_backward
 
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors
         csr = ctx.csr
+        dbias = None if bias is None else torch.zeros_like(bias)
         dq, dk, dv = csr_attention_backward(grad_out, q, k, v, out, lse, csr.row_ptr, csr.col,
-                                            csr.t_row_ptr, csr.t_col, ctx.scale)
-        return dq, dk, dv, None, None
+                                            csr.t_row_ptr, csr.t_col, ctx.scale, bias=bias,
+                                            dbias=dbias, t_perm=csr.t_perm)
+        return dq, dk, dv, dbias, None, None
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
-                     scale: float) -> Tensor:
+                     scale: float, bias: Tensor | None = None) -> Tensor:
     """``(N_dst, H, C_v)`` attention over ``graph`` with the fused kernels. Second derivatives
-    come from a twice-differentiable torch route (SDPA's math backend, or per-edge gathers)."""
+    come from a twice-differentiable torch route (SDPA's math backend, or per-edge gathers).
+    ``bias``: stacked (implicit graphs, :mod:`gatattn.bias`) or ``(E, H)`` per edge."""
 
-    def fast(q, k, v):
-        return _fused(q, k, v, graph, scale)
+    def fast(q, k, v, bias=None):
+        return _fused(q, k, v, bias, graph, scale)
 
-    def recompute(q, k, v):
+    def recompute(q, k, v, bias=None):
         if graph.is_implicit:
-            return sdpa_attention(q, k, v, graph, scale=scale, math=True)
+            return sdpa_attention(q, k, v, graph, scale=scale, math=True, bias=bias)
         src, dst = graph.edge_index
-        return gathered_attention(q, k, v, src, dst, scale, None, 0.0)[0]
+        return gathered_attention(q, k, v, src, dst, scale, None, 0.0, bias=bias)[0]
 
+    inputs = (q, k, v) if bias is None else (q, k, v, bias)
     if not graph.is_implicit:
-        return twice_differentiable(fast, recompute, q, k, v)
+        return twice_differentiable(fast, recompute, *inputs)
     (q, k, v), repair = contain_nonfinite(q, k, v, graph)
-    return repair(twice_differentiable(fast, recompute, q, k, v))
+    inputs = (q, k, v) + inputs[3:]
+    return repair(twice_differentiable(fast, recompute, *inputs))
 
 
-def _fused(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float) -> Tensor:
+def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: AttentionGraph,
+           scale: float) -> Tensor:
     # A size-1 channel dim counts as contiguous whatever its stride; the kernels need stride 1.
     q, k, v = (t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
                for t in (q, k, v))
     if not graph.is_implicit:
         csr = csr_of(graph.edge_index, graph.num_dst, graph.num_src)
-        return _CSRFlashAttention.apply(q, k, v, csr, scale)
+        return _CSRFlashAttention.apply(q, k, v, csr.in_target_order(bias), csr, scale)
     segments = graph.packed_segments()
     cu_seqlens_q = segments.cu_seqlens_dst.to(device=q.device, dtype=torch.int32)
     cu_seqlens_k = segments.cu_seqlens_src.to(device=q.device, dtype=torch.int32)
     out = _FlashAttention.apply(
         permute_rows(q, segments.order_dst), permute_rows(k, segments.order_src),
-        permute_rows(v, segments.order_src), cu_seqlens_q, cu_seqlens_k, scale, graph.causal)
+        permute_rows(v, segments.order_src), bias, cu_seqlens_q, cu_seqlens_k, scale,
+        graph.causal)
     return unpermute_rows(out, segments.order_dst)

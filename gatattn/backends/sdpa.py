@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
+from gatattn.bias import graph_block_offsets
 from gatattn.graph import AttentionGraph, Permutation
 
 
@@ -29,40 +30,69 @@ def sdpa_attention(
     scale: float,
     dropout: float = 0.0,
     math: bool = False,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit. Second derivatives
     come from SDPA's math backend (its fused kernels have no double backward; ``math=True``
-    uses it throughout); with dropout, whose mask cannot be replayed, they are refused."""
+    uses it throughout); with dropout, whose mask cannot be replayed, they are refused.
+    ``bias`` (stacked layout, :mod:`gatattn.bias`) reaches SDPA as a float ``attn_mask`` per
+    size group."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
     (q, k, v), repair = contain_nonfinite(q, k, v, graph)
-    return repair(_attention(q, k, v, graph, scale, dropout, math))
+    return repair(_attention(q, k, v, graph, scale, dropout, math, bias))
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float,
-               dropout: float, math: bool) -> Tensor:
+               dropout: float, math: bool, bias: Tensor | None) -> Tensor:
     plan = graph.segment_plan()
+    masks = _group_masks(graph, plan, bias) if bias is not None else [None] * len(plan.groups)
     if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
-        return _group_attention(plan.groups[0], q, k, v, graph.causal, scale, dropout, math)
+        return _group_attention(plan.groups[0], q, k, v, graph.causal, scale, dropout, math,
+                                masks[0])
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)
     rows_dst = [g.count * g.len_dst for g in plan.groups]
     rows_src = [g.count * g.len_src for g in plan.groups]
     outs = [
-        _group_attention(g, q_g, k_g, v_g, graph.causal, scale, dropout, math)
-        for g, q_g, k_g, v_g in zip(
-            plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
+        _group_attention(g, q_g, k_g, v_g, graph.causal, scale, dropout, math, mask)
+        for g, q_g, k_g, v_g, mask in zip(
+            plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), masks,
+            strict=True)
     ]
     out = torch.cat(outs) if outs else empty_output(q, k, v)
     return unpermute_rows(out, plan.order_dst)
 
 
+def _group_masks(graph: AttentionGraph, plan, bias: Tensor) -> list[Tensor | None]:
+    """Each size group's ``(count, H, len_dst, len_src)`` slice of the stacked bias: a view
+    when the group's graphs lie in id order, else a gather of their blocks (whose backward
+    writes each row once: deterministic). A graph's id is its first target node's."""
+    offsets = graph_block_offsets(graph, bias.device)
+    ids_dst, _ = graph.graph_ids(bias.device)
+    masks, first_target = [], 0
+    for g in plan.groups:
+        block = g.len_dst * g.len_src
+        if block == 0:
+            masks.append(None)
+        else:
+            starts = first_target + torch.arange(g.count, device=bias.device) * g.len_dst
+            nodes = starts if plan.order_dst is None else plan.order_dst.forward[starts]
+            rows = (offsets.index_select(0, ids_dst.index_select(0, nodes)).unsqueeze(1)
+                    + torch.arange(block, device=bias.device))  # (count, block)
+            masks.append(bias.index_select(0, rows.flatten())
+                         .view(g.count, g.len_dst, g.len_src, -1).permute(0, 3, 1, 2))
+        first_target += g.count * g.len_dst
+    return masks
+
+
 def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
-                     math: bool) -> Tensor:
+                     math: bool, mask: Tensor | None = None) -> Tensor:
     H, C_v = v.size(1), v.size(2)
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
-        return empty_output(q, k, v, group.count * group.len_dst)
+        out = empty_output(q, k, v, group.count * group.len_dst)
+        return out if mask is None else out + mask[:0].sum()
     if scale <= 0:
         # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
         # backend): fold such a scale into the queries instead.
@@ -70,6 +100,12 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
     q = q.view(group.count, group.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
     k = k.view(group.count, group.len_src, H, -1).transpose(1, 2)  # (B, H, S, C)
     v = v.view(group.count, group.len_src, H, C_v).transpose(1, 2)  # (B, H, S, C_v)
+    if mask is not None and causal:  # SDPA takes is_causal or attn_mask, not both
+        future = torch.ones(group.len_dst, group.len_src, dtype=torch.bool,
+                            device=q.device).triu(1)
+        mask = mask.masked_fill(future, float("-inf"))
+    if mask is not None:
+        return _biased_group_attention(q, k, v, mask, scale, dropout, math)
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
@@ -87,6 +123,30 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
         recompute = math_backend if dropout == 0 else refuse_second_order(
             "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
         out = twice_differentiable(sdpa, recompute, q, k, v)
+    return out.transpose(1, 2).reshape(-1, H, C_v)
+
+
+def _biased_group_attention(q, k, v, mask: Tensor, scale: float, dropout: float,
+                            math: bool) -> Tensor:
+    """SDPA with a float ``attn_mask`` (the bias) on ``(B, H, L, C)`` views. Its gradient is
+    SDPA's: torch's fused CPU kernel computes it, except with ``math`` (second derivatives),
+    which the math backend serves, as without a bias."""
+    H, C_v = v.size(1), v.size(3)
+
+    def sdpa(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              scale=scale)
+
+    def math_backend(q, k, v, mask):
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa(q, k, v, mask)
+
+    if math:
+        out = math_backend(q, k, v, mask)
+    else:
+        recompute = math_backend if dropout == 0 else refuse_second_order(
+            "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
+        out = twice_differentiable(sdpa, recompute, q, k, v, mask)
     return out.transpose(1, 2).reshape(-1, H, C_v)
 
 

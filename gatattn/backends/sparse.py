@@ -10,6 +10,9 @@ and the ``(E, H)`` weights, and its backward is again SDDMMs and SpMMs:
 
     dV = W^T dO,  dW_e = <dO_i, v_j>,  dS = A * (dA - rowsum(A * dA)),  dQ = s dS K,  dK = s dS^T Q
 
+An additive ``(E, H)`` bias joins the logits; its gradient is ``dS`` itself, one value per edge
+(deterministic).
+
 Edge features are themselves ``(E, H, C)``, so with ``edge_attr`` the route gathers per-edge
 rows as TransformerConv does; so it does under ``torch.compile``, which cannot trace sparse CSR
 tensors.
@@ -34,30 +37,36 @@ def sparse_attention(
     scale: float,
     dropout: float = 0.0,
     edge_attr: Tensor | None = None,
+    bias: Tensor | None = None,
     differentiable_weights: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
     dropout, in the order of ``edge_index``; differentiable only if asked, which takes the
-    per-edge form). Targets without in-edges get zeros. Twice differentiable."""
+    per-edge form). ``bias``: ``(E, H)`` added to the logits, in the order of ``edge_index``.
+    Targets without in-edges get zeros. Twice differentiable."""
     if edge_attr is not None or torch.compiler.is_compiling() or differentiable_weights:
         src, dst = edge_index
         keep = _keep_mask((src.numel(), q.size(1)), dropout, q.device)
-        return gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr)
+        return gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr, bias)
     csr = csr_of(edge_index, q.size(0), k.size(0))
     keep = _keep_mask((csr.num_edges, q.size(1)), dropout, q.device)
-    out, alpha = _CSRAttention.apply(q, k, v, csr, scale, keep, dropout)
+    out, alpha = _CSRAttention.apply(q, k, v, csr.in_target_order(bias), csr, scale, keep,
+                                     dropout)
     return out, csr.in_callers_order(alpha)
 
 
 class _CSRAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, csr: CSR, scale: float, keep: Tensor | None, dropout: float):
+    def forward(ctx, q, k, v, bias: Tensor | None, csr: CSR, scale: float, keep: Tensor | None,
+                dropout: float):
         dtype = _compute_dtype(q)
         q_h, k_h, v_h = (_by_head(t, dtype) for t in (q, k, v))  # (H, N, C)
         logits = _sddmm(csr, q_h, k_h) * scale  # (E, H)
+        if bias is not None:  # target-major, as the logits
+            logits = logits + bias.to(dtype)
         alpha = softmax(logits, csr.row, num_nodes=csr.num_dst)
         out = _spmm(csr.matrix, _dropped(alpha, keep, dropout), v_h)  # (N_dst, H, C_v)
-        ctx.save_for_backward(q, k, v, alpha, keep)
+        ctx.save_for_backward(q, k, v, bias, alpha, keep)
         ctx.csr, ctx.scale, ctx.dropout = csr, scale, dropout
         alpha_out = alpha.to(q.dtype)
         ctx.mark_non_differentiable(alpha_out)
@@ -65,30 +74,34 @@ class _CSRAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_alpha):
-        q, k, v, alpha, keep = ctx.saved_tensors
+        q, k, v, bias, alpha, keep = ctx.saved_tensors
         csr, scale, dropout = ctx.csr, ctx.scale, ctx.dropout
         if recording_backward():  # create_graph=True: differentiable gradients, same function
+            inputs = (q, k, v) if bias is None else (q, k, v, bias)
             grads = recorded_grads(
-                lambda q, k, v: gathered_attention(q, k, v, csr.col, csr.row, scale, keep,
-                                                    dropout)[0],
-                (q, k, v), ctx.needs_input_grad[:3], grad_out)
-            return *grads, None, None, None, None
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+                lambda q, k, v, bias=None: gathered_attention(q, k, v, csr.col, csr.row, scale,
+                                                              keep, dropout, None, bias)[0],
+                inputs, ctx.needs_input_grad[:len(inputs)], grad_out)
+            grad_bias = grads[3] if bias is not None else None
+            return *grads[:3], grad_bias, None, None, None, None
+        need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         # Head-major views, not copies: the saved q, k, v are alive anyway, and the products
         # below copy one head at a time at most.
         q_h, k_h, v_h = (t.to(alpha.dtype).transpose(0, 1) for t in (q, k, v))
         grad_h = _by_head(grad_out, alpha.dtype)  # (H, N_dst, C_v)
         dv = _spmm(csr.transposed, _dropped(alpha, keep, dropout), grad_h) if need_v else None
-        dq = dk = None
-        if need_q or need_k:
+        dq = dk = dbias = None
+        if need_q or need_k or need_bias:
             grad_alpha = _dropped(_sddmm(csr, grad_h, v_h), keep, dropout)  # (E, H)
             row_sum = scatter(alpha * grad_alpha, csr.row, 0, dim_size=csr.num_dst, reduce="sum")
-            grad_logits = alpha * (grad_alpha - row_sum.index_select(0, csr.row)) * scale
+            grad_s = alpha * (grad_alpha - row_sum.index_select(0, csr.row))  # dLoss/dLogits
+            dbias = grad_s.to(bias.dtype) if need_bias else None
+            grad_logits = grad_s * scale
             dq = _spmm(csr.matrix, grad_logits, k_h) if need_q else None
             dk = _spmm(csr.transposed, grad_logits, q_h) if need_k else None
         dtype = grad_out.dtype
-        return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), None, None, None,
-                None)
+        return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), dbias, None, None,
+                None, None)
 
 
 def _keep_mask(shape: tuple[int, int], dropout: float, device) -> Tensor | None:
@@ -128,14 +141,17 @@ def _spmm(matrix, weights: Tensor, x: Tensor) -> Tensor:
                        dim=1)
 
 
-def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None):
+def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None, bias=None):
     """The route written with per-edge gathers, as TransformerConv is: twice differentiable,
-    traceable by torch.compile, and the only form that takes per-edge ``edge_attr``."""
+    traceable by torch.compile, and the only form that takes per-edge ``edge_attr``. ``bias``
+    is ``(E, H)`` in the order of ``src`` / ``dst``."""
     key_j = k.index_select(0, src)  # (E, H, C)
     value_j = v.index_select(0, src)  # (E, H, C_v)
     if edge_attr is not None:
         key_j, value_j = key_j + edge_attr, value_j + edge_attr
     logits = (q.index_select(0, dst) * key_j).sum(dim=-1) * scale  # (E, H)
+    if bias is not None:
+        logits = logits + bias
     alpha = softmax(logits, dst, num_nodes=q.size(0))
     weights = _dropped(alpha, keep, dropout)
     out = scatter(value_j * weights.unsqueeze(-1), dst, dim=0, dim_size=q.size(0), reduce="sum")

@@ -39,6 +39,7 @@ dropout, attention weights, ``batch`` / ``ptr`` graphs (for many graphs, use dat
 ``examples/ddp_graph_transformer.py``), second derivatives (a backward with
 ``create_graph=True`` raises). Non-finite inputs are not held to the library's edges-only rule
 (README, Numerics): a NaN value of a later node can reach earlier rows of a causal diagonal block.
+Not tested under ``torch.compile`` (its point-to-point calls and host loop are eager code).
 
 Every rank of the group must call, with the same ``causal``, ``scale`` and ``temperature``, and
 must backpropagate through the output when any does (the backward is collective, as DDP's).

@@ -113,10 +113,6 @@ class _Ring:
     def world(self) -> int:
         return len(self.sizes)
 
-    @property
-    def offset(self) -> int:
-        return sum(self.sizes[:self.rank])
-
     def origin(self, step: int) -> int:
         """The rank whose key/value block this rank holds at ``step``."""
         return (self.rank - step) % self.world

@@ -1,0 +1,347 @@
+"""``attn_bias``: every route against the reference (forward, dQ/dK/dV and dBias), its layouts,
+deterministic dBias, its refusals, and Graphormer's spatial encoding against networkx."""
+
+from __future__ import annotations
+
+import networkx as nx
+import pytest
+import torch
+
+import gatattn
+from gatattn import reference
+from gatattn.bias import (
+    SpatialEncoding,
+    shortest_path_distances,
+    stacked_from_padded,
+    stacked_to_dense,
+)
+from tests.conftest import check_against_reference
+
+ROUTES = ["sdpa", "sparse", "triton"]
+NAMES = ("q", "k", "v", "bias")
+
+
+def _offsets(sizes):
+    return torch.tensor([0, *sizes]).cumsum(0)
+
+
+def _inputs(n_dst, n_src, rows, heads, channels, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((n_dst, heads, channels), (n_src, heads, channels), (n_src, heads, channels + 3),
+              (rows, heads))
+    return tuple(torch.randn(*s, generator=gen).to(dtype).requires_grad_() for s in shapes)
+
+
+def _implicit_case(route, sizes_dst, sizes_src, causal, dtype, heads=2, channels=5):
+    """``ptr`` graphs (bipartite when ``sizes_src`` is given) with a random stacked bias."""
+    bipartite = sizes_src is not None
+    sizes_src = sizes_src if bipartite else sizes_dst
+    ptr_dst, ptr_src = _offsets(sizes_dst), _offsets(sizes_src)
+    rows = sum(d * s for d, s in zip(sizes_dst, sizes_src, strict=True))
+    inputs = _inputs(int(ptr_dst[-1]), int(ptr_src[-1]), rows, heads, channels, dtype)
+    ptr = (ptr_dst, ptr_src) if bipartite else ptr_dst
+    mask = reference.block_mask(sizes_dst, sizes_src, causal)
+
+    def run(q, k, v, bias):
+        return gatattn.attention(q, k, v, ptr=ptr, causal=causal, attn_bias=bias,
+                                 backend=route)
+
+    def ref(q, k, v, bias, compute_dtype):
+        return reference.attention(q, k, v, mask, bias=stacked_to_dense(bias, ptr_dst, ptr_src),
+                                   compute_dtype=compute_dtype)
+
+    return run, inputs, ref
+
+
+IMPLICIT = {  # name: (sizes_dst, sizes_src or None for self-attention, causal)
+    "complete": ([7], None, False),
+    "batched": ([3, 0, 1, 5, 3], None, False),
+    "causal": ([4, 1, 6], None, True),
+    "bipartite": ([3, 0, 5, 2], [4, 2, 1, 5], False),
+    "bipartite-causal": ([3, 5, 2], [4, 2, 5], True),
+}
+
+
+@pytest.mark.parametrize("case", IMPLICIT)
+@pytest.mark.parametrize("route", ROUTES)
+def test_implicit_graphs_match_reference(route, case):
+    dtype = torch.float32 if route == "triton" else torch.float64
+    run, inputs, ref = _implicit_case(route, *IMPLICIT[case], dtype)
+    check_against_reference(run, inputs, ref, NAMES)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_awkward_sizes_match_reference(route):
+    """A graph past one tile (97 nodes), head dim 40, single-node graphs, fp32."""
+    run, inputs, ref = _implicit_case(route, [97, 1, 13], None, False, torch.float32, heads=1,
+                                      channels=40)
+    check_against_reference(run, inputs, ref, NAMES)
+
+
+@pytest.mark.parametrize("route", ["sdpa", "triton"])
+def test_half_precision_under_the_tolerance_rule(route):
+    """float16 against the reference's own float16 error (bf16 tl.dot is broken in Triton's
+    interpreter, so fp16 stands for half precision here)."""
+    run, inputs, ref = _implicit_case(route, [9, 4, 17], None, True, torch.float16)
+    check_against_reference(run, inputs, ref, NAMES)
+
+
+def test_unsorted_batch_uses_graph_ids_in_order():
+    """Graph b's block comes b-th in the stack whatever the node order (SDPA gathers blocks of
+    a size group whose graphs are not adjacent; the kernels permute nodes into graph order)."""
+    batch = torch.tensor([2, 0, 1, 2, 0, 2, 1, 0, 0])
+    sizes = torch.bincount(batch).tolist()  # [4, 2, 3]
+    order = torch.sort(batch, stable=True).indices
+    q, k, v, bias = _inputs(9, 9, sum(n * n for n in sizes), 2, 4, torch.float64)
+    dense_sorted = stacked_to_dense(bias, _offsets(sizes))
+    dense = torch.empty_like(dense_sorted)
+    dense[order.unsqueeze(1), order.unsqueeze(0)] = dense_sorted
+    mask = batch.unsqueeze(1) == batch.unsqueeze(0)
+    expected = reference.attention(q, k, v, mask, bias=dense)
+    for route in ROUTES:
+        dt = torch.float32 if route == "triton" else torch.float64
+        args = [t.detach().to(dt).requires_grad_() for t in (q, k, v, bias)]
+        out = gatattn.attention(*args[:3], batch=batch, attn_bias=args[3], backend=route)
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+        g_bias = torch.autograd.grad(out.sum(), args[3])[0]
+        g_ref = torch.autograd.grad(expected.sum(), bias, retain_graph=True)[0]
+        torch.testing.assert_close(g_bias.double(), g_ref, atol=1e-5, rtol=1e-5)
+
+
+def _edges_case(route, causal, dtype):
+    """Random edges with a duplicate, an isolated target and unsorted order; with ``causal``
+    over two graphs some edges are dropped and their bias rows ignored."""
+    gen = torch.Generator().manual_seed(3)
+    n = 11
+    src = torch.randint(0, n, (40,), generator=gen)
+    dst = torch.randint(0, n, (40,), generator=gen)
+    keep = dst != 4  # target 4 is isolated
+    edge_index = torch.stack([src[keep], dst[keep]])
+    edge_index = torch.cat([edge_index, edge_index[:, :1]], 1)  # a duplicate edge
+    batch = torch.tensor([0] * 6 + [1] * 5)
+    inside = batch[edge_index[0]] == batch[edge_index[1]]
+    edge_index = edge_index[:, inside] if causal else edge_index
+    inputs = _inputs(n, n, edge_index.size(1), 2, 6, dtype)
+    kept = torch.ones(edge_index.size(1), dtype=torch.bool)
+    if causal:
+        positions = reference_positions(batch)
+        kept = positions[edge_index[0]] <= positions[edge_index[1]]
+
+    def run(q, k, v, bias):
+        return gatattn.attention(q, k, v, edge_index=edge_index, attn_bias=bias, causal=causal,
+                                 batch=batch if causal else None, backend=route)
+
+    def ref(q, k, v, bias, compute_dtype):
+        return _edge_reference(q, k, v, bias, edge_index[:, kept], kept, compute_dtype)
+
+    return run, inputs, ref
+
+
+def reference_positions(batch):
+    return torch.cat([torch.arange(int(c)) for c in torch.bincount(batch)])
+
+
+def _edge_reference(q, k, v, bias, edge_index, kept, compute_dtype):
+    """The reference with duplicates split into layers: each layer holds at most one copy of
+    every pair, so a dense bias per layer states each copy's own bias exactly."""
+    n_dst, n_src, heads = q.size(0), k.size(0), q.size(1)
+    bias = bias[kept]
+    seen: dict[tuple[int, int], int] = {}
+    layer_of = []
+    for s, d in edge_index.t().tolist():
+        layer_of.append(seen.get((s, d), 0))
+        seen[(s, d)] = layer_of[-1] + 1
+    layers = max(layer_of, default=0) + 1
+    # Stack layers as extra sources: layer l's copy of source j is source l * n_src + j.
+    layer = torch.tensor(layer_of, dtype=torch.long)
+    src = edge_index[0] + layer * n_src
+    mask = torch.zeros(n_dst, layers * n_src, dtype=torch.bool)
+    mask[edge_index[1], src] = True
+    dense = bias.new_zeros(n_dst, layers * n_src, heads).index_put((edge_index[1], src), bias)
+    return reference.attention(q, k.repeat(layers, 1, 1), v.repeat(layers, 1, 1), mask,
+                               bias=dense, compute_dtype=compute_dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["edges", "causal-edges"])
+@pytest.mark.parametrize("route", ["sparse", "triton"])
+def test_explicit_edges_match_reference(route, causal):
+    dtype = torch.float32 if route == "triton" else torch.float64
+    check_against_reference(*_edges_case(route, causal, dtype), NAMES)
+
+
+def test_auto_with_a_bias_skips_the_race(monkeypatch):
+    """Where auto would race the fused kernels (a GPU; widened to this CPU here), a call with a
+    bias takes SDPA / message passing: the race's candidates take no bias."""
+    from gatattn.backends import routing
+
+    def no_race(*args):
+        raise AssertionError("a call with attn_bias must not reach the router")
+
+    monkeypatch.setattr(routing, "races_on", lambda device: True)
+    monkeypatch.setattr(routing, "choose_route", no_race)
+    run, inputs, ref = _implicit_case("auto", [5, 3], None, True, torch.float16)
+    check_against_reference(run, inputs, ref, NAMES)
+    run, inputs, ref = _edges_case("auto", False, torch.float32)
+    check_against_reference(run, inputs, ref, NAMES)
+
+
+def test_auto_takes_a_torch_route_and_matches():
+    run, inputs, ref = _implicit_case("auto", [5, 3], None, True, torch.float64)
+    check_against_reference(run, inputs, ref, NAMES)
+    run, inputs, ref = _edges_case("auto", False, torch.float64)
+    check_against_reference(run, inputs, ref, NAMES)
+
+
+def test_weights_and_edge_features_with_bias():
+    """return_attention_weights and edge_attr take the per-edge gathered form, with the bias."""
+    edge_index = torch.tensor([[0, 1, 2, 2, 3], [1, 1, 0, 3, 3]])
+    q, k, v, bias = _inputs(4, 4, 5, 2, 3, torch.float64)
+    v = v[..., :3].detach().requires_grad_()
+    edge_attr = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, (_, alpha) = gatattn.attention(q, k, v, edge_index=edge_index, edge_attr=edge_attr,
+                                        attn_bias=bias, return_attention_weights=True)
+    mask = reference.edge_mask(edge_index, 4, 4)
+    dense = reference.dense_edge_features(edge_index, bias, 4, 4)
+    feats = reference.dense_edge_features(edge_index, edge_attr, 4, 4)
+    expected, weights = reference.attention(q, k, v, mask, bias=dense, edge_key=feats,
+                                            edge_value=feats, return_weights=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(alpha, weights[:, edge_index[1], edge_index[0]].t())
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_dbias_is_bitwise_deterministic(route):
+    dtype = torch.float32
+    run, inputs, _ = _implicit_case(route, [6, 9, 2], [5, 9, 4], True, dtype)
+    grad_out = torch.randn(17, 2, 8)
+    grads = [torch.autograd.grad(run(*inputs), inputs[3], grad_out)[0] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+    if route != "sdpa":
+        run, inputs, _ = _edges_case(route, False, dtype)
+        grad_out = torch.randn(11, 2, 9)
+        grads = [torch.autograd.grad(run(*inputs), inputs[3], grad_out)[0] for _ in range(2)]
+        assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("route", ["sdpa", "sparse"])
+def test_second_derivatives_with_bias(route):
+    run, inputs, _ = _implicit_case(route, [3, 2], None, True, torch.float64, heads=1,
+                                    channels=2)
+    assert torch.autograd.gradgradcheck(run, inputs)
+
+
+def test_kernel_writes_every_kept_pair_and_no_excluded_one():
+    """The tiled kernel writes dBias for every pair a causal segment has; an excluded pair is
+    left as the caller's zeros or written as 0 (by a diagonal tile that holds it)."""
+    from gatattn.kernels.flash_attention import flash_attention_backward, flash_attention_forward
+
+    q, k, v, bias = (t.detach() for t in _inputs(37, 37, 37 * 37, 1, 4, torch.float32))
+    v = v[..., :4].contiguous()
+    cu = torch.tensor([0, 37], dtype=torch.int32)
+    out, lse = flash_attention_forward(q, k, v, cu, cu, 0.5, True, bias=bias)
+    dbias = torch.full_like(bias, float("nan"))
+    flash_attention_backward(torch.randn_like(out), q, k, v, out, lse, cu, cu, 0.5, True,
+                             bias=bias, dbias=dbias)
+    excluded = torch.ones(37, 37, dtype=torch.bool).triu(1).flatten()
+    assert not dbias[~excluded].isnan().any()
+    assert bool((dbias[excluded].nan_to_num(0.0) == 0).all())
+    assert dbias[excluded].isnan().any()  # tiles wholly above the diagonal are never visited
+
+
+# ------------------------------------------------------------------------------ refusals
+
+
+def test_bias_shape_errors_state_the_layout():
+    q, k, v, _ = _inputs(5, 5, 1, 2, 3, torch.float32)
+    ptr = torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match=r"\(13, 2\).*target-major"):
+        gatattn.attention(q, k, v, ptr=ptr, attn_bias=torch.zeros(25, 2))
+    with pytest.raises(ValueError, match=r"\(13, 2\)"):
+        gatattn.attention(q, k, v, ptr=ptr, attn_bias=torch.zeros(13, 3))
+    edge_index = torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match=r"\(2, 2\).*one row per edge"):
+        gatattn.attention(q, k, v, edge_index=edge_index, attn_bias=torch.zeros(3, 2))
+    with pytest.raises(TypeError, match="floating point"):
+        gatattn.attention(q, k, v, attn_bias=torch.zeros(25, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(25, 2\)"):
+        gatattn.attention(q, k, v, attn_bias=torch.zeros(5, 5, 2))
+
+
+def test_bias_shape_checked_on_device_without_validation():
+    q, k, v, _ = _inputs(5, 5, 1, 2, 3, torch.float32)
+    with gatattn.validation(False), pytest.raises(RuntimeError, match="stacked"):
+        gatattn.attention(q, k, v, ptr=torch.tensor([0, 2, 5]), attn_bias=torch.zeros(25, 2))
+
+
+# ------------------------------------------------------------------------------ layouts
+
+
+def test_stacked_from_padded_round_trips():
+    sizes_dst, sizes_src = [2, 0, 3], [3, 1, 2]
+    padded = torch.randn(3, 2, 3, 3, requires_grad=True)
+    stacked = stacked_from_padded(padded, sizes_dst, sizes_src)
+    assert stacked.shape == (2 * 3 + 0 + 3 * 2, 2)
+    dense = stacked_to_dense(stacked, _offsets(sizes_dst), _offsets(sizes_src))
+    torch.testing.assert_close(dense[0:2, 0:3], padded[0, :, :2, :3].permute(1, 2, 0))
+    torch.testing.assert_close(dense[2:5, 4:6], padded[2, :, :3, :2].permute(1, 2, 0))
+    stacked.sum().backward()
+    assert padded.grad[0, :, 2:].abs().sum() == 0 and padded.grad[0, :, :2, :3].eq(1).all()
+
+
+def test_padded_bias_equals_sdpa_with_a_float_mask():
+    """The stacked layout states what SDPA's float attn_mask states on padded batches."""
+    B, H, L, C = 3, 2, 5, 4
+    sizes = [5, 2, 4]
+    x = torch.randn(3, B, H, L, C, dtype=torch.float64)
+    mask = torch.randn(B, H, L, L, dtype=torch.float64)
+    valid = torch.arange(L).view(1, L) < torch.tensor(sizes).view(B, 1)
+    padded_mask = mask.masked_fill(~valid.view(B, 1, 1, L), float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(*x, attn_mask=padded_mask)
+    nodes = [t.transpose(1, 2)[valid] for t in x]  # (sum n, H, C)
+    out = gatattn.attention(*nodes, ptr=_offsets(sizes),
+                            attn_bias=stacked_from_padded(mask, sizes))
+    torch.testing.assert_close(out, expected.transpose(1, 2)[valid])
+
+
+# ----------------------------------------------------------------------- spatial encoding
+
+
+def test_shortest_paths_match_networkx():
+    gen = torch.Generator().manual_seed(5)
+    sizes = [6, 1, 9]
+    ptr = _offsets(sizes)
+    edges = []
+    for start, n in zip(ptr[:-1].tolist(), sizes, strict=True):
+        e = torch.randint(0, n, (2, 2 * n), generator=gen) + start
+        edges.append(e)
+    edge_index = torch.cat(edges, 1)
+    max_distance = 3
+    got = shortest_path_distances(edge_index, ptr, max_distance)
+    expected = []
+    for start, n in zip(ptr[:-1].tolist(), sizes, strict=True):
+        graph = nx.DiGraph()
+        graph.add_nodes_from(range(n))
+        inside = (edge_index[0] >= start) & (edge_index[0] < start + n)
+        graph.add_edges_from((edge_index[:, inside] - start).t().tolist())
+        lengths = dict(nx.all_pairs_shortest_path_length(graph))
+        for target in range(n):
+            for source in range(n):
+                hops = lengths[source].get(target, max_distance + 1)
+                expected.append(min(hops, max_distance + 1))
+    assert got.tolist() == expected
+
+
+def test_spatial_encoding_is_a_learnable_bias():
+    edge_index = torch.tensor([[0, 1, 1, 2, 3], [1, 0, 2, 1, 4]])
+    ptr = torch.tensor([0, 3, 5])
+    encoding = SpatialEncoding(max_distance=2, heads=4)
+    assert repr(encoding) == "SpatialEncoding(max_distance=2, heads=4)"
+    torch.nn.init.normal_(encoding.table.weight)
+    bias = encoding(edge_index, ptr)
+    assert bias.shape == (9 + 4, 4)
+    distances = encoding.distances(edge_index, ptr)
+    torch.testing.assert_close(bias, encoding.table.weight[distances])
+    torch.testing.assert_close(encoding(edge_index, batch=torch.tensor([0, 0, 0, 1, 1])), bias)
+    q = torch.randn(5, 4, 8)
+    gatattn.attention(q, q, q, ptr=ptr, attn_bias=bias).sum().backward()
+    assert encoding.table.weight.grad.abs().sum() > 0

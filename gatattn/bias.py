@@ -59,6 +59,38 @@ def expected_rows(graph: AttentionGraph) -> int:
     return sum(d * s for d, s in zip(*graph.host_sizes(), strict=True))
 
 
+def check_bias_tensor(attn_bias, q: Tensor) -> None:
+    """A floating-point tensor on ``q``'s device (its shape is checked with the graph)."""
+    if not isinstance(attn_bias, Tensor):
+        raise TypeError(f"attn_bias must be a (rows, heads) tensor, got {type(attn_bias).__name__}")
+    if not attn_bias.is_floating_point():
+        raise TypeError(f"attn_bias must be floating point, got {attn_bias.dtype}")
+    if attn_bias.device != q.device:
+        raise ValueError(f"attn_bias must be on q's device {q.device}, got {attn_bias.device}")
+
+
+def check_bias_rows(attn_bias: Tensor, graph: AttentionGraph, edge_index: Tensor | None,
+                        heads: int, validate: bool) -> None:
+    """``(rows, H)``: one row per given edge, or per pair of each implicit graph's block. The
+    block sizes are checked on the host when known, else by a device-side assertion."""
+    layout = ("one row per edge of edge_index, in its order" if edge_index is not None else
+              "each graph's n_dst x n_src block, target-major (row i * n_src + j), graphs in id "
+              "order, stacked; gatattn.bias.stacked_from_padded builds it from (B, H, L, S)")
+    if edge_index is not None:
+        rows = edge_index.size(1)
+    elif validate or graph.membership is None or graph.membership.dst.sizes is not None:
+        rows = expected_rows(graph)
+    else:
+        rows = None
+        total = graph_block_offsets(graph, attn_bias.device)[-1]
+        torch._assert_async(total == attn_bias.size(0),
+                            "attn_bias must have sum_b n_dst_b * n_src_b rows (stacked layout)")
+    if (attn_bias.dim() != 2 or attn_bias.size(1) != heads
+            or (rows is not None and attn_bias.size(0) != rows)):
+        expected = f"({'sum_b n_dst_b * n_src_b' if rows is None else rows}, {heads})"
+        raise ValueError(f"attn_bias must be {expected}: {layout}; got {tuple(attn_bias.shape)}")
+
+
 def stacked_from_padded(bias: Tensor, sizes_dst: Tensor | list[int],
                         sizes_src: Tensor | list[int] | None = None) -> Tensor:
     """The stacked ``(sum_b n_dst_b * n_src_b, H)`` layout of a padded ``(B, H, L, S)`` bias
@@ -189,5 +221,5 @@ def _as_ptr(edge_index: Tensor, ptr: Tensor | None, batch: Tensor | None,
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-__all__ = ["SpatialEncoding", "block_offsets", "shortest_path_distances", "stacked_from_padded",
-           "stacked_rows", "stacked_to_dense"]
+__all__ = ["SpatialEncoding", "block_offsets", "check_bias_rows", "check_bias_tensor",
+           "shortest_path_distances", "stacked_from_padded", "stacked_rows", "stacked_to_dense"]

@@ -11,8 +11,9 @@ from torch_geometric.typing import Adj
 from torch_geometric.utils import softmax
 
 from gatattn.adjacency import read_adjacency
+from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.functional import attention, logit_multiplier
-from gatattn.graph import build_graph
+from gatattn.graph import AttentionGraph, build_graph
 
 
 class SelfAttentionConv(MessagePassing):
@@ -27,7 +28,8 @@ class SelfAttentionConv(MessagePassing):
         \qquad
         \alpha^{h}_{i,j} = \operatorname{softmax}_{j \in \mathcal{N}(i)} \left(
         \frac{(\mathbf{W}^h_q \mathbf{x}_i)^{\top}
-        (\mathbf{W}^h_k \mathbf{x}_j + \mathbf{W}^h_e \mathbf{e}_{ij})}{\tau \sqrt{C}} \right)
+        (\mathbf{W}^h_k \mathbf{x}_j + \mathbf{W}^h_e \mathbf{e}_{ij})}{\tau \sqrt{C}}
+        + b^h_{ij} \right)
 
     :math:`\mathcal{N}(i)` is the in-neighbourhood given by :obj:`edge_index`, or, without it,
     every node of :math:`i`'s graph (all nodes, or those with the same :obj:`batch` id), cut to
@@ -88,7 +90,11 @@ class SelfAttentionConv(MessagePassing):
     TorchScript, which PyTorch has deprecated, is refused: use
     ``torch.compile`` or ``torch.export``.
 
-    Not supported: additive attention masks, ``nn.MultiheadAttention`` with ``add_bias_kv``,
+    :math:`b^h_{ij}` is an optional additive bias (:obj:`attn_bias`, e.g. Graphormer's spatial
+    encoding, :class:`gatattn.bias.SpatialEncoding`), zero when not given.
+
+    Not supported: ``attn_bias`` with :obj:`batch` / :obj:`ptr` under ``torch.compile``;
+    ``nn.MultiheadAttention`` with ``add_bias_kv``,
     ``add_zero_attn`` or ``kdim != vdim``.
     """
 
@@ -166,6 +172,7 @@ class SelfAttentionConv(MessagePassing):
         batch: Tensor | tuple[Tensor, Tensor] | None = None,
         ptr: Tensor | tuple[Tensor, Tensor] | None = None,
         causal: bool = False,
+        attn_bias: Tensor | None = None,
     ):
         r"""Runs the forward pass of the module.
 
@@ -189,6 +196,9 @@ class SelfAttentionConv(MessagePassing):
                 (default: :obj:`None`)
             causal (bool, optional): Attend only to earlier (or equal) positions inside each
                 graph. (default: :obj:`False`)
+            attn_bias (torch.Tensor, optional): Additive logit bias per head, laid out as
+                :func:`gatattn.attention` takes it: ``(E, heads)`` with edges, else each
+                graph's ``n_dst x n_src`` block, target-major, stacked. (default: :obj:`None`)
         """
         H, C = self.heads, self.out_channels
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
@@ -204,10 +214,10 @@ class SelfAttentionConv(MessagePassing):
 
         if self._pyg_sees_messages():
             out, edges, alpha = self._propagate(query, key, value, adjacency, edge_attr, batch,
-                                                ptr, causal)
+                                                ptr, causal, attn_bias)
         else:
             out, edges, alpha = self._fused(query, key, value, adjacency, edge_attr, batch, ptr,
-                                            causal, want_weights)
+                                            causal, want_weights, attn_bias)
 
         out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
         if self.lin_out is not None:
@@ -221,13 +231,16 @@ class SelfAttentionConv(MessagePassing):
         return out, adjacency.with_weights(alpha)
 
     def message(self, query_i: Tensor, key_j: Tensor, value_j: Tensor, edge_attr: Tensor | None,
-                index: Tensor, ptr: Tensor | None, size_i: int | None) -> Tensor:
+                attn_bias: Tensor | None, index: Tensor, ptr: Tensor | None,
+                size_i: int | None) -> Tensor:
         """The attention each edge ``j -> i`` carries: the spec of every route."""
         if self.lin_edge is not None:
             edge_attr = self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
             key_j = key_j + edge_attr
         scale = logit_multiplier(self.out_channels ** -0.5, self.temperature)
         logits = (query_i * key_j).sum(dim=-1) * scale
+        if attn_bias is not None:
+            logits = logits + attn_bias
         alpha = softmax(logits, index, ptr, size_i)
         self._alpha = alpha
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
@@ -251,20 +264,21 @@ class SelfAttentionConv(MessagePassing):
         return (bool(self.explain) or self._edge_mask is not None or any(hooks)
                 or self.aggr not in ("add", "sum") or self.flow != "source_to_target")
 
-    def _fused(self, query, key, value, adjacency, edge_attr, batch, ptr, causal, want_weights):
+    def _fused(self, query, key, value, adjacency, edge_attr, batch, ptr, causal, want_weights,
+               attn_bias):
         """Attention through :func:`gatattn.attention` (fused routes): ``(out, edges, alpha)``."""
         result = attention(
             query, key, value, edge_index=None if adjacency is None else adjacency.edge_index,
             batch=_dst_src(batch), ptr=_dst_src(ptr), causal=causal,
             temperature=self.temperature, dropout=self.dropout if self.training else 0.0,
-            edge_attr=self._embed_edges(edge_attr), return_attention_weights=want_weights,
-            backend=self.backend)
+            edge_attr=self._embed_edges(edge_attr), attn_bias=attn_bias,
+            return_attention_weights=want_weights, backend=self.backend)
         if not want_weights:
             return result, None, None
         out, (edges, alpha) = result
         return out, edges, alpha
 
-    def _propagate(self, query, key, value, adjacency, edge_attr, batch, ptr, causal):
+    def _propagate(self, query, key, value, adjacency, edge_attr, batch, ptr, causal, attn_bias):
         """Attention through :meth:`propagate` and :meth:`message`: ``(out, edges, alpha)``,
         ``edges`` oriented as :obj:`flow` says. Implicit graphs are built as edges
         (size-checked)."""
@@ -280,11 +294,12 @@ class SelfAttentionConv(MessagePassing):
         edges = graph.to_edge_index()
         if graph.kept_edges is not None and edge_attr is not None:
             edge_attr = edge_attr[graph.kept_edges]
+        attn_bias = _edge_bias(attn_bias, graph, given, edges, query)
         # PyG reads edge_index in the direction of self.flow.
         edges = edges if source_to_target else edges.flip(0)
         size = (num_src, num_dst) if source_to_target else (num_dst, num_src)
         out = self.propagate(edges, query=query, key=key, value=value, edge_attr=edge_attr,
-                             size=size)
+                             attn_bias=attn_bias, size=size)
         alpha, self._alpha = self._alpha, None
         return out, edges, alpha
 
@@ -363,6 +378,22 @@ class SelfAttentionConv(MessagePassing):
                     lin.bias.copy_(b)
             layer.lin_out.load_state_dict(mha.out_proj.state_dict())
         return layer
+
+
+def _edge_bias(attn_bias: Tensor | None, graph: AttentionGraph, given: Tensor | None,
+               edges: Tensor, query: Tensor) -> Tensor | None:
+    """The bias of each materialised edge (``edges`` source -> target), checked as
+    :func:`gatattn.attention` checks it."""
+    if attn_bias is None:
+        return None
+    check_bias_tensor(attn_bias, query)
+    check_bias_rows(attn_bias, graph, given, query.size(1), validate=True)
+    attn_bias = attn_bias.to(query.dtype)
+    if graph.kept_edges is not None:
+        return attn_bias[graph.kept_edges]
+    if graph.is_implicit:
+        return attn_bias.index_select(0, stacked_rows(graph, edges[1], edges[0]))
+    return attn_bias
 
 
 def _dst_src(pair):

@@ -18,7 +18,7 @@ from gatattn.backends import (
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import segment_attention
 from gatattn.backends.varlen import varlen_attention
-from gatattn.bias import expected_rows, graph_block_offsets, stacked_rows
+from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.graph import AttentionGraph, build_graph, graph_membership, validation_enabled
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
@@ -127,7 +127,7 @@ def attention(
     bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
         q.size(0) != k.size(0))
     if attn_bias is not None:
-        _validate_bias_tensor(attn_bias, q)
+        check_bias_tensor(attn_bias, q)
         attn_bias = attn_bias.to(q.dtype)
         if torch.compiler.is_compiling() and edge_index is None and (
                 batch is not None or ptr is not None):
@@ -151,7 +151,7 @@ def attention(
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]
     if attn_bias is not None:
-        _validate_bias_rows(attn_bias, graph, edge_index, q.size(1), validate)
+        check_bias_rows(attn_bias, graph, edge_index, q.size(1), validate)
         if graph.kept_edges is not None:
             attn_bias = attn_bias[graph.kept_edges]
 
@@ -316,37 +316,6 @@ def logit_multiplier(scale: float, temperature: float) -> float:
 def _validate_causal(causal) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
-
-
-def _validate_bias_tensor(attn_bias, q: Tensor) -> None:
-    if not isinstance(attn_bias, Tensor):
-        raise TypeError(f"attn_bias must be a (rows, heads) tensor, got {type(attn_bias).__name__}")
-    if not attn_bias.is_floating_point():
-        raise TypeError(f"attn_bias must be floating point, got {attn_bias.dtype}")
-    if attn_bias.device != q.device:
-        raise ValueError(f"attn_bias must be on q's device {q.device}, got {attn_bias.device}")
-
-
-def _validate_bias_rows(attn_bias: Tensor, graph: AttentionGraph, edge_index: Tensor | None,
-                        heads: int, validate: bool) -> None:
-    """``(rows, H)``: one row per given edge, or per pair of each implicit graph's block. The
-    block sizes are checked on the host when known, else by a device-side assertion."""
-    layout = ("one row per edge of edge_index, in its order" if edge_index is not None else
-              "each graph's n_dst x n_src block, target-major (row i * n_src + j), graphs in id "
-              "order, stacked; gatattn.bias.stacked_from_padded builds it from (B, H, L, S)")
-    if edge_index is not None:
-        rows = edge_index.size(1)
-    elif validate or graph.membership is None or graph.membership.dst.sizes is not None:
-        rows = expected_rows(graph)
-    else:
-        rows = None
-        total = graph_block_offsets(graph, attn_bias.device)[-1]
-        torch._assert_async(total == attn_bias.size(0),
-                            "attn_bias must have sum_b n_dst_b * n_src_b rows (stacked layout)")
-    if (attn_bias.dim() != 2 or attn_bias.size(1) != heads
-            or (rows is not None and attn_bias.size(0) != rows)):
-        expected = f"({'sum_b n_dst_b * n_src_b' if rows is None else rows}, {heads})"
-        raise ValueError(f"attn_bias must be {expected}: {layout}; got {tuple(attn_bias.shape)}")
 
 
 def _validate_edge_attr(edge_attr: Tensor | None, graph: AttentionGraph, q: Tensor,

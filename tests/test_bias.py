@@ -345,3 +345,52 @@ def test_spatial_encoding_is_a_learnable_bias():
     q = torch.randn(5, 4, 8)
     gatattn.attention(q, q, q, ptr=ptr, attn_bias=bias).sum().backward()
     assert encoding.table.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ the layer
+
+
+def _layer_reference(layer, x, mask, dense_bias):
+    H, C = layer.heads, layer.out_channels
+    q, k, v = (lin(x).view(-1, H, C) for lin in (layer.lin_query, layer.lin_key,
+                                                  layer.lin_value))
+    out = reference.attention(q, k, v, mask, bias=dense_bias, compute_dtype=None)
+    return out.reshape(-1, H * C) + layer.lin_skip(x)
+
+
+@pytest.mark.parametrize("path", ["fused", "propagate"])
+@pytest.mark.parametrize("graph", ["batched-causal", "edges"])
+def test_layer_takes_attn_bias(path, graph):
+    """Both of the layer's paths (gatattn.attention, and PyG's propagate/message when a hook
+    must see messages) add the bias; output and dBias against the reference."""
+    torch.manual_seed(0)
+    layer = gatattn.SelfAttentionConv(6, 4, heads=2).double()
+    if path == "propagate":
+        layer.register_message_forward_hook(lambda module, inputs, output: None)
+        assert layer._pyg_sees_messages()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    if graph == "edges":
+        edge_index = torch.tensor([[0, 1, 2, 3, 5, 8, 8, 2], [1, 1, 0, 3, 4, 7, 6, 6]])
+        kwargs = {"edge_index": edge_index}
+        bias = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+        mask = reference.edge_mask(edge_index, 9, 9)
+        dense = reference.dense_edge_features(edge_index, bias, 9, 9)
+    else:
+        ptr = torch.tensor([0, 4, 9])
+        kwargs = {"ptr": ptr, "causal": True}
+        bias = torch.randn(16 + 25, 2, dtype=torch.float64, requires_grad=True)
+        mask = reference.block_mask([4, 5], causal=True)
+        dense = stacked_to_dense(bias, ptr)
+    out = layer(x, attn_bias=bias, **kwargs)
+    expected = _layer_reference(layer, x, mask, dense)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, bias, grad_out)[0]
+    torch.testing.assert_close(got, torch.autograd.grad(expected, bias, grad_out)[0])
+
+
+def test_layer_propagate_refuses_a_misshapen_bias():
+    layer = gatattn.SelfAttentionConv(6, 4, heads=2)
+    layer.register_message_forward_hook(lambda module, inputs, output: None)
+    with pytest.raises(ValueError, match=r"\(41, 2\)"):
+        layer(torch.randn(9, 6), ptr=torch.tensor([0, 4, 9]), attn_bias=torch.zeros(81, 2))

@@ -2,7 +2,8 @@
 
 A batch of sequences is a batch of graphs: every query token is a target node, every key token
 a source node, and each sequence one complete (or causal) bipartite graph. Padded keys are not
-nodes at all, a boolean (or 0/-inf) ``attn_mask`` is an edge set, and ``add_bias_kv`` /
+nodes at all, a boolean ``attn_mask`` (or a float one's ``-inf`` entries) is an edge set, a
+float ``attn_mask``'s finite entries are an additive attention bias, and ``add_bias_kv`` /
 ``add_zero_attn`` are one extra source node per sequence that every query sees.
 """
 
@@ -46,6 +47,7 @@ class _Graphs:
     graph: dict  # ptr / edge_index / causal, as gatattn.attention takes them
     source_position: Tensor | None = None
     per_head: bool = False
+    bias: Tensor | None = None  # attn_bias in the layout the graph description needs
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -63,9 +65,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     where :math:`\mathcal{N}(i)` is what the masks leave of the sequence's keys:
 
     * ``key_padding_mask``: padded keys are dropped from the graph, never attended;
-    * ``attn_mask`` (boolean, or float with entries 0 / ``-inf`` only): its allowed pairs are the
+    * ``attn_mask``, boolean or float: its allowed pairs (not ``True``, not ``-inf``) are the
       edges, per sequence, or per sequence and head for a 3-D mask that differs between heads;
-      a causal mask (``is_causal`` or recognised) runs as a causal graph without edges;
+      a causal mask (``is_causal`` or recognised) runs as a causal graph without edges. A float
+      mask's finite entries are added to the logits, as PyTorch adds them (ALiBi, relative
+      position biases): they reach :func:`gatattn.attention` as its ``attn_bias``;
     * ``add_bias_kv`` / ``add_zero_attn``: one source node per sequence (the learned
       ``bias_k``/``bias_v``, or zeros) that every query attends to, as in PyTorch.
 
@@ -81,8 +85,8 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     * A query with no key left (fully masked row) gets a zero attention output, so its output is
       ``out_proj``'s bias, and zero weights; PyTorch returns NaN there.
-    * A float mask with finite values other than 0 (an additive bias) raises a ``ValueError``:
-      gatattn has no additive attention bias yet.
+    * A float ``key_padding_mask`` may hold only 0 and ``-inf`` (PyTorch adds other values);
+      an ``attn_mask`` holding ``+inf`` or NaN raises a ``ValueError``.
     * ``is_causal=True`` with an ``attn_mask`` that is not the causal mask raises a
       ``ValueError`` (PyTorch's result then depends on the code path); ``is_causal=True``
       without ``attn_mask`` raises, as PyTorch's own (non fast path) forward does.
@@ -122,10 +126,13 @@ class MultiheadAttention(nn.MultiheadAttention):
         q, k, v = self._project(query, key, value)  # (N, L, E), (N, S', E), (N, S', E)
         num_virtual = k.size(1) - S
         kept_keys = _with_virtual(_allowed(key_padding_mask, "key_padding_mask"), num_virtual)
-        attended = _allowed(attn_mask, "attn_mask")
+        attended, additive = _split_attn_mask(attn_mask)
         causal = _is_causal_mask(attended, L, S, is_causal)
         allowed = None if causal else _with_virtual(attended, num_virtual)
-        graphs = self._graphs(q, k, v, kept_keys, allowed, causal, num_virtual)
+        bias = None if additive is None else F.pad(
+            _as_4d(additive, N, self.num_heads).expand(N, self.num_heads, L, S),
+            (0, num_virtual))  # (N, H, L, S'): virtual keys get no bias, as in PyTorch
+        graphs = self._graphs(q, k, v, kept_keys, allowed, causal, num_virtual, bias)
 
         dropout = self.dropout if self.training else 0.0
         out, weights = self._attend(graphs, need_weights, dropout, N, L, k.size(1))
@@ -172,9 +179,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     # -- sequences -> graphs -------------------------------------------------------------------
 
     def _graphs(self, q: Tensor, k: Tensor, v: Tensor, kept_keys: Tensor | None,
-                allowed: Tensor | None, causal: bool, num_virtual: int) -> _Graphs:
+                allowed: Tensor | None, causal: bool, num_virtual: int,
+                bias: Tensor | None) -> _Graphs:
         """The cheapest graph description that states the masks: implicit complete / causal
-        graphs with padded keys dropped where possible, explicit edges otherwise."""
+        graphs with padded keys dropped where possible, explicit edges otherwise. ``bias``
+        ``(N, H, L, S)`` is laid out for it."""
         (N, L, _), S = q.shape, k.size(1)
         if causal and (num_virtual > 0 or not _left_aligned(kept_keys)):
             # Dropping keys would shift later keys' positions, and virtual keys come after
@@ -182,11 +191,15 @@ class MultiheadAttention(nn.MultiheadAttention):
             tril = torch.ones(L, S - num_virtual, dtype=torch.bool, device=q.device).tril()
             allowed, causal = _with_virtual(tril, num_virtual), False
         if allowed is None:
-            return self._implicit_graphs(q, k, v, kept_keys, causal)
+            graphs = self._implicit_graphs(q, k, v, kept_keys, causal)
+            if bias is not None:  # each sequence's L x (kept keys) block, target-major
+                pairs = None if kept_keys is None else kept_keys.view(N, 1, S).expand(N, L, S)
+                graphs.bias = _stacked(bias, pairs)
+            return graphs
         allowed = _as_4d(allowed, N, self.num_heads)
         if kept_keys is not None:
             allowed = allowed & kept_keys.view(N, 1, 1, S)
-        return self._explicit_graphs(q, k, v, allowed)
+        return self._explicit_graphs(q, k, v, allowed, bias)
 
     def _implicit_graphs(self, q, k, v, kept_keys, causal) -> _Graphs:
         (N, L, E), S, H = q.shape, k.size(1), self.num_heads
@@ -205,9 +218,9 @@ class MultiheadAttention(nn.MultiheadAttention):
                        graph={"ptr": (ptr_dst, ptr_src), "causal": causal},
                        source_position=position)
 
-    def _explicit_graphs(self, q, k, v, allowed: Tensor) -> _Graphs:
+    def _explicit_graphs(self, q, k, v, allowed: Tensor, bias: Tensor | None) -> _Graphs:
         """``allowed`` is ``(N, H or 1, L, S)``: one graph per sequence if the heads share it,
-        else one single-head graph per sequence and head."""
+        else one single-head graph per sequence and head. ``bias`` becomes one row per edge."""
         (N, L, _), S, H = q.shape, k.size(1), self.num_heads
         if allowed.size(1) > 1 and bool((allowed == allowed[:, :1]).all()):
             allowed = allowed[:, :1]
@@ -216,9 +229,12 @@ class MultiheadAttention(nn.MultiheadAttention):
         g, dst, src = pairs.nonzero().unbind(1)  # sorted by target
         edge_index = torch.stack([g * S + src, g * L + dst])
         nodes = _head_nodes if per_head else _seq_nodes
+        if bias is not None:  # (E, heads of a graph)
+            bias = (bias.reshape(N * H, L, S)[g, dst, src].unsqueeze(1) if per_head
+                    else bias.expand(pairs.size(0), H, L, S)[g, :, dst, src])
         return _Graphs(nodes(q, H), nodes(k, H), nodes(v, H), groups=pairs.size(0),
                        heads=1 if per_head else H, graph={"edge_index": edge_index},
-                       per_head=per_head)
+                       per_head=per_head, bias=bias)
 
     # -- attention -----------------------------------------------------------------------------
 
@@ -226,7 +242,8 @@ class MultiheadAttention(nn.MultiheadAttention):
                 S: int) -> tuple[Tensor, Tensor | None]:
         """``(N, L, E)`` merged head outputs, and ``(N, H, L, S)`` weights if asked."""
         if not need_weights:
-            out = attention(graphs.q, graphs.k, graphs.v, dropout=dropout, **graphs.graph)
+            out = attention(graphs.q, graphs.k, graphs.v, dropout=dropout, attn_bias=graphs.bias,
+                            **graphs.graph)
             return _merge_heads(out, graphs, N, L, self.num_heads), None
         # A target's weights are what attention carries to it when every key's value is the
         # one-hot vector of its position: one call with values [v_j, onehot(j)] returns the
@@ -240,7 +257,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         one_hot = (position.remainder(max(S, 1)).unsqueeze(1) == slots).to(graphs.v.dtype)
         values = torch.cat([graphs.v, one_hot.unsqueeze(1).expand(-1, graphs.heads, -1)], -1)
         out, weights = attention(graphs.q, graphs.k, values, dropout=dropout,
-                                 **graphs.graph).split([C, S], dim=-1)
+                                 attn_bias=graphs.bias, **graphs.graph).split([C, S], dim=-1)
         weights = weights.reshape(graphs.groups, L, graphs.heads, S).transpose(1, 2)
         return _merge_heads(out, graphs, N, L, H), weights.reshape(N, H, L, S)
 
@@ -311,6 +328,28 @@ class MultiheadAttention(nn.MultiheadAttention):
 def _allowed(mask: Tensor | None, name: str) -> Tensor | None:
     """nn.MultiheadAttention's mask (bool True = masked, or 0/-inf float) -> True = attended."""
     return None if mask is None else ~masked_positions(mask, name)
+
+
+def _split_attn_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """``attn_mask`` -> (True = attended, additive bias or ``None``). A float mask's ``-inf``
+    entries mask; its other entries are added to the logits (``None`` when all are 0)."""
+    if mask is None or mask.dtype == torch.bool:
+        return _allowed(mask, "attn_mask"), None
+    if not mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or float, got {mask.dtype}")
+    attended = mask != float("-inf")
+    bad = mask[attended & ~torch.isfinite(mask)]
+    if bad.numel():
+        raise ValueError(f"attn_mask holds {bad[0].item()}: a float mask holds -inf (masked) "
+                         "and finite values (added to the logits)")
+    additive = mask.masked_fill(~attended, 0)
+    return attended, additive if bool(additive.any()) else None
+
+
+def _stacked(bias: Tensor, pairs: Tensor | None) -> Tensor:
+    """``(N, H, L, S)`` -> rows ``(n, i, j)`` of the pairs kept (all without ``pairs``)."""
+    rows = bias.permute(0, 2, 3, 1)  # (N, L, S, H)
+    return rows.reshape(-1, bias.size(1)) if pairs is None else rows[pairs]
 
 
 def _with_virtual(allowed: Tensor | None, num_virtual: int) -> Tensor | None:

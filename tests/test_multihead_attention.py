@@ -72,8 +72,19 @@ def make_inputs(mha, N, L, S, seed=1, self_attention=False):
 
 
 def as_masked(mask):
-    """PyTorch's mask (bool True = masked, or float 0/-inf) -> bool True = masked."""
-    return mask if mask.dtype == torch.bool else mask != 0
+    """PyTorch's mask (bool True = masked, or float: -inf masked) -> bool True = masked."""
+    return mask if mask.dtype == torch.bool else mask == float("-inf")
+
+
+def additive_part(attn_mask, N, H, L, S_all):
+    """A float mask's finite entries, (N, H, L, S'): PyTorch adds them to the logits (0 for the
+    extra keys of add_bias_kv / add_zero_attn, as PyTorch pads the mask with zeros)."""
+    bias = torch.zeros(N, H, L, S_all, dtype=DTYPE)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        finite = attn_mask.masked_fill(attn_mask == float("-inf"), 0)
+        S = attn_mask.size(-1)
+        bias[..., :S] = finite.view(-1, H if attn_mask.dim() == 3 else 1, L, S)
+    return bias
 
 
 def reference_mha(mha, query, key, value, key_padding_mask=None, attn_mask=None):
@@ -97,12 +108,14 @@ def reference_mha(mha, query, key, value, key_padding_mask=None, attn_mask=None)
         allowed[..., :S] &= ~as_masked(key_padding_mask).view(N, 1, 1, S)
     if attn_mask is not None:
         allowed[..., :S] &= ~as_masked(attn_mask).view(-1, H if attn_mask.dim() == 3 else 1, L, S)
+    bias = additive_part(attn_mask, N, H, L, k.size(1))
     C = E // H
     outs, weights = [], []
     for b, h in itertools.product(range(N), range(H)):
         heads = slice(h * C, (h + 1) * C)
         out, w = reference.attention(q[b, :, None, heads], k[b, :, None, heads],
-                                     v[b, :, None, heads], allowed[b, h], return_weights=True)
+                                     v[b, :, None, heads], allowed[b, h],
+                                     bias=bias[b, h].unsqueeze(-1), return_weights=True)
         outs.append(out[:, 0])
         weights.append(w[0])
     out = torch.stack(outs).view(N, H, L, C).transpose(1, 2).reshape(N, L, E)
@@ -127,7 +140,7 @@ def random_masks(kind, N, L, S, seed=2):
         padding = torch.rand(N, S, generator=gen) < 0.4
         shape = (N * H, L, S) if kind.endswith("3d") else (L, S)
         masked = torch.rand(shape, generator=gen) < 0.4
-        if kind == "causal":
+        if kind in ("causal", "additive_causal"):
             masked = torch.ones(L, S, dtype=torch.bool).triu(1)
         allowed = ~padding.view(N, 1, 1, S) & ~masked.view(-1, H if masked.dim() == 3 else 1, L,
                                                            S)
@@ -135,6 +148,9 @@ def random_masks(kind, N, L, S, seed=2):
             break
     if kind == "none":
         return padding, None
+    if kind.startswith("additive"):  # finite entries added to the logits, some -inf
+        values = torch.randn(shape, generator=gen, dtype=DTYPE)
+        return padding, values.masked_fill(masked, float("-inf"))
     if kind.startswith("float") or kind == "causal":
         return padding, torch.zeros(shape, dtype=DTYPE).masked_fill(masked, float("-inf"))
     return padding, masked
@@ -453,10 +469,26 @@ def test_fully_masked_query_rows_get_out_proj_bias_and_zero_weights():
     assert all(p.grad.isfinite().all() for p in mha.parameters())
 
 
-ADDITIVE = "an additive float attn_mask (an attention bias) is refused: gatattn has none yet"
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mask_kind", ["additive", "additive3d", "additive_causal"])
+@pytest.mark.parametrize("padding", [False, True], ids=["no_padding", "padding"])
+@pytest.mark.parametrize("extra_keys", ["none", "both"])
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
+def test_additive_float_mask_matches_reference(impl, mask_kind, padding, extra_keys,
+                                               need_weights):
+    """A float attn_mask's finite entries are added to the logits (its -inf entries mask),
+    on implicit graphs (causal, padded) and on edges (random masks, per-head masks)."""
+    mha = make_module(impl, add_bias_kv=extra_keys == "both", add_zero_attn=extra_keys == "both")
+    N, L, S = 3, 4, 4 if mask_kind == "additive_causal" else 5
+    padding_mask, attn_mask = random_masks(mask_kind, N, L, S)
+    kwargs = {"attn_mask": attn_mask}
+    if padding:
+        kwargs["key_padding_mask"] = padding_mask
+    check_against_reference(mha, make_inputs(mha, N, L, S), need_weights=need_weights,
+                            average_attn_weights=False, **kwargs)
 
 
-@pytest.mark.parametrize("impl", ours_differs(ADDITIVE))
+@pytest.mark.parametrize("impl", IMPLS)
 def test_additive_float_mask_is_added_to_the_logits(impl):
     mha = make_module(impl, batch_first=True)
     query, key, value = make_inputs(mha, 2, 3, 4)
@@ -469,12 +501,41 @@ def test_additive_float_mask_is_added_to_the_logits(impl):
     assert_close("weights", weights, logits.softmax(-1))
 
 
-def test_additive_float_mask_error_names_the_value():
+def alibi_mask(N, L):
+    """ALiBi (Press et al.): a causal mask whose kept entries are ``-slope_h * (i - j)``, one
+    geometric slope per head, as a 3-D (N * H, L, L) float mask."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=DTYPE) / H)
+    distance = (torch.arange(L).view(L, 1) - torch.arange(L).view(1, L)).to(DTYPE)
+    bias = -slopes.view(H, 1, 1) * distance
+    bias = bias.masked_fill(distance < 0, float("-inf"))
+    return bias.repeat(N, 1, 1)
+
+
+@pytest.mark.parametrize("need_weights", [True, False], ids=["weights", "no_weights"])
+def test_alibi_equals_torch(need_weights):
+    """ALiBi through attn_mask: output, weights and gradients equal nn.MultiheadAttention's."""
+    theirs = make_module(nn.MultiheadAttention, batch_first=True)
+    ours = MultiheadAttention.from_torch(theirs)
+    N, L = 2, 6
+    mask = alibi_mask(N, L).requires_grad_()
+    inputs = make_inputs(theirs, N, L, L, self_attention=True)
+    results = []
+    for mha in (theirs, ours):
+        out, weights = mha(*inputs, attn_mask=mask, need_weights=need_weights)
+        outputs = (out, weights) if need_weights else (out,)
+        results.append((outputs, gradients(outputs, [inputs[0], mask])))
+    for got, expected in zip(*(r[0] for r in results), strict=True):
+        assert_close("output", got, expected)
+    for got, expected in zip(*(r[1] for r in results), strict=True):
+        assert_close("gradient", got, expected)
+
+
+def test_float_mask_with_inf_or_nan_is_refused():
     mha = make_module(MultiheadAttention)
     query, key, value = make_inputs(mha, 2, 3, 3)
     mask = torch.zeros(3, 3, dtype=DTYPE)
-    mask[1, 2] = -0.5
-    with pytest.raises(ValueError, match=r"-0\.5.*not supported yet"):
+    mask[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="attn_mask holds inf"):
         call(mha, query, key, value, attn_mask=mask)
     with pytest.raises(ValueError, match="key_padding_mask holds 2.0"):
         call(mha, query, key, value, key_padding_mask=torch.full((2, 3), 2.0, dtype=DTYPE))

@@ -194,8 +194,13 @@ class SpatialEncoding(nn.Module):
         nn.init.zeros_(self.table.weight)
 
     def forward(self, edge_index: Tensor, ptr: Tensor | None = None, *,
-                batch: Tensor | None = None, num_nodes: int | None = None) -> Tensor:
-        return self.table(self.distances(edge_index, ptr, batch=batch, num_nodes=num_nodes))
+                batch: Tensor | None = None, num_nodes: int | None = None,
+                distances: Tensor | None = None) -> Tensor:
+        """The stacked bias; ``distances`` (from :meth:`distances`, structure only) skips the
+        search: compute them once per batch of graphs and reuse them every epoch."""
+        if distances is None:
+            distances = self.distances(edge_index, ptr, batch=batch, num_nodes=num_nodes)
+        return self.table(distances)
 
     def distances(self, edge_index: Tensor, ptr: Tensor | None = None, *,
                   batch: Tensor | None = None, num_nodes: int | None = None) -> Tensor:

@@ -35,8 +35,9 @@ def sdpa_attention(
     """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit. Second derivatives
     come from SDPA's math backend (its fused kernels have no double backward; ``math=True``
     uses it throughout); with dropout, whose mask cannot be replayed, they are refused.
-    ``bias`` (stacked layout, :mod:`gatattn.bias`) reaches SDPA as a float ``attn_mask`` per
-    size group."""
+    ``bias`` (stacked layout, :mod:`gatattn.bias`) is added per size group as a float mask,
+    computed as SDPA's math backend would (see :func:`_biased_group_attention`); with it,
+    dropout's second derivatives are exact too."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
     (q, k, v), repair = contain_nonfinite(q, k, v, graph)
     return repair(_attention(q, k, v, graph, scale, dropout, math, bias))
@@ -66,25 +67,25 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
 
 
 def _group_masks(graph: AttentionGraph, plan, bias: Tensor) -> list[Tensor | None]:
-    """Each size group's ``(count, H, len_dst, len_src)`` slice of the stacked bias: a view
-    when the group's graphs lie in id order, else a gather of their blocks (whose backward
-    writes each row once: deterministic). A graph's id is its first target node's."""
+    """Each size group's ``(count, H, len_dst, len_src)`` slice of the stacked bias, all from
+    one gather (one gather's backward fills and scatters the bias gradient once, where one per
+    group would each fill a bias-sized zero tensor), which writes each row once: deterministic.
+    A graph's id is its first target node's."""
     offsets = graph_block_offsets(graph, bias.device)
     ids_dst, _ = graph.graph_ids(bias.device)
-    masks, first_target = [], 0
+    rows, first_target = [], 0
     for g in plan.groups:
         block = g.len_dst * g.len_src
-        if block == 0:
-            masks.append(None)
-        else:
+        if block:
             starts = first_target + torch.arange(g.count, device=bias.device) * g.len_dst
             nodes = starts if plan.order_dst is None else plan.order_dst.forward[starts]
-            rows = (offsets.index_select(0, ids_dst.index_select(0, nodes)).unsqueeze(1)
-                    + torch.arange(block, device=bias.device))  # (count, block)
-            masks.append(bias.index_select(0, rows.flatten())
-                         .view(g.count, g.len_dst, g.len_src, -1).permute(0, 3, 1, 2))
+            rows.append((offsets.index_select(0, ids_dst.index_select(0, nodes)).unsqueeze(1)
+                         + torch.arange(block, device=bias.device)).flatten())
         first_target += g.count * g.len_dst
-    return masks
+    gathered = bias.index_select(0, torch.cat(rows)) if rows else bias[:0]
+    sizes = [g.count * g.len_dst * g.len_src for g in plan.groups]
+    return [None if not size else part.view(g.count, g.len_dst, g.len_src, -1).permute(0, 3, 1, 2)
+            for g, size, part in zip(plan.groups, sizes, gathered.split(sizes), strict=True)]
 
 
 def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
@@ -105,7 +106,7 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
                             device=q.device).triu(1)
         mask = mask.masked_fill(future, float("-inf"))
     if mask is not None:
-        return _biased_group_attention(q, k, v, mask, scale, dropout, math)
+        return _biased_group_attention(q, k, v, mask, scale, dropout)
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
@@ -126,28 +127,18 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
     return out.transpose(1, 2).reshape(-1, H, C_v)
 
 
-def _biased_group_attention(q, k, v, mask: Tensor, scale: float, dropout: float,
-                            math: bool) -> Tensor:
-    """SDPA with a float ``attn_mask`` (the bias) on ``(B, H, L, C)`` views. Its gradient is
-    SDPA's: torch's fused CPU kernel computes it, except with ``math`` (second derivatives),
-    which the math backend serves, as without a bias."""
+def _biased_group_attention(q, k, v, mask: Tensor, scale: float, dropout: float) -> Tensor:
+    """Attention with an additive float mask (the bias) on ``(B, H, L, C)`` views, written out
+    (it is SDPA's math backend, minus its separate scaling of q and k): SDPA would compute the
+    same, but a mask that needs a gradient sends it to that backend anyway, behind a wrapper
+    this form does not need, being twice differentiable as it stands. ``mask``'s gradient is
+    the logits' gradient, one value per pair."""
     H, C_v = v.size(1), v.size(3)
-
-    def sdpa(q, k, v, mask):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              scale=scale)
-
-    def math_backend(q, k, v, mask):
-        with sdpa_kernel(SDPBackend.MATH):
-            return sdpa(q, k, v, mask)
-
-    if math:
-        out = math_backend(q, k, v, mask)
-    else:
-        recompute = math_backend if dropout == 0 else refuse_second_order(
-            "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
-        out = twice_differentiable(sdpa, recompute, q, k, v, mask)
-    return out.transpose(1, 2).reshape(-1, H, C_v)
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale) + mask  # (B, H, L, S)
+    weights = torch.softmax(logits, dim=-1)
+    if dropout > 0:
+        weights = F.dropout(weights, dropout)
+    return torch.matmul(weights, v).transpose(1, 2).reshape(-1, H, C_v)
 
 
 def empty_output(q: Tensor, k: Tensor, v: Tensor, rows: int = 0) -> Tensor:

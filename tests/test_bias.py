@@ -59,6 +59,9 @@ IMPLICIT = {  # name: (sizes_dst, sizes_src or None for self-attention, causal)
     "causal": ([4, 1, 6], None, True),
     "bipartite": ([3, 0, 5, 2], [4, 2, 1, 5], False),
     "bipartite-causal": ([3, 5, 2], [4, 2, 5], True),
+    # Many size groups, one of them empty, one of a single node.
+    "similar-sizes": ([8, 10, 0, 9, 8, 10, 1], None, False),
+    "similar-bipartite-causal": ([8, 9, 10, 9], [10, 9, 8, 11], True),
 }
 
 
@@ -212,8 +215,8 @@ def test_weights_and_edge_features_with_bias():
 @pytest.mark.parametrize("route", ROUTES)
 def test_dbias_is_bitwise_deterministic(route):
     dtype = torch.float32
-    run, inputs, _ = _implicit_case(route, [6, 9, 2], [5, 9, 4], True, dtype)
-    grad_out = torch.randn(17, 2, 8)
+    run, inputs, _ = _implicit_case(route, [6, 9, 7, 2], [5, 9, 6, 4], True, dtype)
+    grad_out = torch.randn(24, 2, 8)
     grads = [torch.autograd.grad(run(*inputs), inputs[3], grad_out)[0] for _ in range(2)]
     assert torch.equal(grads[0], grads[1])
     if route != "sdpa":

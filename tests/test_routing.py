@@ -280,3 +280,21 @@ def test_no_race_where_the_kernels_do_not_compete():
     before = len(gatattn.route_choices())
     gatattn.attention(q, k, v, ptr=torch.tensor([0, 5, 22, 31, 32]))  # CPU: SDPA, no race
     assert len(gatattn.route_choices()) == before
+
+
+def test_after_a_keys_first_call_auto_reads_the_host_once_per_ptr_call(monkeypatch):
+    """The race costs reads (and time) on a key's first call only; then auto is as lean as the
+    route it chose (tests/test_host_syncs.py: one read per call with ptr)."""
+    from test_host_syncs import count_host_reads
+
+    monkeypatch.setattr(routing, "races_on", lambda device: True)
+    monkeypatch.setattr(routing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
+    q, k, v, _ = batched(dtype=torch.float16, grad=False)
+    ptr = torch.tensor([0, 5, 22, 31, 32])
+    first = gatattn.attention(q, k, v, ptr=ptr)
+    for _ in range(2):
+        with count_host_reads(monkeypatch) as reads:
+            again = gatattn.attention(q, k, v, ptr=ptr)
+        assert reads.count == 1
+    assert torch.equal(first, again)
+    assert [choice.route for choice in gatattn.route_choices()] == ["triton"]

@@ -93,8 +93,7 @@ class SelfAttentionConv(MessagePassing):
     :math:`b^h_{ij}` is an optional additive bias (:obj:`attn_bias`, e.g. Graphormer's spatial
     encoding, :class:`gatattn.bias.SpatialEncoding`), zero when not given.
 
-    Not supported: ``attn_bias`` with :obj:`batch` / :obj:`ptr` under ``torch.compile``;
-    ``nn.MultiheadAttention`` with ``add_bias_kv``,
+    Not supported: ``nn.MultiheadAttention`` with ``add_bias_kv``,
     ``add_zero_attn`` or ``kdim != vdim``.
     """
 

@@ -114,9 +114,9 @@ def attention(
     serves batches of any sizes (``dynamic=True``). It has first derivatives only; second
     derivatives are refused there (eager mode has them).
 
-    Not supported: ``attn_bias`` with ``batch`` / ``ptr`` under ``torch.compile`` (refused);
-    ``-inf`` entries in ``attn_bias`` (give edges instead). With ``attn_bias``, ``auto`` does not
-    race the fused kernels (it takes SDPA or message passing); ``backend="triton"`` runs them.
+    Not supported: ``-inf`` entries in ``attn_bias`` (give edges instead). With ``attn_bias``,
+    ``auto`` does not race the fused kernels (it takes SDPA or message passing);
+    ``backend="triton"`` runs them.
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, dropout)
@@ -129,18 +129,12 @@ def attention(
     if attn_bias is not None:
         check_bias_tensor(attn_bias, q)
         attn_bias = attn_bias.to(q.dtype)
-        if torch.compiler.is_compiling() and edge_index is None and (
-                batch is not None or ptr is not None):
-            raise ValueError(
-                "attn_bias with batch / ptr is not supported under torch.compile / torch.export "
-                "(the batched graphs run as an opaque operator without a bias); run the call "
-                "eagerly, or give the pairs as an explicit edge_index with an (E, H) bias")
     if _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
                               return_attention_weights, backend):
         batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
                                                 bipartite=bipartite, validate=False)
         return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
-                                 causal)
+                                 causal, attn_bias)
     validate = validation_enabled() and not torch.compiler.is_compiling()
     # Whether q, k, v are finite is read in the graph's one host read (dense routes use it).
     finite = finite_flag(q, k, v) if validate and edge_index is None else None

@@ -397,3 +397,48 @@ def test_layer_propagate_refuses_a_misshapen_bias():
     layer.register_message_forward_hook(lambda module, inputs, output: None)
     with pytest.raises(ValueError, match=r"\(41, 2\)"):
         layer(torch.randn(9, 6), ptr=torch.tensor([0, 4, 9]), attn_bias=torch.zeros(81, 2))
+
+
+# ------------------------------------------------------------- torch.compile, export, ONNX
+
+
+def test_bias_under_compile_runs_in_the_opaque_operator():
+    """Batched graphs with a bias compile without graph breaks (one dynamic compile serves
+    new sizes), and forward and dBias equal eager mode's."""
+    torch._dynamo.reset()
+
+    def run(q, k, v, bias, ptr):
+        return gatattn.attention(q, k, v, ptr=ptr, causal=True, attn_bias=bias)
+
+    compiled = torch.compile(run, backend="aot_eager", fullgraph=True, dynamic=True)
+    for sizes in ([3, 5, 2], [4, 1, 6, 2]):
+        ptr = _offsets(sizes)
+        inputs = _inputs(int(ptr[-1]), int(ptr[-1]), sum(n * n for n in sizes), 3, 4,
+                         torch.float64)
+        got = compiled(*inputs, ptr)
+        expected = run(*inputs, ptr)
+        torch.testing.assert_close(got, expected)
+        grad_out = torch.randn_like(got)
+        for g, e in zip(torch.autograd.grad(got, inputs, grad_out),
+                        torch.autograd.grad(expected, inputs, grad_out), strict=True):
+            torch.testing.assert_close(g, e)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("bipartite", [False, True])
+def test_onnx_decomposition_with_bias_against_eager(bipartite, causal):
+    from gatattn.backends.ops import ONNX_DECOMPOSITIONS
+
+    decomposed = ONNX_DECOMPOSITIONS[torch.ops.gatattn.segment_attention.default]
+    batch_dst = torch.tensor([1, 0, 0, 1, 2, 2, 2, 0, 1, 1, 4])  # graph 3 empty, graph 4 alone
+    batch_src = torch.tensor([2, 0, 1, 1, 0, 2, 0, 4, 4]) if bipartite else batch_dst
+    counts_dst = torch.bincount(batch_dst, minlength=5)
+    counts_src = torch.bincount(batch_src, minlength=5)
+    rows = int((counts_dst * counts_src).sum())
+    q, k, v, bias = _inputs(11, batch_src.numel(), rows, 2, 4, torch.float64)
+    batch = (batch_dst, batch_src) if bipartite else batch_dst
+    expected = gatattn.attention(q, k, v, batch=batch, causal=causal, attn_bias=bias,
+                                 scale=0.3)
+    got = decomposed(q, k, v, batch_dst, batch_src if bipartite else None, 0.3, causal, bias)
+    torch.testing.assert_close(got, expected)

@@ -22,52 +22,63 @@ import torch
 from torch import Tensor
 
 from gatattn.backends.sdpa import sdpa_attention
+from gatattn.bias import check_bias_rows
 from gatattn.graph import AttentionGraph, build_graph
 
 
 @torch.library.custom_op("gatattn::segment_attention", mutates_args=())
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
-                      batch_src: Tensor | None, scale: float, causal: bool) -> Tensor:
+                      batch_src: Tensor | None, scale: float, causal: bool,
+                      attn_bias: Tensor | None = None) -> Tensor:
     """``(N_dst, H, C_v)`` attention over one complete graph per graph id: ``batch_dst`` holds
-    the targets' ids, ``batch_src`` the sources' (``None``: the same nodes, self-attention)."""
+    the targets' ids, ``batch_src`` the sources' (``None``: the same nodes, self-attention);
+    ``attn_bias`` in the stacked layout of :mod:`gatattn.bias`."""
+    graph = _graph(q, k, batch_dst, batch_src, causal)
+    if attn_bias is not None:
+        check_bias_rows(attn_bias, graph, None, q.size(1), validate=True)
     with torch.no_grad():
-        return sdpa_attention(q, k, v, _graph(q, k, batch_dst, batch_src, causal), scale=scale)
+        return sdpa_attention(q, k, v, graph, scale=scale, bias=attn_bias)
 
 
 @segment_attention.register_fake
-def _(q, k, v, batch_dst, batch_src, scale, causal):
+def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None):
     return q.new_empty(q.size(0), q.size(1), v.size(2))
 
 
 @torch.library.custom_op("gatattn::segment_attention_backward", mutates_args=())
 def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                batch_dst: Tensor, batch_src: Tensor | None, scale: float,
-                               causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dq, dk, dv)`` of :func:`segment_attention` for ``grad_out``."""
-    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+                               causal: bool, attn_bias: Tensor | None = None,
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv, dbias)`` of :func:`segment_attention` for ``grad_out``
+    (``dbias`` is empty without a bias)."""
+    with_bias = attn_bias is not None
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, *([attn_bias] if with_bias else []))]
     with _autograd_recording():
-        out = sdpa_attention(*inputs, _graph(q, k, batch_dst, batch_src, causal), scale=scale)
+        out = sdpa_attention(*inputs[:3], _graph(q, k, batch_dst, batch_src, causal),
+                             scale=scale, bias=inputs[3] if with_bias else None)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-    return tuple(torch.zeros_like(t) if g is None else g
-                 for t, g in zip(inputs, grads, strict=True))
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
+    return (*grads[:3], grads[3] if with_bias else q.new_empty(0))
 
 
 @segment_attention_backward.register_fake
-def _(grad_out, q, k, v, batch_dst, batch_src, scale, causal):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad_out, q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None):
+    dbias = q.new_empty(0) if attn_bias is None else torch.empty_like(attn_bias)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, batch_dst, batch_src, scale, causal = inputs
-    ctx.save_for_backward(q, k, v, batch_dst, batch_src)
+    q, k, v, batch_dst, batch_src, scale, causal, attn_bias = inputs
+    ctx.save_for_backward(q, k, v, batch_dst, batch_src, attn_bias)
     ctx.scale, ctx.causal = scale, causal
 
 
 def _backward(ctx, grad_out):
-    q, k, v, batch_dst, batch_src = ctx.saved_tensors
-    dq, dk, dv = segment_attention_backward(grad_out, q, k, v, batch_dst, batch_src, ctx.scale,
-                                            ctx.causal)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, batch_dst, batch_src, attn_bias = ctx.saved_tensors
+    dq, dk, dv, dbias = segment_attention_backward(grad_out, q, k, v, batch_dst, batch_src,
+                                                   ctx.scale, ctx.causal, attn_bias)
+    return dq, dk, dv, None, None, None, None, None if attn_bias is None else dbias
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -103,20 +114,34 @@ def _graph(q: Tensor, k: Tensor, batch_dst: Tensor, batch_src: Tensor | None,
 
 
 def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
-                            batch_src: Tensor | None, scale: float, causal: bool) -> Tensor:
+                            batch_src: Tensor | None, scale: float, causal: bool,
+                            attn_bias: Tensor | None = None) -> Tensor:
     """:func:`segment_attention` as dense attention under a mask built from the graph ids,
     tensor operations only (no host reads), for exporters that cannot run the grouping."""
     same_src = batch_src is None
     batch_src = batch_dst if same_src else batch_src
-    allowed = batch_dst.unsqueeze(1) == batch_src.unsqueeze(0)  # (N_dst, N_src)
-    if causal:
-        pos_dst = _positions(batch_dst)
-        pos_src = pos_dst if same_src else _positions(batch_src)
-        allowed = allowed & (pos_src.unsqueeze(0) <= pos_dst.unsqueeze(1))
+    same = batch_dst.unsqueeze(1) == batch_src.unsqueeze(0)  # (N_dst, N_src)
+    pos_dst = _positions(batch_dst)
+    pos_src = pos_dst if same_src else _positions(batch_src)
+    allowed = same & (pos_src.unsqueeze(0) <= pos_dst.unsqueeze(1)) if causal else same
     logits = torch.einsum("ihc,jhc->hij", q, k) * scale
+    if attn_bias is not None:
+        logits = logits + _dense_bias(attn_bias, batch_dst, same, pos_dst, pos_src)
     logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     weights = torch.softmax(logits, dim=-1) * allowed  # rows without keys: all zeros
     return torch.einsum("hij,jhc->ihc", weights, v)
+
+
+def _dense_bias(attn_bias: Tensor, batch_dst: Tensor, same: Tensor, pos_dst: Tensor,
+                pos_src: Tensor) -> Tensor:
+    """The stacked bias as ``(H, N_dst, N_src)`` (anything between graphs, which is masked):
+    pair ``(i, j)`` reads row ``offset(graph of i) + pos_i * n_src + pos_j``."""
+    n_src = same.sum(1)  # sources in each target's graph
+    earlier = batch_dst.unsqueeze(0) < batch_dst.unsqueeze(1)  # target i' in an earlier graph
+    offset = (earlier * n_src.unsqueeze(0)).sum(1)  # rows of earlier graphs' blocks
+    rows = offset.unsqueeze(1) + pos_dst.unsqueeze(1) * n_src.unsqueeze(1) + pos_src.unsqueeze(0)
+    rows = rows.clamp(0, max(attn_bias.size(0) - 1, 0))
+    return attn_bias[rows].permute(2, 0, 1)
 
 
 def _positions(batch: Tensor) -> Tensor:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import networkx as nx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gatattn
 from gatattn import reference
@@ -70,6 +72,16 @@ IMPLICIT = {  # name: (sizes_dst, sizes_src or None for self-attention, causal)
 def test_implicit_graphs_match_reference(route, case):
     dtype = torch.float32 if route == "triton" else torch.float64
     run, inputs, ref = _implicit_case(route, *IMPLICIT[case], dtype)
+    check_against_reference(run, inputs, ref, NAMES)
+
+
+@settings(max_examples=25)
+@given(sizes=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=6),
+       bipartite=st.booleans(), causal=st.booleans(), route=st.sampled_from(["sdpa", "sparse"]))
+def test_random_batches_match_reference(sizes, bipartite, causal, route):
+    sizes_dst = [d for d, _ in sizes]
+    sizes_src = [s for _, s in sizes] if bipartite else None
+    run, inputs, ref = _implicit_case(route, sizes_dst, sizes_src, causal, torch.float64)
     check_against_reference(run, inputs, ref, NAMES)
 
 

@@ -454,3 +454,30 @@ def test_onnx_decomposition_with_bias_against_eager(bipartite, causal):
                                  scale=0.3)
     got = decomposed(q, k, v, batch_dst, batch_src if bipartite else None, 0.3, causal, bias)
     torch.testing.assert_close(got, expected)
+
+
+# ------------------------------------------------------------------------------ host reads
+
+
+@pytest.mark.parametrize("route", ["sdpa", "triton"])
+def test_a_bias_adds_no_host_read(monkeypatch, route):
+    """With ptr: one host read per call (the graph's), as without a bias; none in the
+    backward; none at all on the fused route with validation off (the rows are then checked
+    by a device-side assertion)."""
+    from tests.test_host_syncs import count_host_reads
+
+    sizes = [10, 15, 5, 15]
+    ptr = _offsets(sizes)
+    q, k, v, bias = _inputs(45, 45, sum(n * n for n in sizes), 2, 8, torch.float32)
+    for _ in range(2):
+        with count_host_reads(monkeypatch) as reads:
+            out = gatattn.attention(q, k, v, ptr=ptr, causal=True, attn_bias=bias,
+                                    backend=route)
+        assert reads.count == 1
+    with count_host_reads(monkeypatch) as reads:
+        out.sum().backward()
+    assert reads.count == 0
+    if route == "triton":
+        with gatattn.validation(False), count_host_reads(monkeypatch) as reads:
+            gatattn.attention(q, k, v, ptr=ptr, attn_bias=bias, backend=route)
+        assert reads.count == 0

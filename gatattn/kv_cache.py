@@ -1,0 +1,286 @@
+"""A key/value cache for incremental decoding of causal graphs (a batch of growing sequences).
+
+A batch of ``B`` sequences is a batch of causal graphs. The prompts (prefill) are ordinary causal
+self-attention over each prompt. After that, each decoding step adds at most one node per
+sequence, and that node attends to every cached node of its own sequence, itself included: per
+sequence a complete bipartite graph from the ``n_b + 1`` cached keys to the one new query, given
+to :func:`gatattn.attention` as a ``(ptr_dst, ptr_src)`` pair with no causal flag. Sequences grow
+at their own lengths: a step names the sequences that are active, and the others keep their
+cache and get no query.
+
+Layout: each layer's keys and values stay packed as PyG packs nodes, ``(total, H_kv, C)`` with
+``ptr = [0, n_0, n_0 + n_1, ...]``, so the attention reads them with no padding. A step writes
+them out of place into a new buffer of ``total + active`` rows (the new rows inserted at the end
+of their sequences by ``index_copy``, at positions computed once per step from the lengths).
+That costs ``O(total * H * C)`` per layer and step, the same order as the attention's own read
+of the cache, which every step needs anyway; preallocating capacity per sequence would save the
+copy but leave gaps that every attention call would have to skip, and in-place writes would
+break autograd through earlier steps. Out of place, gradients flow through a decode step
+(training through cached decoding works and is tested).
+
+Not supported: more than one new row per sequence in a step after the prefill (chunked prefill,
+speculative decoding). Such rows must see the cache and their own earlier rows, which needs
+causal graphs aligned bottom-right, not available yet: :meth:`KVCache.start_step` adds one row
+per active sequence and :meth:`KVCache.append` refuses any other row count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from gatattn.conv import SelfAttentionConv
+from gatattn.functional import attention
+
+
+class CachedKV(NamedTuple):
+    """What a layer attends with after :meth:`KVCache.append`:
+    ``gatattn.attention(q_new, key, value, ptr=ptr, causal=causal)``."""
+
+    key: Tensor  # (total, H_kv, C): every cached key, new rows included, packed by sequence
+    value: Tensor  # (total, H_kv, C_v)
+    ptr: Tensor | tuple[Tensor, Tensor]  # prefill: ptr; decoding: (ptr_dst, ptr_src)
+    causal: bool  # True for the prefill only
+
+
+class _Step:
+    """Where one step's rows go, shared by every layer of the step (host ints and, once the
+    first layer shows the device, index tensors there)."""
+
+    def __init__(self, old_lengths: list[int], new_rows: list[int], prefill: bool):
+        self.old_lengths = old_lengths
+        self.new_rows = new_rows
+        self.lengths = [n + r for n, r in zip(old_lengths, new_rows, strict=True)]
+        self.prefill = prefill
+        self.tensors: dict[str, Tensor] | None = None
+
+    def index_tensors(self, device: torch.device) -> dict[str, Tensor]:
+        if self.tensors is None:
+            self.tensors = {name: t.to(device) for name, t in self._host_tensors().items()}
+        return self.tensors
+
+    def _host_tensors(self) -> dict[str, Tensor]:
+        old = torch.tensor(self.old_lengths, dtype=torch.long)
+        rows = torch.tensor(self.new_rows, dtype=torch.long)
+        ptr_dst, ptr_src = _offsets(rows), _offsets(old + rows)
+        # Old rows of sequence b move down by the new rows of the sequences before it; the new
+        # rows of b follow b's old rows.
+        old_positions = torch.arange(int(old.sum())) + ptr_dst[:-1].repeat_interleave(old)
+        rank_in_sequence = torch.arange(int(rows.sum())) - ptr_dst[:-1].repeat_interleave(rows)
+        new_positions = (ptr_src[:-1] + old).repeat_interleave(rows) + rank_in_sequence
+        return {"ptr_dst": ptr_dst, "ptr_src": ptr_src,
+                "old_positions": old_positions, "new_positions": new_positions}
+
+
+class KVCache:
+    """Packed keys and values of ``num_layers`` attention layers over a batch of sequences.
+
+    One step: :meth:`start_prefill` (the prompts, once) or :meth:`start_step` (one new row per
+    active sequence), then :meth:`append` for layers ``0, 1, ..., num_layers - 1`` in order,
+    each with that layer's keys and values of the step's new rows (rows ordered by sequence).
+    The lengths advance when the last layer has appended.
+
+    Args:
+        num_layers (int): Attention layers that share the cache.
+
+    Example::
+
+        cache = KVCache(num_layers=2)
+        cache.start_prefill([5, 3])              # two prompts, packed: 8 rows
+        kv = cache.append(0, k, v)               # k: (8, H, C)
+        out = gatattn.attention(q, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal)
+        ...
+        cache.start_step(active=[True, False])   # sequence 1 has finished
+        kv = cache.append(0, k_new, v_new)       # k_new: (1, H, C)
+    """
+
+    def __init__(self, num_layers: int):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.num_layers = num_layers
+        self._lengths: list[int] | None = None  # per sequence, after the last complete step
+        self._keys: list[Tensor | None] = [None] * num_layers
+        self._values: list[Tensor | None] = [None] * num_layers
+        self._step: _Step | None = None
+        self._next_layer = 0
+
+    @property
+    def lengths(self) -> list[int]:
+        """Cached rows per sequence (after the last complete step)."""
+        return list(self._lengths or [])
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._lengths or [])
+
+    @property
+    def new_positions(self) -> Tensor:
+        """Position inside its sequence of each row of the open step, ``(rows,)`` long, on the
+        CPU: what a positional encoding of the new rows needs."""
+        step = self._open_step()
+        return torch.cat([torch.arange(n, n + r) for n, r in
+                          zip(step.old_lengths, step.new_rows, strict=True)]
+                         or [torch.zeros(0, dtype=torch.long)])
+
+    def start_prefill(self, lengths: Sequence[int] | Tensor) -> None:
+        """Opens the first step: the prompts, ``lengths[b]`` rows for sequence ``b`` (``0``
+        allowed), packed in sequence order. It fixes the batch size."""
+        if self._lengths is not None:
+            raise RuntimeError("the cache already holds a prefill; use start_step for the next "
+                               "rows, or a new KVCache for new prompts")
+        lengths = _host_ints(lengths, "lengths")
+        if not lengths:
+            raise ValueError("lengths is empty: give one prompt length per sequence")
+        self._lengths = [0] * len(lengths)
+        self._open(lengths, prefill=True)
+
+    def start_step(self, active: Sequence[bool] | Tensor | None = None) -> None:
+        """Opens a decoding step: one new row for each sequence with ``active[b]`` true (all
+        when :obj:`None`); the others keep their cache and have no row in this step."""
+        if self._lengths is None:
+            raise RuntimeError("start_prefill must come first: it gives the batch its prompts")
+        if active is None:
+            rows = [1] * self.batch_size
+        else:
+            flags = _host_ints(active, "active")
+            if len(flags) != self.batch_size or any(f not in (0, 1) for f in flags):
+                raise ValueError(f"active must hold {self.batch_size} booleans (one per "
+                                 f"sequence), got {flags}")
+            rows = flags
+        self._open(rows, prefill=False)
+
+    def append(self, layer: int, key: Tensor, value: Tensor) -> CachedKV:
+        """Adds layer ``layer``'s keys and values of the open step's new rows; returns the whole
+        cache of the layer and the graph to attend with (:class:`CachedKV`)."""
+        step = self._open_step()
+        if layer != self._next_layer:
+            raise ValueError(f"append to layer {layer} out of order: layer {self._next_layer} is "
+                             f"next in this step (layers 0..{self.num_layers - 1}, once each)")
+        self._check_rows(layer, key, value, sum(step.new_rows))
+        index = step.index_tensors(key.device)
+        key = self._insert(self._keys[layer], key, step, index)
+        value = self._insert(self._values[layer], value, step, index)
+        self._keys[layer], self._values[layer] = key, value
+        self._next_layer += 1
+        if self._next_layer == self.num_layers:
+            self._lengths, self._step, self._next_layer = step.lengths, None, 0
+        if step.prefill:
+            return CachedKV(key, value, index["ptr_src"], True)
+        return CachedKV(key, value, (index["ptr_dst"], index["ptr_src"]), False)
+
+    def _open(self, rows: list[int], prefill: bool) -> None:
+        if self._step is not None:
+            raise RuntimeError(f"the open step still waits for layers {self._next_layer}.."
+                               f"{self.num_layers - 1}; append them before starting a new step")
+        if any(r < 0 for r in rows):
+            raise ValueError(f"row counts must be >= 0, got {rows}")
+        self._step = _Step(self._lengths, rows, prefill)
+
+    def _open_step(self) -> _Step:
+        if self._step is None:
+            raise RuntimeError("no open step: call start_prefill or start_step first")
+        return self._step
+
+    def _check_rows(self, layer: int, key: Tensor, value: Tensor, rows: int) -> None:
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != 3 or t.size(0) != rows:
+                raise ValueError(f"{name} must be (rows, heads, channels) with {rows} rows (the "
+                                 f"new rows of this step), got {tuple(t.shape)}")
+        if key.size(1) != value.size(1) or key.dtype != value.dtype or key.device != value.device:
+            raise ValueError(f"key and value disagree: heads {key.size(1)} vs {value.size(1)}, "
+                             f"{key.dtype} vs {value.dtype}, {key.device} vs {value.device}")
+        cached = self._keys[layer], self._values[layer]
+        for name, new, old in (("key", key, cached[0]), ("value", value, cached[1])):
+            if old is not None and (new.shape[1:] != old.shape[1:] or new.dtype != old.dtype
+                                    or new.device != old.device):
+                raise ValueError(
+                    f"layer {layer}'s new {name} rows are {tuple(new.shape[1:])} {new.dtype} on "
+                    f"{new.device} but its cache is {tuple(old.shape[1:])} {old.dtype} on "
+                    f"{old.device}; every step of a layer must match")
+
+    @staticmethod
+    def _insert(cached: Tensor | None, new: Tensor, step: _Step,
+                index: dict[str, Tensor]) -> Tensor:
+        """``cached`` with ``new``'s rows at the end of their sequences, in a new buffer."""
+        if step.prefill:  # the prompts are the whole cache
+            return new
+        total = cached.size(0) + new.size(0)
+        out = new.new_empty((total, *new.shape[1:]))
+        out = out.index_copy(0, index["old_positions"], cached)
+        return out.index_copy(0, index["new_positions"], new)
+
+
+def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,
+                          layer: int) -> Tensor:
+    """``conv``'s causal self-attention output at the open step's new rows ``x``, attending to
+    ``cache`` (layer ``layer``) instead of recomputing earlier rows.
+
+    Over a prefill and the decoding steps that follow, the outputs equal
+    ``conv(x_all, ptr=ptr, causal=True)`` on the whole sequences at the same rows.
+
+    Args:
+        conv (SelfAttentionConv): A self-attention layer (one ``in_channels``).
+        x (torch.Tensor): ``(rows, in_channels)``, the step's new rows ordered by sequence.
+        cache (KVCache): The cache, with a step open.
+        layer (int): ``conv``'s layer index in the cache.
+
+    Refused (:class:`ValueError`): edge features (``edge_dim``), attention dropout in training,
+    cross-attention layers (a pair ``in_channels``), and layers whose PyG machinery must see
+    messages (explain mode, message hooks, ``aggr`` other than ``"add"``, ``flow``
+    ``"target_to_source"``), since the cache computes only plain attention.
+    """
+    _check_conv(conv, x)
+    H, C = conv.heads, conv.out_channels
+    query = conv.lin_query(x).view(-1, H, C)
+    kv = cache.append(layer, conv.lin_key(x).view(-1, H, C), conv.lin_value(x).view(-1, H, C))
+    out = attention(query, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
+                    temperature=conv.temperature, backend=conv.backend)  # (rows, H, C)
+    out = out.reshape(-1, H * C) if conv.concat else out.mean(dim=1)
+    if conv.lin_out is not None:
+        out = conv.lin_out(out)
+    if conv.lin_skip is None:
+        return out
+    root = conv.lin_skip(x)
+    if conv.lin_beta is None:
+        return out + root
+    gate = conv.lin_beta(torch.cat([out, root, out - root], dim=-1)).sigmoid()
+    return gate * root + (1 - gate) * out
+
+
+def _check_conv(conv: SelfAttentionConv, x: Tensor) -> None:
+    if not isinstance(conv.in_channels, int):
+        raise ValueError(f"conv has in_channels={conv.in_channels} (cross-attention); the cache "
+                         "serves self-attention layers only")
+    if conv.in_channels != -1 and x.size(-1) != conv.in_channels:
+        raise ValueError(f"x has {x.size(-1)} features but conv has in_channels="
+                         f"{conv.in_channels}")
+    if conv.lin_edge is not None:
+        raise ValueError(f"conv has edge_dim={conv.edge_dim}: edge features need explicit edges, "
+                         "which a cached causal graph does not have")
+    if conv.training and conv.dropout > 0:
+        raise ValueError(f"conv is in training mode with attention dropout {conv.dropout}, which "
+                         "cached decoding does not apply; call conv.eval() or set dropout=0")
+    # MessagePassing's hook registries (PyG's own attributes): hooks would never run here.
+    hooks = (conv._propagate_forward_pre_hooks, conv._propagate_forward_hooks,
+             conv._message_forward_pre_hooks, conv._message_forward_hooks,
+             conv._aggregate_forward_pre_hooks, conv._aggregate_forward_hooks)
+    if (conv.explain or any(hooks) or conv.aggr not in ("add", "sum")
+            or conv.flow != "source_to_target"):
+        raise ValueError("conv is set up for PyG to see its messages (explain mode, hooks, "
+                         f"aggr={conv.aggr!r} or flow={conv.flow!r}); cached decoding computes "
+                         "plain attention only: use conv(x, ptr=ptr, causal=True) instead")
+
+
+def _offsets(counts: Tensor) -> Tensor:
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _host_ints(values: Sequence[int] | Tensor, name: str) -> list[int]:
+    if isinstance(values, Tensor):
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be one-dimensional, got shape {tuple(values.shape)}")
+        return [int(v) for v in values.tolist()]
+    return [int(v) for v in values]

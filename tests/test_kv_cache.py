@@ -1,0 +1,215 @@
+"""Incremental decoding with gatattn.kv_cache: a prefill and one-row steps over a cache equal
+causal attention over the whole sequences (gatattn.reference, and SelfAttentionConv run on the
+full sequences), forward and backward, with sequences growing at their own lengths."""
+
+import pytest
+import torch
+
+import gatattn
+from gatattn import SelfAttentionConv
+from gatattn.kv_cache import KVCache, cached_self_attention
+from gatattn.reference import block_mask
+
+# Prompt and final lengths per sequence: an empty prompt, a sequence that never grows, and
+# sequences that stop at different steps.
+PROMPTS = [3, 0, 5, 2, 1]
+FINALS = [7, 3, 5, 9, 2]
+
+
+def offsets(lengths):
+    return torch.tensor([0, *lengths]).cumsum(0)
+
+
+def schedule(prompts, finals):
+    """Per step, ``(active, rows)``: the active mask (None for the prefill) and the rows of the
+    packed full sequences that the step adds, in sequence order."""
+    ptr = offsets(finals).tolist()
+    yield None, torch.cat([torch.arange(ptr[b], ptr[b] + n) for b, n in enumerate(prompts)])
+    lengths = list(prompts)
+    while any(n < f for n, f in zip(lengths, finals, strict=True)):
+        active = [n < f for n, f in zip(lengths, finals, strict=True)]
+        yield active, torch.tensor([ptr[b] + lengths[b] for b in range(len(finals)) if active[b]])
+        lengths = [n + a for n, a in zip(lengths, active, strict=True)]
+
+
+def start(cache, active, prompts):
+    if active is None:
+        cache.start_prefill(prompts)
+    else:
+        cache.start_step(active)
+
+
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "sparse"])
+def test_cached_attention_equals_causal_attention(backend):
+    torch.manual_seed(0)
+    H, C = 2, 5
+    n = sum(FINALS)
+    q, k, v = (torch.randn(n, H, C, dtype=torch.float64) for _ in range(3))
+    ref = gatattn.reference.attention(q, k, v, block_mask(FINALS, causal=True))
+    cache, ptr = KVCache(num_layers=1), offsets(FINALS).tolist()
+    checked = 0
+    for active, rows in schedule(PROMPTS, FINALS):
+        start(cache, active, PROMPTS)
+        positions = cache.new_positions
+        kv = cache.append(0, k[rows], v[rows])
+        lengths = cache.lengths
+        cached_rows = torch.cat([torch.arange(ptr[b], ptr[b] + m) for b, m in enumerate(lengths)])
+        assert torch.equal(kv.key, k[cached_rows]) and torch.equal(kv.value, v[cached_rows])
+        sequence = torch.bucketize(rows, torch.tensor(ptr[1:]), right=True)
+        assert torch.equal(positions, rows - torch.tensor(ptr)[sequence])
+        out = gatattn.attention(q[rows], kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
+                                backend=backend)
+        err = (out - ref[rows]).abs().max().item() if rows.numel() else 0.0
+        print(f"step rows {rows.tolist()}: max error {err:.2e}")
+        torch.testing.assert_close(out, ref[rows], rtol=0, atol=1e-10)
+        checked += rows.numel()
+    assert checked == n and cache.lengths == FINALS
+
+
+def stacked(configs, dim=6):
+    torch.manual_seed(1)
+    return [SelfAttentionConv(dim, dim // c["heads"] if c.get("concat", True) else dim,
+                              **c).double().eval() for c in configs]
+
+
+def full_model(convs, x, ptr):
+    h = x
+    for conv in convs:
+        h = torch.tanh(conv(h, ptr=ptr, causal=True)) + h
+    return h
+
+
+def decoded_model(convs, x, prompts, finals):
+    """Runs ``full_model``'s layers step by step over a cache; returns the outputs of every
+    step's rows, in the order of the packed full sequences."""
+    cache = KVCache(num_layers=len(convs))
+    out = torch.empty(x.size(0), x.size(1), dtype=x.dtype)
+    for active, rows in schedule(prompts, finals):
+        start(cache, active, prompts)
+        h = x[rows]
+        for layer, conv in enumerate(convs):
+            h = torch.tanh(cached_self_attention(conv, h, cache, layer)) + h
+        out = out.index_copy(0, rows, h)
+    return out
+
+
+CONFIGS = {
+    "concat+out_proj": [dict(heads=2, root_weight=False, out_proj=True)] * 2,
+    "mean+beta": [dict(heads=3, concat=False, beta=True), dict(heads=2, temperature=0.5)],
+    "no-bias+skip": [dict(heads=1, bias=False), dict(heads=3, out_proj=True, beta=True)],
+}
+
+
+@pytest.mark.parametrize("configs", CONFIGS.values(), ids=CONFIGS.keys())
+def test_decoding_equals_full_conv(configs):
+    convs = stacked(configs)
+    x = torch.randn(sum(FINALS), 6, dtype=torch.float64)
+    with torch.no_grad():
+        expected = full_model(convs, x, offsets(FINALS))
+        out = decoded_model(convs, x, PROMPTS, FINALS)
+    print(f"max error {(out - expected).abs().max().item():.2e}")
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_gradient_through_decode_steps():
+    convs = stacked(CONFIGS["mean+beta"])
+    x = torch.randn(sum(FINALS), 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(sum(FINALS), 6, dtype=torch.float64)
+    params = [x, *(p for conv in convs for p in conv.parameters())]
+    full = torch.autograd.grad((full_model(convs, x, offsets(FINALS)) * weight).sum(), params)
+    decoded = torch.autograd.grad((decoded_model(convs, x, PROMPTS, FINALS) * weight).sum(),
+                                  params)
+    for g_full, g_dec in zip(full, decoded, strict=True):
+        torch.testing.assert_close(g_dec, g_full, rtol=0, atol=1e-10)
+
+
+def test_cache_layout_and_lengths():
+    cache = KVCache(num_layers=2)
+    cache.start_prefill(torch.tensor([2, 0, 1]))
+    assert cache.new_positions.tolist() == [0, 1, 0]
+    for layer in range(2):
+        kv = cache.append(layer, torch.full((3, 1, 1), 1.0), torch.zeros(3, 1, 2))
+        assert kv.causal and kv.ptr.tolist() == [0, 2, 2, 3]
+    assert cache.lengths == [2, 0, 1]
+    cache.start_step([False, True, True])
+    assert cache.new_positions.tolist() == [0, 1]
+    kv = cache.append(0, torch.tensor([[[2.0]], [[3.0]]]), torch.zeros(2, 1, 2))
+    assert not kv.causal
+    assert [p.tolist() for p in kv.ptr] == [[0, 0, 1, 2], [0, 2, 3, 5]]
+    assert kv.key.flatten().tolist() == [1.0, 1.0, 2.0, 1.0, 3.0]
+    assert cache.lengths == [2, 0, 1], "lengths advance after the last layer"
+    cache.append(1, torch.zeros(2, 1, 1), torch.zeros(2, 1, 2))
+    assert cache.lengths == [2, 1, 2]
+
+
+def prefilled(num_layers=2, rows=3):
+    cache = KVCache(num_layers=num_layers)
+    cache.start_prefill([rows])
+    for layer in range(num_layers):
+        cache.append(layer, torch.zeros(rows, 2, 4), torch.zeros(rows, 2, 4))
+    cache.start_step()
+    return cache
+
+
+BAD_APPENDS = {
+    "rows": (lambda c: c.append(0, torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)), "with 1 rows"),
+    "value rows": (lambda c: c.append(0, torch.zeros(1, 2, 4), torch.zeros(3, 2, 4)),
+                   "value must be"),
+    "heads": (lambda c: c.append(0, torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)), "must match"),
+    "key vs value heads": (lambda c: c.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 1, 4)),
+                           "disagree"),
+    "dtype": (lambda c: c.append(0, torch.zeros(1, 2, 4, dtype=torch.float64),
+                                 torch.zeros(1, 2, 4, dtype=torch.float64)), "float64"),
+    "device": (lambda c: c.append(0, torch.zeros(1, 2, 4, device="meta"),
+                                  torch.zeros(1, 2, 4, device="meta")), "meta"),
+    "layer order": (lambda c: c.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                    "out of order: layer 0 is next"),
+    "step open": (lambda c: c.start_step(), "still waits for layers 0..1"),
+    "active length": (lambda c: (c.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                                 c.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                                 c.start_step([True, False])), "1 booleans"),
+    "prefill twice": (lambda c: c.start_prefill([1]), "already holds a prefill"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_APPENDS.values(), ids=BAD_APPENDS.keys())
+def test_bad_cache_use_is_refused(case):
+    action, message = case
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        action(prefilled())
+
+
+def test_step_before_prefill_and_append_without_step_are_refused():
+    with pytest.raises(RuntimeError, match="start_prefill must come first"):
+        KVCache(1).start_step()
+    with pytest.raises(RuntimeError, match="no open step"):
+        KVCache(1).append(0, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+    with pytest.raises(ValueError, match="num_layers must be >= 1"):
+        KVCache(0)
+
+
+BAD_CONVS = {
+    "edge_dim": (lambda: SelfAttentionConv(4, 4, edge_dim=2), "edge_dim=2"),
+    "dropout in training": (lambda: SelfAttentionConv(4, 4, dropout=0.5).train(),
+                            "attention dropout 0.5"),
+    "cross-attention": (lambda: SelfAttentionConv((4, 4), 4), "cross-attention"),
+    "aggr": (lambda: SelfAttentionConv(4, 4, aggr="mean"), "aggr='mean'"),
+    "flow": (lambda: SelfAttentionConv(4, 4, flow="target_to_source"), "target_to_source"),
+    "hook": (lambda: _hooked(SelfAttentionConv(4, 4)), "hooks"),
+}
+
+
+def _hooked(conv):
+    conv.register_message_forward_hook(lambda module, inputs, output: output)
+    return conv
+
+
+@pytest.mark.parametrize("case", BAD_CONVS.values(), ids=BAD_CONVS.keys())
+def test_unsupported_convs_are_refused(case):
+    make, message = case
+    cache = KVCache(1)
+    cache.start_prefill([2])
+    with pytest.raises(ValueError, match=message):
+        cached_self_attention(make(), torch.randn(2, 4), cache, 0)
+    with pytest.raises(ValueError, match="5 features"):
+        cached_self_attention(SelfAttentionConv(4, 4), torch.randn(2, 5), cache, 0)

@@ -93,11 +93,12 @@ def test_awkward_sizes_match_reference(route):
     check_against_reference(run, inputs, ref, NAMES)
 
 
-@pytest.mark.parametrize("route", ["sdpa", "triton"])
-def test_half_precision_under_the_tolerance_rule(route):
-    """float16 against the reference's own float16 error (bf16 tl.dot is broken in Triton's
-    interpreter, so fp16 stands for half precision here)."""
-    run, inputs, ref = _implicit_case(route, [9, 4, 17], None, True, torch.float16)
+@pytest.mark.parametrize("route,dtype", [("sdpa", torch.float16), ("sdpa", torch.bfloat16),
+                                         ("sparse", torch.bfloat16), ("triton", torch.float16)])
+def test_half_precision_under_the_tolerance_rule(route, dtype):
+    """Half precision against the reference's own error in that dtype (bf16 tl.dot is broken
+    in Triton's interpreter, so the kernels are checked in fp16 here)."""
+    run, inputs, ref = _implicit_case(route, [9, 4, 17], None, True, dtype)
     check_against_reference(run, inputs, ref, NAMES)
 
 
@@ -182,6 +183,11 @@ def _edge_reference(q, k, v, bias, edge_index, kept, compute_dtype):
 def test_explicit_edges_match_reference(route, causal):
     dtype = torch.float32 if route == "triton" else torch.float64
     check_against_reference(*_edges_case(route, causal, dtype), NAMES)
+
+
+@pytest.mark.parametrize("route", ["sparse", "triton"])
+def test_explicit_edges_in_half_precision(route):
+    check_against_reference(*_edges_case(route, False, torch.float16), NAMES)
 
 
 def test_auto_with_a_bias_skips_the_race(monkeypatch):

@@ -5,9 +5,10 @@ the route itself; ``gatattn.SelfAttentionConv`` is the PyG layer; ``gatattn.refe
 plain statement of the math that every route is tested against.
 """
 
-from gatattn import reference
+from gatattn import bias, reference
 from gatattn.backends.ops import ONNX_DECOMPOSITIONS
 from gatattn.backends.routing import RouteRejectedWarning, route_choices
+from gatattn.bias import SpatialEncoding, stacked_from_padded, stacked_to_dense
 from gatattn.conv import SelfAttentionConv
 from gatattn.convert import (
     attention_to_networkx,
@@ -47,8 +48,10 @@ __all__ = [
     "MultiheadAttentionMaskError",
     "RouteRejectedWarning",
     "SelfAttentionConv",
+    "SpatialEncoding",
     "attention",
     "attention_to_networkx",
+    "bias",
     "build_graph",
     "edge_index_to_mask",
     "graph_positional_encoding",
@@ -60,6 +63,8 @@ __all__ = [
     "sequences_to_graph",
     "set_validation",
     "sinusoidal_encoding",
+    "stacked_from_padded",
+    "stacked_to_dense",
     "validation",
     "validation_enabled",
 ]

@@ -157,7 +157,7 @@ def masked_positions(mask: Tensor, name: str = "key_padding_mask") -> Tensor:
     bias = mask[~masked & (mask != 0)]
     if bias.numel():
         raise ValueError(
-            f"{name} holds {bias[0].item()}: float masks may hold only 0 (attend) and -inf "
-            "(masked); an additive attention bias is not supported yet. Give a bool mask "
-            "(True = masked) or a 0/-inf float mask")
+            f"{name} holds {bias[0].item()}: a float {name} may hold only 0 (attend) and "
+            "-inf (masked). Give a bool mask (True = masked); an additive bias goes in attn_mask "
+            "(MultiheadAttention) or attn_bias (gatattn.attention)")
     return masked

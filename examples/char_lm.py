@@ -6,14 +6,22 @@ the cats see runs", "runs" agrees with "dog", words away. Each training window o
 one causal graph (node i attends to nodes j <= i); a batch of windows is a batch of graphs
 given by ``ptr``. Both models see the same windows for the same number of steps.
 
+Generation then continues a batch of prompts of different lengths, greedily, each sequence
+stopping at its own length: once rerunning the model on every whole prefix at each step, once
+with a key/value cache (``gatattn.kv_cache``) so each step attends one new token per sequence to
+the cached keys and values. Both must give the same text; the script reports tokens/s of each.
+
 Run: python examples/char_lm.py [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import random
+import statistics
+import time
 
 import matplotlib
 
@@ -27,6 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 import gatattn  # noqa: E402
 from gatattn import SelfAttentionConv  # noqa: E402
+from gatattn.kv_cache import KVCache, cached_self_attention  # noqa: E402
 
 NOUNS = {"sg": ["dog", "cat", "bird", "child", "robot"],
          "pl": ["dogs", "cats", "birds", "children", "robots"]}
@@ -70,12 +79,31 @@ class CausalTransformer(nn.Module):
         self.out = nn.Linear(dim, vocab)
 
     def forward(self, tokens):  # (B, L) -> (B, L, vocab)
-        h = self.embed(tokens) + self.positions[: tokens.size(1)]  # (B, L, D)
-        h, ptr = gatattn.sequences_to_graph(h)  # (B * L, D): one causal graph per window
+        lengths = [tokens.size(1)] * tokens.size(0)
+        return self.forward_packed(tokens.flatten(), lengths).view(*tokens.shape, -1)
+
+    def forward_packed(self, tokens, lengths):  # (sum L_b,) -> (sum L_b, vocab)
+        """Sequences of their own lengths, packed: one causal graph each, no padding."""
+        ptr = torch.tensor([0, *lengths]).cumsum(0)
+        h = self.embed_tokens(tokens, torch.cat([torch.arange(n) for n in lengths]))
         for i, (attn, ff) in enumerate(zip(self.attn, self.ff, strict=True)):
             h = h + attn(self.norms[2 * i](h), ptr=ptr, causal=True)
             h = h + ff(self.norms[2 * i + 1](h))
-        return self.out(self.norms[-1](h)).view(*tokens.shape, -1)
+        return self.out(self.norms[-1](h))
+
+    def forward_cached(self, tokens, cache: KVCache):  # (new rows,) -> (new rows, vocab)
+        """The open step's new tokens (rows ordered by sequence), attending to ``cache``."""
+        h = self.embed_tokens(tokens, cache.new_positions)
+        for i, (attn, ff) in enumerate(zip(self.attn, self.ff, strict=True)):
+            h = h + cached_self_attention(attn, self.norms[2 * i](h), cache, i)
+            h = h + ff(self.norms[2 * i + 1](h))
+        return self.out(self.norms[-1](h))
+
+    def embed_tokens(self, tokens, positions):  # (N,), (N,) -> (N, D)
+        if positions.numel() and int(positions.max()) >= len(self.positions):
+            raise ValueError(f"position {int(positions.max())} is beyond the context of "
+                             f"{len(self.positions)} the model was built for")
+        return self.embed(tokens) + self.positions[positions]
 
 
 class GRUModel(nn.Module):
@@ -135,6 +163,77 @@ def sample(model, stoi, itos, prompt: str, length: int, context: int, seed: int)
     return "".join(itos[t] for t in tokens)
 
 
+def generate(model, stoi, itos, prompts, length: int, full_stops: int | None, use_cache: bool):
+    """Greedy continuations of ``prompts``, each stopping at ``length`` characters or at its
+    ``full_stops``-th full stop, so sequences grow to their own lengths. Returns the texts, the
+    seconds spent and the number of tokens generated."""
+    sequences = [[stoi[c] for c in prompt] for prompt in prompts]
+    active = list(range(len(prompts)))
+
+    def finished(b):
+        new = sequences[b][len(prompts[b]):]
+        return len(sequences[b]) >= length or (full_stops and new.count(stoi["."]) >= full_stops)
+
+    model.eval()
+    with torch.no_grad():
+        start = time.perf_counter()
+        cache = KVCache(len(model.attn)) if use_cache else None
+        logits = next_token_logits(model, sequences, active, cache)
+        while active:
+            for row, b in enumerate(active):
+                sequences[b].append(int(logits[row].argmax()))
+            active = [b for b in active if not finished(b)]
+            if active:
+                logits = next_token_logits(model, sequences, active, cache)
+        seconds = time.perf_counter() - start
+    new_tokens = sum(len(s) - len(p) for s, p in zip(sequences, prompts, strict=True))
+    return ["".join(itos[t] for t in s) for s in sequences], seconds, new_tokens
+
+
+def next_token_logits(model, sequences, active, cache):
+    """Logits of the next token of each active sequence: from the cache (prefill first), or by
+    rerunning the model on each whole active sequence."""
+    if cache is None:
+        lengths = [len(sequences[b]) for b in active]
+        tokens = torch.tensor([t for b in active for t in sequences[b]])
+        return model.forward_packed(tokens, lengths)[torch.tensor(lengths).cumsum(0) - 1]
+    if not cache.lengths:
+        lengths = [len(s) for s in sequences]
+        cache.start_prefill(lengths)
+        tokens = torch.tensor([t for s in sequences for t in s])
+        return model.forward_cached(tokens, cache)[torch.tensor(lengths).cumsum(0) - 1]
+    is_active = set(active)
+    cache.start_step([b in is_active for b in range(len(sequences))])
+    return model.forward_cached(torch.tensor([sequences[b][-1] for b in active]), cache)
+
+
+PROMPTS = ["the ", "the dog ", "the cats that ", "the robots that the ", "t", "the bird that ",
+           "the cat sleeps. the ", "the children "]  # shorter than the smoke run's context
+
+
+def compare_generation(model, stoi, itos, length: int, full_stops: int | None, reps: int):
+    """Cached and uncached generation of :data:`PROMPTS`: the same texts in every run (asserted)
+    and the median tokens/s of each over ``reps`` alternating runs."""
+    texts, speeds = {}, {False: [], True: []}
+    for _ in range(reps):
+        for use_cache in (False, True):
+            texts[use_cache], seconds, new_tokens = generate(model, stoi, itos, PROMPTS, length,
+                                                             full_stops, use_cache)
+            speeds[use_cache].append(new_tokens / seconds)
+        assert texts[True] == texts[False], (
+            f"cached generation differs from rerunning the model:\n{texts[True]}\n"
+            f"{texts[False]}")
+    return texts[True], new_tokens, [statistics.median(speeds[c]) for c in (False, True)]
+
+
+def with_context(model: CausalTransformer, context: int) -> CausalTransformer:
+    """``model`` with sinusoidal positions up to ``context``: past its training context its text
+    means nothing, but each token costs what it costs the model."""
+    longer = copy.deepcopy(model)
+    longer.positions = gatattn.sinusoidal_encoding(torch.arange(context), model.positions.size(1))
+    return longer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few steps")
@@ -176,7 +275,24 @@ def main() -> None:
     for name, model in models.items():
         print(f"\n{name} sample: {sample(model, stoi, itos, 'the ', 120, context, 0)!r}")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    model = models["causal attention (gatattn)"]
+    long_context = 4 * context
+    texts, _, speed = compare_generation(model, stoi, itos, context, 2, 1 if args.smoke else 5)
+    _, long_tokens, long_speed = compare_generation(with_context(model, long_context), stoi, itos,
+                                                    long_context, None, 1 if args.smoke else 3)
+    print(f"\nGreedy generation from {len(PROMPTS)} prompts, each until its second full stop or "
+          f"{context} characters (the same text with and without the KV cache, checked):")
+    for text in texts:
+        print(f"  {len(text):2d} chars: {text!r}")
+    print("| generation | tokens | tokens/s, rerunning the model | tokens/s, KV cache | ratio |")
+    print("|---|---|---|---|---|")
+    rows = [(f"to full stops, context {context}", sum(map(len, texts)) - sum(map(len, PROMPTS)),
+             speed),
+            (f"to {long_context} chars (past the training context)", long_tokens, long_speed)]
+    for name, tokens, (plain, cached) in rows:
+        print(f"| {name} | {tokens} | {plain:,.0f} | {cached:,.0f} | {cached / plain:.1f}x |")
+
+    fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(10, 4), width_ratios=(3, 2))
     for name, curve in curves.items():
         smooth = torch.tensor(curve).unfold(0, min(20, steps), 1).mean(1)
         ax.plot(range(len(smooth)), smooth, label=name)
@@ -184,6 +300,14 @@ def main() -> None:
            title="Character LM on grammar text")
     ax.legend()
     ax.grid(alpha=0.3)
+    for offset, (label, column) in enumerate((("rerunning the model", 0), ("KV cache", 1))):
+        ax_speed.bar([i + 0.4 * offset for i in range(len(rows))], [r[2][column] for r in rows],
+                     width=0.4, label=label)
+    ax_speed.set_xticks([i + 0.2 for i in range(len(rows))],
+                        [f"context {context}", f"context {long_context}"])
+    ax_speed.set(ylabel="generated tokens / s (median)",
+                 title=f"Greedy generation, {len(PROMPTS)} prompts")
+    ax_speed.legend()
     fig.tight_layout()
     path = _smoke.output_path("char_lm.png", args.smoke)
     _smoke.savefig(fig, path)

@@ -58,8 +58,12 @@ class _Step:
         self.tensors: dict[str, Tensor] | None = None
 
     def index_tensors(self, device: torch.device) -> dict[str, Tensor]:
+        """``ptr_dst``, ``ptr_src`` and the buffer rows that old and new rows go to."""
         if self.tensors is None:
             self.tensors = {name: t.to(device) for name, t in self._host_tensors().items()}
+        if self.tensors["ptr_src"].device != device:
+            raise ValueError(f"this step's first layer was on {self.tensors['ptr_src'].device}, "
+                             f"this one is on {device}: keep every layer's cache on one device")
         return self.tensors
 
     def _host_tensors(self) -> dict[str, Tensor]:
@@ -68,11 +72,10 @@ class _Step:
         ptr_dst, ptr_src = _offsets(rows), _offsets(old + rows)
         # Old rows of sequence b move down by the new rows of the sequences before it; the new
         # rows of b follow b's old rows.
-        old_positions = torch.arange(int(old.sum())) + ptr_dst[:-1].repeat_interleave(old)
+        old_to = torch.arange(int(old.sum())) + ptr_dst[:-1].repeat_interleave(old)
         rank_in_sequence = torch.arange(int(rows.sum())) - ptr_dst[:-1].repeat_interleave(rows)
-        new_positions = (ptr_src[:-1] + old).repeat_interleave(rows) + rank_in_sequence
-        return {"ptr_dst": ptr_dst, "ptr_src": ptr_src,
-                "old_positions": old_positions, "new_positions": new_positions}
+        new_to = (ptr_src[:-1] + old).repeat_interleave(rows) + rank_in_sequence
+        return {"ptr_dst": ptr_dst, "ptr_src": ptr_src, "old_to": old_to, "new_to": new_to}
 
 
 class KVCache:
@@ -209,8 +212,8 @@ class KVCache:
             return new
         total = cached.size(0) + new.size(0)
         out = new.new_empty((total, *new.shape[1:]))
-        out = out.index_copy(0, index["old_positions"], cached)
-        return out.index_copy(0, index["new_positions"], new)
+        out = out.index_copy(0, index["old_to"], cached)
+        return out.index_copy(0, index["new_to"], new)
 
 
 def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,

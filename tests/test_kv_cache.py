@@ -188,6 +188,14 @@ def test_step_before_prefill_and_append_without_step_are_refused():
         KVCache(0)
 
 
+def test_layers_of_a_step_share_a_device():
+    cache = KVCache(num_layers=2)
+    cache.start_prefill([1])
+    cache.append(0, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1))
+    with pytest.raises(ValueError, match="on one device"):
+        cache.append(1, torch.zeros(1, 1, 1, device="meta"), torch.zeros(1, 1, 1, device="meta"))
+
+
 BAD_CONVS = {
     "edge_dim": (lambda: SelfAttentionConv(4, 4, edge_dim=2), "edge_dim=2"),
     "dropout in training": (lambda: SelfAttentionConv(4, 4, dropout=0.5).train(),

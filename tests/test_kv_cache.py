@@ -39,17 +39,27 @@ def start(cache, active, prompts):
         cache.start_step(active)
 
 
-@pytest.mark.parametrize("backend", ["auto", "sdpa", "sparse"])
-def test_cached_attention_equals_causal_attention(backend):
+def random_lengths(seed, batch=6):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, 7, (batch,), generator=gen)
+    return prompts.tolist(), (prompts + torch.randint(0, 7, (batch,), generator=gen)).tolist()
+
+
+CASES = [("auto", PROMPTS, FINALS), ("sdpa", PROMPTS, FINALS), ("sparse", PROMPTS, FINALS),
+         ("auto", *random_lengths(0)), ("auto", *random_lengths(1))]
+
+
+@pytest.mark.parametrize("backend,prompts,finals", CASES)
+def test_cached_attention_equals_causal_attention(backend, prompts, finals):
     torch.manual_seed(0)
     H, C = 2, 5
-    n = sum(FINALS)
+    n = sum(finals)
     q, k, v = (torch.randn(n, H, C, dtype=torch.float64) for _ in range(3))
-    ref = gatattn.reference.attention(q, k, v, block_mask(FINALS, causal=True))
-    cache, ptr = KVCache(num_layers=1), offsets(FINALS).tolist()
+    ref = gatattn.reference.attention(q, k, v, block_mask(finals, causal=True))
+    cache, ptr = KVCache(num_layers=1), offsets(finals).tolist()
     checked = 0
-    for active, rows in schedule(PROMPTS, FINALS):
-        start(cache, active, PROMPTS)
+    for active, rows in schedule(prompts, finals):
+        start(cache, active, prompts)
         positions = cache.new_positions
         kv = cache.append(0, k[rows], v[rows])
         lengths = cache.lengths
@@ -63,7 +73,7 @@ def test_cached_attention_equals_causal_attention(backend):
         print(f"step rows {rows.tolist()}: max error {err:.2e}")
         torch.testing.assert_close(out, ref[rows], rtol=0, atol=1e-10)
         checked += rows.numel()
-    assert checked == n and cache.lengths == FINALS
+    assert checked == n and cache.lengths == finals
 
 
 def stacked(configs, dim=6):

@@ -2,9 +2,9 @@
 
 The test suite's equivalence checks, as a tool for any machine and device: each available route
 (``sdpa``, ``sparse``, ``triton``) runs each graph kind (complete, batched with awkward sizes,
-causal, bipartite, an edge set with duplicates and isolated targets) in each dtype it computes
-in, forward and the gradients of ``q``, ``k`` and ``v``, and is compared with the reference in
-float64 under the project's tolerance rule:
+causal, bipartite, an edge set with duplicates and isolated targets; three of them with an
+``attn_bias``) in each dtype it computes in, forward and the gradients of ``q``, ``k``, ``v`` (and
+of the bias), and is compared with the reference in float64 under the project's tolerance rule:
 
     |out - ref_hi| <= 2 |ref_lo - ref_hi| + floor
 
@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ from gatattn.tolerance import LOW_PRECISION, compare
 
 ROUTES = ("sdpa", "sparse", "triton")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-QUANTITIES = ("out", "dq", "dk", "dv")
+QUANTITIES = ("out", "dq", "dk", "dv", "dbias")  # dbias: cases with an attn_bias only
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,10 @@ class Case:
     num_src: int
     graph: dict = field(default_factory=dict)
     mask: Tensor | None = None
+    #: With an ``attn_bias``: its ``(rows, H)`` layout's row count, and the map (differentiable)
+    #: from that layout to the reference's dense ``(N_dst, N_src, H)`` bias.
+    bias_rows: int | None = None
+    dense_bias: Callable[[Tensor], Tensor] | None = None
 
     @property
     def implicit(self) -> bool:
@@ -100,6 +104,11 @@ def cases() -> list[Case]:
         _implicit("bipartite, 3x6 and 8x2 per graph", [3, 8], [6, 2]),
         _implicit("bipartite causal, 9x4 and 2x7 per graph", [9, 2], [4, 7], causal=True),
         _edges("edge set, duplicates, self loops, isolated targets", 20, 16, 70),
+        _with_bias(_implicit("attn_bias, causal, ptr, sequences of 5, 17, 1", [5, 17, 1],
+                             [5, 17, 1], causal=True)),
+        _with_bias(_implicit("attn_bias, bipartite, 3x6 and 8x2 per graph", [3, 8], [6, 2])),
+        _with_bias(_edges("attn_bias, edge set, self loops, isolated targets", 20, 16, 70,
+                          duplicates=False)),
     ]
 
 
@@ -120,30 +129,36 @@ def _applies(route: str, case: Case, dtype: torch.dtype, device: torch.device) -
 
 def _check(route: str, case: Case, dtype: torch.dtype, device: torch.device, heads: int,
            channels: int, seed: int) -> list[Row]:
-    q, k, v = _inputs(case, heads, channels, seed)
+    inputs = _inputs(case, heads, channels, seed)  # q, k, v and, if the case has one, the bias
     grad_out = torch.randn(case.num_dst, heads, channels,
                            generator=torch.Generator().manual_seed(seed + 1))
-    ref_hi = _forward_and_grads(
-        lambda q, k, v: reference.attention(q, k, v, case.mask, compute_dtype=torch.float64),
-        _cast((q, k, v), torch.float64, "cpu"), grad_out.double())
+
+    def ref(compute_dtype):
+        def fn(q, k, v, *bias):
+            dense = case.dense_bias(bias[0]) if bias else None
+            return reference.attention(q, k, v, case.mask, bias=dense,
+                                       compute_dtype=compute_dtype)
+        return fn
+
+    ref_hi = _forward_and_grads(ref(torch.float64), _cast(inputs, torch.float64, "cpu"),
+                                grad_out.double())
     ref_lo = None
     if dtype in LOW_PRECISION:
-        ref_lo = _forward_and_grads(
-            lambda q, k, v: reference.attention(q, k, v, case.mask, compute_dtype=None),
-            _cast((q, k, v), dtype, "cpu"), grad_out.to(dtype))
+        ref_lo = _forward_and_grads(ref(None), _cast(inputs, dtype, "cpu"), grad_out.to(dtype))
     graph = {key: value.to(device) if isinstance(value, Tensor) else value
              for key, value in case.graph.items()}
     try:
         got = _forward_and_grads(
-            lambda q, k, v: attention(q, k, v, backend=route, **graph),
-            _cast((q, k, v), dtype, device), grad_out.to(device, dtype))
+            lambda q, k, v, *bias: attention(q, k, v, backend=route,
+                                             attn_bias=bias[0] if bias else None, **graph),
+            _cast(inputs, dtype, device), grad_out.to(device, dtype))
     except Exception as error:  # a route that raises on a supported case fails the check
         note = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         return [Row(route, case.name, _name(dtype), "run", float("nan"), float("nan"), False,
                     note)]
     return [_compare(route, case.name, dtype, quantity, g, hi, None if ref_lo is None else lo)
-            for quantity, g, hi, lo in zip(QUANTITIES, got, ref_hi, ref_lo or ref_hi,
-                                           strict=True)]
+            for quantity, g, hi, lo in zip(QUANTITIES[:len(got)], got, ref_hi,
+                                           ref_lo or ref_hi, strict=True)]
 
 
 def _compare(route, case, dtype, quantity, got: Tensor, ref_hi: Tensor,
@@ -161,11 +176,14 @@ def _forward_and_grads(fn: Callable[..., Tensor], inputs, grad_out: Tensor) -> l
                    for t, g in zip(inputs, grads, strict=True))]
 
 
-def _inputs(case: Case, heads: int, channels: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+def _inputs(case: Case, heads: int, channels: int, seed: int) -> tuple[Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(case.num_dst, heads, channels, generator=gen),
-            torch.randn(case.num_src, heads, channels, generator=gen),
-            torch.randn(case.num_src, heads, channels, generator=gen))
+    qkv = (torch.randn(case.num_dst, heads, channels, generator=gen),
+           torch.randn(case.num_src, heads, channels, generator=gen),
+           torch.randn(case.num_src, heads, channels, generator=gen))
+    if case.bias_rows is None:
+        return qkv
+    return (*qkv, torch.randn(case.bias_rows, heads, generator=gen))
 
 
 def _cast(tensors, dtype: torch.dtype, device) -> tuple[Tensor, ...]:
@@ -205,14 +223,49 @@ def _positions(batch: Tensor) -> Tensor:
     return torch.tensor(positions, dtype=torch.long)
 
 
-def _edges(name: str, num_dst: int, num_src: int, num_edges: int) -> Case:
+def _edges(name: str, num_dst: int, num_src: int, num_edges: int, *,
+           duplicates: bool = True) -> Case:
     gen = torch.Generator().manual_seed(3)
     src = torch.randint(0, num_src, (num_edges,), generator=gen)
     dst = torch.randint(0, num_dst - 3, (num_edges,), generator=gen)  # the last 3: no in-edge
     edge_index = torch.cat([torch.stack([src, dst]), _self_loops(min(num_dst, num_src))], 1)
-    edge_index = torch.cat([edge_index, edge_index[:, :5]], 1)  # duplicates
+    if duplicates:
+        edge_index = torch.cat([edge_index, edge_index[:, :5]], 1)
+    else:  # one bias per pair: the dense reference bias cannot hold two
+        edge_index = torch.unique(edge_index, dim=1)
     mask = reference.edge_counts(edge_index, num_dst, num_src)
     return Case(name, num_dst, num_src, {"edge_index": edge_index}, mask)
+
+
+def _with_bias(case: Case) -> Case:
+    """``case`` with an ``attn_bias``: per edge, or each graph's ``n_dst x n_src`` block
+    target-major, graphs stacked in order (the graphs' nodes are contiguous, given by ``ptr``)."""
+    if not case.implicit:
+        src, dst = case.graph["edge_index"]
+
+        def from_edges(bias: Tensor) -> Tensor:
+            dense = bias.new_zeros(case.num_dst, case.num_src, bias.size(1))
+            return dense.index_put((dst, src), bias)
+        return replace(case, bias_rows=src.numel(), dense_bias=from_edges)
+    ptr = case.graph["ptr"]
+    ptr_dst, ptr_src = ptr if isinstance(ptr, tuple) else (ptr, ptr)
+    blocks = list(zip(ptr_dst[:-1].tolist(), ptr_dst.diff().tolist(), ptr_src[:-1].tolist(),
+                      ptr_src.diff().tolist(), strict=True))
+
+    def from_blocks(bias: Tensor) -> Tensor:
+        dense, row = bias.new_zeros(case.num_dst, case.num_src, bias.size(1)), 0
+        for start_dst, n_dst, start_src, n_src in blocks:
+            block = bias[row:row + n_dst * n_src].reshape(n_dst, n_src, -1)
+            dense = dense.index_put(_block_indices(start_dst, n_dst, start_src, n_src), block)
+            row += n_dst * n_src
+        return dense
+    return replace(case, bias_rows=sum(d * s for _, d, _, s in blocks), dense_bias=from_blocks)
+
+
+def _block_indices(start_dst: int, n_dst: int, start_src: int, n_src: int):
+    rows = torch.arange(start_dst, start_dst + n_dst)[:, None].expand(n_dst, n_src)
+    cols = torch.arange(start_src, start_src + n_src)[None, :].expand(n_dst, n_src)
+    return rows, cols
 
 
 def _self_loops(n: int) -> Tensor:
@@ -235,7 +288,7 @@ def table(rows: list[Row]) -> str:
         if "run" in by_quantity:
             cells = [by_quantity["run"].note] + [""] * (len(QUANTITIES) - 1)
         else:
-            cells = [_cell(by_quantity[q]) for q in QUANTITIES]
+            cells = [_cell(by_quantity[q]) if q in by_quantity else "-" for q in QUANTITIES]
         verdict = "pass" if all(r.passed for r in by_quantity.values()) else "**FAIL**"
         lines.append(f"| {route} | {case} | {dtype} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from torch_geometric.typing import Adj
 from torch_geometric.utils import softmax
 
 from gatattn.adjacency import read_adjacency
+from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.functional import attention, logit_multiplier
 from gatattn.graph import AttentionGraph, build_graph
@@ -72,6 +73,11 @@ class SelfAttentionConv(MessagePassing):
             are merged, as in ``nn.MultiheadAttention``; keyword only. (default: :obj:`False`)
         backend (str, optional): Route override passed to :func:`gatattn.attention`, for tests
             and benchmarks; keyword only. (default: :obj:`"auto"`)
+        kv_heads (int, optional): Key and value heads, a divisor of :obj:`heads`
+            (grouped-query attention: query head :math:`h` reads kv head
+            :math:`\lfloor h / (H / H_{kv}) \rfloor`); the key and value projections output
+            ``kv_heads * out_channels``. :obj:`None` means :obj:`heads`; keyword only.
+            (default: :obj:`None`)
         **kwargs (optional): Additional arguments of
             :class:`torch_geometric.nn.conv.MessagePassing` (``aggr``, ``flow``, ...).
 
@@ -112,6 +118,7 @@ class SelfAttentionConv(MessagePassing):
         temperature: float = 1.0,
         out_proj: bool = False,
         backend: str = "auto",
+        kv_heads: int | None = None,
         **kwargs,
     ):
         kwargs.setdefault("aggr", "add")
@@ -121,9 +128,14 @@ class SelfAttentionConv(MessagePassing):
                 raise ValueError(f"{name} must be >= 1, got {value}; use {name} >= 1")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"kv_heads must divide heads (grouped-query attention), got "
+                             f"heads={heads} and kv_heads={kv_heads}; use a divisor of heads")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.heads = heads
+        self.kv_heads = kv_heads
         self.concat = concat
         self.beta = beta and root_weight  # as in TransformerConv: no root term, no gate
         self.dropout = dropout
@@ -135,9 +147,9 @@ class SelfAttentionConv(MessagePassing):
 
         in_src, in_dst = (in_channels, in_channels) if isinstance(in_channels, int) else in_channels
         merged = heads * out_channels if concat else out_channels
-        self.lin_key = Linear(in_src, heads * out_channels, bias=bias)
+        self.lin_key = Linear(in_src, kv_heads * out_channels, bias=bias)
         self.lin_query = Linear(in_dst, heads * out_channels, bias=bias)
-        self.lin_value = Linear(in_src, heads * out_channels, bias=bias)
+        self.lin_value = Linear(in_src, kv_heads * out_channels, bias=bias)
         self.lin_edge = self._optional(edge_dim is not None, "lin_edge",
                                        lambda: Linear(edge_dim, heads * out_channels, bias=False))
         self.lin_skip = self._optional(root_weight, "lin_skip",
@@ -199,12 +211,12 @@ class SelfAttentionConv(MessagePassing):
                 :func:`gatattn.attention` takes it: ``(E, heads)`` with edges, else each
                 graph's ``n_dst x n_src`` block, target-major, stacked. (default: :obj:`None`)
         """
-        H, C = self.heads, self.out_channels
+        H, H_kv, C = self.heads, self.kv_heads, self.out_channels
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         self._validate_features(x_src, x_dst)
         query = self.lin_query(x_dst).view(-1, H, C)
-        key = self.lin_key(x_src).view(-1, H, C)
-        value = self.lin_value(x_src).view(-1, H, C)
+        key = self.lin_key(x_src).view(-1, H_kv, C)
+        value = self.lin_value(x_src).view(-1, H_kv, C)
         adjacency = read_adjacency(edge_index) if edge_index is not None else None
         if adjacency is not None and edge_attr is None:
             edge_attr = adjacency.values
@@ -247,8 +259,9 @@ class SelfAttentionConv(MessagePassing):
         return message * alpha.unsqueeze(-1)
 
     def __repr__(self) -> str:
+        kv_heads = f", kv_heads={self.kv_heads}" if self.kv_heads != self.heads else ""
         return (f"{self.__class__.__name__}({self.in_channels}, {self.out_channels}, "
-                f"heads={self.heads})")
+                f"heads={self.heads}{kv_heads})")
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -297,6 +310,8 @@ class SelfAttentionConv(MessagePassing):
         # PyG reads edge_index in the direction of self.flow.
         edges = edges if source_to_target else edges.flip(0)
         size = (num_src, num_dst) if source_to_target else (num_dst, num_src)
+        # message() states attention per query head: grouped kv heads are expanded for it.
+        key, value = repeat_kv_heads(key, self.heads), repeat_kv_heads(value, self.heads)
         out = self.propagate(edges, query=query, key=key, value=value, edge_attr=edge_attr,
                              attn_bias=attn_bias, size=size)
         alpha, self._alpha = self._alpha, None

@@ -17,6 +17,7 @@ from gatattn.backends import (
 )
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import segment_attention
+from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.varlen import varlen_attention
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.graph import AttentionGraph, build_graph, graph_membership, validation_enabled
@@ -68,8 +69,9 @@ def attention(
 
     Args:
         q: ``(N_dst, H, C)`` queries.
-        k: ``(N_src, H, C)`` keys.
-        v: ``(N_src, H, C_v)`` values.
+        k: ``(N_src, H_kv, C)`` keys; ``H_kv`` divides ``H`` (grouped-query attention: query
+            head ``h`` reads kv head ``h // (H // H_kv)``, SDPA's ``enable_gqa`` convention).
+        v: ``(N_src, H_kv, C_v)`` values.
         edge_index: ``(2, E)`` edges, row 0 sources, row 1 targets, or PyG's ``adj_t`` as a
             ``torch.sparse`` COO/CSR/CSC tensor or ``SparseTensor`` (row ``i`` lists the sources
             of target ``i``), or an :class:`torch_geometric.EdgeIndex`. (default: :obj:`None`)
@@ -114,6 +116,12 @@ def attention(
     serves batches of any sizes (``dynamic=True``). It has first derivatives only; second
     derivatives are refused there (eager mode has them).
 
+    Grouped-query heads run natively on the SDPA route (``enable_gqa``, without a bias); the
+    message-passing, fused Triton and ``varlen_attn`` routes, the SDPA route with a bias, and
+    batched graphs under ``torch.compile`` expand ``k`` and ``v`` to ``H`` heads first (``H /
+    H_kv`` times their memory). ``attn_bias``, ``edge_attr`` and the attention weights stay per
+    query head.
+
     Not supported: ``-inf`` entries in ``attn_bias`` (give edges instead). With ``attn_bias``,
     ``auto`` does not race the fused kernels (it takes SDPA or message passing);
     ``backend="triton"`` runs them.
@@ -133,6 +141,8 @@ def attention(
                               return_attention_weights, backend):
         batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
                                                 bipartite=bipartite, validate=False)
+        # The operator's ONNX decomposition computes equal heads: grouped kv heads expand.
+        k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
         return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
                                  causal, attn_bias)
     validate = validation_enabled() and not torch.compiler.is_compiling()
@@ -257,11 +267,14 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(
                 f"{name} must be (num_nodes, heads, channels), got {tuple(t.shape)}; "
                 f"reshape it with .view(num_nodes, heads, channels)")
-    if not (q.size(1) == k.size(1) == v.size(1)):
+    if k.size(1) != v.size(1):
+        raise ValueError(f"k and v must have the same number of heads, got {k.size(1)} and "
+                         f"{v.size(1)}")
+    if k.size(1) == 0 or q.size(1) % k.size(1):
         raise ValueError(
-            f"q, k and v must have the same number of heads, got {q.size(1)}, {k.size(1)} and "
-            f"{v.size(1)}"
-        )
+            f"q's heads must be a multiple of k's and v's (grouped-query attention), got "
+            f"H={q.size(1)} query heads and H_kv={k.size(1)} kv heads; use H_kv = H or a "
+            f"divisor of H")
     if q.size(2) != k.size(2):
         raise ValueError(
             f"q and k must have the same channels per head, got {q.size(2)} and {k.size(2)}")

@@ -236,9 +236,10 @@ def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,
     ``"target_to_source"``), since the cache computes only plain attention.
     """
     _check_conv(conv, x)
-    H, C = conv.heads, conv.out_channels
+    H, H_kv, C = conv.heads, conv.kv_heads, conv.out_channels
     query = conv.lin_query(x).view(-1, H, C)
-    kv = cache.append(layer, conv.lin_key(x).view(-1, H, C), conv.lin_value(x).view(-1, H, C))
+    kv = cache.append(layer, conv.lin_key(x).view(-1, H_kv, C),
+                      conv.lin_value(x).view(-1, H_kv, C))  # a grouped-query layer caches H_kv
     out = attention(query, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
                     temperature=conv.temperature, backend=conv.backend)  # (rows, H, C)
     out = out.reshape(-1, H * C) if conv.concat else out.mean(dim=1)

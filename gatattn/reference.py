@@ -45,8 +45,9 @@ def attention(
 
     Args:
         q: ``(N_dst, H, C)`` queries.
-        k: ``(N_src, H, C)`` keys.
-        v: ``(N_src, H, C_v)`` values.
+        k: ``(N_src, H_kv, C)`` keys; ``H_kv`` divides ``H`` (grouped-query attention: query
+            head ``h`` reads kv head ``h // (H // H_kv)``).
+        v: ``(N_src, H_kv, C_v)`` values.
         mask: ``(N_dst, N_src)`` bool, ``True`` where ``j -> i`` is an edge; or integer edge
             multiplicities (:func:`edge_counts`).
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
@@ -67,6 +68,8 @@ def attention(
     out_dtype = q.dtype
     dtype = compute_dtype or q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
 
     logits = torch.einsum("ihc,jhc->hij", q, k)

@@ -18,7 +18,12 @@ from torch import Tensor
 
 from gatattn.backends.csr import CSR, csr_of
 from gatattn.backends.nonfinite import contain_nonfinite
-from gatattn.backends.sdpa import permute_rows, sdpa_attention, unpermute_rows
+from gatattn.backends.sdpa import (
+    permute_rows,
+    repeat_kv_heads,
+    sdpa_attention,
+    unpermute_rows,
+)
 from gatattn.backends.second_order import twice_differentiable
 from gatattn.backends.sparse import gathered_attention
 from gatattn.graph import AttentionGraph
@@ -84,7 +89,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
                      scale: float, bias: Tensor | None = None) -> Tensor:
     """``(N_dst, H, C_v)`` attention over ``graph`` with the fused kernels. Second derivatives
     come from a twice-differentiable torch route (SDPA's math backend, or per-edge gathers).
-    ``bias``: stacked (implicit graphs, :mod:`gatattn.bias`) or ``(E, H)`` per edge."""
+    ``bias``: stacked (implicit graphs, :mod:`gatattn.bias`) or ``(E, H)`` per edge.
+    Grouped-query heads: ``k``, ``v`` with ``H_kv`` heads are expanded to ``q``'s ``H`` heads
+    before the kernels (H / H_kv times their memory); the kernels see equal heads."""
+    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
 
     def fast(q, k, v, bias=None):
         return _fused(q, k, v, bias, graph, scale)

@@ -3,8 +3,10 @@
 The Triton kernels pass their tests in Triton's interpreter and build for sm_80 / sm_90, but a
 given GPU, driver and Triton version can still run them wrong or slow, and nobody would know.
 So where they could serve ``auto`` (CUDA, see ``gatattn.functional``), the first call with a new
-:class:`RouteKey` (graph kind, bucketed sizes, heads, head dims, dtype, whether gradients are
-needed, the GPU and the versions) decides between the candidate routes on that call's inputs:
+:class:`RouteKey` (graph kind, bucketed sizes, query and kv heads, head dims, dtype, whether
+gradients are needed, the GPU and the versions) decides between the candidate routes on that
+call's inputs (grouped-query calls race too: SDPA runs them natively, the others expand ``k``
+and ``v``):
 
 1. each candidate runs: the fused kernels; torch's SDPA per size group and, where it applies,
    torch's ``varlen_attn`` (implicit graphs); the message-passing route (edge sets);
@@ -57,6 +59,7 @@ class RouteKey:
     lengths: tuple[int, int]  # mean targets and sources per graph (degree for edges), bucketed
     rows: int  # all targets, bucketed: few long graphs and many short ones may race apart
     heads: int
+    kv_heads: int  # fewer than heads: grouped-query attention (SDPA native, others expand)
     head_dims: tuple[int, int]
     dtype: str
     grad: bool
@@ -65,7 +68,7 @@ class RouteKey:
 
     def __str__(self) -> str:
         return (f"{self.graph}, lengths ~{self.lengths[0]}/~{self.lengths[1]}, "
-                f"~{self.rows} rows, H={self.heads}, "
+                f"~{self.rows} rows, H={self.heads}, H_kv={self.kv_heads}, "
                 f"C={self.head_dims[0]}/{self.head_dims[1]}, {self.dtype}, "
                 f"{'fwd+bwd' if self.grad else 'fwd'}, {self.device}, {self.versions}")
 
@@ -196,7 +199,7 @@ def route_key(q: Tensor, v: Tensor, graph: AttentionGraph, needs_grad: bool) -> 
         lengths = (length_bucket(graph.edge_index.size(1), graph.num_dst),
                    length_bucket(graph.num_src, 1))
     rows = 1 << max(graph.num_dst - 1, 0).bit_length()
-    return RouteKey(kind, lengths, rows, q.size(1), (q.size(-1), v.size(-1)),
+    return RouteKey(kind, lengths, rows, q.size(1), v.size(1), (q.size(-1), v.size(-1)),
                     str(q.dtype).removeprefix("torch."), needs_grad, _device_name(q.device),
                     _versions())
 

@@ -21,6 +21,17 @@ from gatattn.bias import graph_block_offsets
 from gatattn.graph import AttentionGraph, Permutation
 
 
+def repeat_kv_heads(x: Tensor, heads: int) -> Tensor:
+    """``(N, H_kv, C)`` keys or values as ``(N, heads, C)`` for grouped-query attention: query
+    head ``h`` reads kv head ``h // (heads // H_kv)``, as SDPA's ``enable_gqa``. A copy, made by
+    an expand, whose backward sums each kv head's group (deterministic, no scatter)."""
+    kv_heads = x.size(1)
+    if kv_heads == heads:
+        return x
+    group = heads // kv_heads
+    return x.unsqueeze(2).expand(-1, -1, group, -1).reshape(x.size(0), heads, x.size(2))
+
+
 def sdpa_attention(
     q: Tensor,
     k: Tensor,
@@ -37,8 +48,15 @@ def sdpa_attention(
     uses it throughout); with dropout, whose mask cannot be replayed, they are refused.
     ``bias`` (stacked layout, :mod:`gatattn.bias`) is added per size group as a float mask,
     computed as SDPA's math backend would (:func:`_biased_group_attention`); with it, dropout's
-    second derivatives are exact too."""
+    second derivatives are exact too.
+
+    Grouped-query heads (``k``, ``v`` with ``H_kv`` heads, ``H % H_kv == 0``) run natively
+    through SDPA's ``enable_gqa``; ``k`` and ``v`` are expanded to ``H`` heads only with a bias,
+    or where the inputs are not known to be finite (the non-finite repair works per query
+    head)."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
+    if k.size(1) != q.size(1) and graph.inputs_finite is not True:
+        k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     (q, k, v), repair = contain_nonfinite(q, k, v, graph)
     return repair(_attention(q, k, v, graph, scale, dropout, math, bias))
 
@@ -67,7 +85,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
 
 def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
                      math: bool) -> Tensor:
-    H, C_v = v.size(1), v.size(2)
+    H, H_kv, C_v = q.size(1), k.size(1), v.size(2)
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
     if scale <= 0:
@@ -75,12 +93,12 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
         # backend): fold such a scale into the queries instead.
         q, scale = q * scale, 1.0
     q = q.view(group.count, group.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
-    k = k.view(group.count, group.len_src, H, -1).transpose(1, 2)  # (B, H, S, C)
-    v = v.view(group.count, group.len_src, H, C_v).transpose(1, 2)  # (B, H, S, C_v)
+    k = k.view(group.count, group.len_src, H_kv, -1).transpose(1, 2)  # (B, H_kv, S, C)
+    v = v.view(group.count, group.len_src, H_kv, C_v).transpose(1, 2)  # (B, H_kv, S, C_v)
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
-                                              scale=scale)
+                                              scale=scale, enable_gqa=H_kv != H)
 
     def math_backend(q, k, v):
         with sdpa_kernel(SDPBackend.MATH):
@@ -105,7 +123,9 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
     """Attention with the stacked ``bias`` added to the logits, one batch per size group.
     (Merging groups of similar sizes into padded batches, the padding masked by ``-inf`` keys,
     was measured slower on CPU: 256 graphs of 10-60 nodes, 51 groups, ran 53 ms exact and
-    64 ms padded into 9 batches, one thread.)"""
+    64 ms padded into 9 batches, one thread.) Grouped kv heads are expanded to the query heads
+    here: the logits are written out per head."""
+    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)
@@ -171,7 +191,7 @@ def empty_output(q: Tensor, k: Tensor, v: Tensor, rows: int = 0) -> Tensor:
     """Zeros ``(rows, H, C_v)`` for targets without keys, on the autograd graph of ``q, k, v``,
     so that a backward yields zero gradients instead of failing on an output without grad_fn."""
     on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum()  # exactly 0, even for NaN inputs
-    return v.new_zeros(rows, v.size(1), v.size(2)) + on_graph
+    return v.new_zeros(rows, q.size(1), v.size(2)) + on_graph
 
 
 class _PermuteRows(torch.autograd.Function):

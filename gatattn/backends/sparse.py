@@ -25,6 +25,7 @@ from torch import Tensor
 from torch_geometric.utils import scatter, softmax
 
 from gatattn.backends.csr import CSR, csr_of
+from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.second_order import recorded_grads, recording_backward
 
 
@@ -43,7 +44,10 @@ def sparse_attention(
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
     dropout, in the order of ``edge_index``; differentiable only if asked, which takes the
     per-edge form). ``bias``: ``(E, H)`` added to the logits, in the order of ``edge_index``.
-    Targets without in-edges get zeros. Twice differentiable."""
+    Targets without in-edges get zeros. Twice differentiable. Grouped-query heads: ``k``, ``v``
+    with ``H_kv`` heads are expanded to ``q``'s ``H`` heads first (H / H_kv times their
+    memory)."""
+    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     if edge_attr is not None or torch.compiler.is_compiling() or differentiable_weights:
         src, dst = edge_index
         keep = _keep_mask((src.numel(), q.size(1)), dropout, q.device)

@@ -14,7 +14,13 @@ import torch
 from torch import Tensor
 
 from gatattn.backends.nonfinite import contain_nonfinite
-from gatattn.backends.sdpa import empty_output, permute_rows, sdpa_attention, unpermute_rows
+from gatattn.backends.sdpa import (
+    empty_output,
+    permute_rows,
+    repeat_kv_heads,
+    sdpa_attention,
+    unpermute_rows,
+)
 from gatattn.backends.second_order import twice_differentiable
 from gatattn.graph import AttentionGraph
 
@@ -42,7 +48,9 @@ def varlen_unavailable_reason(q: Tensor, v: Tensor, graph: AttentionGraph) -> st
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
                      scale: float) -> Tensor:
     """``(N, H, C)`` attention over the self-attention ``graph`` with ``varlen_attn``. Like the
-    Triton route: non-finite inputs contained, second derivatives from SDPA's math backend."""
+    Triton route: non-finite inputs contained, second derivatives from SDPA's math backend.
+    Grouped kv heads are expanded to ``q``'s heads first."""
+    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
 
     def fast(q, k, v):
         return _packed(q, k, v, graph, scale)

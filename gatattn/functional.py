@@ -267,14 +267,15 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(
                 f"{name} must be (num_nodes, heads, channels), got {tuple(t.shape)}; "
                 f"reshape it with .view(num_nodes, heads, channels)")
+    heads = f"{q.size(1)}, {k.size(1)} and {v.size(1)} heads for q, k and v"
     if k.size(1) != v.size(1):
-        raise ValueError(f"k and v must have the same number of heads, got {k.size(1)} and "
-                         f"{v.size(1)}")
-    if k.size(1) == 0 or q.size(1) % k.size(1):
+        raise ValueError(f"k and v must have the same number of heads, got {heads} (q's may "
+                         "be a multiple of theirs: grouped-query attention)")
+    if q.size(1) % max(k.size(1), 1) or (k.size(1) == 0 < q.size(1)):  # no heads: below
         raise ValueError(
-            f"q's heads must be a multiple of k's and v's (grouped-query attention), got "
-            f"H={q.size(1)} query heads and H_kv={k.size(1)} kv heads; use H_kv = H or a "
-            f"divisor of H")
+            f"q has H={q.size(1)} heads and k, v have H_kv={k.size(1)}: grouped-query attention "
+            f"needs H_kv to divide H; use the same number of heads, or kv heads that divide "
+            f"{q.size(1)}; got {heads}")
     if q.size(2) != k.size(2):
         raise ValueError(
             f"q and k must have the same channels per head, got {q.size(2)} and {k.size(2)}")

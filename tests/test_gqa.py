@@ -201,8 +201,8 @@ def test_router_keys_kv_heads_and_races_grouped_calls():
 
 
 @pytest.mark.parametrize("heads,kv_heads,message", [
-    (4, 3, "H=4 query heads and H_kv=3 kv heads"),
-    (2, 4, "H=2 query heads and H_kv=4 kv heads"),
+    (4, 3, "q has H=4 heads and k, v have H_kv=3: grouped-query attention needs H_kv to divide H"),
+    (2, 4, "q has H=2 heads and k, v have H_kv=4"),
 ])
 def test_bad_head_counts_are_refused(heads, kv_heads, message):
     q, k, v = _qkv(3, 3, heads, kv_heads, torch.float32)
@@ -212,7 +212,7 @@ def test_bad_head_counts_are_refused(heads, kv_heads, message):
 
 def test_k_and_v_with_different_heads_are_refused():
     q, k, _ = _qkv(3, 3, 4, 2, torch.float32)
-    with pytest.raises(ValueError, match="k and v must have the same number of heads, got 2 and 1"):
+    with pytest.raises(ValueError, match="same number of heads, got 4, 2 and 1 heads for q, k"):
         gatattn.attention(q, k, k[:, :1])
 
 

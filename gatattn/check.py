@@ -3,8 +3,9 @@
 The test suite's equivalence checks, as a tool for any machine and device: each available route
 (``sdpa``, ``sparse``, ``triton``) runs each graph kind (complete, batched with awkward sizes,
 causal, bipartite, an edge set with duplicates and isolated targets; three of them with an
-``attn_bias``) in each dtype it computes in, forward and the gradients of ``q``, ``k``, ``v`` (and
-of the bias), and is compared with the reference in float64 under the project's tolerance rule:
+``attn_bias``; one with grouped-query heads, ``k`` and ``v`` with a single head) in each dtype
+it computes in, forward and the gradients of ``q``, ``k``, ``v`` (and of the bias), and is
+compared with the reference in float64 under the project's tolerance rule:
 
     |out - ref_hi| <= 2 |ref_lo - ref_hi| + floor
 
@@ -54,6 +55,9 @@ class Case:
     #: from that layout to the reference's dense ``(N_dst, N_src, H)`` bias.
     bias_rows: int | None = None
     dense_bias: Callable[[Tensor], Tensor] | None = None
+    #: Grouped-query heads: ``k`` and ``v`` with this many heads (1 divides any head count);
+    #: ``None``: as many as ``q``.
+    kv_heads: int | None = None
 
     @property
     def implicit(self) -> bool:
@@ -109,6 +113,8 @@ def cases() -> list[Case]:
         _with_bias(_implicit("attn_bias, bipartite, 3x6 and 8x2 per graph", [3, 8], [6, 2])),
         _with_bias(_edges("attn_bias, edge set, self loops, isolated targets", 20, 16, 70,
                           duplicates=False)),
+        replace(_implicit("grouped-query (one kv head), causal, ptr, sequences of 6, 1, 11",
+                          [6, 1, 11], [6, 1, 11], causal=True), kv_heads=1),
     ]
 
 
@@ -178,9 +184,10 @@ def _forward_and_grads(fn: Callable[..., Tensor], inputs, grad_out: Tensor) -> l
 
 def _inputs(case: Case, heads: int, channels: int, seed: int) -> tuple[Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
+    kv_heads = heads if case.kv_heads is None else case.kv_heads
     qkv = (torch.randn(case.num_dst, heads, channels, generator=gen),
-           torch.randn(case.num_src, heads, channels, generator=gen),
-           torch.randn(case.num_src, heads, channels, generator=gen))
+           torch.randn(case.num_src, kv_heads, channels, generator=gen),
+           torch.randn(case.num_src, kv_heads, channels, generator=gen))
     if case.bias_rows is None:
         return qkv
     return (*qkv, torch.randn(case.bias_rows, heads, generator=gen))

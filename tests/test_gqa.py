@@ -327,3 +327,9 @@ def test_races_on_cpu_through_the_public_api(monkeypatch):
     monkeypatch.setattr(routing, "_ROUTER", Router(bench=lambda name, fn: (fn(), 1.0)[1]))
     run, inputs, ref = _case("auto", "batched", 4, 2, torch.float16)
     check_against_reference(run, inputs, ref)
+
+
+def test_batched_graphs_under_compile_match_reference():
+    """Traced, batched graphs run as the opaque operator ``gatattn::segment_attention``."""
+    run, inputs, ref = _case("auto", "batched", 4, 2, torch.float64)
+    check_against_reference(torch.compile(run, backend="eager", fullgraph=True), inputs, ref)

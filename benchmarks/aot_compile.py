@@ -34,7 +34,7 @@ SHARED_MEMORY_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 2
 _TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _FP32_POINTERS = {"LSE", "Delta"}
 _INT32_POINTERS = ("Cu", "Tile")
-_INT64_POINTERS = {"RowPtr", "Col", "TRowPtr", "TCol"}
+_INT64_POINTERS = {"RowPtr", "Col", "TRowPtr", "TCol", "TPerm", "BiasOffsets"}
 _UNHINTED_INTS = {"total", "stride_lse_h", "stride_delta_h"}  # sizes: any value
 
 

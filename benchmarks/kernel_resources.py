@@ -25,7 +25,7 @@ import json
 import os
 import platform
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -71,6 +71,7 @@ class Build:
     kernel: str
     config: TileConfig | None  # None: a CSR kernel, launched with Triton's default options
     causal: bool = False
+    bias: bool = False  # an attn_bias tile read (and, backward, dBias written)
 
 
 @dataclass(frozen=True)
@@ -103,18 +104,21 @@ def measure(build: Build) -> Row:
     constants = flash_attention.kernel_constants(build.head_dim, build.head_dim, dtype,
                                                  build.config)
     shape = (build.kernel, build.config, constants["BLOCK_D"], constants["BLOCK_DV"],
-             dtype.itemsize)
+             dtype.itemsize, build.bias)
     kept = build.config in candidates(build.kernel, constants["BLOCK_D"], constants["BLOCK_DV"],
-                                      dtype.itemsize, SHARED_MEMORY_LIMIT[build.capability])
+                                      dtype.itemsize, SHARED_MEMORY_LIMIT[build.capability],
+                                      build.bias)
     estimates = dict(shared_estimate=shared_memory_estimate(*shape),
                      register_estimate=register_tile_estimate(*shape))
     return _compiled(build, kept, estimates, DENSE_KERNEL_FUNCTIONS[build.kernel],
-                     dict(constants, CAUSAL=build.causal), build.config.num_warps,
+                     dict(constants, CAUSAL=build.causal, HAS_BIAS=build.bias),
+                     build.config.num_warps,
                      build.config.num_stages)
 
 
 def _measure_csr(build: Build) -> Row:
-    constants = csr_attention.kernel_constants(build.head_dim, build.head_dim)
+    constants = csr_attention.kernel_constants(build.head_dim, build.head_dim,
+                                               has_bias=build.bias)
     return _compiled(build, True, dict(shared_estimate=None, register_estimate=None),
                      CSR_KERNEL_FUNCTIONS[build.kernel], constants, **CSR_OPTIONS)
 
@@ -147,7 +151,8 @@ def csr_builds(capabilities, dtypes, head_dims) -> list[Build]:
 
 def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
     """Per (arch, dtype, head dim, kernel), the kept candidate with the largest shared-memory
-    estimate (if it fits, the estimate bounds the rest), causal and not. And the CSR kernels."""
+    estimate (if it fits, the estimate bounds the rest), causal and not, and with an attn_bias.
+    And the CSR kernels, with and without a bias."""
     builds = []
     for capability in capabilities:
         for dtype in dtypes:
@@ -155,13 +160,16 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
                 block_d = flash_attention.padded_dim(head_dim)
                 size = DTYPES[dtype].itemsize
                 for kernel in KERNELS:
-                    kept = candidates(kernel, block_d, block_d, size, SHARED_MEMORY_LIMIT[
-                        capability])
-                    tightest = max(kept, key=lambda c, k=kernel: shared_memory_estimate(
-                        k, c, block_d, block_d, size))
-                    builds += [Build(capability, dtype, head_dim, kernel, tightest, causal)
-                               for causal in (False, True)]
-    return builds + csr_builds(capabilities, dtypes, head_dims)
+                    for bias in (False, True):
+                        kept = candidates(kernel, block_d, block_d, size,
+                                          SHARED_MEMORY_LIMIT[capability], bias)
+                        tightest = max(kept, key=lambda c, k=kernel, b=bias: (
+                            shared_memory_estimate(k, c, block_d, block_d, size, b)))
+                        builds += [Build(capability, dtype, head_dim, kernel, tightest, causal,
+                                         bias) for causal in ((False, True) if not bias
+                                                              else (False,))]
+    csr = csr_builds(capabilities, dtypes, head_dims)
+    return builds + csr + [replace(build, bias=True) for build in csr]
 
 
 def table(rows: list[Row]) -> list[str]:
@@ -175,7 +183,7 @@ def table(rows: list[Row]) -> list[str]:
         config = b.config or "warps=4 stages=3 (CSR: one config)"
         estimates = (["", ""] if row.shared_estimate is None else
                      [f"{row.shared_estimate / 1024:.0f}", f"{row.register_estimate:.0f}"])
-        kernel = f"{b.kernel} (causal)" if b.causal else b.kernel
+        kernel = b.kernel + (" (causal)" if b.causal else "") + (" (bias)" if b.bias else "")
         lines.append(f"| sm_{b.capability[0]}{b.capability[1]} | {b.dtype} | {b.head_dim} | "
                      f"{kernel} | {config} | {estimates[0]} | {measured[0]} | "
                      f"{measured[1]} | {estimates[1]} | {measured[2]} | {row.verdict} |")

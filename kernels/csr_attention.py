@@ -45,12 +45,12 @@ def _row_vector(Ptr, row, stride_m, head_offset, cols, COLS: tl.constexpr):
 
 
 @triton.jit
-def _edge_bias(Bias, edges, stride_be, bias_head, valid, HAS_BIAS: tl.constexpr):
-    """Base-2 bias of ``edges`` (target-major ids), fp32; 0 without a bias."""
-    if HAS_BIAS:
-        return tl.load(Bias + edges.to(tl.int64) * stride_be + bias_head, mask=valid,
-                       other=0.0).to(tl.float32) * 1.4426950408889634
-    return 0.0
+def _edge_bias(Bias, edges, stride_be, bias_head, valid):
+    """Base-2 bias of ``edges`` (target-major ids), fp32. Callers guard it with ``HAS_BIAS``:
+    one return type, as the GPU compiler requires (a tensor here, a scalar 0.0 otherwise, was
+    accepted by the interpreter only)."""
+    return tl.load(Bias + edges.to(tl.int64) * stride_be + bias_head, mask=valid,
+                   other=0.0).to(tl.float32) * 1.4426950408889634
 
 
 @triton.jit
@@ -77,7 +77,8 @@ def _csr_fwd_kernel(
         sources = tl.load(Col + edges, mask=valid, other=0)
         k = _gather(K, sources, stride_km, head * stride_kh, offs_d, valid, HEAD_DIM)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
-        s += _edge_bias(Bias, edges, stride_be, head * stride_bh, valid, HAS_BIAS)
+        if HAS_BIAS:
+            s += _edge_bias(Bias, edges, stride_be, head * stride_bh, valid)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every block has at least one edge
         p = tl.math.exp2(s - m_new)
@@ -123,7 +124,8 @@ def _csr_bwd_dq_kernel(
         k = _gather(K, sources, stride_km, head * stride_kh, offs_d, valid, HEAD_DIM)
         v = _gather(V, sources, stride_vm, head * stride_vh, offs_dv, valid, HEAD_DIM_V)
         s = tl.sum(k.to(tl.float32) * q[None, :], 1) * qk_scale
-        s += _edge_bias(Bias, edges, stride_be, head * stride_bh, valid, HAS_BIAS)
+        if HAS_BIAS:
+            s += _edge_bias(Bias, edges, stride_be, head * stride_bh, valid)
         p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
         dp = tl.sum(v.to(tl.float32) * do[None, :], 1)
         ds = p * (dp - delta)
@@ -165,7 +167,7 @@ def _csr_bwd_dkdv_kernel(
         s = tl.sum(q.to(tl.float32) * k[None, :], 1) * qk_scale
         if HAS_BIAS:
             in_target_order = tl.load(TPerm + edges, mask=valid, other=0)
-            s += _edge_bias(Bias, in_target_order, stride_be, head * stride_bh, valid, HAS_BIAS)
+            s += _edge_bias(Bias, in_target_order, stride_be, head * stride_bh, valid)
         p = tl.where(valid, tl.math.exp2(s - lse), 0.0)
         dv += tl.sum(p[:, None] * do.to(tl.float32), 0)
         dp = tl.sum(do.to(tl.float32) * v[None, :], 1)

@@ -436,32 +436,34 @@ def tuned_configs() -> list[str]:
     """What the tuner chose in this process, one line per key (for benchmark reports)."""
     lines = []
     for key, config in _TUNER.chosen.items():
-        kernel, q_bucket, k_bucket, head_dim, head_dim_v, dtype, causal, capability = key
+        kernel, q_bucket, k_bucket, head_dim, head_dim_v, dtype, causal, bias, capability = key
         lines.append(f"{kernel}, lengths ~{q_bucket}/~{k_bucket}, C={head_dim}/{head_dim_v}, "
-                     f"{str(dtype).removeprefix('torch.')}, causal={causal}, "
+                     f"{str(dtype).removeprefix('torch.')}, causal={causal}, bias={bias}, "
                      f"sm_{capability[0]}{capability[1]}: {config}")
     return lines
 
 
-def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, launch) -> TileConfig:
+def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, launch, has_bias: bool) -> TileConfig:
     """The interpreter's one configuration on CPU; on a GPU, the fastest kept candidate for this
-    kernel, head dims, dtype, causality and bucketed lengths (timed on the first such call)."""
+    kernel, head dims, dtype, causality, bias and bucketed lengths (timed on the first such
+    call)."""
     if q.device.type != "cuda":
         return INTERPRETER_CONFIG
-    return _tuned_for_gpu(kernel, q, k, v, cu_seqlens_q, causal, launch,
+    return _tuned_for_gpu(kernel, q, k, v, cu_seqlens_q, causal, launch, has_bias,
                           torch.cuda.get_device_capability(q.device),
                           shared_memory_limit(q.device))
 
 
-def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, launch,
+def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, launch, has_bias: bool,
                    capability: tuple[int, int], shared_limit: int) -> TileConfig:
     """The GPU branch of :func:`_tuned`, with the GPU's figures as arguments, so that tests can
-    run it on CPU tensors in the interpreter."""
+    run it on CPU tensors in the interpreter. A bias tile takes shared memory and registers:
+    it has its own candidates and key."""
     configs = candidates(kernel, padded_dim(q.shape[2]), padded_dim(v.shape[2]),
-                         q.element_size(), shared_limit)
+                         q.element_size(), shared_limit, has_bias)
     segments = cu_seqlens_q.numel() - 1
     key = (kernel, length_bucket(q.shape[0], segments), length_bucket(k.shape[0], segments),
-           q.shape[2], v.shape[2], q.dtype, causal, capability)
+           q.shape[2], v.shape[2], q.dtype, causal, has_bias, capability)
     return _TUNER.choose(key, configs, launch)
 
 
@@ -487,7 +489,7 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
             v.stride(1), out.stride(0), out.stride(1), lse.stride(0), *bias_args[2:],
             **_launch_options(q, v, causal, config, bias is not None))
 
-    launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, launch))
+    launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, launch, bias is not None))
     return out, lse
 
 
@@ -534,6 +536,7 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             lse.stride(0), stride_bm, stride_bh, **_launch_options(q, v, causal, config,
                                                                    has_bias))
 
-    launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, causal, launch_dkdv))
-    launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, causal, launch_dq))
+    has_bias = bias is not None
+    launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, causal, launch_dkdv, has_bias))
+    launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, causal, launch_dq, has_bias))
     return dq, dk, dv

@@ -69,9 +69,10 @@ REGISTER_TILE_BUDGET = {2: 128, 4: 40}
 
 
 def shared_memory_estimate(kernel: str, config: TileConfig, block_d: int, block_dv: int,
-                           itemsize: int) -> int:
+                           itemsize: int, has_bias: bool = False) -> int:
     """Bytes of operand tiles in shared memory: the resident tiles once, the streamed ones
-    ``num_stages`` deep (software pipelining)."""
+    ``num_stages`` deep (software pipelining). An attn_bias adds a streamed (M, N) tile to
+    every kernel (each reads one per pair of query and key tiles)."""
     m, n, stages = config.block_m, config.block_n, config.num_stages
     if kernel == "forward":  # Q resident; K, V streamed
         elements = m * block_d + stages * n * (block_d + block_dv)
@@ -81,12 +82,15 @@ def shared_memory_estimate(kernel: str, config: TileConfig, block_d: int, block_
         elements = m * (block_d + block_dv) + stages * n * (block_d + block_dv) + m * n
     else:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if has_bias:
+        elements += stages * m * n
     return elements * itemsize
 
 
 def register_tile_estimate(kernel: str, config: TileConfig, block_d: int, block_dv: int,
-                           itemsize: int) -> float:
-    """Live tile elements per thread, in fp32 registers (16-bit operands pack two to one)."""
+                           itemsize: int, has_bias: bool = False) -> float:
+    """Live tile elements per thread, in fp32 registers (16-bit operands pack two to one); an
+    attn_bias tile joins the logits tile (M x N)."""
     m, n = config.block_m, config.block_n
     packed = itemsize / 4
     if kernel == "forward":  # acc, S/P, Q
@@ -97,28 +101,30 @@ def register_tile_estimate(kernel: str, config: TileConfig, block_d: int, block_
         elements = m * block_d + packed * m * (block_d + block_dv) + 2 * m * n
     else:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if has_bias:
+        elements += m * n * itemsize / 4
     return elements / (32 * config.num_warps)
 
 
 def keep(kernel: str, config: TileConfig, block_d: int, block_dv: int, itemsize: int,
-         shared_limit: int) -> bool:
+         shared_limit: int, has_bias: bool = False) -> bool:
     """Whether ``config`` can fit: its shared memory under the limit, its tiles in registers."""
-    return (shared_memory_estimate(kernel, config, block_d, block_dv, itemsize) <= shared_limit
-            and register_tile_estimate(kernel, config, block_d, block_dv, itemsize)
-            <= REGISTER_TILE_BUDGET[itemsize])
+    shape = (block_d, block_dv, itemsize, has_bias)
+    return (shared_memory_estimate(kernel, config, *shape) <= shared_limit
+            and register_tile_estimate(kernel, config, *shape) <= REGISTER_TILE_BUDGET[itemsize])
 
 
 @functools.cache  # launchers ask on every call, before the tuner's cache
 def candidates(kernel: str, block_d: int, block_dv: int, itemsize: int,
-               shared_limit: int) -> tuple[TileConfig, ...]:
+               shared_limit: int, has_bias: bool = False) -> tuple[TileConfig, ...]:
     """The kept configurations, in ``CONFIGS`` order. Where none passes the register estimate
     (wide fp32 heads), the leanest that fits in shared memory stays: spilling is slow, but it
     runs, and shared memory over the limit does not."""
-    shape = (block_d, block_dv, itemsize)
+    shape = (block_d, block_dv, itemsize, has_bias)
     fitting = [config for config in CONFIGS
                if shared_memory_estimate(kernel, config, *shape) <= shared_limit]
     kept = [config for config in fitting
-            if keep(kernel, config, *shape, shared_limit)]
+            if keep(kernel, config, block_d, block_dv, itemsize, shared_limit, has_bias)]
     if kept or not fitting:
         return tuple(kept)
     return (min(fitting, key=lambda config: register_tile_estimate(kernel, config, *shape)),)

@@ -151,7 +151,7 @@ def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
     assert {key[0] for key in chosen} == {"forward", "dkdv", "dq"}
     for (kernel, q_bucket, k_bucket, *rest), config in chosen.items():
         assert (q_bucket, k_bucket) == (64, 64)  # mean length 254 / 4, rounded up
-        assert rest == [16, 16, torch.float32, True, (9, 0)]
+        assert rest == [16, 16, torch.float32, True, False, (9, 0)]
         assert config == candidates(kernel, 16, 16, 4, 232448)[0]
     assert len(launched) == sum(len(candidates(kernel, 16, 16, 4, 232448))
                                 for kernel in ("forward", "dkdv", "dq"))

@@ -211,12 +211,9 @@ class SelfAttentionConv(MessagePassing):
                 :func:`gatattn.attention` takes it: ``(E, heads)`` with edges, else each
                 graph's ``n_dst x n_src`` block, target-major, stacked. (default: :obj:`None`)
         """
-        H, H_kv, C = self.heads, self.kv_heads, self.out_channels
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         self._validate_features(x_src, x_dst)
-        query = self.lin_query(x_dst).view(-1, H, C)
-        key = self.lin_key(x_src).view(-1, H_kv, C)
-        value = self.lin_value(x_src).view(-1, H_kv, C)
+        query, key, value = self._project(x_src, x_dst)
         adjacency = read_adjacency(edge_index) if edge_index is not None else None
         if adjacency is not None and edge_attr is None:
             edge_attr = adjacency.values
@@ -230,11 +227,7 @@ class SelfAttentionConv(MessagePassing):
             out, edges, alpha = self._fused(query, key, value, adjacency, edge_attr, batch, ptr,
                                             causal, want_weights, attn_bias)
 
-        out = out.reshape(-1, H * C) if self.concat else out.mean(dim=1)
-        if self.lin_out is not None:
-            out = self.lin_out(out)
-        if self.lin_skip is not None:
-            out = self._add_root(out, self.lin_skip(x_dst))
+        out = self._finish(out, x_dst)
         if not want_weights:
             return out
         if adjacency is None:
@@ -336,6 +329,25 @@ class SelfAttentionConv(MessagePassing):
         if self.lin_edge is None:
             return None
         return self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
+
+    def _project(self, x_src: Tensor, x_dst: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``(N_dst, heads, C)``, keys and values ``(N_src, kv_heads, C)``. With
+        :meth:`_finish`, what the wrappers that attend their own way (sharded nodes, a KV
+        cache) share with :meth:`forward`."""
+        C = self.out_channels
+        return (self.lin_query(x_dst).view(-1, self.heads, C),
+                self.lin_key(x_src).view(-1, self.kv_heads, C),
+                self.lin_value(x_src).view(-1, self.kv_heads, C))
+
+    def _finish(self, out: Tensor, x_dst: Tensor) -> Tensor:
+        """The attention output ``(N_dst, heads, C)`` to the layer's: heads concatenated or
+        averaged, the output projection, the root term (gated with ``beta``)."""
+        out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
+        if self.lin_out is not None:
+            out = self.lin_out(out)
+        if self.lin_skip is not None:
+            out = self._add_root(out, self.lin_skip(x_dst))
+        return out
 
     def _add_root(self, out: Tensor, x_root: Tensor) -> Tensor:
         if self.lin_beta is None:

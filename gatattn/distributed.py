@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.second_order import recording_backward
 from gatattn.conv import SelfAttentionConv
 from gatattn.functional import _validate_qkv, logit_multiplier
@@ -81,8 +82,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
 
     Args:
         q: ``(n_r, H, C)`` queries of this rank's nodes.
-        k: ``(n_r, H, C)`` keys of the same nodes.
-        v: ``(n_r, H, C_v)`` values of the same nodes.
+        k: ``(n_r, H_kv, C)`` keys of the same nodes (``H_kv`` divides ``H``: grouped-query
+            heads, query head ``h`` reads kv head ``h // (H // H_kv)``).
+        v: ``(n_r, H_kv, C_v)`` values of the same nodes.
         group: the process group; ``None`` is the default group. (default: :obj:`None`)
         causal: node ``i`` attends to global positions ``j <= i`` only. (default: :obj:`False`)
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
@@ -96,6 +98,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
     dtypes, flags that differ between ranks) raise on every rank.
     """
     ring = _Ring.agree(q, k, v, group=group, causal=causal, scale=scale, temperature=temperature)
+    # Grouped-query heads travel expanded (the expansion's backward sums each group).
+    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     return _RingAttention.apply(q, k, v, ring)
 
 
@@ -377,18 +381,10 @@ class ShardedSelfAttention(nn.Module):
         positions ``j <= i`` only."""
         conv = self.conv
         self._check_supported(x)
-        H, C = conv.heads, conv.out_channels
-        query = conv.lin_query(x).view(-1, H, C)
-        key = conv.lin_key(x).view(-1, H, C)
-        value = conv.lin_value(x).view(-1, H, C)
+        query, key, value = conv._project(x, x)
         out = ring_attention(query, key, value, group=self.group, causal=causal,
                              temperature=conv.temperature)
-        out = out.reshape(-1, H * C) if conv.concat else out.mean(dim=1)
-        if conv.lin_out is not None:
-            out = conv.lin_out(out)
-        if conv.lin_skip is not None:
-            out = conv._add_root(out, conv.lin_skip(x))
-        return out
+        return conv._finish(out, x)
 
     def _check_supported(self, x) -> None:
         conv = self.conv

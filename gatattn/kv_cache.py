@@ -236,22 +236,11 @@ def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,
     ``"target_to_source"``), since the cache computes only plain attention.
     """
     _check_conv(conv, x)
-    H, H_kv, C = conv.heads, conv.kv_heads, conv.out_channels
-    query = conv.lin_query(x).view(-1, H, C)
-    kv = cache.append(layer, conv.lin_key(x).view(-1, H_kv, C),
-                      conv.lin_value(x).view(-1, H_kv, C))  # a grouped-query layer caches H_kv
+    query, key, value = conv._project(x, x)
+    kv = cache.append(layer, key, value)  # a grouped-query layer caches H_kv heads
     out = attention(query, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
                     temperature=conv.temperature, backend=conv.backend)  # (rows, H, C)
-    out = out.reshape(-1, H * C) if conv.concat else out.mean(dim=1)
-    if conv.lin_out is not None:
-        out = conv.lin_out(out)
-    if conv.lin_skip is None:
-        return out
-    root = conv.lin_skip(x)
-    if conv.lin_beta is None:
-        return out + root
-    gate = conv.lin_beta(torch.cat([out, root, out - root], dim=-1)).sigmoid()
-    return gate * root + (1 - gate) * out
+    return conv._finish(out, x)
 
 
 def _check_conv(conv: SelfAttentionConv, x: Tensor) -> None:

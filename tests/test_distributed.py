@@ -39,6 +39,7 @@ CONVS = {  # name: (constructor kwargs, causal)
     "concat-root-out_proj": (dict(out_channels=4, heads=2, out_proj=True, temperature=0.8), False),
     "concat-root-out_proj-causal": (dict(out_channels=4, heads=2, out_proj=True), True),
     "mean-beta": (dict(out_channels=5, heads=3, concat=False, beta=True), False),
+    "grouped-query-causal": (dict(out_channels=4, heads=4, kv_heads=2, out_proj=True), True),
 }
 
 

@@ -25,6 +25,7 @@ The first call of a key thus costs several forward (and backward) passes; later 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -155,7 +156,7 @@ class Router:
                 "report them.", RouteRejectedWarning, stacklevel=6)
 
     def _from_disk(self, key: RouteKey, candidates: dict[str, Route]) -> RouteChoice | None:
-        entry = self._load_disk().get(_disk_key(key))
+        entry = self._load_disk().get(str(key))
         if entry is None or entry.get("route") not in candidates:
             return None
         return RouteChoice(key, entry["route"], dict(entry.get("timings_ms", {})),
@@ -171,7 +172,7 @@ class Router:
         path = _disk_path()
         if path is None:
             return
-        entries = {**_read_cache(path), _disk_key(choice.key): {
+        entries = {**_read_cache(path), str(choice.key): {
             "route": choice.route, "timings_ms": choice.timings_ms,
             "rejected": choice.rejected, "key": asdict(choice.key)}}
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -302,6 +303,7 @@ def _do_bench(name: str, fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20)
 
 
+@functools.cache  # asked on every auto call on a GPU: the name and versions do not change
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -310,16 +312,13 @@ def _device_name(device: torch.device) -> str:
                           else "")
 
 
+@functools.cache
 def _versions() -> str:
     import triton
 
     from gatattn import __version__
 
     return f"gatattn {__version__}, torch {torch.__version__}, triton {triton.__version__}"
-
-
-def _disk_key(key: RouteKey) -> str:
-    return str(key)
 
 
 def _disk_path() -> Path | None:

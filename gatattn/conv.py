@@ -182,7 +182,7 @@ class SelfAttentionConv(MessagePassing):
         *,
         batch: Tensor | tuple[Tensor, Tensor] | None = None,
         ptr: Tensor | tuple[Tensor, Tensor] | None = None,
-        causal: bool = False,
+        causal: bool | str = False,
         attn_bias: Tensor | None = None,
     ):
         r"""Runs the forward pass of the module.
@@ -205,8 +205,10 @@ class SelfAttentionConv(MessagePassing):
                 ``(batch_src, batch_dst)`` for cross-attention. (default: :obj:`None`)
             ptr (torch.Tensor or pair, optional): Graph offsets instead of :obj:`batch`.
                 (default: :obj:`None`)
-            causal (bool, optional): Attend only to earlier (or equal) positions inside each
-                graph. (default: :obj:`False`)
+            causal (bool or str, optional): Attend only to earlier (or equal) positions
+                inside each graph; for cross-attention aligned top-left (:obj:`True`, as SDPA's
+                ``is_causal``) or with :obj:`"bottom_right"` each graph's last query sees its
+                last key (see :func:`gatattn.attention`). (default: :obj:`False`)
             attn_bias (torch.Tensor, optional): Additive logit bias per head, laid out as
                 :func:`gatattn.attention` takes it: ``(E, heads)`` with edges, else each
                 graph's ``n_dst x n_src`` block, target-major, stacked. (default: :obj:`None`)

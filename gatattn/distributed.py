@@ -185,7 +185,8 @@ class _Transfer:
 
 def _validate_local(q: Tensor, k: Tensor, causal) -> None:
     if not isinstance(causal, bool):
-        raise ValueError(f"causal must be True or False, got {causal!r}")
+        raise ValueError(f"causal must be True or False (self-attention: both alignments are "
+                         f"the same), got {causal!r}")
     if q.size(0) != k.size(0):
         raise ValueError(
             f"ring_attention shards one graph's nodes: q and k must have one row per node of "

@@ -20,7 +20,13 @@ from gatattn.backends.ops import segment_attention
 from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.varlen import varlen_attention
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
-from gatattn.graph import AttentionGraph, build_graph, graph_membership, validation_enabled
+from gatattn.graph import (
+    AttentionGraph,
+    build_graph,
+    causal_mode,
+    graph_membership,
+    validation_enabled,
+)
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,7 +45,7 @@ def attention(
     edge_index: Tensor | None = None,
     batch: Tensor | tuple[Tensor, Tensor] | None = None,
     ptr: Tensor | tuple[Tensor, Tensor] | None = None,
-    causal: bool = False,
+    causal: bool | str = False,
     scale: float | None = None,
     temperature: float = 1.0,
     dropout: float = 0.0,
@@ -64,8 +70,12 @@ def attention(
     (cross-attention) when ``q`` and ``k`` have different node counts or ``batch`` / ``ptr`` is a
     ``(dst, src)`` pair; any edge set with ``edge_index``. A target with no in-edge gets zeros.
 
-    Causal bipartite graphs are aligned top-left, as SDPA's ``is_causal``: target position ``i``
-    sees source positions ``0..i``.
+    Causal graphs are aligned top-left by default, as SDPA's ``is_causal``: target position
+    ``i`` sees source positions ``0..i``. ``causal="bottom_right"`` aligns each graph's last
+    target with its last source, as FlashAttention and ``varlen_attn``: target ``i`` of a graph
+    with ``n_dst`` targets and ``n_src`` sources sees ``0..i + n_src - n_dst`` (new queries
+    attending to cached keys; targets that see nothing get zeros). The two differ on bipartite
+    graphs only.
 
     Args:
         q: ``(N_dst, H, C)`` queries.
@@ -79,7 +89,9 @@ def attention(
             (a graph's node order is its order of appearance). (default: :obj:`None`)
         ptr: ``(B + 1,)`` graph offsets (PyG's ``Batch.ptr``), or a ``(ptr_dst, ptr_src)`` pair.
             (default: :obj:`None`)
-        causal: keep only ``pos(j) <= pos(i)`` inside each graph. (default: :obj:`False`)
+        causal: keep only ``pos(j) <= pos(i)`` inside each graph (``True`` or
+            ``"top_left"``), or ``pos(j) <= pos(i) + n_src - n_dst`` (``"bottom_right"``).
+            (default: :obj:`False`)
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
         temperature: logits are divided by it, so the logit multiplier is
             ``scale / temperature``. (default: :obj:`1.0`)
@@ -128,7 +140,7 @@ def attention(
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, dropout)
-    _validate_causal(causal)
+    causal_mode(causal)  # validated before anything runs
     scale = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale, temperature)
     adjacency = read_adjacency(edge_index) if edge_index is not None else None
     edge_index = adjacency.edge_index if adjacency is not None else None
@@ -143,8 +155,9 @@ def attention(
                                                 bipartite=bipartite, validate=False)
         # The operator's ONNX decomposition computes equal heads: grouped kv heads expand.
         k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
+        causal, bottom_right = causal_mode(causal)
         return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
-                                 causal, attn_bias)
+                                 causal, attn_bias, bottom_right and bipartite)
     validate = validation_enabled() and not torch.compiler.is_compiling()
     # Whether q, k, v are finite is read in the graph's one host read (dense routes use it).
     finite = finite_flag(q, k, v) if validate and edge_index is None else None
@@ -319,11 +332,6 @@ def logit_multiplier(scale: float, temperature: float) -> float:
             f"scale / temperature = {scale} / {temperature} overflows to {multiplier}; use a "
             "larger temperature (below about 1e-30 float32 logits overflow anyway)")
     return multiplier
-
-
-def _validate_causal(causal) -> None:
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be True or False, got {causal!r}")
 
 
 def _validate_edge_attr(edge_attr: Tensor | None, graph: AttentionGraph, q: Tensor,

@@ -1,8 +1,9 @@
 """Which sources each target attends to: one description built from whatever the caller gives.
 
 The caller says nothing (one complete graph), gives ``batch`` or ``ptr`` (one complete graph per
-graph of a PyG batch), asks for ``causal`` (a DAG ``j -> i`` iff ``pos(j) <= pos(i)`` inside a
-graph), gives a bipartite pair of each (cross-attention), or gives an explicit ``edge_index``.
+graph of a PyG batch), asks for ``causal`` (a DAG ``j -> i`` iff ``pos(j) <= pos(i) + d`` inside
+a graph, see :func:`causal_mode`), gives a bipartite pair of each (cross-attention), or gives an
+explicit ``edge_index``.
 :func:`build_graph` validates all of it once and returns an :class:`AttentionGraph`; the
 backends read that and nothing else.
 
@@ -38,6 +39,31 @@ _validating = True
 
 class GraphTooLargeError(ValueError):
     """Raised instead of building an O(N^2) object the caller probably did not mean to build."""
+
+
+#: The values ``causal`` takes, and what each means.
+CAUSAL_ALIGNMENTS = {
+    False: "not causal",
+    True: "top-left: target i sees sources 0..i (SDPA's is_causal)",
+    "top_left": "the same as True",
+    "bottom_right": "each graph's last target sees its last source, target i sees sources "
+                    "0..i + n_src - n_dst (FlashAttention's and varlen_attn's convention)",
+}
+
+
+def causal_mode(causal) -> tuple[bool, bool]:
+    """``(causal, bottom_right)`` for a ``causal`` argument (:data:`CAUSAL_ALIGNMENTS`).
+
+    Causal graphs keep the pairs ``pos(j) <= pos(i) + d`` of each graph, with the diagonal
+    ``d = 0`` (top-left) or ``d = n_src - n_dst`` (bottom-right); the two alignments differ
+    only where a graph has unequal target and source counts (bipartite graphs). Bottom-right
+    targets with ``pos(i) < n_dst - n_src`` see no source and get zeros."""
+    if isinstance(causal, bool):
+        return causal, False
+    if isinstance(causal, str) and causal in CAUSAL_ALIGNMENTS:
+        return True, causal == "bottom_right"
+    raise ValueError(
+        f"causal must be one of {', '.join(map(repr, CAUSAL_ALIGNMENTS))}, got {causal!r}")
 
 
 def validation_enabled() -> bool:
@@ -206,7 +232,9 @@ class AttentionGraph:
 
     Either ``edge_index`` is set (an arbitrary edge set, source -> target), or the graph is
     implicit: one complete graph per graph of ``membership`` (all nodes in one graph when it is
-    ``None``), restricted to ``pos(j) <= pos(i)`` when ``causal``.
+    ``None``), restricted to ``pos(j) <= pos(i) + d`` when ``causal``: ``d = 0``, or
+    ``d = n_src - n_dst`` of the graph with ``bottom_right`` (set only where it differs: on
+    bipartite graphs).
     """
 
     num_dst: int
@@ -215,6 +243,7 @@ class AttentionGraph:
     membership: Membership | None = None
     causal: bool = False
     bipartite: bool = False
+    bottom_right: bool = False
     #: With ``causal`` and an explicit edge_index: which of the given edges were kept.
     kept_edges: Tensor | None = None
     #: Whether the call's ``q, k, v`` are all finite, read together with the graph (``None``:
@@ -266,14 +295,26 @@ class AttentionGraph:
             return torch.tensor([self.num_src], device=device)
         return self.membership.src.counts()
 
+    def diagonal(self, len_dst: int, len_src: int) -> int:
+        """The causal diagonal ``d`` of a graph with these sizes: it keeps ``j <= i + d``."""
+        return len_src - len_dst if self.bottom_right else 0
+
+    def target_diagonals(self, device) -> Tensor:
+        """``(N_dst,)`` the causal diagonal of each target's graph (no host read)."""
+        if not self.bottom_right:
+            return torch.zeros(self.num_dst, dtype=torch.long, device=device)
+        if self.membership is None:
+            return torch.full((self.num_dst,), self.num_src - self.num_dst, device=device)
+        dst, src = self.membership.dst, self.membership.src
+        return (src.counts() - dst.counts()).index_select(0, dst.batch)
+
     def num_edges(self) -> int:
         if self.edge_index is not None:
             return self.edge_index.size(1)
         sizes = zip(*self.host_sizes(), strict=True)
         if not self.causal:
             return sum(d * s for d, s in sizes)
-        # Top-left causal: row i of a graph keeps min(i + 1, n_src) sources.
-        return sum(min(d, s) * (min(d, s) + 1) // 2 + max(d - s, 0) * s for d, s in sizes)
+        return sum(_causal_pair_count(d, s, self.diagonal(d, s)) for d, s in sizes)
 
     def segment_plan(self) -> SegmentPlan:
         """The grouping of graphs by size used by the dense route (derived once per batch)."""
@@ -312,7 +353,7 @@ def build_graph(
     edge_index: Tensor | None = None,
     batch: Tensor | tuple[Tensor, Tensor] | None = None,
     ptr: Tensor | tuple[Tensor, Tensor] | None = None,
-    causal: bool = False,
+    causal: bool | str = False,
     bipartite: bool = False,
     validate: bool | None = None,
     finite_flag: Tensor | None = None,
@@ -326,6 +367,8 @@ def build_graph(
     read in the same host read as the graph and lands in ``inputs_finite``.
     """
     validate = validation_enabled() if validate is None else validate
+    causal, bottom_right = causal_mode(causal)
+    bottom_right = bottom_right and bipartite  # self-attention: the same graph as top-left
     extra = [] if finite_flag is None else [finite_flag.reshape(1)]
     membership, extra_values = _membership(num_dst, num_src, batch, ptr, bipartite, validate,
                                            extra)
@@ -334,12 +377,15 @@ def build_graph(
         edge_index = _check_edge_index(edge_index, num_dst, num_src, validate)
         kept = None
         if causal:
-            kept = _causal_edges(edge_index, membership, num_dst, num_src)
+            kept = _causal_edges(edge_index, AttentionGraph(
+                num_dst, num_src, membership=membership, bottom_right=bottom_right))
             edge_index = edge_index[:, kept]
         return AttentionGraph(num_dst, num_src, edge_index=edge_index, causal=causal,
-                              bipartite=bipartite, kept_edges=kept, inputs_finite=inputs_finite)
+                              bipartite=bipartite, bottom_right=bottom_right, kept_edges=kept,
+                              inputs_finite=inputs_finite)
     return AttentionGraph(num_dst, num_src, membership=membership, causal=causal,
-                          bipartite=bipartite, inputs_finite=inputs_finite)
+                          bipartite=bipartite, bottom_right=bottom_right,
+                          inputs_finite=inputs_finite)
 
 
 def read_host(parts: list[Tensor]) -> list[list[int]]:
@@ -700,12 +746,23 @@ def _check_edge_index(edge_index: Tensor, num_dst: int, num_src: int, validate: 
     return edge_index
 
 
-def _causal_edges(edge_index: Tensor, membership: Membership | None, num_dst: int,
-                  num_src: int) -> Tensor:
-    """Boolean mask of the edges ``j -> i`` with ``pos(j) <= pos(i)``."""
-    graph = AttentionGraph(num_dst, num_src, membership=membership)
+def _causal_edges(edge_index: Tensor, graph: AttentionGraph) -> Tensor:
+    """Boolean mask of the edges ``j -> i`` with ``pos(j) <= pos(i) + d`` (``graph``: the
+    implicit graph with the edges' membership and alignment)."""
     pos_dst, pos_src = graph.positions(edge_index.device)
-    return pos_src[edge_index[0]] <= pos_dst[edge_index[1]]
+    limit = pos_dst + graph.target_diagonals(edge_index.device)
+    return pos_src[edge_index[0]] <= limit[edge_index[1]]
+
+
+def _causal_pair_count(len_dst: int, len_src: int, diagonal: int) -> int:
+    """How many pairs ``0 <= i < len_dst``, ``0 <= j < len_src`` have ``j <= i + diagonal``:
+    row ``i`` keeps ``clamp(i + 1 + diagonal, 0, len_src)``, 0 before row ``first``, all from
+    row ``full`` on, a linear count between them."""
+    shift = 1 + diagonal
+    first = min(max(-shift, 0), len_dst)
+    full = min(max(len_src - shift, 0), len_dst)
+    rows = full - first
+    return rows * shift + (first + full - 1) * rows // 2 + (len_dst - full) * len_src
 
 
 def _complete_edges(graph: AttentionGraph) -> Tensor:
@@ -716,7 +773,7 @@ def _complete_edges(graph: AttentionGraph) -> Tensor:
     for g in plan.groups:
         pairs = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=device)
         if graph.causal:
-            pairs = pairs.tril()
+            pairs = pairs.tril(graph.diagonal(g.len_dst, g.len_src))
         dst, src = pairs.nonzero().unbind(1)  # row-major: by target, then source
         graph_ids = torch.arange(g.count, device=device).unsqueeze(1)
         dst = (start_dst + graph_ids * g.len_dst + dst).flatten()

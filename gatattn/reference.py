@@ -105,16 +105,21 @@ def _aggregate(weights: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
 
 
 def block_mask(
-    sizes_dst: list[int], sizes_src: list[int] | None = None, causal: bool = False
+    sizes_dst: list[int], sizes_src: list[int] | None = None, causal: bool | str = False
 ) -> Tensor:
     """Mask of one complete graph per segment: segment ``g`` has ``sizes_dst[g]`` targets and
     ``sizes_src[g]`` sources (default: the same). ``causal`` keeps ``pos(j) <= pos(i)`` within a
-    segment (top-left aligned when the two sizes differ, as SDPA's ``is_causal``)."""
+    segment when ``True`` or ``"top_left"`` (as SDPA's ``is_causal``), ``pos(j) <= pos(i) +
+    n_src - n_dst`` when ``"bottom_right"`` (each segment's last target sees its last source)."""
+    if not isinstance(causal, bool) and causal not in ("top_left", "bottom_right"):
+        raise ValueError(
+            f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
     sizes_src = sizes_dst if sizes_src is None else sizes_src
     blocks = []
     for n_dst, n_src in zip(sizes_dst, sizes_src, strict=True):
         block = torch.ones(n_dst, n_src, dtype=torch.bool)
-        blocks.append(block.tril() if causal else block)
+        diagonal = n_src - n_dst if causal == "bottom_right" else 0
+        blocks.append(block.tril(diagonal) if causal else block)
     if not blocks:
         return torch.zeros(0, 0, dtype=torch.bool)
     return torch.block_diag(*blocks)

@@ -59,8 +59,9 @@ def _unchanged(out: Tensor) -> Tensor:
 
 def _reached_from(bad: Tensor, graph: AttentionGraph) -> Tensor:
     """``(N_dst, H, C)``: an edge reads a source whose ``bad`` ``(N_src, H, C)`` is set. Sources
-    are read by every target of their graph, or, causal (top-left), by targets at positions at or
-    after theirs; so the first bad position of each graph decides. No host read."""
+    are read by every target of their graph, or, causal, by targets ``i`` with
+    ``pos(i) + d >= pos(j)`` (``d``: the graph's causal diagonal); so the first bad position of
+    each graph decides. No host read."""
     never = max(graph.num_dst, graph.num_src)  # beyond every position
     ids_dst, ids_src = graph.graph_ids(bad.device)
     pos_dst, pos_src = graph.positions(bad.device)
@@ -71,11 +72,16 @@ def _reached_from(bad: Tensor, graph: AttentionGraph) -> Tensor:
     first_bad = first_bad.index_select(0, ids_dst)
     if not graph.causal:
         return first_bad < never
-    return pos_dst.view(-1, 1, 1) >= first_bad
+    last_seen = pos_dst + graph.target_diagonals(bad.device)
+    return last_seen.view(-1, 1, 1) >= first_bad
 
 
 def _has_keys(graph: AttentionGraph, device) -> Tensor:
-    """``(N_dst, 1, 1)``: the target's graph has sources (so an edge reads its query)."""
+    """``(N_dst, 1, 1)``: the target has an in-edge (so an edge reads its query): its graph has
+    sources, and a bottom-right causal target is not before the first one it sees."""
     ids_dst, _ = graph.graph_ids(device)
     has_keys = (graph.source_counts(device) > 0).index_select(0, ids_dst)
+    if graph.causal and graph.bottom_right:
+        pos_dst, _ = graph.positions(device)
+        has_keys = has_keys & (pos_dst + graph.target_diagonals(device) >= 0)
     return has_keys.view(-1, 1, 1)

@@ -29,11 +29,12 @@ from gatattn.graph import AttentionGraph, build_graph
 @torch.library.custom_op("gatattn::segment_attention", mutates_args=())
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                       batch_src: Tensor | None, scale: float, causal: bool,
-                      attn_bias: Tensor | None = None) -> Tensor:
+                      attn_bias: Tensor | None = None, bottom_right: bool = False) -> Tensor:
     """``(N_dst, H, C_v)`` attention over one complete graph per graph id: ``batch_dst`` holds
     the targets' ids, ``batch_src`` the sources' (``None``: the same nodes, self-attention);
-    ``attn_bias`` in the stacked layout of :mod:`gatattn.bias`."""
-    graph = _graph(q, k, batch_dst, batch_src, causal)
+    ``attn_bias`` in the stacked layout of :mod:`gatattn.bias`; ``bottom_right`` aligns a
+    causal graph bottom-right (:func:`gatattn.graph.causal_mode`)."""
+    graph = _graph(q, k, batch_dst, batch_src, causal, bottom_right)
     if attn_bias is not None:
         check_bias_rows(attn_bias, graph, None, q.size(1), validate=True)
     with torch.no_grad():
@@ -41,7 +42,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
 
 
 @segment_attention.register_fake
-def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None):
+def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None, bottom_right=False):
     return q.new_empty(q.size(0), q.size(1), v.size(2))
 
 
@@ -49,13 +50,15 @@ def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None):
 def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                batch_dst: Tensor, batch_src: Tensor | None, scale: float,
                                causal: bool, attn_bias: Tensor | None = None,
+                               bottom_right: bool = False,
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv, dbias)`` of :func:`segment_attention` for ``grad_out``
     (``dbias`` is empty without a bias)."""
     with_bias = attn_bias is not None
     inputs = [t.detach().requires_grad_() for t in (q, k, v, *([attn_bias] if with_bias else []))]
     with _autograd_recording():
-        out = sdpa_attention(*inputs[:3], _graph(q, k, batch_dst, batch_src, causal),
+        out = sdpa_attention(*inputs[:3], _graph(q, k, batch_dst, batch_src, causal,
+                                                 bottom_right),
                              scale=scale, bias=inputs[3] if with_bias else None)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
@@ -63,22 +66,24 @@ def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 
 @segment_attention_backward.register_fake
-def _(grad_out, q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None):
+def _(grad_out, q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None,
+      bottom_right=False):
     dbias = q.new_empty(0) if attn_bias is None else torch.empty_like(attn_bias)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, batch_dst, batch_src, scale, causal, attn_bias = inputs
+    q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right = inputs
     ctx.save_for_backward(q, k, v, batch_dst, batch_src, attn_bias)
-    ctx.scale, ctx.causal = scale, causal
+    ctx.scale, ctx.causal, ctx.bottom_right = scale, causal, bottom_right
 
 
 def _backward(ctx, grad_out):
     q, k, v, batch_dst, batch_src, attn_bias = ctx.saved_tensors
     dq, dk, dv, dbias = segment_attention_backward(grad_out, q, k, v, batch_dst, batch_src,
-                                                   ctx.scale, ctx.causal, attn_bias)
-    return dq, dk, dv, None, None, None, None, None if attn_bias is None else dbias
+                                                   ctx.scale, ctx.causal, attn_bias,
+                                                   ctx.bottom_right)
+    return dq, dk, dv, None, None, None, None, None if attn_bias is None else dbias, None
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -107,15 +112,16 @@ def _autograd_recording():
 
 
 def _graph(q: Tensor, k: Tensor, batch_dst: Tensor, batch_src: Tensor | None,
-           causal: bool) -> AttentionGraph:
+           causal: bool, bottom_right: bool) -> AttentionGraph:
     bipartite = batch_src is not None
     batch = (batch_dst, batch_src) if bipartite else batch_dst
+    causal = "bottom_right" if causal and bottom_right else causal
     return build_graph(q.size(0), k.size(0), batch=batch, causal=causal, bipartite=bipartite)
 
 
 def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                             batch_src: Tensor | None, scale: float, causal: bool,
-                            attn_bias: Tensor | None = None) -> Tensor:
+                            attn_bias: Tensor | None = None, bottom_right: bool = False) -> Tensor:
     """:func:`segment_attention` as dense attention under a mask built from the graph ids,
     tensor operations only (no host reads), for exporters that cannot run the grouping."""
     same_src = batch_src is None
@@ -123,7 +129,14 @@ def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
     same = batch_dst.unsqueeze(1) == batch_src.unsqueeze(0)  # (N_dst, N_src)
     pos_dst = _positions(batch_dst)
     pos_src = pos_dst if same_src else _positions(batch_src)
-    allowed = same & (pos_src.unsqueeze(0) <= pos_dst.unsqueeze(1)) if causal else same
+    if causal:
+        last_seen = pos_dst
+        if bottom_right:  # + n_src - n_dst of the target's graph
+            n_dst = (batch_dst.unsqueeze(1) == batch_dst.unsqueeze(0)).sum(1)
+            last_seen = pos_dst + same.sum(1) - n_dst
+        allowed = same & (pos_src.unsqueeze(0) <= last_seen.unsqueeze(1))
+    else:
+        allowed = same
     logits = torch.einsum("ihc,jhc->hij", q, k) * scale
     if attn_bias is not None:
         logits = logits + _dense_bias(attn_bias, batch_dst, same, pos_dst, pos_src)

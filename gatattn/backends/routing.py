@@ -192,6 +192,7 @@ def route_key(q: Tensor, v: Tensor, graph: AttentionGraph, needs_grad: bool) -> 
 
     if graph.is_implicit:
         kind = " ".join(filter(None, ["causal" if graph.causal else "",
+                                      "bottom-right" if graph.bottom_right else "",
                                       "bipartite" if graph.bipartite else "", "segments"]))
         lengths = (length_bucket(graph.num_dst, graph.num_graphs),
                    length_bucket(graph.num_src, graph.num_graphs))

@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.bias import graph_block_offsets
-from gatattn.graph import AttentionGraph, Permutation
+from gatattn.graph import AttentionGraph, Permutation, SegmentGroup
 
 
 def repeat_kv_heads(x: Tensor, heads: int) -> Tensor:
@@ -68,14 +68,15 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
         return _biased_attention(q, k, v, graph, plan, bias, scale, dropout)
     if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
-        return _group_attention(plan.groups[0], q, k, v, graph.causal, scale, dropout, math)
+        group = plan.groups[0]
+        return _group_attention(group, q, k, v, _diagonal(graph, group), scale, dropout, math)
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)
     rows_dst = [g.count * g.len_dst for g in plan.groups]
     rows_src = [g.count * g.len_src for g in plan.groups]
     outs = [
-        _group_attention(g, q_g, k_g, v_g, graph.causal, scale, dropout, math)
+        _group_attention(g, q_g, k_g, v_g, _diagonal(graph, g), scale, dropout, math)
         for g, q_g, k_g, v_g in zip(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
     ]
@@ -83,11 +84,46 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
     return unpermute_rows(out, plan.order_dst)
 
 
-def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
+def _diagonal(graph: AttentionGraph, group: SegmentGroup) -> int | None:
+    """The group's causal diagonal (it keeps ``j <= i + d``), ``None`` if not causal."""
+    return graph.diagonal(group.len_dst, group.len_src) if graph.causal else None
+
+
+def _causal_mask(group: SegmentGroup, diagonal: int | None) -> Tensor | None:
+    """A boolean ``(len_dst, len_src)`` mask where the causal diagonal is not SDPA's
+    (``is_causal`` is the top-left one, ``d = 0``)."""
+    if not diagonal:
+        return None
+    return torch.ones(group.len_dst, group.len_src, dtype=torch.bool).tril(diagonal)
+
+
+def _without_blind_rows(group: SegmentGroup, q: Tensor, blind: int, attend,
+                        bias: Tensor | None = None) -> Tensor:
+    """A bottom-right causal group with ``blind`` more targets than sources: each graph's first
+    ``blind`` targets see no source (zeros); the rest form a square top-left causal block,
+    which ``attend(group, q, bias)`` computes. Nothing is computed for blind rows, so a
+    fully masked softmax row (NaN) never arises."""
+    seeing = SegmentGroup(group.count, group.len_dst - blind, group.len_src)
+    q = q.view(group.count, group.len_dst, *q.shape[1:])[:, blind:].reshape(-1, *q.shape[1:])
+    if bias is not None:
+        bias = bias.view(group.count, group.len_dst, -1)[:, blind:].reshape(-1, bias.size(-1))
+    out = attend(seeing, q, bias)  # (count * seeing.len_dst, H, C_v)
+    out = out.view(group.count, seeing.len_dst, *out.shape[1:])
+    out = torch.cat([out.new_zeros(group.count, blind, *out.shape[2:]), out], dim=1)
+    return out.flatten(0, 1)
+
+
+def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout: float,
                      math: bool) -> Tensor:
+    """One size group's attention; ``diagonal``: the causal one, ``None`` if not causal."""
     H, H_kv, C_v = q.size(1), k.size(1), v.size(2)
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
+    if diagonal is not None and diagonal < 0:
+        return _without_blind_rows(group, q, -diagonal, lambda g, q_g, _: _group_attention(
+            g, q_g, k, v, 0, scale, dropout, math))
+    mask = _causal_mask(group, diagonal)
+    mask = None if mask is None else mask.to(q.device)
     if scale <= 0:
         # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
         # backend): fold such a scale into the queries instead.
@@ -97,8 +133,9 @@ def _group_attention(group, q, k, v, causal: bool, scale: float, dropout: float,
     v = v.view(group.count, group.len_src, H_kv, C_v).transpose(1, 2)  # (B, H_kv, S, C_v)
 
     def sdpa(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal,
-                                              scale=scale, enable_gqa=H_kv != H)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                              is_causal=diagonal == 0, scale=scale,
+                                              enable_gqa=H_kv != H)
 
     def math_backend(q, k, v):
         with sdpa_kernel(SDPBackend.MATH):
@@ -134,7 +171,7 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
     rows_src = [g.count * g.len_src for g in plan.groups]
     rows_bias = [g.count * g.len_dst * g.len_src for g in plan.groups]
     outs = [
-        _biased_group_attention(g, q_g, k_g, v_g, bias_g, graph.causal, scale, dropout)
+        _biased_group_attention(g, q_g, k_g, v_g, bias_g, _diagonal(graph, g), scale, dropout)
         for g, q_g, k_g, v_g, bias_g in zip(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src),
             bias.split(rows_bias), strict=True)
@@ -163,20 +200,23 @@ def _bias_in_plan_order(graph: AttentionGraph, plan, bias: Tensor) -> Tensor:
     return permute_rows(bias, Permutation.of(torch.cat(rows))) if rows else bias
 
 
-def _biased_group_attention(g, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, causal: bool,
-                            scale: float, dropout: float) -> Tensor:
+def _biased_group_attention(g, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+                            diagonal: int | None, scale: float, dropout: float) -> Tensor:
     """One size group's attention, its bias rows ``(count * len_dst * len_src, H)`` added as a
-    float ``(count, H, len_dst, len_src)`` mask (``-inf`` above the diagonal if causal).
+    float ``(count, H, len_dst, len_src)`` mask (``-inf`` above the causal ``diagonal``).
     Written out as SDPA's math backend computes it: a mask that needs a gradient sends SDPA
     there anyway, and this form, twice differentiable as it stands, needs no recompute wrapper.
     The mask's gradient is the logits' gradient, one value per pair."""
     H, C_v = v.size(1), v.size(2)
     if g.len_dst == 0 or g.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, g.count * g.len_dst) + bias[:0].sum()
+    if diagonal is not None and diagonal < 0:
+        return _without_blind_rows(g, q, -diagonal, lambda g_, q_, bias_: _biased_group_attention(
+            g_, q_, k, v, bias_, 0, scale, dropout), bias)
     mask = bias.view(g.count, g.len_dst, g.len_src, H).permute(0, 3, 1, 2)
-    if causal:
-        future = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device).triu(1)
-        mask = mask.masked_fill(future, float("-inf"))
+    if diagonal is not None:
+        future = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device)
+        mask = mask.masked_fill(future.triu(diagonal + 1), float("-inf"))
     q = q.view(g.count, g.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
     k = k.view(g.count, g.len_src, H, -1).transpose(1, 2)  # (B, H, S, C)
     v = v.view(g.count, g.len_src, H, C_v).transpose(1, 2)  # (B, H, S, C_v)

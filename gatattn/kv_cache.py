@@ -1,12 +1,14 @@
 """A key/value cache for incremental decoding of causal graphs (a batch of growing sequences).
 
 A batch of ``B`` sequences is a batch of causal graphs. The prompts (prefill) are ordinary causal
-self-attention over each prompt. After that, each decoding step adds at most one node per
-sequence, and that node attends to every cached node of its own sequence, itself included: per
-sequence a complete bipartite graph from the ``n_b + 1`` cached keys to the one new query, given
-to :func:`gatattn.attention` as a ``(ptr_dst, ptr_src)`` pair with no causal flag. Sequences grow
-at their own lengths: a step names the sequences that are active, and the others keep their
-cache and get no query.
+self-attention over each prompt. After that, each step adds ``r_b >= 0`` nodes to sequence ``b``
+(one per decoded token; several for a prompt fed in chunks, or tokens to verify), and they
+attend to every cached node of their sequence and to the step's nodes up to themselves: per
+sequence a bipartite causal graph from the ``n_b + r_b`` cached keys to the ``r_b`` new queries,
+aligned bottom-right (the last query sees every key), given to :func:`gatattn.attention` as a
+``(ptr_dst, ptr_src)`` pair with ``causal="bottom_right"``. Sequences grow at their own
+lengths: a step names the sequences that are active (or the rows of each), and the others keep
+their cache and get no query.
 
 Layout: each layer's keys and values stay packed as PyG packs nodes, ``(total, H_kv, C)`` with
 ``ptr = [0, n_0, n_0 + n_1, ...]``, so the attention reads them with no padding. A step writes
@@ -18,10 +20,7 @@ copy but leave gaps that every attention call would have to skip, and in-place w
 break autograd through earlier steps. Out of place, gradients flow through a decode step
 (training through cached decoding works and is tested).
 
-Not supported: more than one new row per sequence in a step after the prefill (chunked prefill,
-speculative decoding). Such rows must see the cache and their own earlier rows, which needs
-causal graphs aligned bottom-right, not available yet: :meth:`KVCache.start_step` adds one row
-per active sequence and :meth:`KVCache.append` refuses any other row count.
+Not supported: removing rows (rolling back rejected speculative tokens); start a new cache.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class CachedKV(NamedTuple):
     key: Tensor  # (total, H_kv, C): every cached key, new rows included, packed by sequence
     value: Tensor  # (total, H_kv, C_v)
     ptr: Tensor | tuple[Tensor, Tensor]  # prefill: ptr; decoding: (ptr_dst, ptr_src)
-    causal: bool  # True for the prefill only
+    causal: bool | str  # True for the prefill, "bottom_right" for the steps after it
 
 
 class _Step:
@@ -82,8 +81,9 @@ class KVCache:
     """Packed keys and values of ``num_layers`` attention layers over a batch of sequences.
 
     One step: :meth:`start_prefill` (the prompts, once) or :meth:`start_step` (one new row per
-    active sequence), then :meth:`append` for layers ``0, 1, ..., num_layers - 1`` in order,
-    each with that layer's keys and values of the step's new rows (rows ordered by sequence).
+    active sequence, or given row counts), then :meth:`append` for layers ``0, 1, ...,
+    num_layers - 1`` in order, each with that layer's keys and values of the step's new rows
+    (rows ordered by sequence).
     The lengths advance when the last layer has appended.
 
     Args:
@@ -140,20 +140,30 @@ class KVCache:
         self._lengths = [0] * len(lengths)
         self._open(lengths, prefill=True)
 
-    def start_step(self, active: Sequence[bool] | Tensor | None = None) -> None:
+    def start_step(self, active: Sequence[bool] | Tensor | None = None, *,
+                   rows: Sequence[int] | Tensor | None = None) -> None:
         """Opens a decoding step: one new row for each sequence with ``active[b]`` true (all
-        when :obj:`None`); the others keep their cache and have no row in this step."""
+        when both are :obj:`None`), or ``rows[b] >= 0`` new rows for sequence ``b`` (a prompt
+        fed in chunks, several tokens at once); each new row sees the cache and the step's
+        earlier rows of its sequence. Sequences without rows keep their cache."""
         if self._lengths is None:
             raise RuntimeError("start_prefill must come first: it gives the batch its prompts")
-        if active is None:
-            rows = [1] * self.batch_size
+        if active is not None and rows is not None:
+            raise ValueError("give active (one row per active sequence) or rows (row counts), "
+                             "not both")
+        if rows is not None:
+            counts = _host_ints(rows, "rows")
+            if len(counts) != self.batch_size:
+                raise ValueError(f"rows must hold {self.batch_size} counts (one per sequence), "
+                                 f"got {counts}")
+        elif active is None:
+            counts = [1] * self.batch_size
         else:
-            flags = _host_ints(active, "active")
-            if len(flags) != self.batch_size or any(f not in (0, 1) for f in flags):
+            counts = _host_ints(active, "active")
+            if len(counts) != self.batch_size or any(f not in (0, 1) for f in counts):
                 raise ValueError(f"active must hold {self.batch_size} booleans (one per "
-                                 f"sequence), got {flags}")
-            rows = flags
-        self._open(rows, prefill=False)
+                                 f"sequence), got {counts}")
+        self._open(counts, prefill=False)
 
     def append(self, layer: int, key: Tensor, value: Tensor) -> CachedKV:
         """Adds layer ``layer``'s keys and values of the open step's new rows; returns the whole
@@ -172,7 +182,7 @@ class KVCache:
             self._lengths, self._step, self._next_layer = step.lengths, None, 0
         if step.prefill:
             return CachedKV(key, value, index["ptr_src"], True)
-        return CachedKV(key, value, (index["ptr_dst"], index["ptr_src"]), False)
+        return CachedKV(key, value, (index["ptr_dst"], index["ptr_src"]), "bottom_right")
 
     def _open(self, rows: list[int], prefill: bool) -> None:
         if self._step is not None:

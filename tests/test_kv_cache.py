@@ -1,6 +1,7 @@
-"""Incremental decoding with gatattn.kv_cache: a prefill and one-row steps over a cache equal
-causal attention over the whole sequences (gatattn.reference, and SelfAttentionConv run on the
-full sequences), forward and backward, with sequences growing at their own lengths."""
+"""Incremental decoding with gatattn.kv_cache: a prefill and one-row or chunked steps over a
+cache equal causal attention over the whole sequences (gatattn.reference, and SelfAttentionConv
+run on the full sequences), forward and backward, with sequences growing at their own
+lengths."""
 
 import pytest
 import torch
@@ -32,9 +33,26 @@ def schedule(prompts, finals):
         lengths = [n + a for n, a in zip(lengths, active, strict=True)]
 
 
-def start(cache, active, prompts):
+def chunked_schedule(prompts, finals, chunks):
+    """As :func:`schedule`, but step ``s`` adds up to ``chunks[s % len(chunks)]`` rows per
+    sequence (a prompt fed in chunks; 0 skips a step); yields ``(rows_per_sequence, rows)``."""
+    ptr = offsets(finals).tolist()
+    yield None, torch.cat([torch.arange(ptr[b], ptr[b] + n) for b, n in enumerate(prompts)])
+    lengths, step = list(prompts), 0
+    while any(n < f for n, f in zip(lengths, finals, strict=True)):
+        counts = [min(chunks[step % len(chunks)], f - n)
+                  for n, f in zip(lengths, finals, strict=True)]
+        yield counts, torch.cat([torch.arange(ptr[b] + n, ptr[b] + n + c)
+                                 for b, (n, c) in enumerate(zip(lengths, counts, strict=True))])
+        lengths = [n + c for n, c in zip(lengths, counts, strict=True)]
+        step += 1
+
+
+def start(cache, active, prompts, chunked=False):
     if active is None:
         cache.start_prefill(prompts)
+    elif chunked:
+        cache.start_step(rows=active)
     else:
         cache.start_step(active)
 
@@ -76,6 +94,26 @@ def test_cached_attention_equals_causal_attention(backend, prompts, finals):
     assert checked == n and cache.lengths == finals
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "sparse", "triton"])
+def test_chunked_steps_equal_causal_attention(backend):
+    """Steps of several rows per sequence (3, then 0, 1 and 4: chunks cross sequences' ends)
+    see the cache and their own earlier rows: bottom-right causal graphs."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    torch.manual_seed(0)
+    n = sum(FINALS)
+    q, k, v = (torch.randn(n, 2, 5, dtype=dtype) for _ in range(3))
+    ref = gatattn.reference.attention(q, k, v, block_mask(FINALS, causal=True))
+    cache = KVCache(num_layers=1)
+    for counts, rows in chunked_schedule([1, 0, 2, 0, 1], FINALS, [3, 0, 1, 4]):
+        start(cache, counts, [1, 0, 2, 0, 1], chunked=True)
+        kv = cache.append(0, k[rows], v[rows])
+        out = gatattn.attention(q[rows], kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
+                                backend=backend)
+        torch.testing.assert_close(out, ref[rows].to(dtype), rtol=0,
+                                   atol=1e-10 if dtype == torch.float64 else 1e-5)
+    assert cache.lengths == FINALS
+
+
 def stacked(configs, dim=6):
     torch.manual_seed(1)
     return [SelfAttentionConv(dim, dim // c["heads"] if c.get("concat", True) else dim,
@@ -89,13 +127,16 @@ def full_model(convs, x, ptr):
     return h
 
 
-def decoded_model(convs, x, prompts, finals):
-    """Runs ``full_model``'s layers step by step over a cache; returns the outputs of every
-    step's rows, in the order of the packed full sequences."""
+def decoded_model(convs, x, prompts, finals, chunks=None):
+    """Runs ``full_model``'s layers step by step over a cache (one row per step, or
+    ``chunks`` as :func:`chunked_schedule`); returns the outputs of every step's rows, in the
+    order of the packed full sequences."""
     cache = KVCache(num_layers=len(convs))
     out = torch.empty(x.size(0), x.size(1), dtype=x.dtype)
-    for active, rows in schedule(prompts, finals):
-        start(cache, active, prompts)
+    steps = schedule(prompts, finals) if chunks is None else chunked_schedule(prompts, finals,
+                                                                               chunks)
+    for active, rows in steps:
+        start(cache, active, prompts, chunked=chunks is not None)
         h = x[rows]
         for layer, conv in enumerate(convs):
             h = torch.tanh(cached_self_attention(conv, h, cache, layer)) + h
@@ -121,14 +162,15 @@ def test_decoding_equals_full_conv(configs):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
 
 
-def test_gradient_through_decode_steps():
+@pytest.mark.parametrize("chunks", [None, [2, 3]], ids=["one-row", "chunked"])
+def test_gradient_through_decode_steps(chunks):
     convs = stacked(CONFIGS["mean+beta"])
     x = torch.randn(sum(FINALS), 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(sum(FINALS), 6, dtype=torch.float64)
     params = [x, *(p for conv in convs for p in conv.parameters())]
     full = torch.autograd.grad((full_model(convs, x, offsets(FINALS)) * weight).sum(), params)
-    decoded = torch.autograd.grad((decoded_model(convs, x, PROMPTS, FINALS) * weight).sum(),
-                                  params)
+    decoded = torch.autograd.grad(
+        (decoded_model(convs, x, PROMPTS, FINALS, chunks) * weight).sum(), params)
     for g_full, g_dec in zip(full, decoded, strict=True):
         torch.testing.assert_close(g_dec, g_full, rtol=0, atol=1e-10)
 
@@ -144,7 +186,7 @@ def test_cache_layout_and_lengths():
     cache.start_step([False, True, True])
     assert cache.new_positions.tolist() == [0, 1]
     kv = cache.append(0, torch.tensor([[[2.0]], [[3.0]]]), torch.zeros(2, 1, 2))
-    assert not kv.causal
+    assert kv.causal == "bottom_right"
     assert [p.tolist() for p in kv.ptr] == [[0, 0, 1, 2], [0, 2, 3, 5]]
     assert kv.key.flatten().tolist() == [1.0, 1.0, 2.0, 1.0, 3.0]
     assert cache.lengths == [2, 0, 1], "lengths advance after the last layer"
@@ -179,6 +221,20 @@ BAD_APPENDS = {
                                  c.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
                                  c.start_step([True, False])), "1 booleans"),
     "prefill twice": (lambda c: c.start_prefill([1]), "already holds a prefill"),
+    "rows length": (lambda c: (c.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                               c.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                               c.start_step(rows=[2, 1])), "1 counts"),
+    "rows negative": (lambda c: (c.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                                 c.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                                 c.start_step(rows=[-1])), ">= 0"),
+    "active and rows": (lambda c: (c.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                                   c.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                                   c.start_step([True], rows=[1])), "not both"),
+    "chunk rows": (lambda c: (c.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                              c.append(1, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)),
+                              c.start_step(rows=[3]),
+                              c.append(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))),
+                   "with 3 rows"),
 }
 
 

@@ -85,8 +85,12 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
 
 
 def _diagonal(graph: AttentionGraph, group: SegmentGroup) -> int | None:
-    """The group's causal diagonal (it keeps ``j <= i + d``), ``None`` if not causal."""
-    return graph.diagonal(group.len_dst, group.len_src) if graph.causal else None
+    """The group's causal diagonal (it keeps ``j <= i + d``), ``None`` if not causal or if it
+    keeps every pair (one query per graph aligned bottom-right: a decoding step)."""
+    if not graph.causal:
+        return None
+    diagonal = graph.diagonal(group.len_dst, group.len_src)
+    return None if diagonal >= group.len_src - 1 else diagonal
 
 
 def _causal_mask(group: SegmentGroup, diagonal: int | None) -> Tensor | None:

@@ -107,10 +107,14 @@ def cases() -> list[Case]:
         _implicit("causal, ptr, sequences of 5, 17, 1", [5, 17, 1], [5, 17, 1], causal=True),
         _implicit("bipartite, 3x6 and 8x2 per graph", [3, 8], [6, 2]),
         _implicit("bipartite causal, 9x4 and 2x7 per graph", [9, 2], [4, 7], causal=True),
+        _implicit("bipartite causal bottom-right, 9x4 and 2x7 per graph", [9, 2], [4, 7],
+                  causal="bottom_right"),
         _edges("edge set, duplicates, self loops, isolated targets", 20, 16, 70),
         _with_bias(_implicit("attn_bias, causal, ptr, sequences of 5, 17, 1", [5, 17, 1],
                              [5, 17, 1], causal=True)),
         _with_bias(_implicit("attn_bias, bipartite, 3x6 and 8x2 per graph", [3, 8], [6, 2])),
+        _with_bias(_implicit("attn_bias, bipartite causal bottom-right, 3x6 and 8x2 per graph",
+                             [3, 8], [6, 2], causal="bottom_right")),
         _with_bias(_edges("attn_bias, edge set, self loops, isolated targets", 20, 16, 70,
                           duplicates=False)),
         replace(_implicit("grouped-query (one kv head), causal, ptr, sequences of 6, 1, 11",
@@ -197,10 +201,11 @@ def _cast(tensors, dtype: torch.dtype, device) -> tuple[Tensor, ...]:
     return tuple(t.to(device=device, dtype=dtype) for t in tensors)
 
 
-def _implicit(name: str, sizes_dst: list[int], sizes_src: list[int], *, causal: bool = False,
-              shuffle: bool = False) -> Case:
+def _implicit(name: str, sizes_dst: list[int], sizes_src: list[int], *,
+              causal: bool | str = False, shuffle: bool = False) -> Case:
     """One complete graph per entry of ``sizes_*``, given by ``batch`` (shuffled: nodes of a
-    graph need not be contiguous) or ``ptr``; causal keeps ``pos(j) <= pos(i)`` per graph."""
+    graph need not be contiguous) or ``ptr``; causal keeps ``pos(j) <= pos(i) + d`` per graph,
+    ``d = n_src - n_dst`` when ``"bottom_right"``, else 0."""
     batch_dst = torch.repeat_interleave(torch.arange(len(sizes_dst)), torch.tensor(sizes_dst))
     batch_src = torch.repeat_interleave(torch.arange(len(sizes_src)), torch.tensor(sizes_src))
     if shuffle:
@@ -210,7 +215,9 @@ def _implicit(name: str, sizes_dst: list[int], sizes_src: list[int], *, causal: 
     pos_dst, pos_src = _positions(batch_dst), _positions(batch_src)
     mask = batch_dst[:, None] == batch_src[None, :]
     if causal:
-        mask &= pos_src[None, :] <= pos_dst[:, None]
+        diagonal = torch.tensor(sizes_src) - torch.tensor(sizes_dst)
+        last_seen = pos_dst + (diagonal[batch_dst] if causal == "bottom_right" else 0)
+        mask &= pos_src[None, :] <= last_seen[:, None]
     bipartite = sizes_dst != sizes_src
     if shuffle:
         graph = {"batch": (batch_dst, batch_src) if bipartite else batch_dst}

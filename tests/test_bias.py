@@ -64,6 +64,8 @@ IMPLICIT = {  # name: (sizes_dst, sizes_src or None for self-attention, causal)
     # Many size groups, one of them empty, one of a single node.
     "similar-sizes": ([8, 10, 0, 9, 8, 10, 1], None, False),
     "similar-bipartite-causal": ([8, 9, 10, 9], [10, 9, 8, 11], True),
+    # Bottom-right: blind targets (more targets than sources), and more sources than targets.
+    "bipartite-bottom-right": ([6, 0, 2, 5], [3, 2, 5, 5], "bottom_right"),
 }
 
 
@@ -77,7 +79,8 @@ def test_implicit_graphs_match_reference(route, case):
 
 @settings(max_examples=25)
 @given(sizes=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=6),
-       bipartite=st.booleans(), causal=st.booleans(), route=st.sampled_from(["sdpa", "sparse"]))
+       bipartite=st.booleans(), causal=st.sampled_from([False, True, "bottom_right"]),
+       route=st.sampled_from(["sdpa", "sparse"]))
 def test_random_batches_match_reference(sizes, bipartite, causal, route):
     sizes_dst = [d for d, _ in sizes]
     sizes_src = [s for _, s in sizes] if bipartite else None

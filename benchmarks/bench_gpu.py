@@ -15,6 +15,23 @@ three modes. ``method_notes`` below, printed with every report, says how.
    BlockMask built once, and rebuilt per call as a new batch of graphs would need), ours.
 3. The same batches as a layer: GPSConv-style ``to_dense_batch`` + ``nn.MultiheadAttention``
    against the same MHA's weights used as in_proj -> ``gatattn.attention`` -> out_proj.
+4. Biased graphs: 2's first two batches (1024 graphs of 10-40 nodes, 64 of 100-1000) with a
+   learnable additive bias (a leaf needing grad, Graphormer style), gradients into q, k, v and
+   the bias. Ours takes the stacked layout of :mod:`gatattn.bias` (each graph's n x n block,
+   target-major, graphs in id order): ``backend="triton"`` (fused kernels, dBias without
+   atomics) and ``auto`` (which does not race the fused kernels when given a bias: SDPA per
+   size group, the bias gathered to float masks).
+   Peers: SDPA on ``to_dense_batch`` padding with the bias held padded ``(B, H, L, L)``, ``-inf``
+   on padded keys, as the float ``attn_mask`` (the reference: torch only); FlexAttention in the
+   packed document form, ``(1, H, T, C)`` with the document BlockMask and a ``score_mod`` that
+   reads the same stacked bias through a per-query row table (what a Flex user with jagged
+   graphs writes: no padding, and the BlockMask skips blocks between graphs; a padded
+   ``(B, H, L, L)`` bias in ``score_mod`` would pay the padding as SDPA does). Flex scatters
+   the bias gradient with atomic adds, non-deterministic in general; here every pair owns its
+   bias entry, so only masked-out pairs (clamped onto the first or last row) add zeros.
+   DESIGN.md has no GPU row for a bias (its CPU row: <= 0.5x padded SDPA's time); the targets
+   set here are floors, in fwd+bwd and fwd: ours (triton) never slower than padded SDPA or
+   Flex, and auto never slower than padded SDPA.
 
 Not measured: FlexAttention's recompilation when graph sizes change between batches.
 
@@ -22,7 +39,7 @@ Usage::
 
     python benchmarks/bench_gpu.py          # full run; writes benchmarks/results/gpu-<device>.md
                                             # and .json next to it, after every case
-    python benchmarks/bench_gpu.py --quick  # a few small cases (about 2 min), prints only
+    python benchmarks/bench_gpu.py --quick  # a few small cases (minutes), prints only
     python benchmarks/bench_gpu.py --budget-s 480            # part of the run;
     python benchmarks/bench_gpu.py --resume --budget-s 480   # then the rest, until complete
     python benchmarks/bench_gpu.py --out DIR     # write into DIR instead
@@ -33,7 +50,8 @@ Usage::
 
 ``--smoke`` runs every step of a real run, so that CI catches a broken script before GPU time is
 spent on it. Peers the CPU lacks are reported as skipped, as an unavailable peer is on a GPU:
-SDPA's efficient and cuDNN backends, varlen_attn (CUDA only), FlexAttention (no CPU backward).
+SDPA's efficient and cuDNN backends, varlen_attn (CUDA only), FlexAttention (no CPU backward,
+the biased graphs' Flex peer too).
 """
 
 from __future__ import annotations
@@ -81,6 +99,7 @@ from torch_geometric.utils import to_dense_batch
 
 import gatattn
 from gatattn.backends.varlen import varlen_unavailable_reason
+from gatattn.bias import block_offsets, stacked_from_padded
 from gatattn.graph import build_graph
 from gatattn.kernels import flash_attention as kernels
 
@@ -99,6 +118,9 @@ HIDDEN, TOTAL_TOKENS = 2048, 16384  # H * C: 16 heads at C=128, 32 at C=64
 CHANNELS, LENGTHS = (64, 128), (512, 1024, 2048, 4096, 8192, 16384)
 GRAPH_HEADS, GRAPH_CHANNELS = 8, 64
 GRAPH_BATCHES = ((1024, 10, 40), (64, 100, 1000), (256, 10, 1000))  # (graphs, min, max nodes)
+# The third batch's padded bias would be 256 * 8 * 1000^2 entries (4 GB, and its gradient) for
+# no new information.
+BIASED_BATCHES = GRAPH_BATCHES[:2]
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -109,6 +131,7 @@ SDPA_FLASH, SDPA_EFFICIENT, SDPA_CUDNN = "SDPA flash", "SDPA efficient", "SDPA c
 VARLEN, FLEX = "varlen_attn", "Flex"
 FLEX_DOC, FLEX_DOC_REBUILT = "Flex doc mask", "Flex doc mask, rebuilt per call"
 PADDED_SDPA, PADDED_MHA = "padded SDPA", "padded nn.MultiheadAttention"
+PADDED_BIAS, FLEX_BIAS = "padded SDPA, float mask", "Flex score_mod + doc mask"
 OURS, LAUNCHERS = "gatattn.attention (triton)", "kernel launchers"
 OURS_AUTO = "gatattn.attention (auto)"  # verified and raced against the torch routes it knows
 GATATTN_SDPA = "gatattn SDPA route (one SDPA call per graph size, no padding)"
@@ -120,7 +143,7 @@ OURS_LAYER = "projections + gatattn.attention (triton)"
 
 @dataclass(frozen=True)
 class Shape:
-    group: str  # "segments", "graphs" (attention core) or "layer"
+    group: str  # "segments", "graphs" (attention core), "layer" or "biased graphs"
     heads: int
     channels: int
     lengths: tuple[int, ...]  # rows of each segment (graph)
@@ -150,9 +173,10 @@ def segment_shapes(size: str) -> list[Shape]:
             for c in channels for causal in (False, True) for n in lengths]
 
 
-def graph_shapes(size: str) -> list[Shape]:
+def graph_shapes(size: str, groups: tuple[str, ...] = ("graphs", "layer"),
+                 full_batches: tuple = GRAPH_BATCHES) -> list[Shape]:
     heads, channels, batches = {
-        "full": (GRAPH_HEADS, GRAPH_CHANNELS, GRAPH_BATCHES),
+        "full": (GRAPH_HEADS, GRAPH_CHANNELS, full_batches),
         "quick": (GRAPH_HEADS, GRAPH_CHANNELS, ((32, 10, 1000),)),
         "smoke": (2, 16, ((4, 5, 40),)),
     }[size]
@@ -161,9 +185,12 @@ def graph_shapes(size: str) -> list[Shape]:
         gen = torch.Generator().manual_seed(2)
         sizes = tuple(torch.randint(low, high + 1, (count,), generator=gen).tolist())
         drawn = f"{count} graphs of {low}-{high} nodes ({sum(sizes)} nodes)"
-        shapes += [Shape(group, heads, channels, sizes, graphs=drawn)
-                   for group in ("graphs", "layer")]
+        shapes += [Shape(group, heads, channels, sizes, graphs=drawn) for group in groups]
     return shapes
+
+
+def biased_shapes(size: str) -> list[Shape]:
+    return graph_shapes(size, ("biased graphs",), BIASED_BATCHES)
 
 
 def targets(shape: Shape) -> tuple[Target, ...]:
@@ -180,6 +207,11 @@ def targets(shape: Shape) -> tuple[Target, ...]:
             at_least(ours, "fwd+bwd", 0.9, SDPA_FLASH, " (C=128, N>=4k)"))) + never_slower()
     if shape.group == "layer":
         return tuple(at_least(OURS_LAYER, mode, 3.0, PADDED_MHA) for mode in ("fwd+bwd", "fwd"))
+    if shape.group == "biased graphs":  # no GPU row in DESIGN.md: floors, never slower
+        return tuple(at_least(ours, mode, 1.0, anchor, " (bias; no GPU row: never slower)")
+                     for mode in ("fwd+bwd", "fwd")
+                     for ours, anchor in ((OURS, PADDED_BIAS), (OURS, FLEX_BIAS),
+                                          (OURS_AUTO, PADDED_BIAS)))
     return tuple(target for mode in ("fwd+bwd", "fwd") for target in (
         at_least(OURS, mode, 3.0, PADDED_SDPA), at_least(OURS, mode, 1.0, VARLEN),
         at_least(OURS, mode, 1.0, FLEX_DOC, " (mask prebuilt)"))) + never_slower()
@@ -206,7 +238,7 @@ def all_cases(size: str) -> list[Case]:
                  reference=REFERENCES[shape.group],
                  info={**dataclasses.asdict(shape), "label": shape.label,
                        "flops_fwd": shape.flops("fwd")})
-            for shape in segment_shapes(size) + graph_shapes(size)]
+            for shape in segment_shapes(size) + graph_shapes(size) + biased_shapes(size)]
 
 
 # --- inputs ---
@@ -217,7 +249,8 @@ class Setup:
     """What all peers of one case share."""
 
     shape: Shape
-    leaves: tuple[Tensor, ...]  # gradients flow to these: (q, k, v), or (x, *MHA parameters)
+    # gradients flow to these: (q, k, v), (q, k, v, bias) or (x, *MHA parameters)
+    leaves: tuple[Tensor, ...]
     grad_out: Tensor  # upstream gradient of the correctness check, packed like the output
     ptr: Tensor  # (B + 1,) int64 segment offsets, as PyG's Batch.ptr
     cu_seqlens: Tensor  # the same offsets in int32, for the launchers and varlen_attn
@@ -225,6 +258,7 @@ class Setup:
     scale: float
     document: Callable  # FlexAttention mask_mod: same graph; one object, so Flex compiles once
     mha: nn.MultiheadAttention | None = None
+    bias: Tensor | None = None  # (sum_b n_b^2, H) stacked, the last leaf; biased graphs only
 
 
 def make_setup(shape: Shape) -> Setup:
@@ -241,6 +275,10 @@ def make_setup(shape: Shape) -> Setup:
         return Setup(shape, (x, *mha.parameters()), torch.randn_like(x), mha=mha, **shared)
     q, k, v = (torch.randn(batch.numel(), H, C, device=DEVICE, dtype=DTYPE, requires_grad=True)
                for _ in range(3))
+    if shape.group == "biased graphs":
+        rows = sum(n * n for n in shape.lengths)
+        bias = torch.randn(rows, H, device=DEVICE, dtype=DTYPE, requires_grad=True)
+        return Setup(shape, (q, k, v, bias), torch.randn_like(q), bias=bias, **shared)
     return Setup(shape, (q, k, v), torch.randn_like(q), **shared)
 
 
@@ -344,27 +382,87 @@ def flex_documents(rebuild: bool) -> Callable[[Setup], Runner]:
     return build
 
 
+def padded_attention(setup: Setup, bias: Tensor | None = None) -> Tensor:
+    """SDPA on ``to_dense_batch`` padding, unpadded to ``(total, H, C)``; the mask is the key
+    padding mask, or ``bias`` (a padded float mask, ``-inf`` on padded keys) when given."""
+    count, longest = len(setup.shape.lengths), max(setup.shape.lengths)
+    H, C = setup.shape.heads, setup.shape.channels
+    dense = [to_dense_batch(t.flatten(1), setup.batch, batch_size=count, max_num_nodes=longest)
+             for t in setup.leaves[:3]]  # (B, L, H * C) each, zero-padded
+    mask = dense[0][1]  # (B, L), True on real nodes
+    q, k, v = (h.unflatten(-1, (H, C)).transpose(1, 2) for h, _ in dense)  # (B, H, L, C)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, None, None, :] if bias is None else bias, scale=setup.scale)
+    return out.transpose(1, 2)[mask]  # (total, H, C)
+
+
 def padded_sdpa(setup: Setup) -> Runner:
     if setup.shape.causal:
         raise ValueError("the padded peer here is non-causal only")
-    count, longest = len(setup.shape.lengths), max(setup.shape.lengths)
-    H, C = setup.shape.heads, setup.shape.channels
+    return runner(setup, lambda: padded_attention(setup))
+
+
+def padded_bias(setup: Setup) -> Tensor:
+    """The stacked bias held padded, ``(B, H, L, L)``, as a padded implementation holds it:
+    ``-inf`` on padded keys (padded query rows keep finite logits: no NaN), a leaf."""
+    sizes = setup.ptr.diff()
+    longest, H = max(setup.shape.lengths), setup.shape.heads
+    positions = torch.arange(longest, device=DEVICE)
+    real = positions < sizes.view(-1, 1)  # (B, L)
+    padded = torch.zeros(len(sizes), longest, longest, H, device=DEVICE, dtype=DTYPE)
+    padded[real[:, :, None] & real[:, None, :]] = setup.bias.detach()  # rows in (b, i, j) order
+    padded = padded.permute(0, 3, 1, 2).masked_fill(~real[:, None, None, :], float("-inf"))
+    return padded.contiguous().requires_grad_()
+
+
+def padded_sdpa_biased(setup: Setup) -> Runner:
+    """Padded SDPA with the bias as a float mask; the check reports the mask's gradient in the
+    stacked layout (``stacked_from_padded``), as ours and the reference's are."""
+    mask = padded_bias(setup)
+    built = autograd_runner(lambda: padded_attention(setup, mask), (*setup.leaves[:3], mask),
+                            setup.grad_out)
+
+    def check():
+        out, (*grads, grad_mask) = built.check()
+        return out, (*grads, stacked_from_padded(grad_mask, setup.ptr.diff()))
+
+    return dataclasses.replace(built, check=check)
+
+
+def stacked_bias_score_mod(bias: Tensor, ptr: Tensor, batch: Tensor) -> Callable:
+    """A Flex ``score_mod`` adding the stacked ``bias`` on packed graphs: pair (i, j) of a graph
+    is row ``first_row[i] + j`` (the graph's block start + i's position * n - the graph's first
+    node). Pairs between graphs, which a document BlockMask masks but Flex may still evaluate in
+    partial blocks, are clamped into range."""
+    sizes = ptr.diff()
+    starts = block_offsets(sizes, sizes)[:-1]
+    positions = torch.arange(batch.numel(), device=batch.device) - ptr[batch]
+    first_row = starts[batch] + positions * sizes[batch] - ptr[batch]
+    last_row = bias.size(0) - 1
+
+    def graph_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[(first_row[q_idx] + kv_idx).clamp(0, last_row), h]
+
+    return graph_bias
+
+
+def flex_biased(setup: Setup) -> Runner:
+    """Flex on the packed rows with the document BlockMask (built once) and the stacked bias
+    read in ``score_mod``."""
+    score_mod = stacked_bias_score_mod(setup.bias, setup.ptr, setup.batch)
+    mask = block_mask_of(setup.document, setup.batch.numel())
 
     def forward():
-        dense = [to_dense_batch(t.flatten(1), setup.batch, batch_size=count, max_num_nodes=longest)
-                 for t in setup.leaves]  # (B, L, H * C) each, zero-padded
-        mask = dense[0][1]  # (B, L), True on real nodes
-        q, k, v = (h.unflatten(-1, (H, C)).transpose(1, 2) for h, _ in dense)  # (B, H, L, C)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :],
-                                             scale=setup.scale)
-        return out.transpose(1, 2)[mask]  # (total, H, C)
+        q, k, v = (t.unsqueeze(0).transpose(1, 2) for t in setup.leaves[:3])  # (1, H, T, C)
+        return flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=setup.scale)
 
-    return runner(setup, forward)
+    return runner(setup, forward, lambda out: out[0].transpose(0, 1))
 
 
 def ours_api(setup: Setup, backend: str = "triton") -> Runner:
-    return runner(setup, lambda: gatattn.attention(*setup.leaves, ptr=setup.ptr,
-                                                   causal=setup.shape.causal, backend=backend))
+    return runner(setup, lambda: gatattn.attention(*setup.leaves[:3], ptr=setup.ptr,
+                                                   causal=setup.shape.causal,
+                                                   attn_bias=setup.bias, backend=backend))
 
 
 def launchers(setup: Setup) -> Runner:
@@ -411,6 +509,8 @@ def ours_layer(setup: Setup) -> Runner:
 
 PACKED, BATCHED = "packed (T, H, C)", "(B, H, N, C) views"
 PADDED = "to_dense_batch to (B, L_max, H * C), key padding mask, unpadded"
+STACKED = "packed (T, H, C), stacked bias (sum n^2, H)"
+PADDED_FLOAT = "to_dense_batch, bias padded (B, H, L_max, L_max) as the float mask, unpadded"
 PEERS: dict[str, tuple[Peer, ...]] = {
     "segments": (Peer(SDPA_FLASH, BATCHED, sdpa_segments(SDPBackend.FLASH_ATTENTION)),
                  Peer(SDPA_EFFICIENT, BATCHED, sdpa_segments(SDPBackend.EFFICIENT_ATTENTION)),
@@ -426,11 +526,17 @@ PEERS: dict[str, tuple[Peer, ...]] = {
                Peer(GATATTN_SDPA, PACKED, functools.partial(ours_api, backend="sdpa")),
                Peer(OURS_AUTO, PACKED, functools.partial(ours_api, backend="auto"))),
     "layer": (Peer(PADDED_MHA, PADDED, padded_mha), Peer(OURS_LAYER, PACKED, ours_layer)),
+    "biased graphs": (
+        Peer(PADDED_BIAS, PADDED_FLOAT, padded_sdpa_biased),
+        Peer(FLEX_BIAS, "(1, H, T, C), stacked bias", flex_biased),
+        Peer(OURS, STACKED, ours_api),
+        Peer(OURS_AUTO, STACKED, functools.partial(ours_api, backend="auto"))),
 }
 REFERENCES = {
     "segments": Peer("SDPA, default dispatch", BATCHED, sdpa_segments(None)),
     "graphs": Peer(GATATTN_SDPA, PACKED, functools.partial(ours_api, backend="sdpa")),
     "layer": Peer(PADDED_MHA, PADDED, padded_mha),
+    "biased graphs": Peer(PADDED_BIAS, PADDED_FLOAT, padded_sdpa_biased),
 }
 
 
@@ -448,6 +554,9 @@ TABLES = {  # group: heading, how a median is shown
                lambda r, mode, ms: f"{ms:.3f} ({show_tflops(r, mode, ms)})"),
     "layer": ("Batched graphs, layer (in_proj, attention, out_proj): ms",
               lambda r, mode, ms: f"{ms:.3f}"),
+    "biased graphs": ("Batched graphs with a learnable attn_bias, attention core (gradients into "
+                      "q, k, v and the bias): ms (effective TFLOP/s)",
+                      lambda r, mode, ms: f"{ms:.3f} ({show_tflops(r, mode, ms)})"),
 }
 
 
@@ -477,6 +586,15 @@ def method_notes() -> list[str]:
         "packed graphs).",
         "Padded peers: to_dense_batch with batch size and largest graph given, a key padding "
         "mask, and unpadding; they are credited with the useful FLOPs only.",
+        "Biased graphs: the bias is a (sum_b n_b^2, H) leaf in gatattn's stacked layout, and "
+        "its gradient is part of every check. Padded SDPA holds it as a (B, H, L, L) float "
+        "mask leaf, -inf on padded keys (its gradient mapped back with stacked_from_padded), "
+        "and is the reference (torch only). Flex: packed (1, H, T, C), the document BlockMask "
+        "built once, a score_mod adding bias[first_row[q_idx] + kv_idx, h]; its bias "
+        "gradient is scattered with atomic adds (non-deterministic in general; every pair owns "
+        "its entry here). Ours: backend='triton' (fused kernels, dBias without atomics) and "
+        "auto (SDPA per size group with gathered float masks: with a bias it does not race "
+        "the fused kernels).",
         "Max abs diff: largest difference of the output and of all input gradients (one shared "
         f"upstream gradient) to the case's reference, in {str(DTYPE).removeprefix('torch.')}; "
         "on CUDA the JSON also records each peer's peak memory in that check (check_peak_mb).",

@@ -3,8 +3,11 @@
 The kernels know nothing of graphs. They see packed ``(total, H, C)`` tensors whose rows are
 cut into segments by ``cu_seqlens_q`` / ``cu_seqlens_k`` (segment ``b`` holds query rows
 ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` and key rows likewise); each query attends to every key
-of its own segment, or, with ``CAUSAL``, to key positions ``<= `` its own (top-left aligned).
-A query with no key gets a zero output and an infinite log-sum-exp, never NaN.
+of its own segment, or, with ``CAUSAL``, to key positions ``j <= i + d`` of query position
+``i``: the diagonal ``d`` is 0 (top-left aligned, SDPA's ``is_causal``), or with
+``BOTTOM_RIGHT`` ``k_len - q_len`` of the segment, read at run time (each segment's last query
+sees its last key). A query with no key, such as a bottom-right query with ``i + d < 0``, gets a
+zero output and an infinite log-sum-exp (so the backward pass gives it p = 0), never NaN.
 
 Softmax state is fp32 and kept in base 2: ``log2(e)`` is folded into the logit scale so that the
 inner loop uses ``exp2``. The forward pass stores ``LSE`` (base 2) for the backward pass, which
@@ -76,8 +79,47 @@ def _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh,
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, start_n, offs_m, offs_n,
-               offs_d, offs_dv, stride_km, stride_vm, stride_bm, k_head, v_head, qk_scale,
+def _causal_diagonal(q_len, k_len, BOTTOM_RIGHT: tl.constexpr):
+    """The segment's causal diagonal ``d``: query ``i`` sees keys ``j <= i + d``."""
+    diagonal = q_len * 0
+    if BOTTOM_RIGHT:
+        diagonal = k_len - q_len
+    return diagonal
+
+
+@triton.jit
+def _key_tiles(m_block, k_len, diagonal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr):
+    """``(full_end, end)`` of a query tile: key tiles ``[0, full_end)`` lie inside the segment
+    and, if causal, wholly within the tile's first query's view (no masks); ``[full_end, end)``
+    are boundary or diagonal tiles. Causal bounds are clamped at 0 before dividing (Triton's
+    integer division truncates toward zero): a tile of blind queries gets an empty range."""
+    end = k_len
+    full_end = (k_len // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        end = tl.minimum(k_len, tl.maximum((m_block + 1) * BLOCK_M + diagonal, 0))
+        seen_by_first = tl.maximum(m_block * BLOCK_M + 1 + diagonal, 0)
+        full_end = tl.minimum(full_end, (seen_by_first // BLOCK_N) * BLOCK_N)
+    return full_end, end
+
+
+@triton.jit
+def _query_tiles(n_block, diagonal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr):
+    """``(first, unmasked_from)`` of a key tile: causal queries before ``first`` see none of
+    it; from ``unmasked_from`` on, query tiles see all of it (clamped at 0 before dividing)."""
+    first = n_block * 0
+    unmasked_from = n_block * 0
+    if CAUSAL:
+        first = (tl.maximum(n_block * BLOCK_N - diagonal, 0) // BLOCK_M) * BLOCK_M
+        last_key = n_block * BLOCK_N + BLOCK_N - 1
+        unmasked_from = tl.cdiv(tl.maximum(last_key - diagonal, 0), BLOCK_M) * BLOCK_M
+    return first, unmasked_from
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, diagonal, start_n, offs_m,
+               offs_n, offs_d, offs_dv, stride_km, stride_vm, stride_bm, k_head, v_head, qk_scale,
                HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
                MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     cols = start_n + offs_n
@@ -88,7 +130,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, start_n, 
     if MASKED:  # only boundary and diagonal tiles pay for per-element masks
         keep = cols[None, :] < k_len
         if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
+            keep = keep & (cols[None, :] <= offs_m[:, None] + diagonal)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
@@ -108,7 +150,7 @@ def _fwd_kernel(
     stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile, head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
@@ -130,22 +172,17 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    # Key tiles [0, full_end) lie inside the segment and, if causal, wholly at or before the
-    # tile's first query: no masks. Tiles [full_end, end) are boundary or diagonal tiles.
-    end = k_len
-    full_end = (k_len // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        end = tl.minimum(k_len, (m_block + 1) * BLOCK_M)
-        full_end = tl.minimum(full_end, ((m_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
+    full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
-                                   start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
+                                   diagonal, start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
                                    stride_vm, stride_bm, head * stride_kh, head * stride_vh,
                                    qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, False, HAS_BIAS,
                                    PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
-                                   start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
+                                   diagonal, start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
                                    stride_vm, stride_bm, head * stride_kh, head * stride_vh,
                                    qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, True, HAS_BIAS,
                                    PRECISION)
@@ -175,11 +212,12 @@ def _bwd_preprocess_kernel(Out, DO, Delta, total, stride_om, stride_oh, stride_d
 
 
 @triton.jit
-def _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, stride_bm, qk_scale,
-                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, diagonal, stride_bm,
+                   qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
                    PRECISION: tl.constexpr):
     """The forward pass's softmax tile, recomputed from the stored log-sum-exp. Unmasked tiles
-    need no per-element test: rows past the segment read lse = inf, so their p is 0."""
+    need no per-element test: rows past the segment read lse = inf, so their p is 0 (as is
+    that of rows with no key, which the forward pass stored as lse = inf)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
         s += _bias_tile(BiasSeg, offs_m, cols, q_len, k_len, stride_bm)
@@ -187,15 +225,15 @@ def _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, stride_bm, qk
     if MASKED:
         keep = (offs_m[:, None] < q_len) & (cols[None, :] < k_len)
         if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None])
+            keep = keep & (cols[None, :] <= offs_m[:, None] + diagonal)
         p = tl.where(keep, p, 0.0)
     return p
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len, start_m, cols,
-               offs_d, offs_dv, stride_qm, q_head, stride_dom, do_head, lse_head, stride_bm,
-               qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len, diagonal,
+               start_m, cols, offs_d, offs_dv, stride_qm, q_head, stride_dom, do_head, lse_head,
+               stride_bm, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile's contribution to a key tile's dK and dV (pointers at the segment), and
@@ -206,8 +244,8 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len,
     do = _load_rows(DO, offs_m, stride_dom, do_head, offs_dv, q_len, HEAD_DIM_V)
     lse = tl.load(LSE + lse_head + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + lse_head + offs_m, mask=row_ok, other=0.0)
-    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, stride_bm, qk_scale,
-                       CAUSAL, MASKED, HAS_BIAS, PRECISION)
+    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, diagonal, stride_bm,
+                       qk_scale, CAUSAL, MASKED, HAS_BIAS, PRECISION)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -227,7 +265,7 @@ def _bwd_dkdv_kernel(
     stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Key-stationary: one program owns a key tile and sweeps the queries that see it."""
     tile, head = tl.program_id(0), tl.program_id(1)
@@ -249,26 +287,24 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # Key columns past the segment load as zeros and only reach dK/dV rows that are never
-    # stored, so just the causal diagonal tiles [first, unmasked_from) need masks.
-    first = 0
-    unmasked_from = 0
-    if CAUSAL:  # queries before this key tile cannot see it
-        first = (n_block * BLOCK_N // BLOCK_M) * BLOCK_M
-        unmasked_from = tl.cdiv(n_block * BLOCK_N + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    # stored, so just the causal diagonal tiles [first, unmasked_from) need masks. Query tiles
+    # before ``first`` are never visited: their dBias stays the caller's zeros.
+    diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
+    first, unmasked_from = _query_tiles(n_block, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     Q_seg, DO_seg = Q + q_start * stride_qm, DO + q_start * stride_dom
     LSE_seg, Delta_seg = LSE + q_start, Delta + q_start
     bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     dbias_seg = _bias_segment(DBias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     for start_m in range(first, tl.minimum(unmasked_from, q_len), BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
-                            dbias_seg, q_len, k_len, start_m, cols, offs_d, offs_dv, stride_qm,
-                            head * stride_qh, stride_dom, head * stride_doh,
+                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
+                            stride_qm, head * stride_qh, stride_dom, head * stride_doh,
                             head * stride_lse_h, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
                             BLOCK_M, CAUSAL, True, HAS_BIAS, PRECISION)
     for start_m in range(unmasked_from, q_len, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
-                            dbias_seg, q_len, k_len, start_m, cols, offs_d, offs_dv, stride_qm,
-                            head * stride_qh, stride_dom, head * stride_doh,
+                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
+                            stride_qm, head * stride_qh, stride_dom, head * stride_doh,
                             head * stride_lse_h, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
                             BLOCK_M, CAUSAL, False, HAS_BIAS, PRECISION)
 
@@ -282,16 +318,16 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, start_n, offs_m, offs_n,
-             offs_d, offs_dv, stride_km, k_head, stride_vm, v_head, stride_bm, qk_scale,
+def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, diagonal, start_n, offs_m,
+             offs_n, offs_d, offs_dv, stride_km, k_head, stride_vm, v_head, stride_bm, qk_scale,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
              MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile's contribution to a query tile's dQ (pointers at the segment)."""
     cols = start_n + offs_n
     k = _load_rows(K, cols, stride_km, k_head, offs_d, k_len, HEAD_DIM)
     v = _load_rows(V, cols, stride_vm, v_head, offs_dv, k_len, HEAD_DIM_V)
-    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, stride_bm, qk_scale,
-                       CAUSAL, MASKED, HAS_BIAS, PRECISION)
+    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, diagonal, stride_bm,
+                       qk_scale, CAUSAL, MASKED, HAS_BIAS, PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -305,7 +341,7 @@ def _bwd_dq_kernel(
     stride_dqm, stride_dqh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Query-stationary: one program owns a query tile and sweeps the keys it sees."""
     tile, head = tl.program_id(0), tl.program_id(1)
@@ -331,23 +367,20 @@ def _bwd_dq_kernel(
 
     # As in the forward pass: tiles [0, full_end) need no masks. A key column past the segment
     # must be masked here, since its p (from a zero key) would meet k = 0 as inf * 0.
-    end = k_len
-    full_end = (k_len // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        end = tl.minimum(k_len, (m_block + 1) * BLOCK_M)
-        full_end = tl.minimum(full_end, ((m_block * BLOCK_M + 1) // BLOCK_N) * BLOCK_N)
+    diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
+    full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     K_seg, V_seg = K + k_start * stride_km, V + k_start * stride_vm
     bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, start_n,
-                      offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh, stride_vm,
-                      head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL,
-                      False, HAS_BIAS, PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, diagonal,
+                      start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh,
+                      stride_vm, head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                      CAUSAL, False, HAS_BIAS, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, start_n,
-                      offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh, stride_vm,
-                      head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL,
-                      True, HAS_BIAS, PRECISION)
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, diagonal,
+                      start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh,
+                      stride_vm, head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                      CAUSAL, True, HAS_BIAS, PRECISION)
 
     dq_ptrs = DQ + (q_start + offs_m)[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
@@ -426,8 +459,10 @@ def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
     )
 
 
-def _launch_options(q, v, causal, config: TileConfig, has_bias: bool = False) -> dict:
-    return dict(CAUSAL=causal, HAS_BIAS=has_bias, num_warps=config.num_warps,
+def _launch_options(q, v, causal, config: TileConfig, has_bias: bool = False,
+                    bottom_right: bool = False) -> dict:
+    return dict(CAUSAL=causal, BOTTOM_RIGHT=causal and bottom_right, HAS_BIAS=has_bias,
+                num_warps=config.num_warps,
                 num_stages=config.num_stages,
                 **COMPILE_OPTIONS, **kernel_constants(q.shape[2], v.shape[2], q.dtype, config))
 
@@ -436,42 +471,50 @@ def tuned_configs() -> list[str]:
     """What the tuner chose in this process, one line per key (for benchmark reports)."""
     lines = []
     for key, config in _TUNER.chosen.items():
-        kernel, q_bucket, k_bucket, head_dim, head_dim_v, dtype, causal, bias, capability = key
+        (kernel, q_bucket, k_bucket, head_dim, head_dim_v, dtype, causal, bottom_right, bias,
+         capability) = key
+        causal = "bottom_right" if bottom_right else causal
         lines.append(f"{kernel}, lengths ~{q_bucket}/~{k_bucket}, C={head_dim}/{head_dim_v}, "
                      f"{str(dtype).removeprefix('torch.')}, causal={causal}, bias={bias}, "
                      f"sm_{capability[0]}{capability[1]}: {config}")
     return lines
 
 
-def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, launch, has_bias: bool) -> TileConfig:
+def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, bottom_right, launch,
+           has_bias: bool) -> TileConfig:
     """The interpreter's one configuration on CPU; on a GPU, the fastest kept candidate for this
-    kernel, head dims, dtype, causality, bias and bucketed lengths (timed on the first such
-    call)."""
+    kernel, head dims, dtype, causal alignment, bias and bucketed lengths (timed on the first
+    such call)."""
     if q.device.type != "cuda":
         return INTERPRETER_CONFIG
-    return _tuned_for_gpu(kernel, q, k, v, cu_seqlens_q, causal, launch, has_bias,
+    return _tuned_for_gpu(kernel, q, k, v, cu_seqlens_q, causal, bottom_right, launch, has_bias,
                           torch.cuda.get_device_capability(q.device),
                           shared_memory_limit(q.device))
 
 
-def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, launch, has_bias: bool,
-                   capability: tuple[int, int], shared_limit: int) -> TileConfig:
+def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, bottom_right, launch,
+                   has_bias: bool, capability: tuple[int, int], shared_limit: int) -> TileConfig:
     """The GPU branch of :func:`_tuned`, with the GPU's figures as arguments, so that tests can
     run it on CPU tensors in the interpreter. A bias tile takes shared memory and registers:
-    it has its own candidates and key."""
+    it has its own candidates and key. The bottom-right alignment adds no tile (the same
+    candidates) but is another build, whose work per tile differs: it has its own key."""
     configs = candidates(kernel, padded_dim(q.shape[2]), padded_dim(v.shape[2]),
                          q.element_size(), shared_limit, has_bias)
     segments = cu_seqlens_q.numel() - 1
     key = (kernel, length_bucket(q.shape[0], segments), length_bucket(k.shape[0], segments),
-           q.shape[2], v.shape[2], q.dtype, causal, has_bias, capability)
+           q.shape[2], v.shape[2], q.dtype, causal, causal and bottom_right, has_bias,
+           capability)
     return _TUNER.choose(key, configs, launch)
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                            config: TileConfig | None = None, bias=None):
+                            config: TileConfig | None = None, bias=None, *,
+                            bottom_right: bool = False):
     """Returns ``out`` (total_q, H, C_v) and the base-2 log-sum-exp ``lse`` (H, total_q), fp32.
     ``config`` overrides the tuned launch configuration. ``bias``: ``(rows, H)``, each
-    segment's ``(len_q, len_k)`` block target-major, segments stacked in order."""
+    segment's ``(len_q, len_k)`` block target-major, segments stacked in order.
+    ``bottom_right`` (with ``causal``): query ``i`` of a segment sees keys
+    ``j <= i + k_len - q_len``; queries that see none get zeros."""
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_bias(q, bias)
     bias_args = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
@@ -487,18 +530,20 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, *bias_args[:2],
             scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), lse.stride(0), *bias_args[2:],
-            **_launch_options(q, v, causal, config, bias is not None))
+            **_launch_options(q, v, causal, config, bias is not None, bottom_right))
 
-    launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, launch, bias is not None))
+    launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, bottom_right, launch,
+                            bias is not None))
     return out, lse
 
 
 def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                             config: TileConfig | None = None, bias=None, dbias=None):
-    """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``.
-    ``config`` overrides the tuned launch configurations of both passes. With ``bias``, the
-    bias gradient is written into ``dbias`` (zeros, shaped and strided as ``bias``; pairs a
-    causal segment excludes stay 0)."""
+                             config: TileConfig | None = None, bias=None, dbias=None, *,
+                             bottom_right: bool = False):
+    """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse`` (with the
+    same ``causal`` and ``bottom_right``). ``config`` overrides the tuned launch
+    configurations of both passes. With ``bias``, the bias gradient is written into ``dbias``
+    (zeros, shaped and strided as ``bias``; pairs a causal segment excludes stay 0)."""
     _check_bias(q, bias)
     assert (bias is None) == (dbias is None), "give bias and dbias together"
     assert dbias is None or dbias.stride() == bias.stride(), "dbias must be strided as bias"
@@ -526,17 +571,18 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
             bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, *strides, dk.stride(0),
             dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), stride_bm, stride_bh,
-            **_launch_options(q, v, causal, config, has_bias))
+            **_launch_options(q, v, causal, config, has_bias, bottom_right))
 
     def launch_dq(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _bwd_dq_kernel[(segment.numel(), heads)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
             bias_ptr, offsets, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
-            lse.stride(0), stride_bm, stride_bh, **_launch_options(q, v, causal, config,
-                                                                   has_bias))
+            lse.stride(0), stride_bm, stride_bh,
+            **_launch_options(q, v, causal, config, has_bias, bottom_right))
 
-    has_bias = bias is not None
-    launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, causal, launch_dkdv, has_bias))
-    launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, causal, launch_dq, has_bias))
+    alignment = (causal, bottom_right)
+    launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, *alignment, launch_dkdv,
+                                 has_bias))
+    launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, *alignment, launch_dq, has_bias))
     return dq, dk, dv

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 import gatattn
+from gatattn import reference
+from gatattn.bias import stacked_to_dense
 from tests.conftest import assert_close, check_against_reference, make_qkv, masked_reference
-from tests.test_functional import batch_from_sizes, same_graph_mask
+from tests.test_functional import batch_from_sizes, ptr_from_sizes, same_graph_mask
 
 pytest.importorskip("triton")
 # On a GPU machine the interpreter is off (conftest.py), so the CPU cases give way to CUDA ones.
@@ -123,6 +125,102 @@ def test_unequal_query_and_key_tiles(monkeypatch, tiles, causal):
                             masked_reference(same_graph_mask(dst, src, causal)))
 
 
+# (targets, sources) per segment for the causal alignments: more targets than sources, with
+# blind targets inside one tile and across several (40/3, 33/1, 70/50, 3/0: a segment without
+# sources), more sources than targets (5/48, 1/33, 50/70, and 2/60: with 16-row tiles all of
+# its first key tile is seen from query row 15 - 58 = -43 on, a bound the kernels must clamp),
+# equal (20/20), no targets (0/7).
+BIPARTITE_SIZES = ([5, 40, 17, 3, 0, 20, 2, 33, 1, 70, 50],
+                   [48, 3, 30, 0, 7, 20, 60, 1, 33, 50, 70])
+
+
+def bipartite_case(causal, heads=1, channels=16, dtype=torch.float32, device="cpu"):
+    """``(run, inputs, ref)`` of :data:`BIPARTITE_SIZES` with a stacked attn_bias: ``run`` goes
+    through the Triton route, ``ref`` is gatattn.reference under ``block_mask``."""
+    sizes_dst, sizes_src = BIPARTITE_SIZES
+    ptr_dst, ptr_src = ptr_from_sizes(sizes_dst), ptr_from_sizes(sizes_src)
+    q, k, v = make_qkv(sum(sizes_dst), sum(sizes_src), heads, channels, value_channels=24,
+                       dtype=dtype)
+    rows = sum(d * s for d, s in zip(sizes_dst, sizes_src, strict=True))
+    bias = torch.randn(rows, heads, generator=torch.Generator().manual_seed(5)).to(dtype)
+    inputs = on(device, (q, k, v, bias))
+    mask = reference.block_mask(sizes_dst, sizes_src, causal=causal)
+    ptr = (ptr_dst.to(device), ptr_src.to(device))
+
+    def run(q, k, v, bias):
+        return gatattn.attention(q, k, v, ptr=ptr, causal=causal, attn_bias=bias,
+                                 backend="triton")
+
+    def ref(q, k, v, bias, compute_dtype):
+        dense = stacked_to_dense(bias.cpu(), ptr_dst, ptr_src)
+        return reference.attention(q.cpu(), k.cpu(), v.cpu(), mask, bias=dense,
+                                   compute_dtype=compute_dtype).to(q.device)
+
+    return run, inputs, ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", ["top_left", "bottom_right"])
+def test_causal_alignments_on_bipartite_segments(device, dtype, causal):
+    # Out, dq, dk, dv and dbias against the float64 reference (and, in fp16, its own fp16
+    # error); blind bottom-right targets must give zeros and zero gradients, never NaN.
+    run, inputs, ref = bipartite_case(causal, dtype=dtype, device=device)
+    check_against_reference(run, inputs, ref, names=("q", "k", "v", "bias"))
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32), (64, 16), (16, 64)],
+                         ids=lambda t: f"M{t[0]}xN{t[1]}")
+@INTERPRETER
+def test_bottom_right_on_unequal_query_and_key_tiles(monkeypatch, tiles):
+    # The diagonal shifts the forward / dQ key range and the dK/dV query range by segment: the
+    # bounds of full, diagonal and blind tiles must hold for any pair of tile heights.
+    from gatattn.kernels import flash_attention
+    from gatattn.kernels.tuning import TileConfig
+
+    monkeypatch.setattr(flash_attention, "INTERPRETER_CONFIG", TileConfig(*tiles, 1, 1))
+    run, inputs, ref = bipartite_case("bottom_right")
+    check_against_reference(run, inputs, ref, names=("q", "k", "v", "bias"))
+
+
+@INTERPRETER
+def test_bottom_right_blind_rows_and_dbias_in_the_kernels():
+    # Straight through the launchers: blind rows store out = 0 and lse = inf and get dq = 0;
+    # the backward writes dBias at every pair a segment keeps (a NaN-filled dbias shows which
+    # it wrote), 0 at the excluded pairs it visits, and the same bits on a second run.
+    from gatattn.kernels.flash_attention import flash_attention_backward, flash_attention_forward
+
+    sizes_dst, sizes_src = BIPARTITE_SIZES
+    cu_q = ptr_from_sizes(sizes_dst).to(torch.int32)
+    cu_k = ptr_from_sizes(sizes_src).to(torch.int32)
+    _, inputs, _ = bipartite_case("bottom_right", heads=2)
+    q, k, v, bias = (t.detach() for t in inputs)
+    do = torch.randn(q.shape[0], 2, v.shape[2], generator=torch.Generator().manual_seed(6))
+    mask = reference.block_mask(sizes_dst, sizes_src, causal="bottom_right")
+    kept = stacked_to_dense(torch.ones(bias.shape[0], 1), cu_q.long(), cu_k.long())[..., 0] > 0
+    kept_pairs = mask[kept]  # stacked order: segment by segment, target-major
+
+    out, lse = flash_attention_forward(q, k, v, cu_q, cu_k, 0.25, True, bias=bias,
+                                       bottom_right=True)
+
+    def backward(fill):
+        dbias = torch.full_like(bias, fill)
+        dq, _, _ = flash_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, 0.25, True,
+                                            bias=bias, dbias=dbias, bottom_right=True)
+        return dq, dbias
+
+    dq, dbias = backward(float("nan"))
+    blind = ~mask.any(1)
+    assert blind.sum() == 37 + 3 + 32 + 20  # segments 40/3, 3/0, 33/1, 70/50
+    assert bool((out[blind] == 0).all()) and bool((dq[blind] == 0).all())
+    assert bool(torch.isinf(lse[:, blind]).all())
+    assert not dbias[kept_pairs].isnan().any()
+    assert bool((dbias[~kept_pairs].nan_to_num(0.0) == 0).all())
+    again = backward(0.0)[1]  # a second run, on the zeros the autograd glue gives
+    assert torch.equal(dbias.nan_to_num(0.0), again)
+    assert bool((again[~kept_pairs] == 0).all())
+
+
 @INTERPRETER
 def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
     # On a GPU the launchers tune: candidates for the GPU, a key, a timed choice, a launch with
@@ -151,10 +249,27 @@ def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
     assert {key[0] for key in chosen} == {"forward", "dkdv", "dq"}
     for (kernel, q_bucket, k_bucket, *rest), config in chosen.items():
         assert (q_bucket, k_bucket) == (64, 64)  # mean length 254 / 4, rounded up
-        assert rest == [16, 16, torch.float32, True, False, (9, 0)]
+        assert rest == [16, 16, torch.float32, True, False, False, (9, 0)]
         assert config == candidates(kernel, 16, 16, 4, 232448)[0]
     assert len(launched) == sum(len(candidates(kernel, 16, 16, 4, 232448))
                                 for kernel in ("forward", "dkdv", "dq"))
+
+
+def test_tuner_keys_the_causal_alignment(monkeypatch):
+    # A bottom-right launch is another build: it is timed under its own key, which a
+    # non-causal call never reaches (the flag means nothing there).
+    from gatattn.kernels import flash_attention
+    from gatattn.kernels.tuning import Tuner
+
+    tuner = Tuner(bench=lambda fn: 1.0)
+    monkeypatch.setattr(flash_attention, "_TUNER", tuner)
+    q, k, v = make_qkv(40, 40, 1, 16)
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    for causal, bottom_right in [(True, False), (True, True), (False, True), (False, False)]:
+        flash_attention._tuned_for_gpu("forward", q, k, v, cu, causal, bottom_right,
+                                       lambda config: None, False, (9, 0), 232448)
+    alignments = sorted(key[6:8] for key in tuner.chosen)
+    assert alignments == [(False, False), (True, False), (True, True)]
 
 
 def test_tile_schedule_skips_no_work():

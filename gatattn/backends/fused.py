@@ -41,13 +41,13 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, cu_seqlens_q, cu_seqlens_k, scale, causal):
+    def forward(ctx, q, k, v, bias, cu_seqlens_q, cu_seqlens_k, scale, causal, bottom_right):
         from gatattn.kernels.flash_attention import flash_attention_forward
 
         out, lse = flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                                           bias=bias)
+                                           bias=bias, bottom_right=bottom_right)
         ctx.save_for_backward(q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.causal, ctx.bottom_right = scale, causal, bottom_right
         return out
 
     @staticmethod
@@ -58,8 +58,8 @@ class _FlashAttention(torch.autograd.Function):
         dbias = None if bias is None else torch.zeros_like(bias)
         dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q,
                                               cu_seqlens_k, ctx.scale, ctx.causal, bias=bias,
-                                              dbias=dbias)
-        return dq, dk, dv, dbias, None, None, None, None
+                                              dbias=dbias, bottom_right=ctx.bottom_right)
+        return dq, dk, dv, dbias, None, None, None, None, None
 
 
 class _CSRFlashAttention(torch.autograd.Function):
@@ -125,5 +125,5 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: Attentio
     out = _FlashAttention.apply(
         permute_rows(q, segments.order_dst), permute_rows(k, segments.order_src),
         permute_rows(v, segments.order_src), bias, cu_seqlens_q, cu_seqlens_k, scale,
-        graph.causal)
+        graph.causal, graph.bottom_right)
     return unpermute_rows(out, segments.order_dst)

@@ -72,6 +72,7 @@ class Build:
     config: TileConfig | None  # None: a CSR kernel, launched with Triton's default options
     causal: bool = False
     bias: bool = False  # an attn_bias tile read (and, backward, dBias written)
+    bottom_right: bool = False  # causal, aligned bottom-right (a per-segment diagonal)
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def measure(build: Build) -> Row:
     estimates = dict(shared_estimate=shared_memory_estimate(*shape),
                      register_estimate=register_tile_estimate(*shape))
     return _compiled(build, kept, estimates, DENSE_KERNEL_FUNCTIONS[build.kernel],
-                     dict(constants, CAUSAL=build.causal, HAS_BIAS=build.bias),
+                     dict(constants, CAUSAL=build.causal, BOTTOM_RIGHT=build.bottom_right,
+                          HAS_BIAS=build.bias),
                      build.config.num_warps,
                      build.config.num_stages)
 
@@ -151,8 +153,10 @@ def csr_builds(capabilities, dtypes, head_dims) -> list[Build]:
 
 def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
     """Per (arch, dtype, head dim, kernel), the kept candidate with the largest shared-memory
-    estimate (if it fits, the estimate bounds the rest), causal and not, and with an attn_bias.
-    And the CSR kernels, with and without a bias."""
+    estimate (if it fits, the estimate bounds the rest): causal (top-left) and not without a
+    bias; with an attn_bias not causal and causal bottom-right (every constexpr branch of the
+    dense kernels, the alignment adding code, not tiles). And the CSR kernels, with and without
+    a bias."""
     builds = []
     for capability in capabilities:
         for dtype in dtypes:
@@ -165,9 +169,11 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
                                           SHARED_MEMORY_LIMIT[capability], bias)
                         tightest = max(kept, key=lambda c, k=kernel, b=bias: (
                             shared_memory_estimate(k, c, block_d, block_d, size, b)))
+                        variants = ((False, False), (True, False)) if not bias else (
+                            (False, False), (True, True))
                         builds += [Build(capability, dtype, head_dim, kernel, tightest, causal,
-                                         bias) for causal in ((False, True) if not bias
-                                                              else (False,))]
+                                         bias, bottom_right)
+                                   for causal, bottom_right in variants]
     csr = csr_builds(capabilities, dtypes, head_dims)
     return builds + csr + [replace(build, bias=True) for build in csr]
 
@@ -183,7 +189,8 @@ def table(rows: list[Row]) -> list[str]:
         config = b.config or "warps=4 stages=3 (CSR: one config)"
         estimates = (["", ""] if row.shared_estimate is None else
                      [f"{row.shared_estimate / 1024:.0f}", f"{row.register_estimate:.0f}"])
-        kernel = b.kernel + (" (causal)" if b.causal else "") + (" (bias)" if b.bias else "")
+        causal = " (causal, bottom-right)" if b.bottom_right else " (causal)" if b.causal else ""
+        kernel = b.kernel + causal + (" (bias)" if b.bias else "")
         lines.append(f"| sm_{b.capability[0]}{b.capability[1]} | {b.dtype} | {b.head_dim} | "
                      f"{kernel} | {config} | {estimates[0]} | {measured[0]} | "
                      f"{measured[1]} | {estimates[1]} | {measured[2]} | {row.verdict} |")

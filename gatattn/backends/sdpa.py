@@ -10,6 +10,8 @@ this was fastest: about 2.7x faster than padding with a mask, 10x than nested ja
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -162,73 +164,118 @@ def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout
 def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, plan,
                       bias: Tensor, scale: float, dropout: float) -> Tensor:
     """Attention with the stacked ``bias`` added to the logits, one batch per size group.
-    (Merging groups of similar sizes into padded batches, the padding masked by ``-inf`` keys,
-    was measured slower on CPU: 256 graphs of 10-60 nodes, 51 groups, ran 53 ms exact and
-    64 ms padded into 9 batches, one thread.) Grouped kv heads are expanded to the query heads
-    here: the logits are written out per head."""
-    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
-    q = permute_rows(q, plan.order_dst)
-    k = permute_rows(k, plan.order_src)
-    v = permute_rows(v, plan.order_src)
-    bias = _bias_in_plan_order(graph, plan, bias)
-    rows_dst = [g.count * g.len_dst for g in plan.groups]
-    rows_src = [g.count * g.len_src for g in plan.groups]
-    rows_bias = [g.count * g.len_dst * g.len_src for g in plan.groups]
-    outs = [
-        _biased_group_attention(g, q_g, k_g, v_g, bias_g, _diagonal(graph, g), scale, dropout)
-        for g, q_g, k_g, v_g, bias_g in zip(
-            plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src),
-            bias.split(rows_bias), strict=True)
-    ]
-    out = torch.cat(outs) if outs else empty_output(q, k, v)
-    return unpermute_rows(out, plan.order_dst)
+
+    ``q``, ``k``, ``v`` are first gathered, by one permutation each, into a head-major layout in
+    which every size group is a contiguous ``(count * H, len, C)`` batch, which the batched
+    matrix products read as it lies (per-group transposes and copies cost more on CPU). The
+    bias rows are permuted into the groups' order (a permutation of pairs: H times fewer
+    indices than of entries) and enter as ``baddbmm``'s input. Each permutation's backward is a
+    gather, so the bias gradient is deterministic. (Merging groups of similar sizes into
+    padded batches, the padding masked by ``-inf`` keys, was measured slower on CPU: 256 graphs
+    of 10-60 nodes, 51 groups, ran 53 ms exact and 64 ms padded into 9 batches, one thread.)
+    Grouped kv heads
+    are expanded to the query heads here: the logits are written out per head."""
+    H, C_v = q.size(1), v.size(2)
+    k, v = repeat_kv_heads(k, H), repeat_kv_heads(v, H)
+    if not plan.groups:
+        return empty_output(q, k, v) + bias[:0].sum()
+    layout = _head_major_layout(graph, plan, H, bias.device)
+    q_hm = permute_rows(q.reshape(-1, q.size(2)), layout.dst)
+    k_hm = permute_rows(k.reshape(-1, k.size(2)), layout.src)
+    v_hm = permute_rows(v.reshape(-1, C_v), layout.src)
+    bias = permute_rows(bias, layout.bias)
+    outs = []
+    for g, q_g, k_g, v_g, bias_g in zip(
+            plan.groups, q_hm.split([g.count * H * g.len_dst for g in plan.groups]),
+            k_hm.split([g.count * H * g.len_src for g in plan.groups]),
+            v_hm.split([g.count * H * g.len_src for g in plan.groups]),
+            bias.split([g.count * g.len_dst * g.len_src for g in plan.groups]),
+            strict=True):
+        batch = g.count * H
+        bias_g = bias_g.view(g.count, g.len_dst, g.len_src, H).permute(0, 3, 1, 2)
+        out = _biased_group_attention(
+            g, q_g.view(batch, g.len_dst, q.size(2)), k_g.view(batch, g.len_src, k.size(2)),
+            v_g.view(batch, g.len_src, C_v), bias_g.reshape(batch, g.len_dst, g.len_src),
+            _diagonal(graph, g), scale, dropout)
+        outs.append(out.reshape(-1, C_v))
+    return unpermute_rows(torch.cat(outs), layout.dst).view(-1, H, C_v)
 
 
-def _bias_in_plan_order(graph: AttentionGraph, plan, bias: Tensor) -> Tensor:
-    """The stacked bias with its graphs' blocks in the plan's order: a permutation of its rows
-    (every pair of every graph lies in exactly one group), whose backward is a gather, so the
-    bias gradient is deterministic (one ``index_select`` per group would instead fill a
-    bias-sized zero gradient per group in the backward)."""
-    offsets = graph_block_offsets(graph, bias.device)
-    ids_dst, _ = graph.graph_ids(bias.device)
+@dataclass(frozen=True)
+class _HeadMajorLayout:
+    """Permutations of ``(N_dst * H, C)`` query rows and ``(N_src * H, C)`` key / value rows
+    into (group, graph, head, position) order, and of the stacked bias rows into (group, graph,
+    pair) order."""
+
+    dst: Permutation
+    src: Permutation
+    bias: Permutation
+
+
+def _head_major_layout(graph: AttentionGraph, plan, heads: int, device) -> _HeadMajorLayout:
+    head = torch.arange(heads, device=device).view(1, heads, 1)
+    dst = _head_major_rows(plan.order_dst, [(g.count, g.len_dst) for g in plan.groups],
+                           graph.num_dst, head)
+    src = _head_major_rows(plan.order_src, [(g.count, g.len_src) for g in plan.groups],
+                           graph.num_src, head)
+    pairs = torch.cat([rows.flatten() for rows in _bias_rows_in_plan_order(graph, plan, device)])
+    return _HeadMajorLayout(dst, src, Permutation.of(pairs))
+
+
+def _head_major_rows(order: Permutation | None, groups: list[tuple[int, int]], num_nodes: int,
+                     head: Tensor) -> Permutation:
+    """Row ``node * H + h`` of a ``(num_nodes * H, C)`` view, ordered by group, graph, head and
+    position: each group's ``(count, len)`` nodes lie consecutively in ``order``."""
+    nodes = torch.arange(num_nodes, device=head.device) if order is None else order.forward
+    parts, start = [], 0
+    for count, length in groups:
+        block = nodes[start:start + count * length].view(count, 1, length)
+        parts.append((block * head.size(1) + head).flatten())
+        start += count * length
+    return Permutation.of(torch.cat(parts))
+
+
+def _bias_rows_in_plan_order(graph: AttentionGraph, plan, device) -> list[Tensor]:
+    """Per size group, ``(count, len_dst * len_src)``: the stacked-bias rows of its graphs'
+    blocks (every pair of every graph lies in exactly one group)."""
+    offsets = graph_block_offsets(graph, device)
+    ids_dst, _ = graph.graph_ids(device)
     rows, first_target = [], 0
     for g in plan.groups:
         block = g.len_dst * g.len_src
-        if block:
-            starts = first_target + torch.arange(g.count, device=bias.device) * g.len_dst
-            nodes = starts if plan.order_dst is None else plan.order_dst.forward[starts]
-            graph_ids = ids_dst.index_select(0, nodes)  # a graph's id is its first target's
-            rows.append((offsets.index_select(0, graph_ids).unsqueeze(1)
-                         + torch.arange(block, device=bias.device)).flatten())
+        starts = first_target + torch.arange(g.count, device=device) * g.len_dst
+        nodes = starts if plan.order_dst is None else plan.order_dst.forward[starts]
+        graph_ids = ids_dst.index_select(0, nodes) if block else starts[:0]
+        rows.append(offsets.index_select(0, graph_ids).unsqueeze(1)
+                    + torch.arange(block, device=device))
         first_target += g.count * g.len_dst
-    return permute_rows(bias, Permutation.of(torch.cat(rows))) if rows else bias
+    return rows
 
 
-def _biased_group_attention(g, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
+def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
                             diagonal: int | None, scale: float, dropout: float) -> Tensor:
-    """One size group's attention, its bias rows ``(count * len_dst * len_src, H)`` added as a
-    float ``(count, H, len_dst, len_src)`` mask (``-inf`` above the causal ``diagonal``).
-    Written out as SDPA's math backend computes it: a mask that needs a gradient sends SDPA
-    there anyway, and this form, twice differentiable as it stands, needs no recompute wrapper.
-    The mask's gradient is the logits' gradient, one value per pair."""
-    H, C_v = v.size(1), v.size(2)
+    """One size group's ``(count * H, len_dst, C_v)`` attention from ``(count * H, len, C)``
+    batches and its ``(count * H, len_dst, len_src)`` bias (``-inf`` above the causal
+    ``diagonal``). Written out as SDPA's math backend computes it: a mask that needs a gradient
+    sends SDPA there anyway, and this form, twice differentiable as it stands, needs no
+    recompute wrapper. The bias's gradient is the logits' gradient, one value per pair."""
     if g.len_dst == 0 or g.len_src == 0:  # no keys: the zero-output policy
-        return empty_output(q, k, v, g.count * g.len_dst) + bias[:0].sum()
-    if diagonal is not None and diagonal < 0:
-        return _without_blind_rows(g, q, -diagonal, lambda g_, q_, bias_: _biased_group_attention(
-            g_, q_, k, v, bias_, 0, scale, dropout), bias)
-    mask = bias.view(g.count, g.len_dst, g.len_src, H).permute(0, 3, 1, 2)
+        on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum() + bias[:0].sum()
+        return v.new_zeros(q.size(0), g.len_dst, v.size(2)) + on_graph
+    if diagonal is not None and diagonal < 0:  # blind targets first, then a square block
+        blind = -diagonal
+        seeing = SegmentGroup(g.count, g.len_dst - blind, g.len_src)
+        out = _biased_group_attention(seeing, q[:, blind:], k, v, bias[:, blind:], 0, scale,
+                                      dropout)
+        return torch.cat([out.new_zeros(out.size(0), blind, out.size(2)), out], dim=1)
     if diagonal is not None:
         future = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device)
-        mask = mask.masked_fill(future.triu(diagonal + 1), float("-inf"))
-    q = q.view(g.count, g.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
-    k = k.view(g.count, g.len_src, H, -1).transpose(1, 2)  # (B, H, S, C)
-    v = v.view(g.count, g.len_src, H, C_v).transpose(1, 2)  # (B, H, S, C_v)
-    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scale) + mask
+        bias = bias.masked_fill(future.triu(diagonal + 1), float("-inf"))
+    logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     weights = torch.softmax(logits, dim=-1)
     if dropout > 0:
         weights = F.dropout(weights, dropout)
-    return torch.matmul(weights, v).transpose(1, 2).reshape(-1, H, C_v)
+    return torch.bmm(weights, v)
 
 
 def empty_output(q: Tensor, k: Tensor, v: Tensor, rows: int = 0) -> Tensor:

@@ -144,12 +144,13 @@ class SegmentPlan:
 
     Nodes are permuted so that graphs of equal size lie next to each other (keeping each graph's
     own node order); each group is then one ``(count, H, len, C)`` batch. ``order_*`` is ``None``
-    when the nodes already lie in that order.
+    when the nodes already lie in that order. ``graph_order`` lists the graph ids in that order.
     """
 
     groups: list[SegmentGroup]
     order_dst: Permutation | None = None
     order_src: Permutation | None = None
+    graph_order: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ class Membership:
             ordered = _ordered_plan(sizes_dst, None if self.src is self.dst else sizes_src,
                                     self.dst.ptr.device)
             self._plan = SegmentPlan(ordered.groups, _then(self.dst.order, ordered.order_dst),
-                                     _then(self.src.order, ordered.order_src))
+                                     _then(self.src.order, ordered.order_src),
+                                     ordered.graph_order)
         return self._plan
 
 
@@ -548,7 +550,7 @@ def _plan_from_sizes(sizes_dst: list[int], sizes_src: list[int] | None, device) 
         graph_order, key=lambda g: (sizes_dst[g], both[g]))]
     order_dst = _grouped_order(sizes_dst, graph_order, device)
     order_src = order_dst if sizes_src is None else _grouped_order(sizes_src, graph_order, device)
-    return SegmentPlan(groups, order_dst, order_src)
+    return SegmentPlan(groups, order_dst, order_src, tuple(graph_order))
 
 
 def _grouped_order(sizes: list[int], graph_order: list[int], device) -> Permutation | None:

@@ -490,3 +490,26 @@ def test_a_bias_adds_no_host_read(monkeypatch, route):
         with gatattn.validation(False), count_host_reads(monkeypatch) as reads:
             gatattn.attention(q, k, v, ptr=ptr, attn_bias=bias, backend=route)
         assert reads.count == 0
+
+
+def test_head_major_layout_is_a_pair_of_inverse_permutations():
+    """The SDPA route's layout indices are written out in both directions (no scatter): each
+    pair must be mutually inverse, and the first head-major rows must be the first graph's
+    first head, for an unsorted bipartite batch with an empty graph."""
+    from gatattn.backends.sdpa import _head_major_layout
+    from gatattn.graph import build_graph
+
+    batch = (torch.tensor([2, 0, 1, 2, 0, 2, 1, 0, 0, 3, 4]),
+             torch.tensor([1, 1, 0, 2, 2, 2, 0, 3, 3, 1, 0]))
+    graph = build_graph(11, 11, batch=batch, bipartite=True)
+    plan = graph.segment_plan()
+    heads = 3
+    layout = _head_major_layout(graph, plan, heads, torch.device("cpu"))
+    sizes_dst, sizes_src = graph.host_sizes()
+    blocks = sum(d * s for d, s in zip(sizes_dst, sizes_src, strict=True))
+    for perm, n in ((layout.dst, 11 * heads), (layout.src, 11 * heads), (layout.bias, blocks)):
+        assert torch.equal(perm.forward[perm.inverse], torch.arange(n))
+        assert torch.equal(perm.inverse[perm.forward], torch.arange(n))
+    first = plan.graph_order[0]
+    nodes = (batch[0] == first).nonzero().flatten()
+    assert layout.dst.forward[:nodes.numel()].tolist() == (nodes * heads).tolist()

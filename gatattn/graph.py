@@ -24,7 +24,7 @@ them (checked on the device, read with the rest).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -145,12 +145,15 @@ class SegmentPlan:
     Nodes are permuted so that graphs of equal size lie next to each other (keeping each graph's
     own node order); each group is then one ``(count, H, len, C)`` batch. ``order_*`` is ``None``
     when the nodes already lie in that order. ``graph_order`` lists the graph ids in that order.
+    ``derived`` holds what a route derives from the plan alone (index tensors), so that every
+    layer of a model derives it once per batch; the plan never changes, so neither can they.
     """
 
     groups: list[SegmentGroup]
     order_dst: Permutation | None = None
     order_src: Permutation | None = None
     graph_order: tuple[int, ...] = (0,)
+    derived: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -222,9 +225,12 @@ class Membership:
             sizes_dst, sizes_src = self.host_sizes()
             ordered = _ordered_plan(sizes_dst, None if self.src is self.dst else sizes_src,
                                     self.dst.ptr.device)
-            self._plan = SegmentPlan(ordered.groups, _then(self.dst.order, ordered.order_dst),
-                                     _then(self.src.order, ordered.order_src),
-                                     ordered.graph_order)
+            if self.dst.order is None and self.src.order is None:
+                self._plan = ordered  # the cached plan itself, with what was derived from it
+            else:
+                self._plan = SegmentPlan(ordered.groups, _then(self.dst.order, ordered.order_dst),
+                                         _then(self.src.order, ordered.order_src),
+                                         ordered.graph_order)
         return self._plan
 
 

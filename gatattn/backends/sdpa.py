@@ -212,7 +212,24 @@ class _HeadMajorLayout:
     bias: Permutation
 
 
+#: A head-major layout is kept with its plan (for every layer of a model) up to this many
+#: bias pairs: its indices take 16 bytes per pair and per node and head.
+MAX_KEPT_LAYOUT_PAIRS = 2**22
+
+
 def _head_major_layout(graph: AttentionGraph, plan, heads: int, device) -> _HeadMajorLayout:
+    """The plan's layout for ``heads`` heads, kept with the plan when it is small."""
+    key = ("head-major layout", heads, str(device))
+    layout = plan.derived.get(key)
+    if layout is None:
+        layout = _build_head_major_layout(graph, plan, heads, device)
+        if layout.bias.forward.numel() <= MAX_KEPT_LAYOUT_PAIRS:
+            plan.derived[key] = layout
+    return layout
+
+
+def _build_head_major_layout(graph: AttentionGraph, plan, heads: int,
+                             device) -> _HeadMajorLayout:
     """Built from the graph sizes on the host and a few element-wise passes on the device:
     forward and inverse indices are both written out, none is found by a scatter (which for
     the bias's pairs cost more than the attention's own gathers)."""

@@ -103,17 +103,14 @@ def _causal_mask(group: SegmentGroup, diagonal: int | None) -> Tensor | None:
     return torch.ones(group.len_dst, group.len_src, dtype=torch.bool).tril(diagonal)
 
 
-def _without_blind_rows(group: SegmentGroup, q: Tensor, blind: int, attend,
-                        bias: Tensor | None = None) -> Tensor:
+def _without_blind_rows(group: SegmentGroup, q: Tensor, blind: int, attend) -> Tensor:
     """A bottom-right causal group with ``blind`` more targets than sources: each graph's first
     ``blind`` targets see no source (zeros); the rest form a square top-left causal block,
-    which ``attend(group, q, bias)`` computes. Nothing is computed for blind rows, so a
-    fully masked softmax row (NaN) never arises."""
+    which ``attend(group, q)`` computes. Nothing is computed for blind rows, so a fully masked
+    softmax row (NaN) never arises."""
     seeing = SegmentGroup(group.count, group.len_dst - blind, group.len_src)
     q = q.view(group.count, group.len_dst, *q.shape[1:])[:, blind:].reshape(-1, *q.shape[1:])
-    if bias is not None:
-        bias = bias.view(group.count, group.len_dst, -1)[:, blind:].reshape(-1, bias.size(-1))
-    out = attend(seeing, q, bias)  # (count * seeing.len_dst, H, C_v)
+    out = attend(seeing, q)  # (count * seeing.len_dst, H, C_v)
     out = out.view(group.count, seeing.len_dst, *out.shape[1:])
     out = torch.cat([out.new_zeros(group.count, blind, *out.shape[2:]), out], dim=1)
     return out.flatten(0, 1)
@@ -126,7 +123,7 @@ def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
     if diagonal is not None and diagonal < 0:
-        return _without_blind_rows(group, q, -diagonal, lambda g, q_g, _: _group_attention(
+        return _without_blind_rows(group, q, -diagonal, lambda g, q_g: _group_attention(
             g, q_g, k, v, 0, scale, dropout, math))
     mask = _causal_mask(group, diagonal)
     mask = None if mask is None else mask.to(q.device)

@@ -14,6 +14,13 @@ inner loop uses ``exp2``. The forward pass stores ``LSE`` (base 2) for the backw
 recomputes the probabilities tile by tile: a Delta preprocess, a key-stationary pass for dK/dV
 and a query-stationary pass for dQ, with no atomics (deterministic).
 
+Grouped-query heads: ``k`` and ``v`` (and ``dk``, ``dv``) may have ``H_kv`` heads, ``H_kv``
+dividing ``q``'s ``H``; query head ``h`` reads kv head ``h // group`` (``group = H / H_kv``,
+SDPA's ``enable_gqa``), never an expanded copy. The forward and dQ programs (tile, query head)
+just read their kv head; a dK/dV program (key tile, kv head) sweeps the queries of its group's
+heads one after another, accumulating dK and dV in registers across them (still no atomics).
+``group`` is a runtime argument: one build serves every grouping.
+
 An optional additive bias (``HAS_BIAS``) is stored per segment as a ``(len_q, len_k)`` block of
 rows (target-major, one column per head) starting at ``BiasOffsets[segment]``. The forward and
 both backward passes read its tiles; the key-stationary pass writes the bias gradient ``dS``
@@ -145,7 +152,7 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, diagonal,
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock, Bias, BiasOffsets,
-    qk_scale,
+    qk_scale, group,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -174,18 +181,17 @@ def _fwd_kernel(
 
     diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
+    k_head, v_head = (head // group) * stride_kh, (head // group) * stride_vh
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
                                    diagonal, start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
-                                   stride_vm, stride_bm, head * stride_kh, head * stride_vh,
-                                   qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, False, HAS_BIAS,
-                                   PRECISION)
+                                   stride_vm, stride_bm, k_head, v_head, qk_scale, HEAD_DIM,
+                                   HEAD_DIM_V, CAUSAL, False, HAS_BIAS, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
                                    diagonal, start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
-                                   stride_vm, stride_bm, head * stride_kh, head * stride_vh,
-                                   qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, True, HAS_BIAS,
-                                   PRECISION)
+                                   stride_vm, stride_bm, k_head, v_head, qk_scale, HEAD_DIM,
+                                   HEAD_DIM_V, CAUSAL, True, HAS_BIAS, PRECISION)
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -258,17 +264,49 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len,
 
 
 @triton.jit
+def _dkdv_of_query_head(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, Bias, DBias, BiasOffsets,
+                        segment, head, q_len, k_len, diagonal, first, unmasked_from, cols,
+                        offs_d, offs_dv, stride_qm, stride_qh, stride_dom, stride_doh,
+                        stride_lse_h, stride_bm, stride_bh, qk_scale, HEAD_DIM: tl.constexpr,
+                        HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """The contribution of query head ``head``'s queries to a key tile's dK and dV, and that
+    head's bias gradient on the tile. Key columns past the segment load as zeros and only reach
+    dK/dV rows that are never stored, so just the causal diagonal tiles
+    ``[first, unmasked_from)`` need masks. Query tiles before ``first`` are never visited:
+    their dBias stays the caller's zeros."""
+    bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
+    dbias_seg = _bias_segment(DBias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
+    q_head, do_head, lse_head = head * stride_qh, head * stride_doh, head * stride_lse_h
+    for start_m in range(first, tl.minimum(unmasked_from, q_len), BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
+                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
+                            stride_qm, q_head, stride_dom, do_head, lse_head, stride_bm,
+                            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, True, HAS_BIAS,
+                            PRECISION)
+    for start_m in range(unmasked_from, q_len, BLOCK_M):
+        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
+                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
+                            stride_qm, q_head, stride_dom, do_head, lse_head, stride_bm,
+                            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, False, HAS_BIAS,
+                            PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    Bias, DBias, BiasOffsets, qk_scale, scale,
+    Bias, DBias, BiasOffsets, qk_scale, scale, group,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Key-stationary: one program owns a key tile and sweeps the queries that see it."""
-    tile, head = tl.program_id(0), tl.program_id(1)
+    """Key-stationary: one program owns a key tile of one kv head and sweeps the queries that
+    see it, head by head over the ``group`` query heads that read that kv head (the same order
+    every run: dK and dV are deterministic)."""
+    tile, kv_head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
     if segment < 0:
         return
@@ -279,40 +317,32 @@ def _bwd_dkdv_kernel(
     cols = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K + k_start * stride_km, cols, stride_km, head * stride_kh, offs_d, k_len,
+    k = _load_rows(K + k_start * stride_km, cols, stride_km, kv_head * stride_kh, offs_d, k_len,
                    HEAD_DIM)
-    v = _load_rows(V + k_start * stride_vm, cols, stride_vm, head * stride_vh, offs_dv, k_len,
+    v = _load_rows(V + k_start * stride_vm, cols, stride_vm, kv_head * stride_vh, offs_dv, k_len,
                    HEAD_DIM_V)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # Key columns past the segment load as zeros and only reach dK/dV rows that are never
-    # stored, so just the causal diagonal tiles [first, unmasked_from) need masks. Query tiles
-    # before ``first`` are never visited: their dBias stays the caller's zeros.
     diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
     first, unmasked_from = _query_tiles(n_block, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     Q_seg, DO_seg = Q + q_start * stride_qm, DO + q_start * stride_dom
     LSE_seg, Delta_seg = LSE + q_start, Delta + q_start
-    bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
-    dbias_seg = _bias_segment(DBias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
-    for start_m in range(first, tl.minimum(unmasked_from, q_len), BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
-                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
-                            stride_qm, head * stride_qh, stride_dom, head * stride_doh,
-                            head * stride_lse_h, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                            BLOCK_M, CAUSAL, True, HAS_BIAS, PRECISION)
-    for start_m in range(unmasked_from, q_len, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
-                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
-                            stride_qm, head * stride_qh, stride_dom, head * stride_doh,
-                            head * stride_lse_h, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                            BLOCK_M, CAUSAL, False, HAS_BIAS, PRECISION)
+    for head in range(kv_head * group, kv_head * group + group):
+        dk, dv = _dkdv_of_query_head(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, Bias,
+                                     DBias, BiasOffsets, segment, head, q_len, k_len, diagonal,
+                                     first, unmasked_from, cols, offs_d, offs_dv, stride_qm,
+                                     stride_qh, stride_dom, stride_doh, stride_lse_h, stride_bm,
+                                     stride_bh, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL,
+                                     HAS_BIAS, PRECISION)
 
     col_ok = cols < k_len
-    dk_ptrs = DK + (k_start + cols)[:, None] * stride_dkm + head * stride_dkh + offs_d[None, :]
+    dk_ptrs = (DK + (k_start + cols)[:, None] * stride_dkm + kv_head * stride_dkh
+               + offs_d[None, :])
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    dv_ptrs = DV + (k_start + cols)[:, None] * stride_dvm + head * stride_dvh + offs_dv[None, :]
+    dv_ptrs = (DV + (k_start + cols)[:, None] * stride_dvm + kv_head * stride_dvh
+               + offs_dv[None, :])
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty),
              mask=col_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
@@ -336,14 +366,15 @@ def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, diagonal, start
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    Bias, BiasOffsets, qk_scale, scale,
+    Bias, BiasOffsets, qk_scale, scale, group,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Query-stationary: one program owns a query tile and sweeps the keys it sees."""
+    """Query-stationary: one program owns a query tile of one query head and sweeps the keys
+    it sees, in the kv head ``head // group``."""
     tile, head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
     if segment < 0:
@@ -370,16 +401,17 @@ def _bwd_dq_kernel(
     diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     K_seg, V_seg = K + k_start * stride_km, V + k_start * stride_vm
+    k_head, v_head = (head // group) * stride_kh, (head // group) * stride_vh
     bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, diagonal,
-                      start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh,
-                      stride_vm, head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                      start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, k_head, stride_vm,
+                      v_head, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
                       CAUSAL, False, HAS_BIAS, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, diagonal,
-                      start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, head * stride_kh,
-                      stride_vm, head * stride_vh, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                      start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, k_head, stride_vm,
+                      v_head, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
                       CAUSAL, True, HAS_BIAS, PRECISION)
 
     dq_ptrs = DQ + (q_start + offs_m)[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
@@ -430,9 +462,23 @@ def _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k):
     return bias, bias_offsets(cu_seqlens_q, cu_seqlens_k), bias.stride(0), bias.stride(1)
 
 
+def group_size(q, k, v) -> int:
+    """How many query heads read each kv head: ``H / H_kv``, which must be whole."""
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if v.shape[1] != kv_heads:
+        raise ValueError(f"k and v need the same number of heads, got {kv_heads} and "
+                         f"{v.shape[1]}")
+    if kv_heads == 0 or heads % kv_heads:
+        if heads == kv_heads == 0:
+            return 1
+        raise ValueError(f"q has H={heads} heads and k, v have H_kv={kv_heads}: grouped-query "
+                         "attention needs H_kv to divide H")
+    return heads // kv_heads
+
+
 def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
     assert q.dim() == k.dim() == v.dim() == 3, "q, k, v must be packed (total, H, C)"
-    assert q.shape[1] == k.shape[1] == v.shape[1], f"heads differ: {q.shape}, {k.shape}, {v.shape}"
+    group_size(q, k, v)
     assert q.shape[2] == k.shape[2], f"q and k head dims differ: {q.shape[2]} vs {k.shape[2]}"
     assert k.shape[0] == v.shape[0], f"k and v rows differ: {k.shape[0]} vs {v.shape[0]}"
     assert q.dtype == k.dtype == v.dtype, f"dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
@@ -472,11 +518,11 @@ def tuned_configs() -> list[str]:
     lines = []
     for key, config in _TUNER.chosen.items():
         (kernel, q_bucket, k_bucket, head_dim, head_dim_v, dtype, causal, bottom_right, bias,
-         capability) = key
+         group, capability) = key
         causal = "bottom_right" if bottom_right else causal
         lines.append(f"{kernel}, lengths ~{q_bucket}/~{k_bucket}, C={head_dim}/{head_dim_v}, "
                      f"{str(dtype).removeprefix('torch.')}, causal={causal}, bias={bias}, "
-                     f"sm_{capability[0]}{capability[1]}: {config}")
+                     f"group={group}, sm_{capability[0]}{capability[1]}: {config}")
     return lines
 
 
@@ -497,13 +543,15 @@ def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, bottom_right, lau
     """The GPU branch of :func:`_tuned`, with the GPU's figures as arguments, so that tests can
     run it on CPU tensors in the interpreter. A bias tile takes shared memory and registers:
     it has its own candidates and key. The bottom-right alignment adds no tile (the same
-    candidates) but is another build, whose work per tile differs: it has its own key."""
+    candidates) but is another build, whose work per tile differs: it has its own key. So has
+    the grouped-query group size (H / H_kv), which sets the dK/dV kernel's grid and its work
+    per program."""
     configs = candidates(kernel, padded_dim(q.shape[2]), padded_dim(v.shape[2]),
                          q.element_size(), shared_limit, has_bias)
     segments = cu_seqlens_q.numel() - 1
     key = (kernel, length_bucket(q.shape[0], segments), length_bucket(k.shape[0], segments),
            q.shape[2], v.shape[2], q.dtype, causal, causal and bottom_right, has_bias,
-           capability)
+           group_size(q, k, v), capability)
     return _TUNER.choose(key, configs, launch)
 
 
@@ -511,14 +559,15 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
                             config: TileConfig | None = None, bias=None, *,
                             bottom_right: bool = False):
     """Returns ``out`` (total_q, H, C_v) and the base-2 log-sum-exp ``lse`` (H, total_q), fp32.
-    ``config`` overrides the tuned launch configuration. ``bias``: ``(rows, H)``, each
-    segment's ``(len_q, len_k)`` block target-major, segments stacked in order.
-    ``bottom_right`` (with ``causal``): query ``i`` of a segment sees keys
+    ``k`` and ``v`` have ``H_kv`` heads dividing ``H``: query head ``h`` reads kv head
+    ``h // (H / H_kv)``. ``config`` overrides the tuned launch configuration. ``bias``:
+    ``(rows, H)``, each segment's ``(len_q, len_k)`` block target-major, segments stacked in
+    order. ``bottom_right`` (with ``causal``): query ``i`` of a segment sees keys
     ``j <= i + k_len - q_len``; queries that see none get zeros."""
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_bias(q, bias)
     bias_args = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
-    total_q, heads = q.shape[0], q.shape[1]
+    total_q, heads, group = q.shape[0], q.shape[1], group_size(q, k, v)
     out = torch.empty(total_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
     if total_q == 0 or heads == 0:
@@ -528,7 +577,7 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _fwd_kernel[(segment.numel(), heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, *bias_args[:2],
-            scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            scale * LOG2E, group, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), lse.stride(0), *bias_args[2:],
             **_launch_options(q, v, causal, config, bias is not None, bottom_right))
 
@@ -541,7 +590,8 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                              config: TileConfig | None = None, bias=None, dbias=None, *,
                              bottom_right: bool = False):
     """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse`` (with the
-    same ``causal`` and ``bottom_right``). ``config`` overrides the tuned launch
+    same ``causal`` and ``bottom_right``); ``dk`` and ``dv`` have ``k``'s and ``v``'s ``H_kv``
+    heads, each the sum over the query heads that read it. ``config`` overrides the tuned launch
     configurations of both passes. With ``bias``, the bias gradient is written into ``dbias``
     (zeros, shaped and strided as ``bias``; pairs a causal segment excludes stay 0)."""
     _check_bias(q, bias)
@@ -550,7 +600,7 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     assert do.shape == out.shape and do.dtype == out.dtype, (
         f"grad_out must match out: {tuple(do.shape)} {do.dtype} vs {tuple(out.shape)} {out.dtype}")
     do = do if do.stride(-1) == 1 else do.contiguous()
-    total_q, heads = q.shape[0], q.shape[1]
+    total_q, heads, group = q.shape[0], q.shape[1], group_size(q, k, v)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if heads == 0 or total_q == 0 or k.shape[0] == 0:
         return dq, dk, dv
@@ -567,9 +617,9 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
 
     def launch_dkdv(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_k, k.shape[0], config.block_n)
-        _bwd_dkdv_kernel[(segment.numel(), heads)](
+        _bwd_dkdv_kernel[(segment.numel(), k.shape[1])](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, *strides, dk.stride(0),
+            bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, group, *strides, dk.stride(0),
             dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), stride_bm, stride_bh,
             **_launch_options(q, v, causal, config, has_bias, bottom_right))
 
@@ -577,7 +627,7 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _bwd_dq_kernel[(segment.numel(), heads)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            bias_ptr, offsets, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
+            bias_ptr, offsets, scale * LOG2E, scale, group, *strides, dq.stride(0), dq.stride(1),
             lse.stride(0), stride_bm, stride_bh,
             **_launch_options(q, v, causal, config, has_bias, bottom_right))
 

@@ -4,7 +4,8 @@ Triton compiles ahead of time for sm_80 and sm_90 with the ptxas it ships, so CI
 the interpreter cannot: that every kernel (causal top-left or bottom-right and not, with and
 without an attn_bias) lowers to a cubin, that the largest kept launch configuration of each
 dense kernel fits the architecture's shared memory, and that keep()'s shared-memory estimate
-bounds the real figure (which is what makes its filter safe).
+bounds the real figure (which is what makes its filter safe). Grouped-query heads add no build:
+the dense kernels take the group size (H / H_kv) as a run-time argument.
 """
 
 import json

@@ -221,6 +221,181 @@ def test_bottom_right_blind_rows_and_dbias_in_the_kernels():
     assert bool((again[~kept_pairs] == 0).all())
 
 
+# Grouped-query heads, (H, H_kv): query head h reads kv head h // (H / H_kv). Segments
+# (targets, sources) cross 16-row tiles, with blind bottom-right targets (40/3, 3/0), more
+# sources than targets (5/20, 2/35) and no targets (0/7).
+GROUPED_HEADS = [(4, 1), (4, 2), (6, 3)]
+GROUPED_SIZES = ([5, 40, 17, 3, 0, 2], [20, 3, 30, 0, 7, 35])
+
+
+def grouped_case(heads, kv_heads, causal, dtype=torch.float32, device="cpu", bias=True):
+    """``(run, inputs, ref)`` of :data:`GROUPED_SIZES`, k and v with ``kv_heads`` heads (and a
+    stacked attn_bias per query head): ``run`` goes through the Triton route; ``ref`` is
+    gatattn.reference on k and v expanded by ``repeat_interleave``, so that its dk and dv are
+    the expanded gradients summed over each group."""
+    sizes_dst, sizes_src = GROUPED_SIZES
+    ptr_dst, ptr_src = ptr_from_sizes(sizes_dst), ptr_from_sizes(sizes_src)
+    n_dst, n_src = int(ptr_dst[-1]), int(ptr_src[-1])
+    rows = sum(d * s for d, s in zip(sizes_dst, sizes_src, strict=True))
+    shapes = [(n_dst, heads, 16), (n_src, kv_heads, 16), (n_src, kv_heads, 24)]
+    shapes += [(rows, heads)] if bias else []
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    inputs = on(device, [torch.randn(*shape, generator=gen).to(dtype) for shape in shapes])
+    mask = reference.block_mask(sizes_dst, sizes_src, causal=causal)
+    ptr = (ptr_dst.to(device), ptr_src.to(device))
+    group = heads // kv_heads
+
+    def run(q, k, v, bias=None):
+        return gatattn.attention(q, k, v, ptr=ptr, causal=causal, attn_bias=bias,
+                                 backend="triton")
+
+    def ref(q, k, v, bias=None, *, compute_dtype):
+        k, v = (t.cpu().repeat_interleave(group, dim=1) for t in (k, v))
+        dense = None if bias is None else stacked_to_dense(bias.cpu(), ptr_dst, ptr_src)
+        return reference.attention(q.cpu(), k, v, mask, bias=dense,
+                                   compute_dtype=compute_dtype).to(q.device)
+
+    return run, inputs, ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+@pytest.mark.parametrize("heads,kv_heads", GROUPED_HEADS)
+def test_grouped_heads_against_the_reference(device, heads, kv_heads, causal):
+    # Out, dq, dk, dv and dbias in fp32: dk and dv keep H_kv heads, each summing its group.
+    run, inputs, ref = grouped_case(heads, kv_heads, causal, device=device)
+    check_against_reference(run, inputs, ref, names=("q", "k", "v", "bias"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, "bottom_right"])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 1), (6, 3)])
+def test_grouped_heads_in_half_precision(device, heads, kv_heads, causal):
+    run, inputs, ref = grouped_case(heads, kv_heads, causal, torch.float16, device, bias=False)
+    check_against_reference(run, inputs, ref)
+
+
+@INTERPRETER
+def test_grouped_heads_reach_the_kernels_unexpanded(monkeypatch):
+    # The tiled kernels get k, v (and give dk, dv) with H_kv heads; a re-expansion anywhere on
+    # the way fails here. Explicit edge sets still give the CSR kernels H heads.
+    from gatattn.kernels import csr_attention, flash_attention
+
+    seen = []
+
+    def spy(module, name, heads_of):
+        launcher = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            result = launcher(*args, **kwargs)
+            seen.append((name, heads_of(args, result)))
+            return result
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    spy(flash_attention, "flash_attention_forward", lambda args, _: args[1].shape[1])
+    spy(flash_attention, "flash_attention_backward",
+        lambda args, grads: (args[2].shape[1], grads[1].shape[1], grads[2].shape[1]))
+    spy(csr_attention, "csr_attention_forward", lambda args, _: args[1].shape[1])
+    run, inputs, ref = grouped_case(4, 2, True, bias=False)
+    check_against_reference(run, inputs, ref)
+    assert set(seen) == {("flash_attention_forward", 2), ("flash_attention_backward", (2, 2, 2))}
+
+    seen.clear()
+    q, k, v = inputs
+    edge_index = torch.tensor([[0, 1, 2], [1, 2, 2]])
+    gatattn.attention(q[:3], k[:3], v[:3], edge_index=edge_index, backend="triton")
+    assert seen == [("csr_attention_forward", 4)]
+
+
+@INTERPRETER
+def test_grouped_heads_deterministic_dk_dv_and_dbias_in_the_kernels():
+    # Straight through the launchers: a dK/dV program sums its group's query heads in a fixed
+    # order, so dk, dv and dbias are the same bits on a second run; dBias is written at every
+    # pair a segment keeps, for every query head (a NaN-filled dbias shows which it wrote).
+    from gatattn.kernels.flash_attention import flash_attention_backward, flash_attention_forward
+
+    sizes_dst, sizes_src = GROUPED_SIZES
+    cu_q = ptr_from_sizes(sizes_dst).to(torch.int32)
+    cu_k = ptr_from_sizes(sizes_src).to(torch.int32)
+    _, inputs, _ = grouped_case(4, 2, "bottom_right")
+    q, k, v, bias = (t.detach() for t in inputs)
+    do = torch.randn(q.shape[0], 4, v.shape[2], generator=torch.Generator().manual_seed(6))
+    mask = reference.block_mask(sizes_dst, sizes_src, causal="bottom_right")
+    kept = stacked_to_dense(torch.ones(bias.shape[0], 1), cu_q.long(), cu_k.long())[..., 0] > 0
+    kept_pairs = mask[kept]
+    out, lse = flash_attention_forward(q, k, v, cu_q, cu_k, 0.25, True, bias=bias,
+                                       bottom_right=True)
+
+    def backward(fill):
+        dbias = torch.full_like(bias, fill)
+        _, dk, dv = flash_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, 0.25, True,
+                                             bias=bias, dbias=dbias, bottom_right=True)
+        return dk, dv, dbias
+
+    dk, dv, dbias = backward(float("nan"))
+    assert dk.shape == k.shape and dv.shape == v.shape
+    assert not dbias[kept_pairs].isnan().any()
+    again = backward(0.0)
+    assert torch.equal(dk, again[0]) and torch.equal(dv, again[1])
+    assert torch.equal(dbias.nan_to_num(0.0), again[2])
+
+
+def test_bad_grouping_is_refused_by_the_launcher():
+    from gatattn.kernels.flash_attention import flash_attention_forward
+
+    q, k = torch.zeros(4, 4, 16), torch.zeros(4, 3, 16)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q has H=4 heads and k, v have H_kv=3"):
+        flash_attention_forward(q, k, k, cu, cu, 1.0, False)
+    with pytest.raises(ValueError, match="k and v need the same number of heads, got 3 and 4"):
+        flash_attention_forward(q, k, q, cu, cu, 1.0, False)
+
+
+@INTERPRETER
+@pytest.mark.parametrize("check", [True, False], ids=["validated", "unvalidated"])
+def test_grouped_heads_with_nonfinite_values(check):
+    # Inputs not known to be finite take the expanded path (the repair works per query head):
+    # a NaN in kv head 1 reaches query heads 2 and 3 only, along the segment's edges.
+    from gatattn.graph import validation
+
+    run, inputs, _ = grouped_case(4, 2, "top_left", bias=False)
+    q, k, v = (t.detach() for t in inputs)
+    v[22, 1, 2] = float("nan")  # segment 1's last source: its targets 2 on (rows 7 on) see it
+    mask = reference.block_mask(*GROUPED_SIZES, causal="top_left")
+    with validation(check):
+        got = run(q, k, v)
+    expected = reference.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask)
+    assert expected[7:45, 2:, 2].isnan().all() and expected[:, :2].isfinite().all()
+    assert expected[:7].isfinite().all() and expected[45:].isfinite().all()
+    torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+@INTERPRETER
+def test_grouped_heads_second_derivatives(monkeypatch):
+    # A recorded backward differentiates the SDPA math route, which gets k and v unexpanded:
+    # the first-order gradients match the kernels' and keep H_kv heads, and the second-order
+    # ones exist for every input.
+    from gatattn.backends import fused
+
+    recomputed = []
+    sdpa = fused.sdpa_attention
+    monkeypatch.setattr(fused, "sdpa_attention", lambda q, k, v, *args, **kwargs: (
+        recomputed.append(k.shape[1]) or sdpa(q, k, v, *args, **kwargs)))
+    run, inputs, _ = grouped_case(4, 2, "top_left", bias=False)
+    grad_out = torch.randn(run(*inputs).shape, generator=torch.Generator().manual_seed(2))
+    kernels = torch.autograd.grad(run(*inputs), inputs, grad_out)
+    assert not recomputed
+    recorded = torch.autograd.grad(run(*inputs), inputs, grad_out, create_graph=True)
+    assert recomputed == [2]
+    for name, got, expected in zip("qkv", recorded, kernels, strict=True):
+        assert got.shape == expected.shape, name
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=name)
+    second = torch.autograd.grad(sum((g * g).sum() for g in recorded), inputs)
+    assert [g.shape[1] for g in second] == [4, 2, 2]
+    assert all(g.isfinite().all() and g.abs().sum() > 0 for g in second)
+
+
 @INTERPRETER
 def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
     # On a GPU the launchers tune: candidates for the GPU, a key, a timed choice, a launch with
@@ -249,7 +424,7 @@ def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
     assert {key[0] for key in chosen} == {"forward", "dkdv", "dq"}
     for (kernel, q_bucket, k_bucket, *rest), config in chosen.items():
         assert (q_bucket, k_bucket) == (64, 64)  # mean length 254 / 4, rounded up
-        assert rest == [16, 16, torch.float32, True, False, False, (9, 0)]
+        assert rest == [16, 16, torch.float32, True, False, False, 1, (9, 0)]
         assert config == candidates(kernel, 16, 16, 4, 232448)[0]
     assert len(launched) == sum(len(candidates(kernel, 16, 16, 4, 232448))
                                 for kernel in ("forward", "dkdv", "dq"))
@@ -270,6 +445,23 @@ def test_tuner_keys_the_causal_alignment(monkeypatch):
                                        lambda config: None, False, (9, 0), 232448)
     alignments = sorted(key[6:8] for key in tuner.chosen)
     assert alignments == [(False, False), (True, False), (True, True)]
+
+
+def test_tuner_keys_the_group_size(monkeypatch):
+    # The query heads per kv head set the dK/dV grid and its work per program: a grouped call
+    # is timed under its own key.
+    from gatattn.kernels import flash_attention
+    from gatattn.kernels.tuning import Tuner
+
+    tuner = Tuner(bench=lambda fn: 1.0)
+    monkeypatch.setattr(flash_attention, "_TUNER", tuner)
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    q = torch.zeros(40, 4, 16)
+    for kv_heads in (4, 2, 1, 2):
+        k = torch.zeros(40, kv_heads, 16)
+        flash_attention._tuned_for_gpu("dkdv", q, k, k, cu, False, False, lambda config: None,
+                                       False, (9, 0), 232448)
+    assert sorted(key[9] for key in tuner.chosen) == [1, 2, 4]
 
 
 def test_tile_schedule_skips_no_work():

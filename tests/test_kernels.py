@@ -355,8 +355,9 @@ def test_bad_grouping_is_refused_by_the_launcher():
 @INTERPRETER
 @pytest.mark.parametrize("check", [True, False], ids=["validated", "unvalidated"])
 def test_grouped_heads_with_nonfinite_values(check):
-    # Inputs not known to be finite take the expanded path (the repair works per query head):
-    # a NaN in kv head 1 reaches query heads 2 and 3 only, along the segment's edges.
+    # Inputs not known to be finite go through the non-finite repair, which spreads what a kv
+    # head reaches to its group's query heads: a NaN in kv head 1 reaches query heads 2 and 3
+    # only, along the segment's edges.
     from gatattn.graph import validation
 
     run, inputs, _ = grouped_case(4, 2, "top_left", bias=False)

@@ -94,9 +94,8 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
     Grouped-query heads (``k``, ``v`` with ``H_kv`` heads): the tiled kernels (implicit graphs)
     read them natively, query head ``h`` reading kv head ``h // (H / H_kv)``, and the gradients
     of ``k`` and ``v`` keep ``H_kv`` heads. ``k`` and ``v`` are expanded to ``H`` heads (H / H_kv
-    times their memory) for the CSR kernels (explicit edge sets), and for implicit graphs whose
-    inputs are not known to be finite (the non-finite repair works per query head)."""
-    if k.size(1) != q.size(1) and not (graph.is_implicit and graph.inputs_finite is True):
+    times their memory) for the CSR kernels (explicit edge sets) only."""
+    if not graph.is_implicit:
         k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
 
     def fast(q, k, v, bias=None):

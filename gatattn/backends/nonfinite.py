@@ -37,7 +37,9 @@ def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor,
                       graph: AttentionGraph) -> tuple[Inputs, Callable[[Tensor], Tensor]]:
     """Finite ``q, k, v`` to compute with, and the repair to apply to the ``(N_dst, H, C_v)``
-    output. ``graph`` must be implicit. Whether the inputs are finite comes from
+    output. ``graph`` must be implicit; ``k``, ``v`` may have fewer heads than ``q``
+    (grouped-query: query head ``h`` reads kv head ``h // (H / H_kv)``). Whether the inputs
+    are finite comes from
     ``graph.inputs_finite`` (read with the graph), else from one host read; with validation
     off or under ``torch.compile`` nothing is read and the repair always runs (no host read)."""
     finite = graph.inputs_finite
@@ -48,7 +50,9 @@ def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor,
     bad_q = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # (N_dst, H, 1)
     bad_k = ~torch.isfinite(k).all(dim=-1, keepdim=True)  # (N_src, H, 1)
     bad_v = ~torch.isfinite(v)  # (N_src, H, C_v)
-    reached = (bad_q & _has_keys(graph, q.device)) | _reached_from(bad_k | bad_v, graph)
+    from_kv = _reached_from(bad_k | bad_v, graph)  # (N_dst, H_kv, C_v)
+    from_kv = from_kv.repeat_interleave(q.size(1) // k.size(1), dim=1)  # each query head's
+    reached = (bad_q & _has_keys(graph, q.device)) | from_kv
     finite = tuple(t.masked_fill(bad, 0) for t, bad in ((q, bad_q), (k, bad_k), (v, bad_v)))
     return finite, lambda out: out.masked_fill(reached, float("nan"))
 

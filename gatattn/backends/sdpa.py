@@ -53,12 +53,9 @@ def sdpa_attention(
     second derivatives are exact too.
 
     Grouped-query heads (``k``, ``v`` with ``H_kv`` heads, ``H % H_kv == 0``) run natively
-    through SDPA's ``enable_gqa``; ``k`` and ``v`` are expanded to ``H`` heads only with a bias,
-    or where the inputs are not known to be finite (the non-finite repair works per query
-    head)."""
+    through SDPA's ``enable_gqa``; ``k`` and ``v`` are expanded to ``H`` heads only with a bias
+    (the logits are written out per head)."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
-    if k.size(1) != q.size(1) and graph.inputs_finite is not True:
-        k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     (q, k, v), repair = contain_nonfinite(q, k, v, graph)
     return repair(_attention(q, k, v, graph, scale, dropout, math, bias))
 

@@ -128,8 +128,9 @@ def attention(
     serves batches of any sizes (``dynamic=True``). It has first derivatives only; second
     derivatives are refused there (eager mode has them).
 
-    Grouped-query heads run natively on the SDPA route (``enable_gqa``, without a bias); the
-    message-passing, fused Triton and ``varlen_attn`` routes, the SDPA route with a bias, and
+    Grouped-query heads run natively on the SDPA route (``enable_gqa``, without a bias) and in
+    the fused Triton route's tiled kernels (implicit graphs); the message-passing and
+    ``varlen_attn`` routes, the Triton CSR kernels (edge sets), the SDPA route with a bias, and
     batched graphs under ``torch.compile`` expand ``k`` and ``v`` to ``H`` heads first (``H /
     H_kv`` times their memory). ``attn_bias``, ``edge_attr`` and the attention weights stay per
     query head.

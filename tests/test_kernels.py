@@ -183,40 +183,49 @@ def test_bottom_right_on_unequal_query_and_key_tiles(monkeypatch, tiles):
     check_against_reference(run, inputs, ref, names=("q", "k", "v", "bias"))
 
 
-@INTERPRETER
-def test_bottom_right_blind_rows_and_dbias_in_the_kernels():
-    # Straight through the launchers: blind rows store out = 0 and lse = inf and get dq = 0;
-    # the backward writes dBias at every pair a segment keeps (a NaN-filled dbias shows which
-    # it wrote), 0 at the excluded pairs it visits, and the same bits on a second run.
+def launched_bottom_right(sizes, inputs, heads):
+    """Bottom-right causal segments ``sizes`` run straight through the launchers: ``(out, lse,
+    kept_pairs, backward)``, ``backward(fill)`` giving ``(dq, dk, dv, dbias)`` with dbias
+    starting ``fill``-filled (NaN shows which entries the kernels wrote); ``kept_pairs`` marks
+    the stacked bias rows of pairs a segment keeps."""
     from gatattn.kernels.flash_attention import flash_attention_backward, flash_attention_forward
 
-    sizes_dst, sizes_src = BIPARTITE_SIZES
+    sizes_dst, sizes_src = sizes
     cu_q = ptr_from_sizes(sizes_dst).to(torch.int32)
     cu_k = ptr_from_sizes(sizes_src).to(torch.int32)
-    _, inputs, _ = bipartite_case("bottom_right", heads=2)
     q, k, v, bias = (t.detach() for t in inputs)
-    do = torch.randn(q.shape[0], 2, v.shape[2], generator=torch.Generator().manual_seed(6))
+    do = torch.randn(q.shape[0], heads, v.shape[2], generator=torch.Generator().manual_seed(6))
     mask = reference.block_mask(sizes_dst, sizes_src, causal="bottom_right")
     kept = stacked_to_dense(torch.ones(bias.shape[0], 1), cu_q.long(), cu_k.long())[..., 0] > 0
     kept_pairs = mask[kept]  # stacked order: segment by segment, target-major
-
     out, lse = flash_attention_forward(q, k, v, cu_q, cu_k, 0.25, True, bias=bias,
                                        bottom_right=True)
 
     def backward(fill):
         dbias = torch.full_like(bias, fill)
-        dq, _, _ = flash_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, 0.25, True,
-                                            bias=bias, dbias=dbias, bottom_right=True)
-        return dq, dbias
+        grads = flash_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, 0.25, True,
+                                         bias=bias, dbias=dbias, bottom_right=True)
+        return (*grads, dbias)
 
-    dq, dbias = backward(float("nan"))
+    return out, lse, kept_pairs, backward
+
+
+@INTERPRETER
+def test_bottom_right_blind_rows_and_dbias_in_the_kernels():
+    # Straight through the launchers: blind rows store out = 0 and lse = inf and get dq = 0;
+    # the backward writes dBias at every pair a segment keeps (a NaN-filled dbias shows which
+    # it wrote), 0 at the excluded pairs it visits, and the same bits on a second run.
+    _, inputs, _ = bipartite_case("bottom_right", heads=2)
+    out, lse, kept_pairs, backward = launched_bottom_right(BIPARTITE_SIZES, inputs, heads=2)
+    mask = reference.block_mask(*BIPARTITE_SIZES, causal="bottom_right")
+    dq, _, _, dbias = backward(float("nan"))
     blind = ~mask.any(1)
     assert blind.sum() == 37 + 3 + 32 + 20  # segments 40/3, 3/0, 33/1, 70/50
     assert bool((out[blind] == 0).all()) and bool((dq[blind] == 0).all())
     assert bool(torch.isinf(lse[:, blind]).all())
     assert not dbias[kept_pairs].isnan().any()
     assert bool((dbias[~kept_pairs].nan_to_num(0.0) == 0).all())
-    again = backward(0.0)[1]  # a second run, on the zeros the autograd glue gives
+    again = backward(0.0)[3]  # a second run, on the zeros the autograd glue gives
     assert torch.equal(dbias.nan_to_num(0.0), again)
     assert bool((again[~kept_pairs] == 0).all())
 
@@ -313,32 +322,15 @@ def test_grouped_heads_deterministic_dk_dv_and_dbias_in_the_kernels():
     # Straight through the launchers: a dK/dV program sums its group's query heads in a fixed
     # order, so dk, dv and dbias are the same bits on a second run; dBias is written at every
     # pair a segment keeps, for every query head (a NaN-filled dbias shows which it wrote).
-    from gatattn.kernels.flash_attention import flash_attention_backward, flash_attention_forward
-
-    sizes_dst, sizes_src = GROUPED_SIZES
-    cu_q = ptr_from_sizes(sizes_dst).to(torch.int32)
-    cu_k = ptr_from_sizes(sizes_src).to(torch.int32)
     _, inputs, _ = grouped_case(4, 2, "bottom_right")
-    q, k, v, bias = (t.detach() for t in inputs)
-    do = torch.randn(q.shape[0], 4, v.shape[2], generator=torch.Generator().manual_seed(6))
-    mask = reference.block_mask(sizes_dst, sizes_src, causal="bottom_right")
-    kept = stacked_to_dense(torch.ones(bias.shape[0], 1), cu_q.long(), cu_k.long())[..., 0] > 0
-    kept_pairs = mask[kept]
-    out, lse = flash_attention_forward(q, k, v, cu_q, cu_k, 0.25, True, bias=bias,
-                                       bottom_right=True)
-
-    def backward(fill):
-        dbias = torch.full_like(bias, fill)
-        _, dk, dv = flash_attention_backward(do, q, k, v, out, lse, cu_q, cu_k, 0.25, True,
-                                             bias=bias, dbias=dbias, bottom_right=True)
-        return dk, dv, dbias
-
-    dk, dv, dbias = backward(float("nan"))
+    _, _, kept_pairs, backward = launched_bottom_right(GROUPED_SIZES, inputs, heads=4)
+    k, v = inputs[1], inputs[2]
+    _, dk, dv, dbias = backward(float("nan"))
     assert dk.shape == k.shape and dv.shape == v.shape
     assert not dbias[kept_pairs].isnan().any()
-    again = backward(0.0)
-    assert torch.equal(dk, again[0]) and torch.equal(dv, again[1])
-    assert torch.equal(dbias.nan_to_num(0.0), again[2])
+    _, dk_again, dv_again, dbias_again = backward(0.0)
+    assert torch.equal(dk, dk_again) and torch.equal(dv, dv_again)
+    assert torch.equal(dbias.nan_to_num(0.0), dbias_again)
 
 
 def test_bad_grouping_is_refused_by_the_launcher():

@@ -73,6 +73,7 @@ class Build:
     causal: bool = False
     bias: bool = False  # an attn_bias tile read (and, backward, dBias written)
     bottom_right: bool = False  # causal, aligned bottom-right (a per-segment diagonal)
+    group: int = 1  # grouped-query heads per kv head (the dK/dV kernel unrolls their loop)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def measure(build: Build) -> Row:
         return _measure_csr(build)
     dtype = DTYPES[build.dtype]
     constants = flash_attention.kernel_constants(build.head_dim, build.head_dim, dtype,
-                                                 build.config)
+                                                 build.config, build.group)
     shape = (build.kernel, build.config, constants["BLOCK_D"], constants["BLOCK_DV"],
              dtype.itemsize, build.bias)
     kept = build.config in candidates(build.kernel, constants["BLOCK_D"], constants["BLOCK_DV"],
@@ -139,10 +140,13 @@ def _compiled(build: Build, kept: bool, estimates: dict, kernel, constants: dict
 
 
 def all_builds(capabilities, dtypes, head_dims) -> list[Build]:
-    dense = [Build(capability, dtype, head_dim, kernel, config)
+    """Every configuration of the dense kernels, without and with an attn_bias (whose tile
+    keep() counts), and the CSR kernels."""
+    dense = [Build(capability, dtype, head_dim, kernel, config, bias=bias)
              for capability in capabilities for dtype in dtypes for head_dim in head_dims
-             for kernel in KERNELS for config in CONFIGS]
-    return dense + csr_builds(capabilities, dtypes, head_dims)
+             for kernel in KERNELS for bias in (False, True) for config in CONFIGS]
+    csr = csr_builds(capabilities, dtypes, head_dims)
+    return dense + csr + [replace(build, bias=True) for build in csr]
 
 
 def csr_builds(capabilities, dtypes, head_dims) -> list[Build]:
@@ -155,8 +159,9 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
     """Per (arch, dtype, head dim, kernel), the kept candidate with the largest shared-memory
     estimate (if it fits, the estimate bounds the rest): causal (top-left) and not without a
     bias; with an attn_bias not causal and causal bottom-right (every constexpr branch of the
-    dense kernels, the alignment adding code, not tiles). And the CSR kernels, with and without
-    a bias."""
+    dense kernels, the alignment adding code, not tiles), the latter also with grouped-query
+    heads (4 per kv head, the dK/dV kernel's group loop unrolled). And the CSR kernels, with and
+    without a bias."""
     builds = []
     for capability in capabilities:
         for dtype in dtypes:
@@ -174,6 +179,8 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
                         builds += [Build(capability, dtype, head_dim, kernel, tightest, causal,
                                          bias, bottom_right)
                                    for causal, bottom_right in variants]
+                        if bias:
+                            builds.append(replace(builds[-1], group=4))
     csr = csr_builds(capabilities, dtypes, head_dims)
     return builds + csr + [replace(build, bias=True) for build in csr]
 
@@ -190,7 +197,8 @@ def table(rows: list[Row]) -> list[str]:
         estimates = (["", ""] if row.shared_estimate is None else
                      [f"{row.shared_estimate / 1024:.0f}", f"{row.register_estimate:.0f}"])
         causal = " (causal, bottom-right)" if b.bottom_right else " (causal)" if b.causal else ""
-        kernel = b.kernel + causal + (" (bias)" if b.bias else "")
+        kernel = (b.kernel + causal + (" (bias)" if b.bias else "")
+                  + (f" (group {b.group})" if b.group > 1 else ""))
         lines.append(f"| sm_{b.capability[0]}{b.capability[1]} | {b.dtype} | {b.head_dim} | "
                      f"{kernel} | {config} | {estimates[0]} | {measured[0]} | "
                      f"{measured[1]} | {estimates[1]} | {measured[2]} | {row.verdict} |")

@@ -19,7 +19,9 @@ dividing ``q``'s ``H``; query head ``h`` reads kv head ``h // group`` (``group =
 SDPA's ``enable_gqa``), never an expanded copy. The forward and dQ programs (tile, query head)
 just read their kv head; a dK/dV program (key tile, kv head) sweeps the queries of its group's
 heads one after another, accumulating dK and dV in registers across them (still no atomics).
-``group`` is a runtime argument: one build serves every grouping.
+``GROUP`` is a constexpr, the group loop unrolled: ungrouped heads (``GROUP = 1``) build exactly
+the kernels they had before grouping existed (a run-time group loop cost them registers, some
+tile configurations spilling), and each grouping gets its own build.
 
 An optional additive bias (``HAS_BIAS``) is stored per segment as a ``(len_q, len_k)`` block of
 rows (target-major, one column per head) starting at ``BiasOffsets[segment]``. The forward and
@@ -152,12 +154,13 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, diagonal,
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock, Bias, BiasOffsets,
-    qk_scale, group,
+    qk_scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     tile, head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
@@ -181,7 +184,7 @@ def _fwd_kernel(
 
     diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
-    k_head, v_head = (head // group) * stride_kh, (head // group) * stride_vh
+    k_head, v_head = (head // GROUP) * stride_kh, (head // GROUP) * stride_vh
     for start_n in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
                                    diagonal, start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
@@ -296,15 +299,16 @@ def _dkdv_of_query_head(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, Bias, D
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    Bias, DBias, BiasOffsets, qk_scale, scale, group,
+    Bias, DBias, BiasOffsets, qk_scale, scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """Key-stationary: one program owns a key tile of one kv head and sweeps the queries that
-    see it, head by head over the ``group`` query heads that read that kv head (the same order
+    see it, head by head over the ``GROUP`` query heads that read that kv head (the same order
     every run: dK and dV are deterministic)."""
     tile, kv_head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
@@ -328,7 +332,8 @@ def _bwd_dkdv_kernel(
     first, unmasked_from = _query_tiles(n_block, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     Q_seg, DO_seg = Q + q_start * stride_qm, DO + q_start * stride_dom
     LSE_seg, Delta_seg = LSE + q_start, Delta + q_start
-    for head in range(kv_head * group, kv_head * group + group):
+    for member in tl.static_range(GROUP):  # unrolled: one head needs no loop at all
+        head = kv_head * GROUP + member
         dk, dv = _dkdv_of_query_head(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, Bias,
                                      DBias, BiasOffsets, segment, head, q_len, k_len, diagonal,
                                      first, unmasked_from, cols, offs_d, offs_dv, stride_qm,
@@ -366,15 +371,16 @@ def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, diagonal, start
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    Bias, BiasOffsets, qk_scale, scale, group,
+    Bias, BiasOffsets, qk_scale, scale,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
     BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
     """Query-stationary: one program owns a query tile of one query head and sweeps the keys
-    it sees, in the kv head ``head // group``."""
+    it sees, in the kv head ``head // GROUP``."""
     tile, head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
     if segment < 0:
@@ -401,7 +407,7 @@ def _bwd_dq_kernel(
     diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
     full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
     K_seg, V_seg = K + k_start * stride_km, V + k_start * stride_vm
-    k_head, v_head = (head // group) * stride_kh, (head // group) * stride_vh
+    k_head, v_head = (head // GROUP) * stride_kh, (head // GROUP) * stride_vh
     bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, diagonal,
@@ -494,23 +500,26 @@ def padded_dim(head_dim: int) -> int:
 
 
 def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                     config: TileConfig) -> dict:
-    """The constexprs of the forward and backward kernels for one launch configuration."""
+                     config: TileConfig, group: int = 1) -> dict:
+    """The constexprs of the forward and backward kernels for one launch configuration and
+    grouped-query group size (a constexpr: with one head per group, the dK/dV kernel has no
+    group loop, and the registers it would hold)."""
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
         BLOCK_D=padded_dim(head_dim), BLOCK_DV=padded_dim(head_dim_v),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP=group,
         # fp32 inputs get fp32 products (no TF32) so they match an fp32 reference.
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
 
 
-def _launch_options(q, v, causal, config: TileConfig, has_bias: bool = False,
+def _launch_options(q, k, v, causal, config: TileConfig, has_bias: bool = False,
                     bottom_right: bool = False) -> dict:
     return dict(CAUSAL=causal, BOTTOM_RIGHT=causal and bottom_right, HAS_BIAS=has_bias,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
-                **COMPILE_OPTIONS, **kernel_constants(q.shape[2], v.shape[2], q.dtype, config))
+                **COMPILE_OPTIONS, **kernel_constants(q.shape[2], v.shape[2], q.dtype, config,
+                                                      group_size(q, k, v)))
 
 
 def tuned_configs() -> list[str]:
@@ -567,7 +576,8 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_bias(q, bias)
     bias_args = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
-    total_q, heads, group = q.shape[0], q.shape[1], group_size(q, k, v)
+    group_size(q, k, v)  # refuses a grouping H_kv does not divide, before any launch
+    total_q, heads = q.shape[0], q.shape[1]
     out = torch.empty(total_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
     if total_q == 0 or heads == 0:
@@ -577,9 +587,9 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _fwd_kernel[(segment.numel(), heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, *bias_args[:2],
-            scale * LOG2E, group, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), out.stride(0), out.stride(1), lse.stride(0), *bias_args[2:],
-            **_launch_options(q, v, causal, config, bias is not None, bottom_right))
+            **_launch_options(q, k, v, causal, config, bias is not None, bottom_right))
 
     launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, bottom_right, launch,
                             bias is not None))
@@ -600,7 +610,8 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     assert do.shape == out.shape and do.dtype == out.dtype, (
         f"grad_out must match out: {tuple(do.shape)} {do.dtype} vs {tuple(out.shape)} {out.dtype}")
     do = do if do.stride(-1) == 1 else do.contiguous()
-    total_q, heads, group = q.shape[0], q.shape[1], group_size(q, k, v)
+    group_size(q, k, v)  # refuses a grouping H_kv does not divide, before any launch
+    total_q, heads = q.shape[0], q.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if heads == 0 or total_q == 0 or k.shape[0] == 0:
         return dq, dk, dv
@@ -619,17 +630,17 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         segment, tile = tile_schedule(cu_seqlens_k, k.shape[0], config.block_n)
         _bwd_dkdv_kernel[(segment.numel(), k.shape[1])](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, group, *strides, dk.stride(0),
+            bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, *strides, dk.stride(0),
             dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), stride_bm, stride_bh,
-            **_launch_options(q, v, causal, config, has_bias, bottom_right))
+            **_launch_options(q, k, v, causal, config, has_bias, bottom_right))
 
     def launch_dq(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _bwd_dq_kernel[(segment.numel(), heads)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            bias_ptr, offsets, scale * LOG2E, scale, group, *strides, dq.stride(0), dq.stride(1),
+            bias_ptr, offsets, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
             lse.stride(0), stride_bm, stride_bh,
-            **_launch_options(q, v, causal, config, has_bias, bottom_right))
+            **_launch_options(q, k, v, causal, config, has_bias, bottom_right))
 
     alignment = (causal, bottom_right)
     launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, *alignment, launch_dkdv,

@@ -92,12 +92,13 @@ def _diagonal(graph: AttentionGraph, group: SegmentGroup) -> int | None:
     return None if diagonal >= group.len_src - 1 else diagonal
 
 
-def _causal_mask(group: SegmentGroup, diagonal: int | None) -> Tensor | None:
+def _causal_mask(group: SegmentGroup, diagonal: int | None, device) -> Tensor | None:
     """A boolean ``(len_dst, len_src)`` mask where the causal diagonal is not SDPA's
     (``is_causal`` is the top-left one, ``d = 0``)."""
     if not diagonal:
         return None
-    return torch.ones(group.len_dst, group.len_src, dtype=torch.bool).tril(diagonal)
+    return torch.ones(group.len_dst, group.len_src, dtype=torch.bool, device=device).tril(
+        diagonal)
 
 
 def _without_blind_rows(group: SegmentGroup, q: Tensor, blind: int, attend) -> Tensor:
@@ -122,8 +123,7 @@ def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout
     if diagonal is not None and diagonal < 0:
         return _without_blind_rows(group, q, -diagonal, lambda g, q_g: _group_attention(
             g, q_g, k, v, 0, scale, dropout, math))
-    mask = _causal_mask(group, diagonal)
-    mask = None if mask is None else mask.to(q.device)
+    mask = _causal_mask(group, diagonal, q.device)
     if scale <= 0:
         # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
         # backend): fold such a scale into the queries instead.
@@ -167,8 +167,8 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
     gather, so the bias gradient is deterministic. (Merging groups of similar sizes into
     padded batches, the padding masked by ``-inf`` keys, was measured slower on CPU: 256 graphs
     of 10-60 nodes, 51 groups, ran 53 ms exact and 64 ms padded into 9 batches, one thread.)
-    Grouped kv heads
-    are expanded to the query heads here: the logits are written out per head."""
+    Grouped kv heads are expanded to the query heads here: the logits are written out per
+    head."""
     H, C_v = q.size(1), v.size(2)
     k, v = repeat_kv_heads(k, H), repeat_kv_heads(v, H)
     if not plan.groups:
@@ -229,10 +229,11 @@ def _build_head_major_layout(graph: AttentionGraph, plan, heads: int,
     the bias's pairs cost more than the attention's own gathers)."""
     sizes_dst, sizes_src = graph.host_sizes()
     order = plan.graph_order
-    return _HeadMajorLayout(
-        _head_major_rows(plan.order_dst, [sizes_dst[b] for b in order], heads, device),
-        _head_major_rows(plan.order_src, [sizes_src[b] for b in order], heads, device),
-        _pair_rows(order, sizes_dst, sizes_src, device))
+    dst = _head_major_rows(plan.order_dst, [sizes_dst[b] for b in order], heads, device)
+    same_nodes = plan.order_src is plan.order_dst and sizes_src == sizes_dst  # self-attention
+    src = dst if same_nodes else _head_major_rows(plan.order_src, [sizes_src[b] for b in order],
+                                                  heads, device)
+    return _HeadMajorLayout(dst, src, _pair_rows(order, sizes_dst, sizes_src, device))
 
 
 def _head_major_rows(order: Permutation | None, lengths: list[int], heads: int,

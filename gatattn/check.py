@@ -127,13 +127,9 @@ def _applies(route: str, case: Case, dtype: torch.dtype, device: torch.device) -
     if route == "sdpa" and not case.implicit:
         return "sdpa runs implicit graphs only"
     if route == "triton":
-        reason = triton_unavailable_reason(device)
-        if reason is not None:
-            return reason
         if dtype == torch.float64:
             return "the kernels refuse float64 (sdpa and sparse compute in it)"
-        if dtype == torch.bfloat16 and device.type == "cpu":
-            return "Triton's interpreter has a broken bfloat16 tl.dot"
+        return triton_unavailable_reason(device, dtype, case.implicit)
     return None
 
 

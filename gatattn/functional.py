@@ -233,7 +233,7 @@ def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,
         )
     if requested == "triton":
         _validate_kernel_inputs(q, v, dropout, has_edge_attr)
-        reason = triton_unavailable_reason(q.device)
+        reason = triton_unavailable_reason(q.device, q.dtype, graph.is_implicit)
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton': {reason}")
     return requested

@@ -1,5 +1,7 @@
 """Every route of gatattn.attention against the reference, forward and all gradients."""
 
+import os
+
 import pytest
 import torch
 
@@ -253,3 +255,21 @@ def test_triton_backend_explains_why_it_cannot_run(monkeypatch):
     q, k, v = make_qkv(4, 4, 1, 2)
     with pytest.raises(gatattn.BackendUnavailableError, match="need CUDA tensors"):
         gatattn.attention(q, k, v, backend="triton")
+
+
+def test_triton_backend_refuses_bfloat16_tiles_in_the_interpreter():
+    """The interpreter's bfloat16 tl.dot is wrong: the tiled kernels (implicit graphs) would
+    return garbage there, so the call is refused; the CSR kernels (edge sets) use no tl.dot
+    and still run, against the reference."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("only the interpreter miscomputes bfloat16 tl.dot")
+    q, k, v = (t.bfloat16() for t in make_qkv(6, 6, 2, 8))
+    with pytest.raises(gatattn.BackendUnavailableError, match="bfloat16 matrix products"):
+        gatattn.attention(q, k, v, backend="triton")
+    with pytest.raises(gatattn.BackendUnavailableError, match="bfloat16 matrix products"):
+        gatattn.attention(q, k, v, ptr=torch.tensor([0, 2, 6]), backend="triton")
+    edge_index = torch.tensor([[0, 1, 2, 3, 5], [1, 1, 4, 0, 0]])
+    check_against_reference(
+        lambda q, k, v: gatattn.attention(q, k, v, edge_index=edge_index, backend="triton"),
+        (q, k, v), masked_reference(reference.edge_mask(edge_index, 6, 6)))

@@ -29,13 +29,22 @@ from gatattn.backends.sparse import gathered_attention
 from gatattn.graph import AttentionGraph
 
 
-def triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton route cannot run on ``device``, or ``None`` if it can."""
+def triton_unavailable_reason(device: torch.device, dtype: torch.dtype | None = None,
+                              implicit: bool = True) -> str | None:
+    """Why the Triton route cannot run on ``device`` (for ``dtype`` and the graph kind, where
+    given), or ``None`` if it can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
         return (f"the Triton kernels need CUDA tensors (got {device.type}); on CPU they run only "
                 "in Triton's interpreter (TRITON_INTERPRET=1), which is for tests")
+    if device.type != "cuda" and dtype == torch.bfloat16 and implicit:
+        # The tiled kernels' matrix products (tl.dot) give wrong bfloat16 results in the
+        # interpreter; the CSR kernels (edge sets) have none.
+        return ("Triton's interpreter computes bfloat16 matrix products (tl.dot) wrongly, so "
+                "the tiled kernels would return garbage; on CPU use float16 or float32 with "
+                "backend='triton', or backend='sdpa' for bfloat16")
     return None
 
 

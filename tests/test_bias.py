@@ -105,6 +105,55 @@ def test_half_precision_under_the_tolerance_rule(route, dtype):
     check_against_reference(run, inputs, ref, NAMES)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_bias_errs_no_more_than_torch_sdpa(dtype):
+    """With a bias the SDPA route writes attention out itself; in half precision it must
+    accumulate in float32 as SDPA does. Its error against the float64 reference (output and
+    every gradient) is held to torch SDPA's own on the same half-precision inputs: a padded
+    batch with the same bias as a float mask. Computed in the input dtype it erred 3x SDPA's
+    (median; up to 9x)."""
+    sizes = [23, 9, 31, 17, 9, 4]
+    B, H, L, C = len(sizes), 2, max(sizes), 32
+    gen = torch.Generator().manual_seed(7)
+    padded_qkv = [torch.randn(B, H, L, C, generator=gen).to(dtype) for _ in range(3)]
+    padded_bias = (2 * torch.randn(B, H, L, L, generator=gen)).to(dtype)
+    valid = torch.arange(L) < torch.tensor(sizes).unsqueeze(1)  # (B, L)
+    # Padded query rows get no upstream gradient, so torch's dK, dV hold real rows only.
+    padded_grad = (torch.randn(B, H, L, C, generator=gen) * valid.view(B, 1, L, 1)).to(dtype)
+
+    def nodes(x):  # (B, H, L, C) -> (sum n, H, C)
+        return x.transpose(1, 2)[valid]
+
+    inputs = [nodes(t).requires_grad_() for t in padded_qkv]
+    inputs.append(stacked_from_padded(padded_bias, sizes).requires_grad_())
+    ptr, grad = _offsets(sizes), nodes(padded_grad)
+    ours = gatattn.attention(*inputs[:3], ptr=ptr, attn_bias=inputs[3], backend="sdpa")
+    ours = [ours, *torch.autograd.grad(ours, inputs, grad)]
+
+    hi = [t.detach().double().requires_grad_() for t in inputs]
+    ref = reference.attention(*hi[:3], reference.block_mask(sizes),
+                              bias=stacked_to_dense(hi[3], ptr))
+    ref = [ref, *torch.autograd.grad(ref, hi, grad.double())]
+
+    torch_inputs = [t.clone().requires_grad_() for t in padded_qkv]
+    mask = padded_bias.masked_fill(~valid.view(B, 1, 1, L), float("-inf")).requires_grad_()
+    theirs = torch.nn.functional.scaled_dot_product_attention(*torch_inputs, attn_mask=mask)
+    theirs_grads = torch.autograd.grad(theirs, [*torch_inputs, mask], padded_grad)
+    theirs = [nodes(theirs), *(nodes(g) for g in theirs_grads[:3]),
+              stacked_from_padded(theirs_grads[3], sizes)]
+
+    worse = []
+    for name, got, peer, expected in zip(("out", "dq", "dk", "dv", "dbias"), ours, theirs, ref,
+                                         strict=True):
+        error = (got.double() - expected).abs().max().item()
+        peer_error = (peer.double() - expected).abs().max().item()
+        print(f"{name}: ours {error:.3e}, torch SDPA {peer_error:.3e}")
+        floor = 1e-6 * max(1.0, expected.abs().max().item())  # only where both are ~exact
+        if not error <= 2 * peer_error + floor:
+            worse.append(name)
+    assert not worse, f"more than twice torch SDPA's error: {worse}"
+
+
 def test_unsorted_batch_uses_graph_ids_in_order():
     """Graph b's block comes b-th in the stack whatever the node order (SDPA gathers blocks of
     a size group whose graphs are not adjacent; the kernels permute nodes into graph order)."""

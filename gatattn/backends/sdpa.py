@@ -168,16 +168,17 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
     padded batches, the padding masked by ``-inf`` keys, was measured slower on CPU: 256 graphs
     of 10-60 nodes, 51 groups, ran 53 ms exact and 64 ms padded into 9 batches, one thread.)
     Grouped kv heads are expanded to the query heads here: the logits are written out per
-    head."""
+    head. Half precision is computed in float32, as SDPA's kernels accumulate: the gathered
+    inputs are cast once per call, and the output cast back."""
     H, C_v = q.size(1), v.size(2)
     k, v = repeat_kv_heads(k, H), repeat_kv_heads(v, H)
     if not plan.groups:
         return empty_output(q, k, v) + bias[:0].sum()
     layout = _head_major_layout(graph, plan, H, bias.device)
-    q_hm = permute_rows(q.reshape(-1, q.size(2)), layout.dst)
-    k_hm = permute_rows(k.reshape(-1, k.size(2)), layout.src)
-    v_hm = permute_rows(v.reshape(-1, C_v), layout.src)
-    bias = permute_rows(bias, layout.bias)
+    q_hm = _computed(permute_rows(q.reshape(-1, q.size(2)), layout.dst))
+    k_hm = _computed(permute_rows(k.reshape(-1, k.size(2)), layout.src))
+    v_hm = _computed(permute_rows(v.reshape(-1, C_v), layout.src))
+    bias = _computed(permute_rows(bias, layout.bias))
     outs = []
     for g, q_g, k_g, v_g, bias_g in zip(
             plan.groups, q_hm.split([g.count * H * g.len_dst for g in plan.groups]),
@@ -192,7 +193,14 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
             v_g.view(batch, g.len_src, C_v), bias_g.reshape(batch, g.len_dst, g.len_src),
             _diagonal(graph, g), scale, dropout)
         outs.append(out.reshape(-1, C_v))
-    return unpermute_rows(torch.cat(outs), layout.dst).view(-1, H, C_v)
+    return unpermute_rows(torch.cat(outs).to(q.dtype), layout.dst).view(-1, H, C_v)
+
+
+def _computed(x: Tensor) -> Tensor:
+    """``x`` in the biased path's compute dtype: float32 for half precision (logits, softmax
+    and the value product in half precision err several times more than SDPA, which
+    accumulates in float32), else ``x`` itself."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 @dataclass(frozen=True)

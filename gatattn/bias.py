@@ -1,6 +1,7 @@
 """Additive attention bias: its layouts, and a Graphormer spatial encoding that produces one.
 
 ``attn_bias`` adds ``b_ij`` (per head) to the scaled logits: ``s_ij = <q_i, k_j> * scale + b_ij``.
+A ``-inf`` entry removes its pair: a target left without pairs gets zeros, as in SDPA.
 
 * With an explicit ``edge_index`` it is ``(E, H)``, one row per edge, in the edges' order.
 * On implicit graphs (complete, batched, causal, bipartite) it is **stacked**: each graph's full

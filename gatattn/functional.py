@@ -104,9 +104,10 @@ def attention(
             dtype. With ``edge_index``: ``(E, H)``, one row per edge. On implicit graphs: each
             graph's full ``n_dst x n_src`` block, target-major, graphs in id order, stacked to
             ``(sum_b n_dst_b * n_src_b, H)`` (:mod:`gatattn.bias` builds it from a padded
-            ``(B, H, L, S)`` tensor); pairs a causal graph excludes are ignored. Entries must be
-            finite (drop pairs with edges, not with ``-inf``). Its gradient is deterministic on
-            every route. (default: :obj:`None`)
+            ``(B, H, L, S)`` tensor); pairs a causal graph excludes are ignored. A ``-inf``
+            entry removes its pair, as in SDPA's float mask: a target left without pairs gets
+            zeros and zero gradients; NaN and ``+inf`` propagate (IEEE). Its gradient is
+            deterministic on every route. (default: :obj:`None`)
         return_attention_weights: also return ``(edge_index, alpha)`` with ``alpha`` of shape
             ``(E, H)`` (before dropout, differentiable), in the adjacency's edge order and
             layout (a SparseTensor holding them for a SparseTensor); an implicit graph is
@@ -135,9 +136,8 @@ def attention(
     H_kv`` times their memory). ``attn_bias``, ``edge_attr`` and the attention weights stay per
     query head.
 
-    Not supported: ``-inf`` entries in ``attn_bias`` (give edges instead). With ``attn_bias``,
-    ``auto`` does not race the fused kernels (it takes SDPA or message passing);
-    ``backend="triton"`` runs them.
+    With ``attn_bias``, ``auto`` does not race the fused kernels (it takes SDPA or message
+    passing); ``backend="triton"`` runs them.
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, dropout)

@@ -80,9 +80,12 @@ def _csr_fwd_kernel(
         if HAS_BIAS:
             s += _edge_bias(Bias, edges, stride_be, head * stride_bh, valid)
         s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))  # finite: every block has at least one edge
-        p = tl.math.exp2(s - m_new)
-        alpha = tl.math.exp2(m_i - m_new)
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        # -inf while every edge so far is removed by a -inf bias: subtract 0 instead, so that
+        # their p is 0, not NaN (a row with none left keeps l = 0: zero output, lse = inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe)
+        alpha = tl.math.exp2(m_i - m_safe)
         v = _gather(V, sources, stride_vm, head * stride_vh, offs_dv, valid, HEAD_DIM_V)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         l_i = l_i * alpha + tl.sum(p, 0)

@@ -140,6 +140,9 @@ def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
     logits = torch.einsum("ihc,jhc->hij", q, k) * scale
     if attn_bias is not None:
         logits = logits + _dense_bias(attn_bias, batch_dst, same, pos_dst, pos_src)
+        # A -inf bias removes its pair, so that a row it empties gets zeros, as one
+        # without pairs (the finite stand-in below would spread it evenly instead).
+        allowed = allowed & (logits != float("-inf"))
     logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     weights = torch.softmax(logits, dim=-1) * allowed  # rows without keys: all zeros
     return torch.einsum("hij,jhc->ihc", weights, v)

@@ -313,10 +313,30 @@ def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bi
         future = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device)
         bias = bias.masked_fill(future.triu(diagonal + 1), float("-inf"))
     logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
-    weights = torch.softmax(logits, dim=-1)
+    weights = _SafeSoftmax.apply(logits)
     if dropout > 0:
         weights = F.dropout(weights, dropout)
     return torch.bmm(weights, v)
+
+
+class _SafeSoftmax(torch.autograd.Function):
+    """``softmax(logits, -1)`` with zero weights and zero gradients, not NaN, in rows whose
+    logits are all ``-inf`` (a target whose every pair a ``-inf`` bias removes), as SDPA's
+    math backend (``torch._safe_softmax``) gives; NaN and ``+inf`` still propagate. Its row test
+    is one ``amax``: ``_safe_softmax``'s ``eq(-inf).all()`` took longer than the softmax
+    itself on CPU. Twice differentiable: the backward is softmax's own, of the saved output."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor) -> Tensor:
+        removed = logits.amax(dim=-1, keepdim=True) == float("-inf")
+        weights = torch.where(removed, 0.0, torch.softmax(logits, dim=-1))
+        ctx.save_for_backward(weights)
+        return weights
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (weights,) = ctx.saved_tensors
+        return torch._softmax_backward_data(grad, weights, -1, weights.dtype)
 
 
 def empty_output(q: Tensor, k: Tensor, v: Tensor, rows: int = 0) -> Tensor:

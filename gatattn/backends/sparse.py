@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch_geometric.utils import scatter, softmax
+from torch_geometric.utils import scatter
 
 from gatattn.backends.csr import CSR, csr_of
 from gatattn.backends.sdpa import repeat_kv_heads
@@ -68,7 +68,7 @@ class _CSRAttention(torch.autograd.Function):
         logits = _sddmm(csr, q_h, k_h) * scale  # (E, H)
         if bias is not None:  # target-major, as the logits
             logits = logits + bias.to(dtype)
-        alpha = softmax(logits, csr.row, num_nodes=csr.num_dst)
+        alpha = edge_softmax(logits, csr.row, csr.num_dst)
         out = _spmm(csr.matrix, _dropped(alpha, keep, dropout), v_h)  # (N_dst, H, C_v)
         ctx.save_for_backward(q, k, v, bias, alpha, keep)
         ctx.csr, ctx.scale, ctx.dropout = csr, scale, dropout
@@ -106,6 +106,21 @@ class _CSRAttention(torch.autograd.Function):
         dtype = grad_out.dtype
         return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), dbias, None, None,
                 None, None)
+
+
+def edge_softmax(logits: Tensor, index: Tensor, num_nodes: int | None) -> Tensor:
+    """``(E, H)`` softmax of ``logits`` over each target's edges (``index``: each edge's target),
+    as PyG's ``softmax``, except that a target whose logits are all ``-inf`` (every edge removed
+    by a ``-inf`` bias) gets zero weights and zero gradients, as in the reference: PyG subtracts
+    that ``-inf`` maximum (NaN). NaN and ``+inf`` logits still propagate. Twice differentiable."""
+    row_max = scatter(logits.detach(), index, 0, dim_size=num_nodes, reduce="max")
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
+    unnormalised = (logits - row_max.index_select(0, index)).exp()
+    total = scatter(unnormalised, index, 0, dim_size=num_nodes, reduce="sum")
+    # Only a removed target's sum is 0 (a row's maximum contributes exp(0) = 1); dividing by 1
+    # leaves its zeros (PyG's + 1e-16 vanishes in half precision).
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return unnormalised / total.index_select(0, index)
 
 
 def _keep_mask(shape: tuple[int, int], dropout: float, device) -> Tensor | None:
@@ -156,7 +171,7 @@ def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None, 
     logits = (q.index_select(0, dst) * key_j).sum(dim=-1) * scale  # (E, H)
     if bias is not None:
         logits = logits + bias
-    alpha = softmax(logits, dst, num_nodes=q.size(0))
+    alpha = edge_softmax(logits, dst, q.size(0))
     weights = _dropped(alpha, keep, dropout)
     out = scatter(value_j * weights.unsqueeze(-1), dst, dim=0, dim_size=q.size(0), reduce="sum")
     return out, alpha

@@ -100,7 +100,7 @@ from torch_geometric.utils import to_dense_batch
 import gatattn
 from gatattn.backends.varlen import varlen_unavailable_reason
 from gatattn.bias import block_offsets, stacked_from_padded
-from gatattn.graph import build_graph
+from gatattn.graph import describe_graph
 from gatattn.kernels import flash_attention as kernels
 
 try:
@@ -319,7 +319,7 @@ def varlen(setup: Setup) -> Runner:
     q, _, v = setup.leaves
     if DEVICE.type != "cuda":
         raise RuntimeError(f"varlen_attn runs on CUDA only; this run is on {DEVICE.type}")
-    graph = build_graph(q.size(0), q.size(0), ptr=setup.ptr, causal=setup.shape.causal)
+    graph = describe_graph(q.size(0), q.size(0), ptr=setup.ptr, causal=setup.shape.causal)[0]
     if reason := varlen_unavailable_reason(q, v, graph):
         raise RuntimeError(reason)
     longest, window = max(setup.shape.lengths), (-1, 0) if setup.shape.causal else (-1, -1)

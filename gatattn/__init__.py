@@ -22,6 +22,7 @@ from gatattn.functional import BackendUnavailableError, attention
 from gatattn.gps import GPSConv
 from gatattn.graph import (
     MAX_MATERIALIZED_EDGES,
+    AttentionGraph,
     GraphTooLargeError,
     build_graph,
     set_validation,
@@ -38,6 +39,7 @@ from gatattn.positional import graph_positional_encoding, sinusoidal_encoding
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionGraph",
     "BackendUnavailableError",
     "GPSConv",
     "GraphTooLargeError",

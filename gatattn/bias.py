@@ -70,15 +70,15 @@ def check_bias_tensor(attn_bias, q: Tensor) -> None:
         raise ValueError(f"attn_bias must be on q's device {q.device}, got {attn_bias.device}")
 
 
-def check_bias_rows(attn_bias: Tensor, graph: AttentionGraph, edge_index: Tensor | None,
-                        heads: int, validate: bool) -> None:
+def check_bias_rows(attn_bias: Tensor, graph: AttentionGraph, heads: int,
+                    validate: bool) -> None:
     """``(rows, H)``: one row per given edge, or per pair of each implicit graph's block. The
     block sizes are checked on the host when known, else by a device-side assertion."""
-    layout = ("one row per edge of edge_index, in its order" if edge_index is not None else
+    layout = ("one row per edge of edge_index, in its order" if not graph.is_implicit else
               "each graph's n_dst x n_src block, target-major (row i * n_src + j), graphs in id "
               "order, stacked; gatattn.bias.stacked_from_padded builds it from (B, H, L, S)")
-    if edge_index is not None:
-        rows = edge_index.size(1)
+    if not graph.is_implicit:
+        rows = graph.num_given_edges
     elif validate or graph.membership is None or graph.membership.dst.sizes is not None:
         rows = expected_rows(graph)
     else:

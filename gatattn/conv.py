@@ -10,13 +10,13 @@ from torch import Tensor, nn
 from torch_geometric.nn import MessagePassing, TransformerConv
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.typing import Adj
-from torch_geometric.utils import softmax
 
 from gatattn.adjacency import read_adjacency
 from gatattn.backends.sdpa import repeat_kv_heads
+from gatattn.backends.sparse import edge_softmax
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.functional import attention, logit_multiplier
-from gatattn.graph import AttentionGraph, build_graph
+from gatattn.graph import AttentionGraph, describe_graph
 
 
 class SelfAttentionConv(MessagePassing):
@@ -249,7 +249,7 @@ class SelfAttentionConv(MessagePassing):
         logits = (query_i * key_j).sum(dim=-1) * scale
         if attn_bias is not None:
             logits = logits + attn_bias
-        alpha = softmax(logits, index, ptr, size_i)
+        alpha = edge_softmax(logits, index, size_i)  # -inf removes a pair; zeros, not NaN
         self._alpha = alpha
         alpha = F.dropout(alpha, p=self.dropout, training=self.training)
         message = value_j if self.lin_edge is None else value_j + edge_attr
@@ -298,8 +298,8 @@ class SelfAttentionConv(MessagePassing):
         given = None if adjacency is None else adjacency.edge_index
         if given is not None and not source_to_target:
             given = given.flip(0)  # the graph module reads row 0 as sources
-        graph = build_graph(num_dst, num_src, edge_index=given, batch=_dst_src(batch),
-                            ptr=_dst_src(ptr), causal=causal, bipartite=bipartite)
+        graph, _ = describe_graph(num_dst, num_src, edge_index=given, batch=_dst_src(batch),
+                                  ptr=_dst_src(ptr), causal=causal, bipartite=bipartite)
         edges = graph.to_edge_index()
         if graph.kept_edges is not None and edge_attr is not None:
             edge_attr = edge_attr[graph.kept_edges]
@@ -419,7 +419,7 @@ def _edge_bias(attn_bias: Tensor | None, graph: AttentionGraph, given: Tensor | 
     if attn_bias is None:
         return None
     check_bias_tensor(attn_bias, query)
-    check_bias_rows(attn_bias, graph, given, query.size(1), validate=True)
+    check_bias_rows(attn_bias, graph, query.size(1), validate=True)
     attn_bias = attn_bias.to(query.dtype)
     if graph.kept_edges is not None:
         return attn_bias[graph.kept_edges]

@@ -22,8 +22,8 @@ from gatattn.backends.varlen import varlen_attention
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.graph import (
     AttentionGraph,
-    build_graph,
     causal_mode,
+    describe_graph,
     graph_membership,
     validation_enabled,
 )
@@ -42,6 +42,7 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
+    graph: AttentionGraph | None = None,
     edge_index: Tensor | None = None,
     batch: Tensor | tuple[Tensor, Tensor] | None = None,
     ptr: Tensor | tuple[Tensor, Tensor] | None = None,
@@ -82,6 +83,10 @@ def attention(
         k: ``(N_src, H_kv, C)`` keys; ``H_kv`` divides ``H`` (grouped-query attention: query
             head ``h`` reads kv head ``h // (H // H_kv)``, SDPA's ``enable_gqa`` convention).
         v: ``(N_src, H_kv, C_v)`` values.
+        graph: the graph as one object (:func:`gatattn.build_graph`), built once per batch:
+            the call then reads nothing on the host and re-derives nothing; it excludes
+            ``edge_index``, ``batch``, ``ptr`` and ``causal``, which are the shorthand that
+            builds one per call. (default: :obj:`None`)
         edge_index: ``(2, E)`` edges, row 0 sources, row 1 targets, or PyG's ``adj_t`` as a
             ``torch.sparse`` COO/CSR/CSC tensor or ``SparseTensor`` (row ``i`` lists the sources
             of target ``i``), or an :class:`torch_geometric.EdgeIndex`. (default: :obj:`None`)
@@ -141,35 +146,35 @@ def attention(
     """
     _validate_qkv(q, k, v)
     _validate_scalars(scale, dropout)
-    causal_mode(causal)  # validated before anything runs
     scale = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale, temperature)
-    adjacency = read_adjacency(edge_index) if edge_index is not None else None
-    edge_index = adjacency.edge_index if adjacency is not None else None
-    bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
-        q.size(0) != k.size(0))
     if attn_bias is not None:
         check_bias_tensor(attn_bias, q)
         attn_bias = attn_bias.to(q.dtype)
-    if _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
-                              return_attention_weights, backend):
-        batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
-                                                bipartite=bipartite, validate=False)
-        # The operator's ONNX decomposition computes equal heads: grouped kv heads expand.
-        k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
-        causal, bottom_right = causal_mode(causal)
-        return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
-                                 causal, attn_bias, bottom_right and bipartite)
-    validate = validation_enabled() and not torch.compiler.is_compiling()
-    # Whether q, k, v are finite is read in the graph's one host read (dense routes use it).
-    finite = finite_flag(q, k, v) if validate and edge_index is None else None
-    graph = build_graph(q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr,
-                        causal=causal, bipartite=bipartite, validate=validate,
-                        finite_flag=finite)
+    adjacency = None
+    if graph is not None:
+        _check_graph_call(graph, q, k, edge_index, batch, ptr, causal)
+        validate, inputs_finite = False, None  # checked when it was built; nothing is read
+    else:
+        causal_mode(causal)  # validated before anything runs
+        adjacency = read_adjacency(edge_index) if edge_index is not None else None
+        edge_index = adjacency.edge_index if adjacency is not None else None
+        bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
+            q.size(0) != k.size(0))
+        if _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
+                                  return_attention_weights, backend):
+            return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias)
+        validate = validation_enabled() and not torch.compiler.is_compiling()
+        # Whether q, k, v are finite is read in the graph's one host read (dense routes use it).
+        finite = finite_flag(q, k, v) if validate and edge_index is None else None
+        graph, inputs_finite = describe_graph(q.size(0), k.size(0), edge_index=edge_index,
+                                              batch=batch, ptr=ptr, causal=causal,
+                                              bipartite=bipartite, validate=validate,
+                                              finite_flag=finite)
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]
     if attn_bias is not None:
-        check_bias_rows(attn_bias, graph, edge_index, q.size(1), validate)
+        check_bias_rows(attn_bias, graph, q.size(1), validate)
         if graph.kept_edges is not None:
             attn_bias = attn_bias[graph.kept_edges]
 
@@ -181,22 +186,59 @@ def attention(
         route = routing.choose_route(q, k, v, graph, scale) if attn_bias is None else (
             "sdpa" if graph.is_implicit else "sparse")
     if route == "sdpa":
-        return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias)
+        return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias,
+                              inputs_finite=inputs_finite)
     if route == "triton":
-        return triton_attention(q, k, v, graph, scale=scale, bias=attn_bias)
+        return triton_attention(q, k, v, graph, scale=scale, bias=attn_bias,
+                                inputs_finite=inputs_finite)
     if route == "varlen":
-        return varlen_attention(q, k, v, graph, scale=scale)
+        return varlen_attention(q, k, v, graph, scale=scale, inputs_finite=inputs_finite)
     edge_index = graph.to_edge_index()
     if attn_bias is not None and graph.is_implicit:
         attn_bias = attn_bias.index_select(0, stacked_rows(graph, edge_index[1], edge_index[0]))
     out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
                                   edge_attr=edge_attr, bias=attn_bias,
-                                  differentiable_weights=return_attention_weights)
+                                  differentiable_weights=return_attention_weights,
+                                  graph=graph)
     if not return_attention_weights:
         return out
     if adjacency is None or graph.kept_edges is not None:
         return out, (edge_index, alpha)
     return out, adjacency.with_weights(alpha)
+
+
+def _check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, batch, ptr,
+                      causal) -> None:
+    """What a ``graph=`` call can check for free: no second description, row counts, device."""
+    if not isinstance(graph, AttentionGraph):
+        raise TypeError(f"graph must be a gatattn.AttentionGraph (gatattn.build_graph(...)), "
+                        f"got {type(graph).__name__}")
+    given = [name for name, value in (("edge_index", edge_index), ("batch", batch),
+                                      ("ptr", ptr)) if value is not None]
+    if causal is not False:
+        given.append("causal")
+    if given:
+        raise ValueError(f"graph= already describes the graph; got {', '.join(given)} as well: "
+                         "give them to gatattn.build_graph(...) instead, or drop graph=")
+    if q.size(0) != graph.num_dst or k.size(0) != graph.num_src:
+        raise ValueError(
+            f"the graph has {graph.num_dst} targets and {graph.num_src} sources, but q has "
+            f"{q.size(0)} rows and k has {k.size(0)}; build the graph for these nodes")
+    if graph.device is not None and graph.device != q.device:
+        raise ValueError(f"the graph is on {graph.device} but q, k, v are on {q.device}; move "
+                         f"it with graph.to({str(q.device)!r})")
+
+
+def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
+                     attn_bias: Tensor | None) -> Tensor:
+    """Batched graphs under ``torch.compile`` / ``torch.export``: one opaque operator."""
+    batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
+                                            bipartite=bipartite, validate=False)
+    # The operator's ONNX decomposition computes equal heads: grouped kv heads expand.
+    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
+    causal, bottom_right = causal_mode(causal)
+    return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
+                             causal, attn_bias, bottom_right and bipartite)
 
 
 def _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout: float,
@@ -341,8 +383,7 @@ def _validate_edge_attr(edge_attr: Tensor | None, graph: AttentionGraph, q: Tens
         return
     if graph.is_implicit:
         raise ValueError("edge_attr needs an explicit edge_index (one row of edge_attr per edge)")
-    num_edges = graph.edge_index.size(1) if graph.kept_edges is None else graph.kept_edges.numel()
-    expected = (num_edges, q.size(1), q.size(2))
+    expected = (graph.num_given_edges, q.size(1), q.size(2))
     if tuple(edge_attr.shape) != expected:
         raise ValueError(
             f"edge_attr must be (num_edges, heads, channels) = {expected}, got "

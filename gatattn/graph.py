@@ -33,6 +33,9 @@ from torch import Tensor
 #: or the sparse route): its edge_index alone would take 16 bytes per edge.
 MAX_MATERIALIZED_EDGES = 2**25
 
+#: Materialised edges are kept with their graph (for every layer) up to this many edges.
+MAX_KEPT_EDGES = 2**22
+
 _CACHE_SIZE = 8
 _validating = True
 
@@ -180,6 +183,13 @@ class Side:
         self.num_nodes, self.ptr, self.order, self.sizes = num_nodes, ptr, order, sizes
         self._batch = batch
 
+    def to(self, device) -> Side:
+        order = None if self.order is None else Permutation(self.order.forward.to(device),
+                                                             self.order.inverse.to(device))
+        batch = None if self._batch is None else self._batch.to(device)
+        return Side(self.num_nodes, self.ptr.to(device), batch=batch, order=order,
+                    sizes=self.sizes)
+
     @property
     def batch(self) -> Tensor:
         """Graph id per node, derived from ``ptr`` when not given (no host read)."""
@@ -210,6 +220,11 @@ class Membership:
         self.dst, self.src, self.num_graphs = dst, src, num_graphs
         self._plan: SegmentPlan | None = None
 
+    def to(self, device) -> Membership:
+        dst = self.dst.to(device)
+        return Membership(dst, dst if self.src is self.dst else self.src.to(device),
+                          self.num_graphs)
+
     @property
     def sides(self) -> tuple[Side, ...]:
         return (self.dst,) if self.src is self.dst else (self.dst, self.src)
@@ -234,15 +249,20 @@ class Membership:
         return self._plan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class AttentionGraph:
-    """An attention pattern over ``num_src`` sources and ``num_dst`` targets.
+    """An attention pattern over ``num_src`` sources and ``num_dst`` targets: build it with
+    :func:`build_graph` once per batch and pass it as ``graph=`` to every call and layer.
 
     Either ``edge_index`` is set (an arbitrary edge set, source -> target), or the graph is
     implicit: one complete graph per graph of ``membership`` (all nodes in one graph when it is
     ``None``), restricted to ``pos(j) <= pos(i) + d`` when ``causal``: ``d = 0``, or
     ``d = n_src - n_dst`` of the graph with ``bottom_right`` (set only where it differs: on
     bipartite graphs).
+
+    Immutable: what is derived from it (graph sizes, the grouping by size and its node
+    permutations, the routes' layouts, materialised edges) is derived once and kept with it,
+    and can never describe other contents.
     """
 
     num_dst: int
@@ -252,15 +272,57 @@ class AttentionGraph:
     causal: bool = False
     bipartite: bool = False
     bottom_right: bool = False
-    #: With ``causal`` and an explicit edge_index: which of the given edges were kept.
+    #: With ``causal`` and an explicit edge_index: the indices of the given edges kept.
     kept_edges: Tensor | None = None
-    #: Whether the call's ``q, k, v`` are all finite, read together with the graph (``None``:
-    #: not known; the dense routes then find out themselves).
-    inputs_finite: bool | None = None
+    #: With ``kept_edges``: how many edges were given.
+    given_edges: int = 0
+    #: What routes derive from the graph alone (materialised edges), kept for every layer.
+    derived: dict = field(default_factory=dict, compare=False)
+
+    def __repr__(self) -> str:
+        causal = {(False, False): "no", (True, False): "top_left",
+                  (True, True): "bottom_right"}[(self.causal, self.bottom_right)]
+        nodes = (f"{self.num_dst}" if not self.bipartite
+                 else f"{self.num_dst} targets x {self.num_src} sources")
+        if self.edge_index is not None:
+            body = f"edge set, nodes={nodes}, edges={self.edge_index.size(1)}"
+        else:
+            kind = "complete" if self.membership is None else "batched complete"
+            body = f"{kind}, graphs={self.num_graphs}, nodes={nodes}, pairs={self.num_edges()}"
+        return f"AttentionGraph({body}, causal={causal}, device={self.device})"
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the graph's tensors live (``None``: a single complete graph has none)."""
+        if self.edge_index is not None:
+            return self.edge_index.device
+        return None if self.membership is None else self.membership.dst.ptr.device
+
+    def to(self, device) -> AttentionGraph:
+        """The same graph with its tensors on ``device`` (``self`` if they are there)."""
+        device = torch.device(device)
+        if self.device is None or self.device == device:
+            return self
+        moved = None if self.membership is None else self.membership.to(device)
+        return AttentionGraph(
+            self.num_dst, self.num_src,
+            edge_index=None if self.edge_index is None else self.edge_index.to(device),
+            membership=moved, causal=self.causal, bipartite=self.bipartite,
+            bottom_right=self.bottom_right,
+            kept_edges=None if self.kept_edges is None else self.kept_edges.to(device),
+            given_edges=self.given_edges)
 
     @property
     def is_implicit(self) -> bool:
         return self.edge_index is None
+
+    @property
+    def num_given_edges(self) -> int:
+        """Edges of the given edge set, before a causal graph dropped any (rows of the
+        ``edge_attr`` and ``attn_bias`` that come with it)."""
+        if self.kept_edges is not None:
+            return self.given_edges
+        return 0 if self.edge_index is None else self.edge_index.size(1)
 
     @property
     def num_graphs(self) -> int:
@@ -351,12 +413,112 @@ class AttentionGraph:
                 "return_attention_weights / edge_attr, or attend over an explicit sparse "
                 "edge_index"
             )
-        return _complete_edges(self)
+        edges = self.derived.get("edges")
+        if edges is None:
+            edges = _complete_edges(self)
+            if num_edges <= MAX_KEPT_EDGES:
+                self.derived["edges"] = edges
+        return edges
+
+    def prepare(self) -> AttentionGraph:
+        """Derive now what the routes read later (graph sizes and the grouping by size), so
+        that calls with this graph read nothing on the host."""
+        if self.membership is not None:
+            self.membership.segment_plan()
+        self.derived["prepared"] = True  # routes keep what they derive (the CSR) here
+        if self.edge_index is not None:
+            from gatattn.backends.csr import graph_csr  # (the routes import this module)
+
+            graph_csr(self, self.edge_index)
+        return self
 
 
 def build_graph(
-    num_dst: int,
-    num_src: int,
+    *,
+    edge_index=None,
+    batch: Tensor | tuple[Tensor, Tensor] | None = None,
+    ptr: Tensor | tuple[Tensor, Tensor] | None = None,
+    causal: bool | str = False,
+    num_nodes: int | tuple[int, int] | None = None,
+) -> AttentionGraph:
+    """The graph attention runs over, as one immutable object: build it once per batch and
+    pass it as ``graph=`` to :func:`gatattn.attention` and to every layer.
+
+    It is validated here, with at most one host read (``ptr``'s values, or a ``batch``'s graph
+    count and sizes), and owns everything derived from it: graph sizes, the grouping of graphs
+    by size and its node permutations, the routes' layouts, the kept edges of a causal edge
+    set, materialised edges. A call given ``graph=`` reads nothing on the host and re-derives
+    nothing.
+
+    Args:
+        edge_index: ``(2, E)`` edges (row 0 sources, row 1 targets), a ``torch.sparse``
+            ``adj_t``, a ``SparseTensor`` or an :class:`torch_geometric.EdgeIndex`;
+            :obj:`None` for complete graphs. (default: :obj:`None`)
+        batch: graph id per node, or a ``(batch_dst, batch_src)`` pair (cross-attention).
+            (default: :obj:`None`)
+        ptr: ``(B + 1,)`` graph offsets, or a ``(ptr_dst, ptr_src)`` pair.
+            (default: :obj:`None`)
+        causal: :obj:`False`, :obj:`True` / ``"top_left"`` or ``"bottom_right"``
+            (:data:`CAUSAL_ALIGNMENTS`). (default: :obj:`False`)
+        num_nodes: the node count, or ``(n_dst, n_src)`` for cross-attention; needed only
+            where nothing else gives it (a complete graph, a plain ``edge_index``).
+            (default: :obj:`None`)
+    """
+    num_dst, num_src, bipartite = _node_counts(edge_index, batch, ptr, num_nodes)
+    if edge_index is not None:
+        from gatattn.adjacency import read_adjacency  # (adjacency imports PyG)
+
+        edge_index = read_adjacency(edge_index).edge_index
+    graph, _ = describe_graph(num_dst, num_src, edge_index=edge_index, batch=batch, ptr=ptr,
+                              causal=causal, bipartite=bipartite,
+                              validate=not torch.compiler.is_compiling())
+    return graph.prepare()
+
+
+def _node_counts(edge_index, batch, ptr, num_nodes) -> tuple[int | None, int | None, bool]:
+    """``(num_dst, num_src, bipartite)`` from what the caller gives; ``None`` counts are read
+    from ``ptr`` with its values."""
+    pair = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list))
+    if num_nodes is not None:
+        counts = tuple(num_nodes) if isinstance(num_nodes, (tuple, list)) else (num_nodes,) * 2
+        if len(counts) != 2 or not all(isinstance(n, int) and n >= 0 for n in counts):
+            raise ValueError(f"num_nodes must be an int >= 0 or a (n_dst, n_src) pair of them, "
+                             f"got {num_nodes!r}")
+        return counts[0], counts[1], pair or isinstance(num_nodes, (tuple, list))
+    if batch is not None:
+        dst, src = (batch[0], batch[1]) if pair else (batch, batch)
+        return dst.numel(), src.numel(), pair
+    if ptr is not None:
+        return None, None, pair
+    size = _adjacency_size(edge_index)
+    if size is None:
+        raise ValueError(
+            "build_graph needs num_nodes here: a complete graph (no edge_index, batch or ptr) "
+            "or a plain edge_index does not say how many nodes there are; pass num_nodes=N, or "
+            "(n_dst, n_src) for cross-attention")
+    return size[0], size[1], size[0] != size[1]
+
+
+def _adjacency_size(adj) -> tuple[int, int] | None:
+    """``(n_dst, n_src)`` of an adjacency that states its size (``adj_t`` layouts and an
+    EdgeIndex with a sparse size), else ``None``."""
+    if adj is None:
+        return None
+    if isinstance(adj, Tensor) and adj.layout != torch.strided and adj.dim() == 2:
+        return adj.size(0), adj.size(1)  # adj_t: targets x sources
+    sparse_size = getattr(adj, "sparse_sizes", None) or getattr(adj, "sparse_size", None)
+    if callable(sparse_size):
+        sizes = sparse_size()
+        if len(sizes) == 2 and None not in sizes:
+            if isinstance(adj, Tensor):  # EdgeIndex: (sources, targets)
+                return sizes[1], sizes[0]
+            return sizes[0], sizes[1]  # SparseTensor adj_t: (targets, sources)
+    return None
+
+
+def describe_graph(
+    num_dst: int | None,
+    num_src: int | None,
     *,
     edge_index: Tensor | None = None,
     batch: Tensor | tuple[Tensor, Tensor] | None = None,
@@ -365,14 +527,16 @@ def build_graph(
     bipartite: bool = False,
     validate: bool | None = None,
     finite_flag: Tensor | None = None,
-) -> AttentionGraph:
-    """Validate the caller's description of the graph and build an :class:`AttentionGraph`.
+) -> tuple[AttentionGraph, bool | None]:
+    """Validate a call's description of the graph and build its :class:`AttentionGraph` (the
+    keyword forms of :func:`gatattn.attention`; :func:`build_graph` is the public form).
 
     ``batch`` / ``ptr`` are tensors, or ``(dst, src)`` pairs when ``bipartite``. ``batch`` need
     not be sorted: a graph's nodes are taken in the order they appear. ``validate`` says whether
     values are checked on the host (default: :func:`validation_enabled`; ``False`` under
     ``torch.compile``). ``finite_flag``, a 0-dim bool tensor (whether the inputs are finite), is
-    read in the same host read as the graph and lands in ``inputs_finite``.
+    read in the same host read as the graph; its value comes back second (``None``: not read).
+    ``num_dst`` / ``num_src`` ``None``: ``ptr``'s last values (validated ``ptr`` only).
     """
     validate = validation_enabled() if validate is None else validate
     causal, bottom_right = causal_mode(causal)
@@ -380,20 +544,23 @@ def build_graph(
     extra = [] if finite_flag is None else [finite_flag.reshape(1)]
     membership, extra_values = _membership(num_dst, num_src, batch, ptr, bipartite, validate,
                                            extra)
+    if membership is not None:
+        num_dst, num_src = membership.dst.num_nodes, membership.src.num_nodes
     inputs_finite = bool(extra_values[0][0]) if extra_values else None
     if edge_index is not None:
         edge_index = _check_edge_index(edge_index, num_dst, num_src, validate)
-        kept = None
+        kept, given = None, edge_index.size(1)
         if causal:
             kept = _causal_edges(edge_index, AttentionGraph(
                 num_dst, num_src, membership=membership, bottom_right=bottom_right))
-            edge_index = edge_index[:, kept]
+            # Indices rather than the mask: selecting by them later reads nothing on the host.
+            kept = kept.nonzero().squeeze(1)
+            edge_index = edge_index.index_select(1, kept)
         return AttentionGraph(num_dst, num_src, edge_index=edge_index, causal=causal,
-                              bipartite=bipartite, bottom_right=bottom_right, kept_edges=kept,
-                              inputs_finite=inputs_finite)
+                              bipartite=bipartite, bottom_right=bottom_right,
+                              kept_edges=kept, given_edges=given), inputs_finite
     return AttentionGraph(num_dst, num_src, membership=membership, causal=causal,
-                          bipartite=bipartite, bottom_right=bottom_right,
-                          inputs_finite=inputs_finite)
+                          bipartite=bipartite, bottom_right=bottom_right), inputs_finite
 
 
 def read_host(parts: list[Tensor]) -> list[list[int]]:
@@ -412,7 +579,8 @@ def read_host(parts: list[Tensor]) -> list[list[int]]:
 def _membership(num_dst: int, num_src: int, batch, ptr, bipartite: bool, validate: bool,
                 extra: list[Tensor]) -> tuple[Membership | None, list[list[int]]]:
     """The :class:`Membership` the caller describes, and ``extra`` read along with it."""
-    _check_node_counts(num_dst, num_src, bipartite)
+    if num_dst is not None:
+        _check_node_counts(num_dst, num_src, bipartite)
     if batch is not None and ptr is not None:
         raise ValueError("got both batch and ptr; give either batch or ptr, not both")
     ptr_dst, ptr_src = _split_pair("ptr", ptr, bipartite)
@@ -433,8 +601,15 @@ def _from_ptr(ptr_dst: Tensor, ptr_src: Tensor, num_dst: int, num_src: int, vali
     ptr_dst, ptr_src = _same_length(ptr_dst, ptr_src)
     sides = [(ptr_dst, num_dst)] if same else [(ptr_dst, num_dst), (ptr_src, num_src)]
     sizes = [None] * len(sides)
+    if num_dst is None and not validate:
+        raise ValueError("give num_nodes: without validation (under torch.compile) ptr's "
+                         "values, which give the node counts, are not read")
     if validate:
         values = read_host([p for p, _ in sides] + extra)
+        if num_dst is None:  # the node counts are ptr's last values
+            sides = [(p, v[-1]) for (p, _), v in zip(sides, values, strict=False)]
+            num_dst, num_src = sides[0][1], sides[-1][1]
+            _check_node_counts(num_dst, num_src, bipartite=not same)
         sizes = [_checked_sizes("ptr", v, n)
                  for v, (_, n) in zip(values[:len(sides)], sides, strict=True)]
         extra_values = values[len(sides):]
@@ -779,10 +954,9 @@ def _complete_edges(graph: AttentionGraph) -> Tensor:
     device = None if graph.membership is None else graph.membership.dst.ptr.device
     blocks, start_dst, start_src = [], 0, 0
     for g in plan.groups:
-        pairs = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=device)
-        if graph.causal:
-            pairs = pairs.tril(graph.diagonal(g.len_dst, g.len_src))
-        dst, src = pairs.nonzero().unbind(1)  # row-major: by target, then source
+        # Row-major (by target, then source); tril_indices knows its size without a read.
+        diagonal = graph.diagonal(g.len_dst, g.len_src) if graph.causal else g.len_src
+        dst, src = torch.tril_indices(g.len_dst, g.len_src, diagonal, device=device)
         graph_ids = torch.arange(g.count, device=device).unsqueeze(1)
         dst = (start_dst + graph_ids * g.len_dst + dst).flatten()
         src = (start_src + graph_ids * g.len_src + src).flatten()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import gatattn
 from gatattn import reference
 from gatattn.backends.ops import _masked_dense_attention
-from gatattn.graph import build_graph
+from gatattn.graph import describe_graph
 from tests.conftest import check_against_reference, make_qkv, masked_reference
 
 ROUTES = ["sdpa", "sparse", "triton", "auto"]
@@ -135,7 +135,7 @@ def test_explicit_edges_are_filtered_bottom_right():
     aligned as asked."""
     sizes_dst, sizes_src = [4, 2], [2, 5]
     ptr = (_offsets(sizes_dst), _offsets(sizes_src))
-    complete = build_graph(6, 7, ptr=ptr, bipartite=True).to_edge_index()
+    complete = describe_graph(6, 7, ptr=ptr, bipartite=True)[0].to_edge_index()
     q, k, v = make_qkv(6, 7, 2, 4, dtype=torch.float64)
     for causal in (True, "bottom_right"):
         mask = reference.block_mask(sizes_dst, sizes_src, causal=causal)
@@ -153,8 +153,8 @@ def test_attention_weights_list_the_kept_pairs():
     dense = torch.zeros_like(mask)
     dense[edge_index[1], edge_index[0]] = True
     assert torch.equal(dense, mask)
-    assert build_graph(6, 6, ptr=ptr, causal="bottom_right", bipartite=True).num_edges() == (
-        int(mask.sum()))
+    graph, _ = describe_graph(6, 6, ptr=ptr, causal="bottom_right", bipartite=True)
+    assert graph.num_edges() == int(mask.sum())
     # Blind targets (the first 3 of graph 0) have no edge; the others' weights sum to 1.
     sums = torch.zeros(6, dtype=alpha.dtype).index_add_(0, edge_index[1], alpha[:, 0])
     torch.testing.assert_close(sums, torch.tensor([0, 0, 0, 1, 1, 1], dtype=alpha.dtype))
@@ -200,8 +200,8 @@ def test_the_layer_takes_the_alignment():
     x_src, x_dst = torch.randn(10, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
     ptr = (torch.tensor([0, 10]), torch.tensor([0, 3]))  # the layer's pairs are (src, dst)
     out = conv((x_src, x_dst), ptr=ptr, causal="bottom_right")
-    edges = build_graph(3, 10, ptr=ptr[::-1], causal="bottom_right",
-                        bipartite=True).to_edge_index()
+    edges = describe_graph(3, 10, ptr=ptr[::-1], causal="bottom_right",
+                           bipartite=True)[0].to_edge_index()
     torch.testing.assert_close(out, conv((x_src, x_dst), edge_index=edges))
     assert not torch.allclose(out, conv((x_src, x_dst), ptr=ptr, causal=True))
 

@@ -13,8 +13,9 @@ import gatattn
 from gatattn import SelfAttentionConv, reference
 from gatattn.backends import routing
 from gatattn.backends.routing import Router, route_key
+from gatattn.backends.sdpa import sdpa_attention
 from gatattn.bias import stacked_to_dense
-from gatattn.graph import build_graph, validation
+from gatattn.graph import describe_graph, validation
 from gatattn.kv_cache import KVCache, cached_self_attention
 from tests.conftest import check_against_reference
 
@@ -151,13 +152,19 @@ def test_second_derivatives_on_the_sdpa_route():
         lambda q, k, v: gatattn.attention(q, k, v, ptr=ptr, causal=True, backend="sdpa"), inputs)
 
 
-@pytest.mark.parametrize("check", [True, False], ids=["validated", "unvalidated"])
-def test_nonfinite_kv_reaches_only_the_heads_that_read_it(check):
+@pytest.mark.parametrize("found", ["by the call's read", "by the route's caller"])
+def test_nonfinite_kv_reaches_only_the_heads_that_read_it(found):
+    """The exact repair: run when a validated call reads that an input is not finite, or when
+    a route is told so (calls that read nothing only guard: tests/test_graph_object.py)."""
     q, k, v = (t.detach() for t in _qkv(8, 8, 4, 2, torch.float64))
     v[3, 1, 2] = float("nan")  # kv head 1: read by query heads 2 and 3 only
     mask = reference.block_mask([8], causal=True)
-    with validation(check):
-        got = gatattn.attention(q, k, v, causal=True, backend="sdpa")
+    if found == "by the call's read":
+        with validation(True):
+            got = gatattn.attention(q, k, v, causal=True, backend="sdpa")
+    else:
+        graph = gatattn.build_graph(num_nodes=8, causal=True)
+        got = sdpa_attention(q, k, v, graph, scale=q.size(-1) ** -0.5, inputs_finite=False)
     expected = reference.attention(q, k, v, mask)
     assert expected[:, :2].isfinite().all() and expected[3:, 2:, 2].isnan().all()
     torch.testing.assert_close(got, expected, equal_nan=True)
@@ -184,7 +191,7 @@ def test_router_keys_kv_heads_and_races_grouped_calls():
     sizes = [5, 9, 1]
     ptr = _offsets(sizes)
     q, k, v = _qkv(15, 15, 4, 2, torch.float32)
-    graph = build_graph(15, 15, ptr=ptr)
+    graph = describe_graph(15, 15, ptr=ptr)[0]
     assert route_key(q, v, graph, True).kv_heads == 2
     assert route_key(q, v, graph, True) != route_key(q, q, graph, True)
     timed = []

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import gatattn
-from gatattn.graph import build_graph, local_positions
+from gatattn.graph import describe_graph, local_positions
 from tests.conftest import make_qkv
 
 
@@ -85,11 +85,11 @@ def test_local_positions_follow_order_of_appearance():
 
 def test_number_of_edges_of_implicit_graphs():
     batch = torch.tensor([0, 0, 0, 1, 1])
-    assert build_graph(5, 5, batch=batch).num_edges() == 9 + 4
-    assert build_graph(5, 5, batch=batch, causal=True).num_edges() == 6 + 3
-    graph = build_graph(2, 5, causal=True, bipartite=True)
+    assert describe_graph(5, 5, batch=batch)[0].num_edges() == 9 + 4
+    assert describe_graph(5, 5, batch=batch, causal=True)[0].num_edges() == 6 + 3
+    graph = describe_graph(2, 5, causal=True, bipartite=True)[0]
     assert graph.num_edges() == graph.to_edge_index().size(1) == 1 + 2
-    graph = build_graph(5, 2, causal=True, bipartite=True)
+    graph = describe_graph(5, 2, causal=True, bipartite=True)[0]
     assert graph.num_edges() == graph.to_edge_index().size(1) == 1 + 2 + 2 + 2 + 2
 
 
@@ -143,7 +143,7 @@ def test_attention_graph_adds_repeated_edges_and_keeps_isolated_nodes():
 
 def test_ptr_is_the_kernels_cu_seqlens_as_given():
     ptr = torch.tensor([0, 3, 3, 7])
-    segments = build_graph(7, 7, ptr=ptr).packed_segments()
+    segments = describe_graph(7, 7, ptr=ptr)[0].packed_segments()
     assert segments.cu_seqlens_dst is ptr and segments.cu_seqlens_src is ptr
     assert segments.order_dst is None and segments.order_src is None
 
@@ -155,8 +155,8 @@ def test_segment_plan_groups_graphs_by_size_keeping_node_order(seed):
     sizes_src = torch.randint(0, 5, (9,), generator=gen)
     ptr_dst, ptr_src = (torch.cat([torch.zeros(1, dtype=torch.long), s.cumsum(0)])
                         for s in (sizes_dst, sizes_src))
-    graph = build_graph(int(ptr_dst[-1]), int(ptr_src[-1]), ptr=(ptr_dst, ptr_src),
-                        bipartite=True)
+    graph, _ = describe_graph(int(ptr_dst[-1]), int(ptr_src[-1]), ptr=(ptr_dst, ptr_src),
+                              bipartite=True)
     plan = graph.segment_plan()
     shapes = sorted(zip(sizes_dst.tolist(), sizes_src.tolist(), strict=True))
     expected_groups = [(shapes.count(shape), *shape) for shape in dict.fromkeys(shapes)]
@@ -173,9 +173,9 @@ def test_segment_plan_groups_graphs_by_size_keeping_node_order(seed):
 
 def test_segment_plan_knows_the_identity_from_the_sizes():
     ptr = torch.tensor([0, 2, 2, 5, 9])  # sizes 2, 0, 3, 4: already grouped in size order
-    assert build_graph(9, 9, ptr=ptr).segment_plan().order_dst is None
+    assert describe_graph(9, 9, ptr=ptr)[0].segment_plan().order_dst is None
     ptr = torch.tensor([0, 4, 6])
-    assert build_graph(6, 6, ptr=ptr).segment_plan().order_dst.forward.tolist() == [
+    assert describe_graph(6, 6, ptr=ptr)[0].segment_plan().order_dst.forward.tolist() == [
         4, 5, 0, 1, 2, 3]
 
 
@@ -189,5 +189,5 @@ def test_ptr_pair_of_unequal_lengths_means_trailing_empty_graphs():
 
 def test_graph_positions_without_a_sorted_batch():
     batch = torch.tensor([1, 0, 1, 1, 0, 2])
-    pos_dst, pos_src = build_graph(6, 6, batch=batch).positions(batch.device)
+    pos_dst, pos_src = describe_graph(6, 6, batch=batch)[0].positions(batch.device)
     assert pos_dst.tolist() == pos_src.tolist() == local_positions(batch, 6).tolist()

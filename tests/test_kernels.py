@@ -501,7 +501,7 @@ def test_auto_serves_the_route_it_reports_on_cuda():
     what the route it reports returns, and no kernel of ours is rejected there."""
     from gatattn.backends.routing import route_key
     from gatattn.backends.varlen import varlen_attention
-    from gatattn.graph import build_graph
+    from gatattn.graph import describe_graph
 
     batch = batch_from_sizes([3, 20, 1, 9]).cuda()
     q, k, v = (t.detach().cuda() for t in make_qkv(batch.numel(), batch.numel(), 2, 64,
@@ -509,11 +509,12 @@ def test_auto_serves_the_route_it_reports_on_cuda():
     edge_index = gatattn.mask_to_edge_index(torch.rand(33, 33) < 0.3).cuda()
     for graph in (dict(batch=batch), dict(batch=batch, causal=True), dict(edge_index=edge_index)):
         out = gatattn.attention(q, k, v, **graph)
-        key = route_key(q, v, build_graph(33, 33, **graph), needs_grad=False)
+        key = route_key(q, v, describe_graph(33, 33, **graph)[0], needs_grad=False)
         (choice,) = [c for c in gatattn.route_choices() if c.key == key]
         assert not choice.rejected, choice
         if choice.route == "varlen":
-            expected = varlen_attention(q, k, v, build_graph(33, 33, **graph), scale=64**-0.5)
+            expected = varlen_attention(q, k, v, describe_graph(33, 33, **graph)[0],
+                                        scale=64**-0.5)
         else:
             expected = gatattn.attention(q, k, v, backend=choice.route, **graph)
         assert torch.equal(out, expected), (graph, choice)

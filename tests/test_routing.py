@@ -20,7 +20,7 @@ import gatattn.kernels.flash_attention as flash_kernels  # noqa: E402
 from gatattn import reference  # noqa: E402
 from gatattn.backends import routing, varlen  # noqa: E402
 from gatattn.backends.routing import Router, RouteRejectedWarning  # noqa: E402
-from gatattn.graph import build_graph  # noqa: E402
+from gatattn.graph import describe_graph  # noqa: E402
 
 
 class FakeTimer:
@@ -42,14 +42,14 @@ def batched(dtype=torch.float32, grad=True, causal=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(32, 2, 16, generator=gen).to(dtype).requires_grad_(grad)
                for _ in range(3))
-    return q, k, v, build_graph(32, 32, ptr=ptr, causal=causal)
+    return q, k, v, describe_graph(32, 32, ptr=ptr, causal=causal)[0]
 
 
 def edge_set(dtype=torch.float32):
     gen = torch.Generator().manual_seed(3)
     edge_index = torch.randint(0, 12, (2, 40), generator=gen)
     q, k, v = (torch.randn(12, 2, 16, generator=gen).to(dtype).requires_grad_() for _ in range(3))
-    return q, k, v, build_graph(12, 12, edge_index=edge_index)
+    return q, k, v, describe_graph(12, 12, edge_index=edge_index)[0]
 
 
 def wrong_by(factor, launcher):
@@ -194,7 +194,7 @@ def test_empty_or_nonfinite_calls_do_not_decide_a_key():
         q[3, 0, 0] = float("nan")
     assert router.route(q, k, v, graph, 0.25) == "sdpa" and not router.choices
     empty = torch.zeros(0, 2, 16)
-    graph = build_graph(0, 0, ptr=torch.zeros(1, dtype=torch.long))
+    graph = describe_graph(0, 0, ptr=torch.zeros(1, dtype=torch.long))[0]
     assert router.route(empty, empty, empty, graph, 0.25) == "sdpa" and not router.choices
 
 
@@ -220,7 +220,7 @@ def test_the_varlen_route_matches_the_reference(monkeypatch, causal):
     monkeypatch.setattr(varlen, "_kernel", lambda: _stand_in_varlen_attn)
     batch = torch.tensor([2, 0, 0, 1, 2, 2, 0, 1, 1, 1, 0])  # unsorted: permuted into order
     q, k, v = (torch.randn(11, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    graph = build_graph(11, 11, batch=batch, causal=causal)
+    graph = describe_graph(11, 11, batch=batch, causal=causal)[0]
     out = varlen.varlen_attention(q, k, v, graph, scale=0.3)
     mask = same_graph_mask(batch, batch, causal)
     expected = reference.attention(q, k, v, mask, scale=0.3)
@@ -242,8 +242,8 @@ def test_varlen_is_raced_where_it_applies(monkeypatch):
 
 def test_varlen_states_why_it_does_not_apply():
     q, k, v, graph = batched(dtype=torch.float16)
-    bipartite = build_graph(4, 6, ptr=(torch.tensor([0, 4]), torch.tensor([0, 6])),
-                            bipartite=True)
+    bipartite, _ = describe_graph(4, 6, ptr=(torch.tensor([0, 4]), torch.tensor([0, 6])),
+                                  bipartite=True)
     assert "self-attention" in varlen.varlen_unavailable_reason(q, v, bipartite)
     assert "float16" in varlen.varlen_unavailable_reason(q.float(), v.float(), graph)
     assert "multiples of 8" in varlen.varlen_unavailable_reason(q[..., :12], v[..., :12], graph)

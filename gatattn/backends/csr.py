@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gatattn.graph import Permutation
+from gatattn.graph import MAX_KEPT_EDGES, AttentionGraph, Permutation
 
 _CACHE_SIZE = 8
 _cache: dict[tuple[int, bool], _Entry] = {}
@@ -105,11 +105,27 @@ def csr_of(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
     return csr
 
 
-def _build(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
+def graph_csr(graph: AttentionGraph, edge_index: Tensor) -> CSR:
+    """The CSR of ``edge_index``, the edges of ``graph``. A graph from
+    :func:`gatattn.build_graph` keeps it (built without a host read, up to
+    :data:`~gatattn.graph.MAX_KEPT_EDGES` edges); a call's own graph takes the cache above."""
+    csr = graph.derived.get("csr")
+    if csr is not None:
+        return csr
+    if not graph.derived.get("prepared"):
+        return csr_of(edge_index, graph.num_dst, graph.num_src)
+    csr = _build(edge_index, graph.num_dst, graph.num_src, may_read=False)
+    if csr.num_edges <= MAX_KEPT_EDGES:
+        graph.derived["csr"] = csr
+    return csr
+
+
+def _build(edge_index: Tensor, num_dst: int, num_src: int, may_read: bool = True) -> CSR:
     src, dst = edge_index
     # Edges already in target-major order (a CSR adj_t, an EdgeIndex or SparseTensor sorted by
-    # target, a target-sorted edge_index) need no sort: an O(E) check instead of O(E log E).
-    if not torch.compiler.is_compiling() and _is_sorted(dst):
+    # target, a target-sorted edge_index) need no sort: an O(E) check instead of O(E log E),
+    # but a host read, which a graph's own CSR does without.
+    if may_read and not torch.compiler.is_compiling() and _is_sorted(dst):
         row, col, position = dst, src, None
     else:
         order = Permutation.of(torch.sort(dst, stable=True).indices)

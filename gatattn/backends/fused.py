@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from gatattn.backends.csr import CSR, csr_of
+from gatattn.backends.csr import CSR, graph_csr
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.sdpa import (
     permute_rows,
@@ -95,7 +95,8 @@ class _CSRFlashAttention(torch.autograd.Function):
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
-                     scale: float, bias: Tensor | None = None) -> Tensor:
+                     scale: float, bias: Tensor | None = None,
+                     inputs_finite: bool | None = None) -> Tensor:
     """``(N_dst, H, C_v)`` attention over ``graph`` with the fused kernels. Second derivatives
     come from a twice-differentiable torch route (SDPA's math backend, or per-edge gathers).
     ``bias``: stacked (implicit graphs, :mod:`gatattn.bias`) or ``(E, H)`` per edge.
@@ -119,7 +120,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
     inputs = (q, k, v) if bias is None else (q, k, v, bias)
     if not graph.is_implicit:
         return twice_differentiable(fast, recompute, *inputs)
-    (q, k, v), repair = contain_nonfinite(q, k, v, graph)
+    (q, k, v), repair = contain_nonfinite(q, k, v, graph, inputs_finite)
     inputs = (q, k, v) + inputs[3:]
     return repair(twice_differentiable(fast, recompute, *inputs))
 
@@ -130,7 +131,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: Attentio
     q, k, v = (t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
                for t in (q, k, v))
     if not graph.is_implicit:
-        csr = csr_of(graph.edge_index, graph.num_dst, graph.num_src)
+        csr = graph_csr(graph, graph.edge_index)
         return _CSRFlashAttention.apply(q, k, v, csr.in_target_order(bias), csr, scale)
     segments = graph.packed_segments()
     cu_seqlens_q = segments.cu_seqlens_dst.to(device=q.device, dtype=torch.int32)

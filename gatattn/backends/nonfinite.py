@@ -6,11 +6,15 @@ multiplies the zero weights of future keys with their values (``0 * NaN = NaN`` 
 without that edge), and SDPA's fused CPU kernel returns finite rows for NaN queries, and for
 rows whose logits are all NaN.
 
-:func:`contain_nonfinite` repairs all of it: the route computes with finite inputs, and NaN is
-put back exactly where an edge reads a non-finite one. All-finite inputs (the normal case) are
-recognised by one reduction (read on the host with the graph description) and cost nothing
-more; under ``torch.compile``, which cannot branch on values, and with validation switched off
-(:class:`gatattn.graph.validation`), the repair always runs, without a host read.
+:func:`contain_nonfinite` repairs all of it where the call knows its inputs are not finite: the
+route computes with finite inputs, and NaN is put back exactly where an edge reads a non-finite
+one. A keyword call with validation on knows it from one reduction read with the graph; under
+``torch.compile`` (which fuses the repair into a few element-wise passes) the repair always
+runs. Calls that read nothing on the host (``graph=``, validation off) cannot know, and do not
+pay the repair on every finite call; they only make sure that no non-finite input is hidden (a
+dense kernel can hide one: SDPA's CPU kernel returns finite rows for a NaN query, or for a row
+whose only key is NaN). One reduction on the device, no host read, turns the whole output of
+such a call NaN when any of ``q``, ``k``, ``v`` is not finite.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from gatattn.graph import AttentionGraph, validation_enabled
+from gatattn.graph import AttentionGraph
 
 Inputs = tuple[Tensor, Tensor, Tensor]
 
@@ -34,19 +38,18 @@ def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return torch.isfinite(sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v)))
 
 
-def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor,
-                      graph: AttentionGraph) -> tuple[Inputs, Callable[[Tensor], Tensor]]:
+def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
+                      finite: bool | None) -> tuple[Inputs, Callable[[Tensor], Tensor]]:
     """Finite ``q, k, v`` to compute with, and the repair to apply to the ``(N_dst, H, C_v)``
     output. ``graph`` must be implicit; ``k``, ``v`` may have fewer heads than ``q``
-    (grouped-query: query head ``h`` reads kv head ``h // (H / H_kv)``). Whether the inputs
-    are finite comes from
-    ``graph.inputs_finite`` (read with the graph), else from one host read; with validation
-    off or under ``torch.compile`` nothing is read and the repair always runs (no host read)."""
-    finite = graph.inputs_finite
-    if finite is None and validation_enabled() and not torch.compiler.is_compiling():
-        finite = bool(finite_flag(q, k, v))
+    (grouped-query: query head ``h`` reads kv head ``h // (H / H_kv)``). ``finite``: whether
+    the inputs are all finite, ``None`` if the call did not find out (no host read): then the
+    exact repair runs under ``torch.compile``, and otherwise a guard that makes the whole output
+    NaN if any input is not finite."""
     if finite:
         return (q, k, v), _unchanged
+    if finite is None and not torch.compiler.is_compiling():
+        return (q, k, v), lambda out: _poisoned_if_nonfinite(out, q, k, v)
     bad_q = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # (N_dst, H, 1)
     bad_k = ~torch.isfinite(k).all(dim=-1, keepdim=True)  # (N_src, H, 1)
     bad_v = ~torch.isfinite(v)  # (N_src, H, C_v)
@@ -55,6 +58,14 @@ def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor,
     reached = (bad_q & _has_keys(graph, q.device)) | from_kv
     finite = tuple(t.masked_fill(bad, 0) for t, bad in ((q, bad_q), (k, bad_k), (v, bad_v)))
     return finite, lambda out: out.masked_fill(reached, float("nan"))
+
+
+def _poisoned_if_nonfinite(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``out``, all NaN if any entry of ``q``, ``k``, ``v`` is not finite: ``0 * sum`` is 0 for
+    finite inputs (summed in float32: only entries near float32's limit could overflow it) and
+    NaN otherwise, and its gradient is zero."""
+    total = sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v))
+    return out + (total * 0).to(out.dtype)
 
 
 def _unchanged(out: Tensor) -> Tensor:

@@ -21,9 +21,10 @@ import contextlib
 import torch
 from torch import Tensor
 
+from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.sdpa import sdpa_attention
 from gatattn.bias import check_bias_rows
-from gatattn.graph import AttentionGraph, build_graph
+from gatattn.graph import AttentionGraph, describe_graph, validation_enabled
 
 
 @torch.library.custom_op("gatattn::segment_attention", mutates_args=())
@@ -34,11 +35,11 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
     the targets' ids, ``batch_src`` the sources' (``None``: the same nodes, self-attention);
     ``attn_bias`` in the stacked layout of :mod:`gatattn.bias`; ``bottom_right`` aligns a
     causal graph bottom-right (:func:`gatattn.graph.causal_mode`)."""
-    graph = _graph(q, k, batch_dst, batch_src, causal, bottom_right)
+    graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right)
     if attn_bias is not None:
-        check_bias_rows(attn_bias, graph, None, q.size(1), validate=True)
+        check_bias_rows(attn_bias, graph, q.size(1), validate=True)
     with torch.no_grad():
-        return sdpa_attention(q, k, v, graph, scale=scale, bias=attn_bias)
+        return sdpa_attention(q, k, v, graph, scale=scale, bias=attn_bias, inputs_finite=finite)
 
 
 @segment_attention.register_fake
@@ -57,9 +58,9 @@ def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     with_bias = attn_bias is not None
     inputs = [t.detach().requires_grad_() for t in (q, k, v, *([attn_bias] if with_bias else []))]
     with _autograd_recording():
-        out = sdpa_attention(*inputs[:3], _graph(q, k, batch_dst, batch_src, causal,
-                                                 bottom_right),
-                             scale=scale, bias=inputs[3] if with_bias else None)
+        graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right)
+        out = sdpa_attention(*inputs[:3], graph, scale=scale,
+                             bias=inputs[3] if with_bias else None, inputs_finite=finite)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
     return (*grads[:3], grads[3] if with_bias else q.new_empty(0))
@@ -111,12 +112,16 @@ def _autograd_recording():
         yield
 
 
-def _graph(q: Tensor, k: Tensor, batch_dst: Tensor, batch_src: Tensor | None,
-           causal: bool, bottom_right: bool) -> AttentionGraph:
+def _graph(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor, batch_src: Tensor | None,
+           causal: bool, bottom_right: bool) -> tuple[AttentionGraph, bool | None]:
+    """The graph, and whether ``q, k, v`` are finite, read with it (``None`` with validation
+    off: nothing is read for it)."""
     bipartite = batch_src is not None
     batch = (batch_dst, batch_src) if bipartite else batch_dst
     causal = "bottom_right" if causal and bottom_right else causal
-    return build_graph(q.size(0), k.size(0), batch=batch, causal=causal, bipartite=bipartite)
+    flag = finite_flag(q, k, v) if validation_enabled() else None
+    return describe_graph(q.size(0), k.size(0), batch=batch, causal=causal,
+                          bipartite=bipartite, finite_flag=flag)
 
 
 def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,

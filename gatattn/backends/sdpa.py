@@ -44,6 +44,7 @@ def sdpa_attention(
     dropout: float = 0.0,
     math: bool = False,
     bias: Tensor | None = None,
+    inputs_finite: bool | None = None,
 ) -> Tensor:
     """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit. Second derivatives
     come from SDPA's math backend (its fused kernels have no double backward; ``math=True``
@@ -54,9 +55,11 @@ def sdpa_attention(
 
     Grouped-query heads (``k``, ``v`` with ``H_kv`` heads, ``H % H_kv == 0``) run natively
     through SDPA's ``enable_gqa``; ``k`` and ``v`` are expanded to ``H`` heads only with a bias
-    (the logits are written out per head)."""
+    (the logits are written out per head). ``inputs_finite``: whether ``q``, ``k``, ``v`` are
+    all finite, as the call found out (``None``: not known; see
+    :func:`~gatattn.backends.nonfinite.contain_nonfinite`)."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
-    (q, k, v), repair = contain_nonfinite(q, k, v, graph)
+    (q, k, v), repair = contain_nonfinite(q, k, v, graph, inputs_finite)
     return repair(_attention(q, k, v, graph, scale, dropout, math, bias))
 
 

@@ -24,9 +24,10 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
 
-from gatattn.backends.csr import CSR, csr_of
+from gatattn.backends.csr import CSR, csr_of, graph_csr
 from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.second_order import recorded_grads, recording_backward
+from gatattn.graph import AttentionGraph
 
 
 def sparse_attention(
@@ -40,19 +41,22 @@ def sparse_attention(
     edge_attr: Tensor | None = None,
     bias: Tensor | None = None,
     differentiable_weights: bool = False,
+    graph: AttentionGraph | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
     dropout, in the order of ``edge_index``; differentiable only if asked, which takes the
     per-edge form). ``bias``: ``(E, H)`` added to the logits, in the order of ``edge_index``.
     Targets without in-edges get zeros. Twice differentiable. Grouped-query heads: ``k``, ``v``
     with ``H_kv`` heads are expanded to ``q``'s ``H`` heads first (H / H_kv times their
-    memory)."""
+    memory). ``graph``: the graph whose edges ``edge_index`` are, which may keep
+    their :class:`CSR` (else it is cached per ``edge_index``)."""
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     if edge_attr is not None or torch.compiler.is_compiling() or differentiable_weights:
         src, dst = edge_index
         keep = _keep_mask((src.numel(), q.size(1)), dropout, q.device)
         return gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr, bias)
-    csr = csr_of(edge_index, q.size(0), k.size(0))
+    csr = csr_of(edge_index, q.size(0), k.size(0)) if graph is None else graph_csr(
+        graph, edge_index)
     keep = _keep_mask((csr.num_edges, q.size(1)), dropout, q.device)
     out, alpha = _CSRAttention.apply(q, k, v, csr.in_target_order(bias), csr, scale, keep,
                                      dropout)

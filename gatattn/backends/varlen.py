@@ -46,7 +46,7 @@ def varlen_unavailable_reason(q: Tensor, v: Tensor, graph: AttentionGraph) -> st
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
-                     scale: float) -> Tensor:
+                     scale: float, inputs_finite: bool | None = None) -> Tensor:
     """``(N, H, C)`` attention over the self-attention ``graph`` with ``varlen_attn``. Like the
     Triton route: non-finite inputs contained, second derivatives from SDPA's math backend.
     Grouped kv heads are expanded to ``q``'s heads first."""
@@ -58,7 +58,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
     def recompute(q, k, v):
         return sdpa_attention(q, k, v, graph, scale=scale, math=True)
 
-    (q, k, v), repair = contain_nonfinite(q, k, v, graph)
+    (q, k, v), repair = contain_nonfinite(q, k, v, graph, inputs_finite)
     return repair(twice_differentiable(fast, recompute, q, k, v))
 
 

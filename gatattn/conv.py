@@ -15,7 +15,7 @@ from gatattn.adjacency import read_adjacency
 from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.sparse import edge_softmax
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
-from gatattn.functional import attention, logit_multiplier
+from gatattn.functional import attention, check_graph_call, logit_multiplier
 from gatattn.graph import AttentionGraph, describe_graph
 
 
@@ -182,6 +182,7 @@ class SelfAttentionConv(MessagePassing):
         edge_attr: Tensor | None = None,
         return_attention_weights: bool | None = None,
         *,
+        graph: AttentionGraph | None = None,
         batch: Tensor | tuple[Tensor, Tensor] | None = None,
         ptr: Tensor | tuple[Tensor, Tensor] | None = None,
         causal: bool | str = False,
@@ -203,6 +204,11 @@ class SelfAttentionConv(MessagePassing):
                 SparseTensor input. They are differentiable. For an implicit complete graph the
                 edges are built (up to :data:`gatattn.graph.MAX_MATERIALIZED_EDGES`).
                 (default: :obj:`None`)
+            graph (AttentionGraph, optional): The graph from :func:`gatattn.build_graph`,
+                built once per batch and shared by every layer (targets are ``x_dst``'s
+                nodes, sources ``x_src``'s); it replaces :obj:`edge_index`, :obj:`batch`,
+                :obj:`ptr` and :obj:`causal`, and the call reads nothing on the host.
+                (default: :obj:`None`)
             batch (torch.Tensor or pair, optional): Graph id per node, or
                 ``(batch_src, batch_dst)`` for cross-attention. (default: :obj:`None`)
             ptr (torch.Tensor or pair, optional): Graph offsets instead of :obj:`batch`.
@@ -218,6 +224,11 @@ class SelfAttentionConv(MessagePassing):
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         self._validate_features(x_src, x_dst)
         query, key, value = self._project(x_src, x_dst)
+        if graph is not None:
+            check_graph_call(graph, query, key, edge_index, batch, ptr, causal)
+            if self.flow != "source_to_target":
+                raise ValueError("graph= describes attention source -> target; a layer with "
+                                 "flow='target_to_source' takes edge_index instead")
         adjacency = read_adjacency(edge_index) if edge_index is not None else None
         if adjacency is not None and edge_attr is None:
             edge_attr = adjacency.values
@@ -225,11 +236,11 @@ class SelfAttentionConv(MessagePassing):
         want_weights = isinstance(return_attention_weights, bool)
 
         if self._pyg_sees_messages():
-            out, edges, alpha = self._propagate(query, key, value, adjacency, edge_attr, batch,
-                                                ptr, causal, attn_bias)
+            graph = graph or self._message_graph(query, key, adjacency, batch, ptr, causal)
+            out, edges, alpha = self._propagate(query, key, value, graph, edge_attr, attn_bias)
         else:
-            out, edges, alpha = self._fused(query, key, value, adjacency, edge_attr, batch, ptr,
-                                            causal, want_weights, attn_bias)
+            out, edges, alpha = self._fused(query, key, value, graph, adjacency, edge_attr,
+                                            batch, ptr, causal, want_weights, attn_bias)
 
         out = self._finish(out, x_dst)
         if not want_weights:
@@ -273,11 +284,12 @@ class SelfAttentionConv(MessagePassing):
         return (bool(self.explain) or self._edge_mask is not None or any(hooks)
                 or self.aggr not in ("add", "sum") or self.flow != "source_to_target")
 
-    def _fused(self, query, key, value, adjacency, edge_attr, batch, ptr, causal, want_weights,
-               attn_bias):
+    def _fused(self, query, key, value, graph, adjacency, edge_attr, batch, ptr, causal,
+               want_weights, attn_bias):
         """Attention through :func:`gatattn.attention` (fused routes): ``(out, edges, alpha)``."""
         result = attention(
-            query, key, value, edge_index=None if adjacency is None else adjacency.edge_index,
+            query, key, value, graph=graph,
+            edge_index=None if adjacency is None else adjacency.edge_index,
             batch=_dst_src(batch), ptr=_dst_src(ptr), causal=causal,
             temperature=self.temperature, dropout=self.dropout if self.training else 0.0,
             edge_attr=self._embed_edges(edge_attr), attn_bias=attn_bias,
@@ -287,27 +299,33 @@ class SelfAttentionConv(MessagePassing):
         out, (edges, alpha) = result
         return out, edges, alpha
 
-    def _propagate(self, query, key, value, adjacency, edge_attr, batch, ptr, causal, attn_bias):
-        """Attention through :meth:`propagate` and :meth:`message`: ``(out, edges, alpha)``,
-        ``edges`` oriented as :obj:`flow` says. Implicit graphs are built as edges
-        (size-checked)."""
+    def _message_graph(self, query, key, adjacency, batch, ptr, causal) -> AttentionGraph:
+        """The graph :meth:`propagate` runs over, from the call's keywords; its ``edge_index``
+        source -> target whatever :obj:`flow` says."""
         num_dst, num_src = query.size(0), key.size(0)
         bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
             num_dst != num_src)
-        source_to_target = self.flow == "source_to_target"
         given = None if adjacency is None else adjacency.edge_index
-        if given is not None and not source_to_target:
+        if given is not None and self.flow != "source_to_target":
             given = given.flip(0)  # the graph module reads row 0 as sources
         graph, _ = describe_graph(num_dst, num_src, edge_index=given, batch=_dst_src(batch),
                                   ptr=_dst_src(ptr), causal=causal, bipartite=bipartite)
+        return graph
+
+    def _propagate(self, query, key, value, graph: AttentionGraph, edge_attr, attn_bias):
+        """Attention through :meth:`propagate` and :meth:`message` over ``graph``: ``(out,
+        edges, alpha)``, ``edges`` oriented as :obj:`flow` says. Implicit graphs are built as
+        edges (size-checked, kept with the graph)."""
         edges = graph.to_edge_index()
         if graph.kept_edges is not None and edge_attr is not None:
             edge_attr = edge_attr[graph.kept_edges]
-        attn_bias = _edge_bias(attn_bias, graph, given, edges, query)
+        attn_bias = _edge_bias(attn_bias, graph, edges, query)
         # PyG reads edge_index in the direction of self.flow.
+        source_to_target = self.flow == "source_to_target"
         edges = edges if source_to_target else edges.flip(0)
-        if adjacency is None:
+        if graph.is_implicit:
             _check_explained_edges(self, edges)
+        num_dst, num_src = graph.num_dst, graph.num_src
         size = (num_src, num_dst) if source_to_target else (num_dst, num_src)
         # message() states attention per query head: grouped kv heads are expanded for it.
         key, value = repeat_kv_heads(key, self.heads), repeat_kv_heads(value, self.heads)
@@ -412,8 +430,8 @@ class SelfAttentionConv(MessagePassing):
         return layer
 
 
-def _edge_bias(attn_bias: Tensor | None, graph: AttentionGraph, given: Tensor | None,
-               edges: Tensor, query: Tensor) -> Tensor | None:
+def _edge_bias(attn_bias: Tensor | None, graph: AttentionGraph, edges: Tensor,
+               query: Tensor) -> Tensor | None:
     """The bias of each materialised edge (``edges`` source -> target), checked as
     :func:`gatattn.attention` checks it."""
     if attn_bias is None:

@@ -152,7 +152,7 @@ def attention(
         attn_bias = attn_bias.to(q.dtype)
     adjacency = None
     if graph is not None:
-        _check_graph_call(graph, q, k, edge_index, batch, ptr, causal)
+        check_graph_call(graph, q, k, edge_index, batch, ptr, causal)
         validate, inputs_finite = False, None  # checked when it was built; nothing is read
     else:
         causal_mode(causal)  # validated before anything runs
@@ -207,7 +207,7 @@ def attention(
     return out, adjacency.with_weights(alpha)
 
 
-def _check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, batch, ptr,
+def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, batch, ptr,
                       causal) -> None:
     """What a ``graph=`` call can check for free: no second description, row counts, device."""
     if not isinstance(graph, AttentionGraph):

@@ -155,6 +155,41 @@ def test_removed_weights_are_zero():
     assert not alpha.isnan().any()
 
 
+@pytest.mark.parametrize("graph", ["batched-causal", "edges"])
+def test_layer_message_passing_path(graph):
+    """The layer's propagate/message path (taken when a hook must see messages)."""
+    torch.manual_seed(0)
+    layer = gatattn.SelfAttentionConv(6, 4, heads=2).double()
+    layer.register_message_forward_hook(lambda module, inputs, output: None)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 6, dtype=torch.float64)
+    if graph == "edges":
+        _, (_, _, _, bias), _, edge_index = _edges_case("sparse", torch.float64)
+        kwargs = {"edge_index": edge_index}
+        mask = reference.edge_mask(edge_index, 9, 9)
+        dense = reference.dense_edge_features(edge_index, bias, 9, 9)
+    else:
+        sizes = [3, 6]
+        kwargs = {"ptr": _offsets(sizes), "causal": True}
+        bias = stacked_from_padded(_padded_bias(sizes, sizes, 2, gen), sizes).double()
+        bias.requires_grad_()
+        mask = reference.block_mask(sizes, causal=True)
+        dense = stacked_to_dense(bias, _offsets(sizes))
+    out = layer(x, attn_bias=bias, **kwargs)
+    H, C = layer.heads, layer.out_channels
+    q, k, v = (lin(x).view(-1, H, C) for lin in (layer.lin_query, layer.lin_key,
+                                                  layer.lin_value))
+    expected = reference.attention(q, k, v, mask, bias=dense).reshape(-1, H * C)
+    expected = expected + layer.lin_skip(x)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    params = [bias, *layer.parameters()]
+    got = torch.autograd.grad(out, params, grad_out)
+    want = torch.autograd.grad(expected, params, grad_out, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w)
+
+
 def test_torch_sdpa_with_the_float_mask_agrees():
     """What torch's SDPA gives for the same bias as a padded float mask (a fully -inf row:
     zeros), against the reference and our SDPA route: output and every gradient."""

@@ -312,3 +312,77 @@ def test_graph_calls_never_hide_a_nonfinite_input(route, tensor):
     with gatattn.validation(True):
         exact = gatattn.attention(q, k, v, **keywords, backend=route)
     assert torch.equal(exact.isnan(), expected.isnan())
+
+
+# --- the layer ---------------------------------------------------------------------------------
+
+def _layer_case(kind: str):
+    """``(layer, x, keyword arguments of the layer's call, graph)``; bipartite layers take
+    ``(x_src, x_dst)`` and pairs in PyG's (source, target) order, the graph (target, source)."""
+    keywords, num_dst, num_src, _ = KINDS[kind]
+    torch.manual_seed(0)
+    edge_dim = 3 if kind.startswith("edge set") else None
+    bipartite = num_dst != num_src
+    layer = gatattn.SelfAttentionConv((5, 6) if bipartite else 5, 4, heads=2,
+                                      edge_dim=edge_dim).double()
+    gen = torch.Generator().manual_seed(4)
+    x_src = torch.randn(num_src, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    x_dst = torch.randn(num_dst, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = (x_src, x_dst) if bipartite else x_src
+    layer_keywords = {name: (value[1], value[0]) if isinstance(value, tuple) else value
+                      for name, value in keywords.items()}
+    if edge_dim is not None:
+        layer_keywords["edge_attr"] = torch.randn(EDGES.size(1), edge_dim, generator=gen,
+                                                  dtype=torch.float64)
+    return layer, x, layer_keywords, built(kind)
+
+
+def _layer_run(layer, x, graph=None, **keywords):
+    out = layer(x, graph=graph, **keywords) if graph is not None else layer(x, **keywords)
+    inputs = [x] if isinstance(x, torch.Tensor) else list(x)
+    grads = torch.autograd.grad(out.sum(), [*inputs, *layer.parameters()], allow_unused=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("path", ["fused", "propagate"])
+@pytest.mark.parametrize("kind", ["batched unsorted", "bipartite bottom-right", "edge set causal"])
+def test_layer_graph_call_equals_keyword_call(kind, path):
+    layer, x, keywords, graph = _layer_case(kind)
+    if path == "propagate":  # a message hook makes the layer run PyG's propagate
+        layer.register_message_forward_hook(lambda module, inputs, output: None)
+    extra = {"edge_attr": keywords["edge_attr"]} if "edge_attr" in keywords else {}
+    out, grads = _layer_run(layer, x, graph, **extra)
+    expected, expected_grads = _layer_run(layer, x, **keywords)
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        if e is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("path", ["fused", "propagate"])
+@pytest.mark.parametrize("kind", ["batched unsorted", "bipartite bottom-right", "edge set causal"])
+def test_layer_graph_calls_read_nothing_on_the_host(monkeypatch, kind, path):
+    layer, x, keywords, graph = _layer_case(kind)
+    if path == "propagate":
+        layer.register_message_forward_hook(lambda module, inputs, output: None)
+    extra = {"edge_attr": keywords["edge_attr"]} if "edge_attr" in keywords else {}
+    for _ in range(2):
+        implicit = _ImplicitReads()
+        with count_host_reads(monkeypatch) as reads, implicit:
+            out = layer(x, graph=graph, **extra)
+            out.sum().backward()
+        assert reads.count == 0, f"{reads.count} host reads with graph="
+        assert implicit.seen == [], f"value-dependent sizes with graph=: {implicit.seen}"
+
+
+def test_layer_refuses_a_graph_with_keywords_or_another_flow():
+    layer, x, _, graph = _layer_case("batched unsorted")
+    with pytest.raises(ValueError, match="graph= already describes the graph; got batch"):
+        layer(x, graph=graph, batch=torch.zeros(16, dtype=torch.long))
+    with pytest.raises(ValueError, match="16 targets and 16 sources, but q has 15 rows"):
+        layer(x[:15], graph=graph)
+    flipped = gatattn.SelfAttentionConv(5, 4, heads=2, flow="target_to_source").double()
+    with pytest.raises(ValueError, match="flow='target_to_source' takes edge_index"):
+        flipped(x, graph=graph)

@@ -223,7 +223,7 @@ class SelfAttentionConv(MessagePassing):
         """
         x_src, x_dst = (x, x) if isinstance(x, Tensor) else x
         self._validate_features(x_src, x_dst)
-        query, key, value = self._project(x_src, x_dst)
+        query, key, value = self.project(x_src, x_dst)
         if graph is not None:
             check_graph_call(graph, query, key, edge_index, batch, ptr, causal)
             if self.flow != "source_to_target":
@@ -242,7 +242,7 @@ class SelfAttentionConv(MessagePassing):
             out, edges, alpha = self._fused(query, key, value, graph, adjacency, edge_attr,
                                             batch, ptr, causal, want_weights, attn_bias)
 
-        out = self._finish(out, x_dst)
+        out = self.finish(out, x_dst)
         if not want_weights:
             return out
         if adjacency is None:
@@ -354,18 +354,42 @@ class SelfAttentionConv(MessagePassing):
             return None
         return self.lin_edge(edge_attr).view(-1, self.heads, self.out_channels)
 
-    def _project(self, x_src: Tensor, x_dst: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries ``(N_dst, heads, C)``, keys and values ``(N_src, kv_heads, C)``. With
-        :meth:`_finish`, what the wrappers that attend their own way (sharded nodes, a KV
-        cache) share with :meth:`forward`."""
+    def project(self, x_src: Tensor, x_dst: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer's query, key and value projections, the first half of :meth:`forward`.
+
+        Code that attends its own way (:func:`gatattn.kv_cache.cached_self_attention`,
+        :class:`gatattn.distributed.ShardedSelfAttention`) runs ``project``, its attention,
+        then :meth:`finish`, and computes what :meth:`forward` computes.
+
+        Args:
+            x_src (torch.Tensor): Source node features ``(N_src, in_channels)`` (the same
+                tensor as ``x_dst`` for self-attention).
+            x_dst (torch.Tensor): Target node features ``(N_dst, in_channels)``.
+
+        Returns:
+            Queries ``(N_dst, heads, C)``, keys and values ``(N_src, kv_heads, C)``, ready for
+            :func:`gatattn.attention`.
+        """
         C = self.out_channels
         return (self.lin_query(x_dst).view(-1, self.heads, C),
                 self.lin_key(x_src).view(-1, self.kv_heads, C),
                 self.lin_value(x_src).view(-1, self.kv_heads, C))
 
-    def _finish(self, out: Tensor, x_dst: Tensor) -> Tensor:
-        """The attention output ``(N_dst, heads, C)`` to the layer's: heads concatenated or
-        averaged, the output projection, the root term (gated with ``beta``)."""
+    def finish(self, out: Tensor, x_dst: Tensor) -> Tensor:
+        """The second half of :meth:`forward`: the attention output to the layer's output.
+
+        Heads are concatenated (or averaged with ``concat=False``), then the output
+        projection (``out_proj=True``) and the root term (gated with ``beta``) are applied.
+
+        Args:
+            out (torch.Tensor): Attention output ``(N_dst, heads, C)``, e.g. of
+                :func:`gatattn.attention` on the tensors :meth:`project` returned.
+            x_dst (torch.Tensor): The target node features given to :meth:`project`, which
+                the root term reads.
+
+        Returns:
+            ``(N_dst, heads * C)``, or ``(N_dst, C)`` with ``concat=False``.
+        """
         out = out.reshape(-1, self.heads * self.out_channels) if self.concat else out.mean(dim=1)
         if self.lin_out is not None:
             out = self.lin_out(out)

@@ -58,19 +58,21 @@ from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.second_order import recording_backward
 from gatattn.conv import SelfAttentionConv
 from gatattn.functional import _validate_qkv, logit_multiplier
+from gatattn.graph import AttentionGraph
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Query rows per tile of a block: its logits take H * _QUERY_TILE * n_k values, so memory stays
 # linear in the shard size.
 _QUERY_TILE = 1024
-# What each rank states in the one all_gather: its own node count, then values all must share.
+# What each rank states in the one all_gather: its own node count, then values all must share
+# (a graph='s node count is -1 without one).
 _FIELDS = ("nodes", "heads", "channels", "value channels", "dtype", "needs grad", "causal",
-           "logit multiplier", "refused")
+           "logit multiplier", "graph= node count", "refused")
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup | None = None,
-                   causal: bool = False, scale: float | None = None,
-                   temperature: float = 1.0) -> Tensor:
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | None = None,
+                   group: dist.ProcessGroup | None = None, causal: bool = False,
+                   scale: float | None = None, temperature: float = 1.0) -> Tensor:
     r"""Exact multi-head attention over one complete graph whose nodes are sharded over the
     ranks of ``group``: this rank holds the contiguous shard of nodes that follows the shards of
     lower ranks.
@@ -85,6 +87,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
         k: ``(n_r, H_kv, C)`` keys of the same nodes (``H_kv`` divides ``H``: grouped-query
             heads, query head ``h`` reads kv head ``h // (H // H_kv)``).
         v: ``(n_r, H_kv, C_v)`` values of the same nodes.
+        graph: the whole graph as one object, instead of ``causal``: one complete graph over
+            the nodes of all ranks, ``gatattn.build_graph(num_nodes=N, causal=...)`` with
+            ``N`` the sum of the shard sizes (checked), the same on every rank.
+            (default: :obj:`None`)
         group: the process group; ``None`` is the default group. (default: :obj:`None`)
         causal: node ``i`` attends to global positions ``j <= i`` only. (default: :obj:`False`)
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
@@ -97,7 +103,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
     Shards may differ in size, and a shard may be empty. Inputs that any rank refuses (shapes,
     dtypes, flags that differ between ranks) raise on every rank.
     """
-    ring = _Ring.agree(q, k, v, group=group, causal=causal, scale=scale, temperature=temperature)
+    ring = _Ring.agree(q, k, v, graph=graph, group=group, causal=causal, scale=scale,
+                       temperature=temperature)
     # Grouped-query heads travel expanded (the expansion's backward sums each group).
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     return _RingAttention.apply(q, k, v, ring)
@@ -127,19 +134,22 @@ class _Ring:
                 and not (self.causal and origin > self.rank))
 
     @classmethod
-    def agree(cls, q, k, v, *, group, causal, scale, temperature) -> _Ring:
+    def agree(cls, q, k, v, *, graph, group, causal, scale, temperature) -> _Ring:
         """Validates locally, then exchanges every rank's statement in one ``all_gather``, so
         that a refusal on any rank raises on all of them instead of leaving them waiting."""
-        problem, multiplier = None, 0.0
+        problem, multiplier, graph_nodes = None, 0.0, -1
         try:
             _validate_qkv(q, k, v)
+            if graph is not None:
+                causal, graph_nodes = _ring_graph(graph, causal)
             _validate_local(q, k, causal)
             multiplier = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale,
                                           temperature)
         except (TypeError, ValueError) as error:
             problem = error
         device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-        statement = _statement(q, k, v, causal, multiplier) if problem is None else None
+        statement = (_statement(q, k, v, causal, multiplier, graph_nodes) if problem is None
+                     else None)
         mine = torch.tensor(statement or [0.0] * (len(_FIELDS) - 1) + [1.0],
                             dtype=torch.float64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -149,7 +159,12 @@ class _Ring:
         if problem is not None:
             raise problem
         _check_agreement(table)
-        return cls(group, rank, tuple(int(n) for n in table[:, 0]), multiplier, causal)
+        sizes = tuple(int(n) for n in table[:, 0])
+        if graph_nodes >= 0 and graph_nodes != sum(sizes):  # the same verdict on every rank
+            raise ValueError(f"ring_attention: the graph has {graph_nodes} nodes but the shards "
+                             f"hold {sum(sizes)} ({list(sizes)} by rank); build it with "
+                             f"gatattn.build_graph(num_nodes={sum(sizes)}, causal=...)")
+        return cls(group, rank, sizes, multiplier, causal)
 
     def exchange(self, tensors: list[Tensor], origin: int) -> _Transfer:
         """Sends ``tensors`` (the block of ``origin``) to the next rank and receives the block
@@ -196,10 +211,27 @@ def _validate_local(q: Tensor, k: Tensor, causal) -> None:
         raise ValueError(f"ring_attention computes in {_DTYPES}, got {q.dtype}")
 
 
-def _statement(q: Tensor, k: Tensor, v: Tensor, causal: bool, multiplier: float) -> list[float]:
+def _ring_graph(graph: AttentionGraph, causal) -> tuple[bool, int]:
+    """``(causal, node count)`` of a ``graph=`` the ring can run: one complete graph over the
+    nodes of all ranks (causal or not), given without a second description."""
+    if not isinstance(graph, AttentionGraph):
+        raise TypeError(f"graph must be a gatattn.AttentionGraph (gatattn.build_graph(...)), "
+                        f"got {type(graph).__name__}")
+    if causal is not False:
+        raise ValueError("graph= already describes the graph; got causal as well: give it to "
+                         "gatattn.build_graph(...) instead, or drop graph=")
+    if not graph.is_implicit or graph.membership is not None or graph.bipartite:
+        raise ValueError(f"ring_attention runs one complete graph over the nodes of all ranks, "
+                         f"got {graph!r}; build it with gatattn.build_graph(num_nodes=N, "
+                         "causal=...), N the nodes of all ranks")
+    return graph.causal, graph.num_dst
+
+
+def _statement(q: Tensor, k: Tensor, v: Tensor, causal: bool, multiplier: float,
+               graph_nodes: int) -> list[float]:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     return [q.size(0), q.size(1), q.size(2), v.size(2), _DTYPES.index(q.dtype), needs_grad,
-            causal, multiplier, 0.0]
+            causal, multiplier, graph_nodes, 0.0]
 
 
 def _check_agreement(table: Tensor) -> None:
@@ -376,16 +408,18 @@ class ShardedSelfAttention(nn.Module):
         self.conv = conv
         self.group = group
 
-    def forward(self, x: Tensor, *, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, *, causal: bool = False,
+                graph: AttentionGraph | None = None) -> Tensor:
         """``x``: ``(n_r, F_in)`` features of this rank's nodes; returns ``(n_r, H * C)``, or
         ``(n_r, C)`` if the conv averages its heads. ``causal``: node ``i`` attends to global
-        positions ``j <= i`` only."""
+        positions ``j <= i`` only. ``graph``: instead of ``causal``, the whole graph as
+        :func:`ring_attention` takes it (one complete graph over the nodes of all ranks)."""
         conv = self.conv
         self._check_supported(x)
-        query, key, value = conv._project(x, x)
-        out = ring_attention(query, key, value, group=self.group, causal=causal,
+        query, key, value = conv.project(x, x)
+        out = ring_attention(query, key, value, graph=graph, group=self.group, causal=causal,
                              temperature=conv.temperature)
-        return conv._finish(out, x)
+        return conv.finish(out, x)
 
     def _check_supported(self, x) -> None:
         conv = self.conv

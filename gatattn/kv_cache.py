@@ -246,11 +246,11 @@ def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,
     ``"target_to_source"``), since the cache computes only plain attention.
     """
     _check_conv(conv, x)
-    query, key, value = conv._project(x, x)
+    query, key, value = conv.project(x, x)
     kv = cache.append(layer, key, value)  # a grouped-query layer caches H_kv heads
     out = attention(query, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
                     temperature=conv.temperature, backend=conv.backend)  # (rows, H, C)
-    return conv._finish(out, x)
+    return conv.finish(out, x)
 
 
 def _check_conv(conv: SelfAttentionConv, x: Tensor) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gatattn import SelfAttentionConv, reference
+from gatattn import SelfAttentionConv, build_graph, reference
 from gatattn import distributed as gatattn_distributed
 from gatattn.distributed import ShardedSelfAttention, ring_attention
 from gatattn.tolerance import compare
@@ -124,15 +124,24 @@ def _subgroup_case(rank: int, world: int) -> dict | None:
 
 
 def _conv_case(kwargs: dict, causal: bool, sizes, rank: int) -> dict:
-    conv = make_conv(kwargs)
-    x, grad = conv_inputs(sizes, _out_width(kwargs))
-    x = shard(x, sizes, rank).requires_grad_()
-    out = ShardedSelfAttention(conv)(x, causal=causal)
-    out.backward(shard(grad, sizes, rank))
-    for p in conv.parameters():  # each rank holds its share of every parameter's gradient
-        dist.all_reduce(p.grad)
-    return {"out": out.detach(), "x_grad": x.grad,
-            "param_grads": {name: p.grad for name, p in conv.named_parameters()}}
+    """The sharded layer's output and gradients, with ``causal=`` and with the same graph as
+    an object (``"by graph"``)."""
+    runs = {}
+    for form in ("by keywords", "by graph"):
+        conv = make_conv(kwargs)
+        x, grad = conv_inputs(sizes, _out_width(kwargs))
+        x = shard(x, sizes, rank).requires_grad_()
+        layer = ShardedSelfAttention(conv)
+        if form == "by graph":
+            out = layer(x, graph=build_graph(num_nodes=sum(sizes), causal=causal))
+        else:
+            out = layer(x, causal=causal)
+        out.backward(shard(grad, sizes, rank))
+        for p in conv.parameters():  # each rank holds its share of every parameter's gradient
+            dist.all_reduce(p.grad)
+        runs[form] = {"out": out.detach(), "x_grad": x.grad,
+                      "param_grads": {name: p.grad for name, p in conv.named_parameters()}}
+    return {**runs["by keywords"], "by graph": runs["by graph"]}
 
 
 def _out_width(kwargs: dict) -> int:
@@ -155,6 +164,11 @@ def _refusals(rank: int, world: int) -> dict:
                                                      v.detach() if rank == 0 else v),
         "second derivatives": lambda: torch.autograd.grad(
             ring_attention(q, k, v).pow(2).sum(), q, create_graph=True),
+        # Every rank holds 3 nodes: a graph of another size is refused by all of them.
+        "graph of another size": lambda: ring_attention(
+            q, k, v, graph=build_graph(num_nodes=3 * world + 1)),
+        "graph on rank 0 only": lambda: ring_attention(
+            q, k, v, graph=build_graph(num_nodes=3 * world) if rank == 0 else None),
     }
     errors = {}
     for name, check in checks.items():
@@ -255,6 +269,21 @@ def test_sharded_layer_equals_conv(world, name):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_sharded_layer_graph_equals_keywords(world, name):
+    """``layer(x, graph=build_graph(num_nodes=N, causal=c))`` is ``layer(x, causal=c)``: the
+    same output and gradients, bit for bit, on every rank."""
+    for rank, run in enumerate(rank_results(world)):
+        keywords, by_graph = run["conv"][name], run["conv"][name]["by graph"]
+        for what in ("out", "x_grad"):
+            torch.testing.assert_close(by_graph[what], keywords[what], rtol=0, atol=0,
+                                       msg=lambda m, w=what, r=rank: f"{w} on rank {r}: {m}")
+        for pname, grad in keywords["param_grads"].items():
+            torch.testing.assert_close(by_graph["param_grads"][pname], grad, rtol=0, atol=0,
+                                       msg=lambda m, p=pname, r=rank: f"{p} on rank {r}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_ring_attention_on_a_subgroup(world):
     case = {**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world]}
     runs = [r["subgroup"] for r in rank_results(world)]
@@ -286,6 +315,12 @@ def test_refusals_raise_on_every_rank(world):
             assert f"rank(s) [{world - 1}] were refused" in shape_error[1]
         assert errors["second derivatives"][0] == "RuntimeError"
         assert "second derivatives are not available" in errors["second derivatives"][1]
+        assert errors["graph of another size"] == (
+            "ValueError", f"ring_attention: the graph has {3 * world + 1} nodes but the shards "
+            f"hold {3 * world} ({[3] * world} by rank); build it with "
+            f"gatattn.build_graph(num_nodes={3 * world}, causal=...)")
+        assert errors["graph on rank 0 only"][0] == "ValueError"
+        assert "same graph= node count" in errors["graph on rank 0 only"][1]
 
 
 @pytest.mark.parametrize("tile", [SMALL_TILE, 1024])
@@ -304,6 +339,33 @@ def test_single_rank_equals_reference(tile, monkeypatch):
             got = [out, *torch.autograd.grad(out, (q, k, v), grad)]
             for g, expected in zip(got, reference_ring(case, 0, None), strict=True):
                 assert (g - expected).abs().max().item() <= F64_TOL
+    finally:
+        dist.destroy_process_group()
+
+
+def test_single_rank_graph_equals_keywords_and_bad_graphs_are_refused():
+    assert not dist.is_initialized(), "another test left a process group behind"
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        case = dict(sizes=(9,), causal=True, scale=None, temperature=1.0, dtype=torch.float64)
+        q, k, v, grad = full_inputs(case, 0)
+        runs = []
+        for keywords in (dict(causal=True), dict(graph=build_graph(num_nodes=9, causal=True))):
+            inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = ring_attention(*inputs, **keywords)
+            runs.append([out, *torch.autograd.grad(out, inputs, grad)])
+        for by_keywords, by_graph in zip(*runs, strict=True):
+            torch.testing.assert_close(by_graph, by_keywords, rtol=0, atol=0)
+        not_one_complete_graph = [build_graph(batch=torch.tensor([0] * 4 + [1] * 5)),
+                                  build_graph(edge_index=torch.tensor([[0], [1]]), num_nodes=9),
+                                  build_graph(num_nodes=(9, 9))]  # bipartite
+        for graph in not_one_complete_graph:
+            with pytest.raises(ValueError, match="runs one complete graph over the nodes"):
+                ring_attention(q, k, v, graph=graph)
+        with pytest.raises(ValueError, match="graph= already describes the graph; got causal"):
+            ring_attention(q, k, v, graph=build_graph(num_nodes=9), causal=True)
+        with pytest.raises(TypeError, match="graph must be a gatattn.AttentionGraph"):
+            ring_attention(q, k, v, graph={"causal": True})
     finally:
         dist.destroy_process_group()
 

@@ -5,8 +5,9 @@ self-attention over each prompt. After that, each step adds ``r_b >= 0`` nodes t
 (one per decoded token; several for a prompt fed in chunks, or tokens to verify), and they
 attend to every cached node of their sequence and to the step's nodes up to themselves: per
 sequence a bipartite causal graph from the ``n_b + r_b`` cached keys to the ``r_b`` new queries,
-aligned bottom-right (the last query sees every key), given to :func:`gatattn.attention` as a
-``(ptr_dst, ptr_src)`` pair with ``causal="bottom_right"``. Sequences grow at their own
+aligned bottom-right (the last query sees every key): a ``(ptr_dst, ptr_src)`` pair with
+``causal="bottom_right"``, built once per step as one :class:`gatattn.AttentionGraph` that every
+layer's :func:`gatattn.attention` call takes as ``graph=``. Sequences grow at their own
 lengths: a step names the sequences that are active (or the rows of each), and the others keep
 their cache and get no query.
 
@@ -33,21 +34,26 @@ from torch import Tensor
 
 from gatattn.conv import SelfAttentionConv
 from gatattn.functional import attention
+from gatattn.graph import AttentionGraph, build_graph
 
 
 class CachedKV(NamedTuple):
     """What a layer attends with after :meth:`KVCache.append`:
+    ``gatattn.attention(q_new, key, value, graph=graph)``, or in keywords
     ``gatattn.attention(q_new, key, value, ptr=ptr, causal=causal)``."""
 
     key: Tensor  # (total, H_kv, C): every cached key, new rows included, packed by sequence
     value: Tensor  # (total, H_kv, C_v)
     ptr: Tensor | tuple[Tensor, Tensor]  # prefill: ptr; decoding: (ptr_dst, ptr_src)
     causal: bool | str  # True for the prefill, "bottom_right" for the steps after it
+    # ptr and causal as one object, built once per step and shared by its layers: a call
+    # given it reads nothing on the host.
+    graph: AttentionGraph
 
 
 class _Step:
     """Where one step's rows go, shared by every layer of the step (host ints and, once the
-    first layer shows the device, index tensors there)."""
+    first layer shows the device, index tensors and the step's graph there)."""
 
     def __init__(self, old_lengths: list[int], new_rows: list[int], prefill: bool):
         self.old_lengths = old_lengths
@@ -55,6 +61,7 @@ class _Step:
         self.lengths = [n + r for n, r in zip(old_lengths, new_rows, strict=True)]
         self.prefill = prefill
         self.tensors: dict[str, Tensor] | None = None
+        self.graph: AttentionGraph | None = None
 
     def index_tensors(self, device: torch.device) -> dict[str, Tensor]:
         """``ptr_dst``, ``ptr_src`` and the buffer rows that old and new rows go to."""
@@ -63,6 +70,10 @@ class _Step:
         if self.tensors["ptr_src"].device != device:
             raise ValueError(f"this step's first layer was on {self.tensors['ptr_src'].device}, "
                              f"this one is on {device}: keep every layer's cache on one device")
+        if self.graph is None:  # validated once (one host read), then read by every layer
+            ptr_dst, ptr_src = self.tensors["ptr_dst"], self.tensors["ptr_src"]
+            self.graph = (build_graph(ptr=ptr_src, causal=True) if self.prefill
+                          else build_graph(ptr=(ptr_dst, ptr_src), causal="bottom_right"))
         return self.tensors
 
     def _host_tensors(self) -> dict[str, Tensor]:
@@ -71,8 +82,9 @@ class _Step:
         ptr_dst, ptr_src = _offsets(rows), _offsets(old + rows)
         # Old rows of sequence b move down by the new rows of the sequences before it; the new
         # rows of b follow b's old rows.
-        old_to = torch.arange(int(old.sum())) + ptr_dst[:-1].repeat_interleave(old)
-        rank_in_sequence = torch.arange(int(rows.sum())) - ptr_dst[:-1].repeat_interleave(rows)
+        old_to = torch.arange(sum(self.old_lengths)) + ptr_dst[:-1].repeat_interleave(old)
+        rank_in_sequence = (torch.arange(sum(self.new_rows))
+                            - ptr_dst[:-1].repeat_interleave(rows))
         new_to = (ptr_src[:-1] + old).repeat_interleave(rows) + rank_in_sequence
         return {"ptr_dst": ptr_dst, "ptr_src": ptr_src, "old_to": old_to, "new_to": new_to}
 
@@ -94,7 +106,7 @@ class KVCache:
         cache = KVCache(num_layers=2)
         cache.start_prefill([5, 3])              # two prompts, packed: 8 rows
         kv = cache.append(0, k, v)               # k: (8, H, C)
-        out = gatattn.attention(q, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal)
+        out = gatattn.attention(q, kv.key, kv.value, graph=kv.graph)
         ...
         cache.start_step(active=[True, False])   # sequence 1 has finished
         kv = cache.append(0, k_new, v_new)       # k_new: (1, H, C)
@@ -181,8 +193,9 @@ class KVCache:
         if self._next_layer == self.num_layers:
             self._lengths, self._step, self._next_layer = step.lengths, None, 0
         if step.prefill:
-            return CachedKV(key, value, index["ptr_src"], True)
-        return CachedKV(key, value, (index["ptr_dst"], index["ptr_src"]), "bottom_right")
+            return CachedKV(key, value, index["ptr_src"], True, step.graph)
+        return CachedKV(key, value, (index["ptr_dst"], index["ptr_src"]), "bottom_right",
+                        step.graph)
 
     def _open(self, rows: list[int], prefill: bool) -> None:
         if self._step is not None:
@@ -232,7 +245,8 @@ def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,
     ``cache`` (layer ``layer``) instead of recomputing earlier rows.
 
     Over a prefill and the decoding steps that follow, the outputs equal
-    ``conv(x_all, ptr=ptr, causal=True)`` on the whole sequences at the same rows.
+    ``conv(x_all, ptr=ptr, causal=True)`` on the whole sequences at the same rows. The step's
+    graph is built (one host read) by its first layer; later layers read nothing on the host.
 
     Args:
         conv (SelfAttentionConv): A self-attention layer (one ``in_channels``).
@@ -248,8 +262,8 @@ def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,
     _check_conv(conv, x)
     query, key, value = conv.project(x, x)
     kv = cache.append(layer, key, value)  # a grouped-query layer caches H_kv heads
-    out = attention(query, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
-                    temperature=conv.temperature, backend=conv.backend)  # (rows, H, C)
+    out = attention(query, kv.key, kv.value, graph=kv.graph, temperature=conv.temperature,
+                    backend=conv.backend)  # (rows, H, C)
     return conv.finish(out, x)
 
 

@@ -10,6 +10,7 @@ import gatattn
 from gatattn import SelfAttentionConv
 from gatattn.kv_cache import KVCache, cached_self_attention
 from gatattn.reference import block_mask
+from tests.test_host_syncs import count_host_reads
 
 # Prompt and final lengths per sequence: an empty prompt, a sequence that never grows, and
 # sequences that stop at different steps.
@@ -112,6 +113,49 @@ def test_chunked_steps_equal_causal_attention(backend):
         torch.testing.assert_close(out, ref[rows].to(dtype), rtol=0,
                                    atol=1e-10 if dtype == torch.float64 else 1e-5)
     assert cache.lengths == FINALS
+
+
+@pytest.mark.parametrize("backend", ["auto", "sparse"])
+@pytest.mark.parametrize("chunks", [None, [3, 0, 1, 4]], ids=["one-row", "chunked"])
+def test_step_graph_equals_its_keywords(backend, chunks):
+    """``kv.graph``, built once per step, is the graph ``kv.ptr`` / ``kv.causal`` state:
+    the same output and q, k, v gradients at every step."""
+    torch.manual_seed(0)
+    n = sum(FINALS)
+    q, k, v = (torch.randn(n, 2, 5, dtype=torch.float64) for _ in range(3))
+    cache = KVCache(num_layers=1)
+    steps = (schedule(PROMPTS, FINALS) if chunks is None
+             else chunked_schedule(PROMPTS, FINALS, chunks))
+    for active, rows in steps:
+        start(cache, active, PROMPTS, chunked=chunks is not None)
+        kv = cache.append(0, k[rows], v[rows])
+        runs = []
+        for keywords in (dict(graph=kv.graph), dict(ptr=kv.ptr, causal=kv.causal)):
+            inputs = [t.detach().requires_grad_() for t in (q[rows], kv.key, kv.value)]
+            out = gatattn.attention(*inputs, **keywords, backend=backend)
+            runs.append([out, *torch.autograd.grad(out.sum(), inputs, allow_unused=True)])
+        for by_graph, by_keywords in zip(*runs, strict=True):
+            torch.testing.assert_close(by_graph, by_keywords, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("chunks", [None, [2, 3]], ids=["one-row", "chunked"])
+def test_decoding_reads_the_host_once_per_step(monkeypatch, chunks):
+    """The first layer of a step builds the step's graph (one host read); every later layer
+    attends with it and reads nothing."""
+    convs = stacked(CONFIGS["mean+beta"] * 2)  # four layers
+    x = torch.randn(sum(FINALS), 6, dtype=torch.float64)
+    cache = KVCache(num_layers=len(convs))
+    steps = (schedule(PROMPTS, FINALS) if chunks is None
+             else chunked_schedule(PROMPTS, FINALS, chunks))
+    with torch.no_grad():
+        for active, rows in steps:
+            start(cache, active, PROMPTS, chunked=chunks is not None)
+            h = x[rows]
+            for layer, conv in enumerate(convs):
+                with count_host_reads(monkeypatch) as reads:
+                    h = cached_self_attention(conv, h, cache, layer)
+                assert reads.count == (1 if layer == 0 else 0), (
+                    f"layer {layer} of a step read the host {reads.count} times")
 
 
 def stacked(configs, dim=6):

@@ -16,7 +16,7 @@ from gatattn.backends import (
     triton_unavailable_reason,
 )
 from gatattn.backends.nonfinite import finite_flag
-from gatattn.backends.ops import segment_attention
+from gatattn.backends.ops import traced_segment_attention
 from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.varlen import varlen_attention
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
@@ -237,8 +237,8 @@ def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
     # The operator's ONNX decomposition computes equal heads: grouped kv heads expand.
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     causal, bottom_right = causal_mode(causal)
-    return segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
-                             causal, attn_bias, bottom_right and bipartite)
+    return traced_segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
+                                    causal, attn_bias, bottom_right and bipartite)
 
 
 def _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout: float,

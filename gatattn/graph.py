@@ -790,6 +790,10 @@ def ptr_to_batch(ptr: Tensor, num_nodes: int) -> Tensor:
     that starts at or before it (empty graphs start where the next one does). A search rather
     than ``ptr[1:] - ptr[:-1]``, whose size a tracer would specialise for one graph."""
     nodes = torch.arange(num_nodes, device=ptr.device, dtype=ptr.dtype)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has no search: count the graph starts at or before each node (O(N * B), less
+        # than the dense attention that export runs).
+        return (ptr.unsqueeze(0) <= nodes.unsqueeze(1)).sum(1) - 1
     return torch.searchsorted(ptr, nodes, right=True) - 1
 
 
@@ -862,6 +866,10 @@ def _checked_sizes(name: str, ptr: list[int], num_nodes: int) -> list[int]:
 def _assert_ptr_on_device(name: str, ptr: Tensor, num_nodes: int) -> None:
     """The checks of :func:`_checked_sizes` as a device-side assertion (no host read; on a GPU
     it fails asynchronously)."""
+    if torch.onnx.is_in_onnx_export():
+        # torch.onnx strips assertions from what it exports, and has no function for cummax,
+        # which would stay behind and stop the export.
+        return
     non_decreasing = (ptr.cummax(0).values == ptr).all()  # slices would specialise sizes
     valid = (ptr[0] == 0) & (ptr[-1] == num_nodes) & non_decreasing
     # (The message must not format num_nodes: a traced size would be specialised.)

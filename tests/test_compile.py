@@ -224,6 +224,31 @@ def test_onnx_export_runs_in_onnxruntime(exported):
         torch.testing.assert_close(torch.from_numpy(out), model(x, batch=batch))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("form", ["batch", "ptr"])
+def test_plain_onnx_export_of_the_model_runs_in_onnxruntime(form, causal):
+    """torch.onnx.export(model, dynamo=True) without ONNX_DECOMPOSITIONS: torch.onnx has no
+    function for the operator, so the model must not hand it one."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = TwoLayers(causal=causal).eval()
+    sizes = SIZES[0]
+    kwargs = graph_kwargs(form, sizes)
+    nodes, graphs = torch.export.Dim("nodes", min=2), torch.export.Dim("graphs", min=1)
+    dims = {"batch": {0: nodes}} if form == "batch" else {"ptr": {0: graphs + 1}}
+    onnx_program = torch.onnx.export(
+        model, (torch.randn(sum(sizes), 8),), kwargs=kwargs, dynamo=True,
+        dynamic_shapes={"x": {0: nodes}, **dims})
+    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    for sizes in SIZES[1:4]:
+        x, kwargs = torch.randn(sum(sizes), 8), graph_kwargs(form, sizes)
+        feeds = dict(zip(names, (x.numpy(), kwargs[form].numpy()), strict=True))
+        (out,) = session.run(None, feeds)
+        torch.testing.assert_close(torch.from_numpy(out), model(x, **kwargs))
+
+
 @pytest.mark.parametrize("bad_ptr", [[0, 3, 8], [1, 3, 10], [0, 6, 3, 10]],
                          ids=["ends early", "starts late", "decreasing"])
 def test_invalid_ptr_is_refused_when_the_compiled_graph_runs(bad_ptr):

@@ -13,6 +13,9 @@ the same kernels) and differentiates it. Second derivatives through the operator
 
 For ONNX, which cannot run the grouping, :data:`ONNX_DECOMPOSITIONS` states the operator as
 dense attention under a block mask built from the graph ids (O(N_dst * N_src) memory).
+:func:`traced_segment_attention` puts that form in the graph directly while ``torch.onnx.export``
+traces a model, so a plain export needs nothing more; a program exported beforehand holds the
+operator and needs ``run_decompositions(ONNX_DECOMPOSITIONS)``.
 """
 
 
@@ -169,6 +172,17 @@ def _positions(batch: Tensor) -> Tensor:
     """Each node's position inside its graph: how many earlier nodes share its graph id."""
     same = batch.unsqueeze(1) == batch.unsqueeze(0)
     return same.tril().sum(dim=1) - 1
+
+
+def traced_segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
+                             batch_src: Tensor | None, scale: float, causal: bool,
+                             attn_bias: Tensor | None = None,
+                             bottom_right: bool = False) -> Tensor:
+    """:func:`segment_attention` for tracers; while ``torch.onnx.export`` traces a model, its ONNX
+    decomposition instead: torch.onnx has no function for the operator and does not apply
+    :data:`ONNX_DECOMPOSITIONS` unless asked, so the dense form goes into the graph itself."""
+    fn = _masked_dense_attention if torch.onnx.is_in_onnx_export() else segment_attention
+    return fn(q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right)
 
 
 #: For ``ExportedProgram.run_decompositions`` before ``torch.onnx.export``: the operator as

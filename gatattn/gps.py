@@ -10,6 +10,7 @@ from torch_geometric.typing import Adj
 from torch_geometric.utils import to_dense_batch
 
 from gatattn.functional import attention
+from gatattn.graph import AttentionGraph
 
 
 class GPSConv(torch_geometric.nn.GPSConv):
@@ -39,6 +40,11 @@ class GPSConv(torch_geometric.nn.GPSConv):
     attention dropout (its :obj:`dropout`) falls on the attention weights in training, as there,
     with other random masks. Unlike PyG's (``to_dense_batch`` assumes a sorted batch vector),
     :obj:`batch` need not be sorted: each node attends to the nodes with its graph id.
+
+    A model of several layers builds the attention graph once per batch and passes it to each,
+    ``conv(x, edge_index, batch, graph=graph)`` with ``graph = gatattn.build_graph(batch=batch)``
+    (or ``ptr=data.ptr``): the attention then reads nothing on the host and re-derives nothing.
+    Without it each call describes the graph from :obj:`batch` once.
 
     Args:
         channels (int): Size of each input sample.
@@ -88,22 +94,44 @@ class GPSConv(torch_geometric.nn.GPSConv):
         if isinstance(self.attn, nn.MultiheadAttention):
             _check_node_attention(self.attn)
 
-    def forward(self, x: Tensor, edge_index: Adj, batch: Tensor | None = None,
-                **kwargs) -> Tensor:
-        r"""Runs the forward pass of the module; :obj:`kwargs` go to the local :obj:`conv`."""
+    def forward(self, x: Tensor, edge_index: Adj, batch: Tensor | None = None, *,
+                graph: AttentionGraph | None = None, **kwargs) -> Tensor:
+        r"""Runs the forward pass of the module; :obj:`kwargs` go to the local :obj:`conv`.
+
+        Args:
+            x (torch.Tensor): Node features.
+            edge_index (torch.Tensor or SparseTensor): The local conv's edges.
+            batch (torch.Tensor, optional): Graph id per node: the global attention's graphs
+                (without :obj:`graph`) and the norms'. (default: :obj:`None`)
+            graph (AttentionGraph, optional): The graph the global attention runs over, from
+                :func:`gatattn.build_graph` (``build_graph(batch=batch)``), built once per
+                batch for every layer; keyword only. It describes the attention only: the
+                local conv runs over :obj:`edge_index`, and the norms read :obj:`batch`, or
+                the graph's graph ids when :obj:`batch` is not given. Not with
+                ``attn_type="performer"``. (default: :obj:`None`)
+            **kwargs (optional): Additional arguments of the local conv.
+        """
+        if graph is not None and isinstance(self.attn, PerformerAttention):
+            raise ValueError("graph= is the multi-head attention's graph; "
+                             "attn_type='performer' pads the batch by its graph ids instead: "
+                             "pass batch")
+        if batch is None and graph is not None:
+            batch = graph.batch_dst  # the norms' graph ids (None: one graph), no host read
         branches = []
         if self.conv is not None:  # local message passing
             h = self.conv(x, edge_index, **kwargs)
             h = F.dropout(h, p=self.dropout, training=self.training)
             branches.append(self._normalize(self.norm1, h + x, batch))
-        h = F.dropout(self._global_attention(x, batch), p=self.dropout, training=self.training)
+        h = F.dropout(self._global_attention(x, batch, graph), p=self.dropout,
+                      training=self.training)
         branches.append(self._normalize(self.norm2, h + x, batch))
         out = sum(branches)
         return self._normalize(self.norm3, out + self.mlp(out), batch)
 
-    def _global_attention(self, x: Tensor, batch: Tensor | None) -> Tensor:
+    def _global_attention(self, x: Tensor, batch: Tensor | None,
+                          graph: AttentionGraph | None) -> Tensor:
         if isinstance(self.attn, nn.MultiheadAttention):
-            return _multihead_attention_per_graph(self.attn, x, batch)
+            return _multihead_attention_per_graph(self.attn, x, batch, graph)
         if isinstance(self.attn, PerformerAttention):
             return _padded_performer(self.attn, x, batch)
         raise TypeError(
@@ -118,13 +146,17 @@ class GPSConv(torch_geometric.nn.GPSConv):
 
 
 def _multihead_attention_per_graph(mha: nn.MultiheadAttention, x: Tensor,
-                                   batch: Tensor | None) -> Tensor:
+                                   batch: Tensor | None,
+                                   graph: AttentionGraph | None = None) -> Tensor:
     """``mha(x, x, x)`` with each node attending to the nodes of its own graph (all nodes if
-    ``batch`` is None): ``(N, embed_dim)``, with ``mha``'s weights and attention dropout."""
+    ``batch`` is None), or over ``graph`` if given: ``(N, embed_dim)``, with ``mha``'s weights
+    and attention dropout."""
     _check_node_attention(mha)
     E, H = mha.embed_dim, mha.num_heads
     q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(-1, 3, H, E // H).unbind(1)
-    out = attention(q, k, v, batch=batch, dropout=mha.dropout if mha.training else 0.0)
+    # The call describes the graph once from batch, or takes the one built for every layer.
+    described = {"batch": batch} if graph is None else {"graph": graph}
+    out = attention(q, k, v, **described, dropout=mha.dropout if mha.training else 0.0)
     return mha.out_proj(out.reshape(-1, E))  # (N, H, C) -> (N, E)
 
 

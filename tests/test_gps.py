@@ -13,13 +13,15 @@ float32; gradients, whose sums grow with the graph, use the project's floors (co
 
 import pytest
 import torch
-from torch_geometric.nn import GINEConv, SAGEConv
+from torch_geometric.nn import GINConv, GINEConv, SAGEConv
 from torch_geometric.nn import GPSConv as PyGGPSConv
 from torch_geometric.typing import WITH_TORCH_SPARSE, SparseTensor
 from torch_geometric.utils import to_torch_csc_tensor
 
+import gatattn
 from gatattn.gps import GPSConv
 from tests.conftest import assert_close
+from tests.test_host_syncs import count_host_reads
 
 ATOL = 1e-6  # PyG's tolerance in test_gps_conv.py
 
@@ -337,3 +339,93 @@ def test_replaced_attention_module_is_refused(GPS):
 def test_gatattn_refuses_keys_that_are_not_nodes(attn_kwargs, match):
     with pytest.raises(ValueError, match=match):
         GPSConv(16, SAGEConv(16, 16), heads=4, attn_kwargs=attn_kwargs)
+
+
+# --- the graph as an object: built once per batch, passed to every layer ---
+
+
+def _shuffled_batch(sizes):
+    """Features, ring edges and an unsorted batch vector (the nodes of ``graph_batch``
+    shuffled)."""
+    x, edge_index, batch = graph_batch(sizes, 16)
+    perm = torch.randperm(x.size(0), generator=torch.Generator().manual_seed(3))
+    new_position = torch.empty_like(perm)
+    new_position[perm] = torch.arange(perm.numel())
+    return x[perm], new_position[edge_index], batch[perm]
+
+
+@pytest.mark.parametrize("built_from", ["batch", "unsorted batch", "ptr"])
+@pytest.mark.parametrize("norm", ["batch_norm", "graph_norm"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_graph_equals_the_batch_form(built_from, norm, training):
+    """``conv(x, edge_index, batch, graph=g)`` and ``conv(x, edge_index, graph=g)`` (the
+    norms then take the graph's ids: ``graph_norm`` reads them) compute
+    ``conv(x, edge_index, batch)``, bit for bit, output and every gradient."""
+    if built_from == "unsorted batch":
+        x, edge_index, batch = _shuffled_batch(SIZES)
+    else:
+        x, edge_index, batch = graph_batch(SIZES, 16)
+    if built_from == "ptr":
+        graph = gatattn.build_graph(ptr=torch.tensor([0, *SIZES]).cumsum(0))
+    else:
+        graph = gatattn.build_graph(batch=batch)
+    _, layer = twin(GPSConv, 16, lambda: SAGEConv(16, 16), heads=4, norm=norm)
+    layer.train(training)
+    expected = forward_and_grads(layer, x, edge_index, batch)
+    for args in ((edge_index, batch), (edge_index,)):
+        (out, grads), (expected_out, expected_grads) = (
+            forward_and_grads(layer, x, *args, graph=graph), expected)
+        torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_graph_is_shared_by_layers_and_kwargs_still_reach_the_local_conv():
+    """A model of two layers over one graph, the local convs taking ``edge_attr``."""
+    x, edge_index, batch = _shuffled_batch(SIZES)
+    edge_attr = torch.randn(edge_index.size(1), 4)
+
+    def gine():
+        mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+        return GINEConv(mlp, edge_dim=4)
+
+    layers = [twin(GPSConv, 16, gine, heads=4)[1] for _ in range(2)]
+    graph = gatattn.build_graph(batch=batch)
+    by_graph = by_batch = x
+    for layer in layers:
+        by_graph = layer(by_graph, edge_index, batch, graph=graph, edge_attr=edge_attr)
+        by_batch = layer(by_batch, edge_index, batch, edge_attr=edge_attr)
+    torch.testing.assert_close(by_graph, by_batch, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_graph_calls_read_nothing_on_the_host(monkeypatch, training):
+    """With ``graph=`` a layer call reads nothing on the host, forward and backward, with
+    attention dropout in training; without it the call describes the graph from ``batch``
+    with at most one read."""
+    x, edge_index, batch = _shuffled_batch(SIZES)
+    x.requires_grad_()
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    layer = GPSConv(16, GINConv(mlp), heads=4, attn_kwargs={"dropout": 0.2}).train(training)
+    graph = gatattn.build_graph(batch=batch)
+    for _ in range(2):  # the first call derives nothing either
+        with count_host_reads(monkeypatch) as reads:
+            layer(x, edge_index, batch, graph=graph).sum().backward()
+        assert reads.count == 0, f"{reads.count} host reads with graph="
+        with count_host_reads(monkeypatch) as reads:
+            layer(x, edge_index, batch).sum().backward()
+        assert reads.count <= 1, f"{reads.count} host reads with batch="
+
+
+def test_bad_graphs_are_refused():
+    x, edge_index, batch = graph_batch(SIZES, 16)
+    graph = gatattn.build_graph(batch=batch)
+    layer = GPSConv(16, SAGEConv(16, 16), heads=4)
+    with pytest.raises(ValueError, match=r"the graph has 37 targets and 37 sources, but q has 36"):
+        layer(x[:36], edge_index[:, :10], graph=graph)
+    with pytest.raises(TypeError, match="graph must be a gatattn.AttentionGraph"):
+        layer(x, edge_index, batch, graph={"batch": batch})
+    performer = GPSConv(16, SAGEConv(16, 16), heads=4, attn_type="performer")
+    with pytest.raises(ValueError, match="attn_type='performer' pads the batch"):
+        performer(x, edge_index, batch, graph=graph)

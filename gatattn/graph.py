@@ -88,12 +88,13 @@ class validation:  # noqa: N801 (used as a function: ``with gatattn.validation(F
 
     On (the default), gatattn reads input values on the host to refuse invalid graph
     descriptions with a clear error (``ptr`` not starting at 0, ending elsewhere than the node
-    count or decreasing; negative graph ids; out-of-range ``edge_index`` ids) and to skip the
-    non-finite repair when ``q``, ``k``, ``v`` are all finite: one host read per call with
-    ``ptr``. Off, nothing is read for checks: an invalid ``ptr`` fails only a device-side
-    assertion (``torch._assert_async``), other invalid values give errors elsewhere or wrong
-    results, and the non-finite repair always runs (a few element-wise passes). Results on
-    valid inputs are the same. A ``ptr`` graph on the fused route then reads nothing on the
+    count or decreasing; negative graph ids; out-of-range ``edge_index`` ids) and to learn
+    whether ``q``, ``k``, ``v`` are all finite (non-finite ones are then contained exactly):
+    one host read per call with ``ptr``; a ``graph=`` call reads nothing and guards instead
+    (a non-finite input makes its whole output NaN). Off, nothing is read for checks: an
+    invalid ``ptr`` fails only a device-side assertion (``torch._assert_async``), other
+    invalid values give errors elsewhere or wrong results, and inputs are assumed finite
+    (no repair, no guard). Results on valid, finite inputs are the same. A ``ptr`` graph on the fused route then reads nothing on the
     host; the SDPA route still reads the graph sizes, which grouping by size needs, and a
     ``batch`` is still read (its graph count and sizes, or an equality check against the
     cached structure). Under ``torch.compile`` checks are off regardless.
@@ -683,23 +684,31 @@ def _from_batch(batch_dst: Tensor, batch_src: Tensor, num_dst: int, num_src: int
 
 def _membership_of_ids(ids: tuple[Tensor, ...], validate: bool,
                        extra: list[Tensor]) -> tuple[Membership, list[list[int]]]:
-    """Two host reads: the id range (with ``extra``), then each side's sizes and whether its
-    nodes are already in graph order."""
-    nonempty = [b for b in ids if b.numel() > 0]
-    bounds = [torch.stack([b.min(), b.max()]) for b in nonempty]
-    values = read_host(([torch.cat(bounds)] if bounds else []) + extra)
-    extra_values = values[1:] if bounds else values
-    low = min(values[0][0::2]) if bounds else 0
+    """One host read (with ``extra``): each side's id range, whether its nodes are already in
+    graph order, and its graph sizes, counted into ``numel + 1`` slots (ids above the node
+    count share the last slot; where one does, its sizes take a second read)."""
+    # (Unvalidated, a negative id fails index_add_ rather than count as graph 0.)
+    slots = [torch.zeros(b.numel() + 1, dtype=torch.long, device=b.device).index_add_(
+        0, b.clamp(min=0 if validate else None, max=b.numel()), torch.ones_like(b)) for b in ids]
+    summaries = [torch.cat([torch.stack([b.min(), b.max()]) if b.numel() else
+                            b.new_tensor([0, -1]), (b[1:] >= b[:-1]).all().reshape(1)])
+                 for b in ids]
+    values = read_host([t for pair in zip(summaries, slots, strict=True) for t in pair] + extra)
+    extra_values = values[2 * len(ids):]
+    summaries, slots = values[0:2 * len(ids):2], values[1:2 * len(ids):2]
+    nonempty = [s for s, b in zip(summaries, ids, strict=True) if b.numel()]
+    low = min((s[0] for s in nonempty), default=0)
     if validate and low < 0:
         raise ValueError(f"batch must hold graph ids >= 0, got min {low}")
-    num_graphs = max(values[0][1::2]) + 1 if bounds else 0
-    counts = [torch.zeros(num_graphs, dtype=torch.long, device=b.device).index_add_(
-        0, b, torch.ones_like(b)) for b in ids]
-    in_order = [(b[1:] >= b[:-1]).all().reshape(1) for b in ids]
-    values = read_host([t for pair in zip(counts, in_order, strict=True) for t in pair])
+    num_graphs = max((s[1] for s in nonempty), default=-1) + 1
     sides = []
-    for b, count, sizes, [ordered] in zip(ids, counts, values[0::2], values[1::2], strict=True):
-        ptr = torch.cat([count.new_zeros(1), count.cumsum(0)])
+    for b, (_, high, ordered), counted in zip(ids, summaries, slots, strict=True):
+        if high <= b.numel():  # every id has its own slot
+            sizes = (counted + [0] * num_graphs)[:num_graphs]
+        else:
+            count = torch.zeros(num_graphs, dtype=torch.long, device=b.device)
+            [sizes] = read_host([count.index_add_(0, b, torch.ones_like(b))])
+        ptr = b.new_tensor([0, *itertools.accumulate(sizes)])
         order = None if ordered else Permutation.of(torch.sort(b, stable=True).indices)
         sides.append(Side(b.numel(), ptr, batch=b, order=order, sizes=sizes))
     dst, src = sides[0], sides[-1]
@@ -912,6 +921,16 @@ def _check_edge_index(edge_index: Tensor, num_dst: int, num_src: int, validate: 
         raise TypeError(
             f"edge_index must be a dense (2, E) LongTensor, got a {edge_index.layout} adjacency; "
             "convert it with torch_geometric.utils.to_edge_index"
+        )
+    integer = not edge_index.is_floating_point() and edge_index.dtype != torch.bool
+    if edge_index.dim() == 1 and integer and edge_index.numel() in (num_dst, num_src):
+        # What PyG's Sequential("x, batch", [(conv, "x, batch -> x")]) does: it passes
+        # arguments by position, and the second one is edge_index.
+        raise ValueError(
+            f"edge_index must have shape (2, E), got a 1-D integer tensor of shape "
+            f"{tuple(edge_index.shape)}, one entry per node: a batch vector given by position? "
+            "pass it as batch= (in PyG's Sequential, which passes arguments by position, wrap "
+            "the layer in a module whose forward calls it with batch=batch)"
         )
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
         raise ValueError(

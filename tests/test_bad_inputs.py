@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from torch_geometric.nn import Sequential
 
 import gatattn
 from gatattn import SelfAttentionConv
@@ -80,6 +81,13 @@ BAD_INPUTS = [
      "LongTensor"),
     ("edge_index (E, 2)", lambda: attend(edge_index=EDGES.t()), ValueError, r"got \(3, 2\)",
      "transpose"),
+    ("batch as edge_index", lambda: attend(edge_index=torch.tensor([0, 0, 1, 1, 1])),
+     ValueError, r"1-D integer tensor of shape \(5,\)", "pass it as batch="),
+    # PyG's Sequential passes its inputs by position: batch lands in edge_index
+    ("batch as edge_index, by PyG's Sequential", lambda: Sequential(
+        "x, batch", [(SelfAttentionConv(8, 4), "x, batch -> x")])(
+        torch.randn(5, 8), torch.tensor([0, 0, 1, 1, 1])), ValueError,
+     r"1-D integer tensor of shape \(5,\)", "pass it as batch="),
     ("edge_index float", lambda: attend(edge_index=EDGES.float()), ValueError,
      "torch.float32", "integer node ids"),
     ("edge_index too large", lambda: attend(edge_index=torch.tensor([[0, 1], [1, 5]])),

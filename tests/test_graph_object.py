@@ -386,3 +386,33 @@ def test_layer_refuses_a_graph_with_keywords_or_another_flow():
     flipped = gatattn.SelfAttentionConv(5, 4, heads=2, flow="target_to_source").double()
     with pytest.raises(ValueError, match="flow='target_to_source' takes edge_index"):
         flipped(x, graph=graph)
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_graph_calls_with_validation_off_cost_what_the_route_costs():
+    """Off, the guard's reductions are gone: the call runs the same operators as the route
+    told its inputs are finite; on, the guard adds its sums."""
+    graph = built("batched causal ptr")
+    q, k, v = (t.detach() for t in make_qkv(16, 16, HEADS, CHANNELS))
+    runs = {}
+    for name, call in (
+            ("route", lambda: gatattn.backends.sdpa_attention(q, k, v, graph, scale=0.5,
+                                                              inputs_finite=True)),
+            ("off", lambda: gatattn.attention(q, k, v, graph=graph, scale=0.5,
+                                              backend="sdpa")),
+            ("on", lambda: gatattn.attention(q, k, v, graph=graph, scale=0.5,
+                                             backend="sdpa"))):
+        with gatattn.validation(name == "on"), _Ops() as ops:
+            call()
+        runs[name] = ops.seen
+    assert runs["off"] == runs["route"]
+    assert runs["on"].count(torch.ops.aten.sum.default) == 3

@@ -192,11 +192,13 @@ def test_stacked_layers_read_at_most_once_per_call(monkeypatch, validate, most):
             assert reads.count <= most
 
 
-@pytest.mark.parametrize("form,first,later", [("ptr", 1, 1), ("batch", 2, 1)])
+@pytest.mark.parametrize("form,first,later", [("ptr", 1, 1), ("batch", 1, 1)])
 def test_host_reads_per_batched_call_on_the_sdpa_route(monkeypatch, fresh_caches, form, first,
                                                       later):
-    """A batch tensor is read twice when first seen (graph count, then sizes and order), once
-    later (the cache's equality check, with the inputs' finite flag). 13 / 7 reads before."""
+    """A batch tensor is read once when first seen (id range, order and sizes counted into one
+    slot per node, with the inputs' finite flag), once later (the cache's equality check, with
+    the flag). 13 / 7 reads before the structure was read together; 2 / 1 before the sizes
+    joined the first read."""
     graph = {"ptr": ptr_from_sizes(SIZES), "batch": batch_from_sizes(SIZES)}[form]
     q, k, v = inputs()
     for most in (first, later):
@@ -290,8 +292,8 @@ def test_validation_switch_restores_and_refuses_non_booleans():
 @pytest.mark.parametrize("causal", [False, True])
 def test_validation_off_gives_the_same_results(backend, form, causal):
     """Forward and gradients with all-finite inputs: the same. With NaN / inf, validation on
-    contains them exactly (the reference's edge-wise policy); off, nothing is read to find
-    them, so the whole output is NaN (never a finite output for a non-finite input)."""
+    contains them exactly (the reference's edge-wise policy); off, inputs are assumed finite
+    (nothing checked, nothing repaired), so only the validated result is specified."""
     sizes = [10, 15, 5, 15]
     graph = {"ptr": {"ptr": ptr_from_sizes(sizes)}, "none": {},
              "batch": {"batch": batch_from_sizes(sizes)[torch.randperm(
@@ -308,9 +310,8 @@ def test_validation_off_gives_the_same_results(backend, form, causal):
                 out.nan_to_num(0.0).sum().backward()
             results.append((out, q.grad, k.grad, v.grad))
         on, off = results
-        if poison:  # gradients with non-finite inputs are not specified
-            assert bool(on[0].isfinite().any()), "validated: contained along edges"
-            assert bool(off[0].isnan().all())
+        if poison:  # contained along edges (tests/test_fuzz.py checks exactly where)
+            assert bool(on[0].isnan().any()) and bool(on[0].isfinite().any())
         else:
             torch.testing.assert_close(on[0], off[0], rtol=0, atol=0)
             for a, b in zip(on[1:], off[1:], strict=True):

@@ -10,11 +10,12 @@ rows whose logits are all NaN.
 route computes with finite inputs, and NaN is put back exactly where an edge reads a non-finite
 one. A keyword call with validation on knows it from one reduction read with the graph; under
 ``torch.compile`` (which fuses the repair into a few element-wise passes) the repair always
-runs. Calls that read nothing on the host (``graph=``, validation off) cannot know, and do not
-pay the repair on every finite call; they only make sure that no non-finite input is hidden (a
-dense kernel can hide one: SDPA's CPU kernel returns finite rows for a NaN query, or for a row
-whose only key is NaN). One reduction on the device, no host read, turns the whole output of
-such a call NaN when any of ``q``, ``k``, ``v`` is not finite.
+runs. Calls that read nothing on the host cannot know. A ``graph=`` call with validation on (the
+default) does not pay the repair on every finite call; it only makes sure that no non-finite
+input is hidden (a dense kernel can hide one: SDPA's CPU kernel returns finite rows for a NaN
+query, or for a row whose only key is NaN): one reduction on the device, no host read, turns the
+whole output NaN when any of ``q``, ``k``, ``v`` is not finite. With validation off nothing is
+checked: like SDPA itself, the route assumes finite inputs and costs what it costs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from gatattn.graph import AttentionGraph
+from gatattn.graph import AttentionGraph, validation_enabled
 
 Inputs = tuple[Tensor, Tensor, Tensor]
 
@@ -44,11 +45,13 @@ def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
     output. ``graph`` must be implicit; ``k``, ``v`` may have fewer heads than ``q``
     (grouped-query: query head ``h`` reads kv head ``h // (H / H_kv)``). ``finite``: whether
     the inputs are all finite, ``None`` if the call did not find out (no host read): then the
-    exact repair runs under ``torch.compile``, and otherwise a guard that makes the whole output
-    NaN if any input is not finite."""
+    exact repair runs under ``torch.compile``, and otherwise, with validation on, a guard that
+    makes the whole output NaN if any input is not finite (with validation off: nothing)."""
     if finite:
         return (q, k, v), _unchanged
     if finite is None and not torch.compiler.is_compiling():
+        if not validation_enabled():
+            return (q, k, v), _unchanged
         return (q, k, v), lambda out: _poisoned_if_nonfinite(out, q, k, v)
     bad_q = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # (N_dst, H, 1)
     bad_k = ~torch.isfinite(k).all(dim=-1, keepdim=True)  # (N_src, H, 1)
@@ -61,11 +64,13 @@ def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
 
 
 def _poisoned_if_nonfinite(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``out``, all NaN if any entry of ``q``, ``k``, ``v`` is not finite: ``0 * sum`` is 0 for
-    finite inputs (summed in float32: only entries near float32's limit could overflow it) and
-    NaN otherwise, and its gradient is zero."""
-    total = sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v))
-    return out + (total * 0).to(out.dtype)
+    """``out``, all NaN if any entry of ``q``, ``k``, ``v`` is not finite: the sum of all
+    entries is NaN or inf then, and adding it times 0 adds NaN (finite inputs add 0; half
+    precision sums in float32, so only entries near float32's limit could overflow it). Its
+    gradient is zero. Four operations: on tiny graphs each costs about what SDPA's call does."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    total = sum(t.sum(dtype=torch.float32) if half else t.sum() for t in (q, k, v))
+    return out.add(total.to(out.dtype), alpha=0)
 
 
 def _unchanged(out: Tensor) -> Tensor:

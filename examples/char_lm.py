@@ -4,7 +4,8 @@ The text comes from a small English grammar (generated here, so nothing is downl
 licence applies). Its one hard rule is agreement across a relative clause: in "the dog that
 the cats see runs", "runs" agrees with "dog", words away. Each training window of characters is
 one causal graph (node i attends to nodes j <= i); a batch of windows is a batch of graphs
-given by ``ptr``. Both models see the same windows for the same number of steps.
+given by ``ptr``, built once per batch (``gatattn.build_graph``) and passed to every layer as
+``graph=``. Both models see the same windows for the same number of steps.
 
 Generation then continues a batch of prompts of different lengths, greedily, each sequence
 stopping at its own length: once rerunning the model on every whole prefix at each step, once
@@ -85,14 +86,16 @@ class CausalTransformer(nn.Module):
     def forward_packed(self, tokens, lengths):  # (sum L_b,) -> (sum L_b, vocab)
         """Sequences of their own lengths, packed: one causal graph each, no padding."""
         ptr = torch.tensor([0, *lengths]).cumsum(0)
+        graph = gatattn.build_graph(ptr=ptr, causal=True)  # once, for every layer
         h = self.embed_tokens(tokens, torch.cat([torch.arange(n) for n in lengths]))
         for i, (attn, ff) in enumerate(zip(self.attn, self.ff, strict=True)):
-            h = h + attn(self.norms[2 * i](h), ptr=ptr, causal=True)
+            h = h + attn(self.norms[2 * i](h), graph=graph)
             h = h + ff(self.norms[2 * i + 1](h))
         return self.out(self.norms[-1](h))
 
     def forward_cached(self, tokens, cache: KVCache):  # (new rows,) -> (new rows, vocab)
-        """The open step's new tokens (rows ordered by sequence), attending to ``cache``."""
+        """The open step's new tokens (rows ordered by sequence), attending to ``cache`` (whose
+        step graph, built by the first layer, serves every layer)."""
         h = self.embed_tokens(tokens, cache.new_positions)
         for i, (attn, ff) in enumerate(zip(self.attn, self.ff, strict=True)):
             h = h + cached_self_attention(attn, self.norms[2 * i](h), cache, i)

@@ -8,7 +8,8 @@ in float64, the gradient of one process on the union batch (the same graphs, gat
 rank's share of the sampler) and compares it with its DDP-averaged gradient.
 
 The model: an embedding, two ``SelfAttentionConv`` layers attending over each graph's complete
-graph (``batch=``, no edges built, no padding), mean pooling per graph, a classifier; on PyG's
+graph (no edges built, no padding; built once per batch with ``gatattn.build_graph`` and passed
+to both layers as ``graph=``), mean pooling per graph, a classifier; on PyG's
 ``FakeDataset`` (random graphs whose node features are shifted by the graph's class).
 
 Run:
@@ -42,6 +43,7 @@ from torch_geometric.datasets import FakeDataset
 from torch_geometric.loader import DataLoader
 from torch_geometric.nn import global_mean_pool
 
+import gatattn
 from gatattn import SelfAttentionConv
 
 CLASSES, FEATURES, TOLERANCE = 4, 8, 1e-9
@@ -58,8 +60,9 @@ class GraphTransformer(nn.Module):
 
     def forward(self, data):
         h = self.embed(data.x)
+        graph = gatattn.build_graph(batch=data.batch)  # once per batch, for both layers
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = norm(h + conv(h, batch=data.batch))  # each graph's complete graph, no edges
+            h = norm(h + conv(h, graph=graph))  # each graph's complete graph, no edges
         return self.head(global_mean_pool(h, data.batch))
 
 

@@ -5,7 +5,8 @@ one node holds the same key and a value; every other node holds a different key 
 value. The graph's label is that value, read out at the query node (as in the NeighborsMatch
 problem, so that a global pooling cannot shortcut the question). Three rounds of local message
 passing see 3 hops and stay at chance; one round of global attention, over each graph's
-complete graph in a batch (``batch=`` given, no edges built), can match keys across the graph.
+complete graph in a batch (no edges built), can match keys across the graph. That graph is built
+once per batch (``gatattn.build_graph``) and every block's attention takes it as ``graph=``.
 
 Run: python examples/graph_transformer.py [--smoke]
 """
@@ -27,6 +28,7 @@ from torch_geometric.loader import DataLoader  # noqa: E402
 from torch_geometric.nn import GINConv  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import gatattn  # noqa: E402
 from gatattn import SelfAttentionConv  # noqa: E402
 
 KEYS, VALUES, MIN_HOPS = 4, 4, 6
@@ -65,10 +67,10 @@ class GPSBlock(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ff = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, h, edge_index, batch):
+    def forward(self, h, edge_index, graph):
         update = self.local(h, edge_index)
         if self.attn is not None:
-            update = update + self.attn(h, batch=batch)  # complete graph per graph, no edges
+            update = update + self.attn(h, graph=graph)  # complete graph per graph, no edges
         h = self.norm1(h + update)
         return self.norm2(h + self.ff(h))
 
@@ -82,8 +84,9 @@ class GPS(nn.Module):
 
     def forward(self, data):
         h = self.embed(data.x)
+        graph = gatattn.build_graph(ptr=data.ptr)  # once per batch, for every block
         for block in self.blocks:
-            h = block(h, data.edge_index, data.batch)
+            h = block(h, data.edge_index, graph)
         return self.head(h[data.ptr[:-1]])  # read out at each graph's query node
 
 

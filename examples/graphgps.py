@@ -10,7 +10,9 @@ graph.
 The same GraphGPS model is trained twice from the same weights: with PyG's ``GPSConv`` (which
 pads the batch to its largest graph with ``to_dense_batch``) and with ``gatattn.GPSConv``
 (attention per graph, unpadded). They compute the same function, so their curves coincide up to
-float rounding; the table gives the time per epoch of each.
+float rounding; the table gives the time per epoch of each. The gatattn model also builds the
+attention graph once per batch (``gatattn.build_graph``) and passes it to every layer as
+``graph=`` (PyG's layer has no such argument).
 
 Run: python examples/graphgps.py [--smoke]
 """
@@ -35,6 +37,7 @@ from torch_geometric.nn import GINConv  # noqa: E402
 from torch_geometric.nn import GPSConv as PyGGPSConv  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import gatattn  # noqa: E402
 from gatattn.gps import GPSConv  # noqa: E402
 
 KEYS, VALUES, MIN_HOPS, SIZES = 4, 4, 8, (16, 48)
@@ -81,18 +84,22 @@ class LocalBlock(nn.Module):
 
 
 class GraphGPS(nn.Module):
-    """Embedding, ``LAYERS`` blocks, a classifier read at each graph's query node."""
+    """Embedding, ``LAYERS`` blocks, a classifier read at each graph's query node. With
+    ``shared_graph`` the blocks (gatattn.GPSConv) also take the attention graph, built once per
+    batch."""
 
-    def __init__(self, make_block):
+    def __init__(self, make_block, shared_graph: bool = False):
         super().__init__()
+        self.shared_graph = shared_graph
         self.embed = nn.Linear(1 + KEYS + VALUES, DIM)
         self.blocks = nn.ModuleList(make_block() for _ in range(LAYERS))
         self.head = nn.Linear(DIM, VALUES)
 
     def forward(self, data):
         h = self.embed(data.x)
+        extra = {"graph": gatattn.build_graph(ptr=data.ptr)} if self.shared_graph else {}
         for block in self.blocks:
-            h = block(h, data.edge_index, data.batch)
+            h = block(h, data.edge_index, data.batch, **extra)
         return self.head(h[data.ptr[:-1]])  # read out at each graph's query node
 
 
@@ -100,7 +107,7 @@ def models() -> dict[str, GraphGPS]:
     """Three models; the two GraphGPS ones hold the same weights."""
     torch.manual_seed(0)
     pyg = GraphGPS(lambda: PyGGPSConv(DIM, gin(DIM), heads=HEADS))
-    ours = GraphGPS(lambda: GPSConv(DIM, gin(DIM), heads=HEADS))
+    ours = GraphGPS(lambda: GPSConv(DIM, gin(DIM), heads=HEADS), shared_graph=True)
     ours.load_state_dict(pyg.state_dict())
     return {"GraphGPS, gatattn.GPSConv": ours, "GraphGPS, PyG GPSConv": pyg,
             "GINConv only (3 hops)": GraphGPS(lambda: LocalBlock(DIM))}

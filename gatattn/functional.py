@@ -213,11 +213,10 @@ def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, ba
     if not isinstance(graph, AttentionGraph):
         raise TypeError(f"graph must be a gatattn.AttentionGraph (gatattn.build_graph(...)), "
                         f"got {type(graph).__name__}")
-    given = [name for name, value in (("edge_index", edge_index), ("batch", batch),
-                                      ("ptr", ptr)) if value is not None]
-    if causal is not False:
-        given.append("causal")
-    if given:
+    if edge_index is not None or batch is not None or ptr is not None or causal is not False:
+        given = [name for name, value in (("edge_index", edge_index), ("batch", batch),
+                                          ("ptr", ptr)) if value is not None]
+        given += ["causal"] if causal is not False else []
         raise ValueError(f"graph= already describes the graph; got {', '.join(given)} as well: "
                          "give them to gatattn.build_graph(...) instead, or drop graph=")
     if q.size(0) != graph.num_dst or k.size(0) != graph.num_src:
@@ -315,6 +314,7 @@ def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int
 
 
 def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    # Shapes are read once and messages formatted only on failure: this runs on every call.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a (num_nodes, heads, channels) tensor, got "
@@ -323,21 +323,21 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(
                 f"{name} must be (num_nodes, heads, channels), got {tuple(t.shape)}; "
                 f"reshape it with .view(num_nodes, heads, channels)")
-    heads = f"{q.size(1)}, {k.size(1)} and {v.size(1)} heads for q, k and v"
-    if k.size(1) != v.size(1):
-        raise ValueError(f"k and v must have the same number of heads, got {heads} (q's may "
-                         "be a multiple of theirs: grouped-query attention)")
-    if q.size(1) % max(k.size(1), 1) or (k.size(1) == 0 < q.size(1)):  # no heads: below
+    (_, H, C), (n_k, H_kv, C_k), (n_v, H_v, C_v) = q.shape, k.shape, v.shape
+    if H_kv != H_v:
+        raise ValueError(f"k and v must have the same number of heads, got {H}, {H_kv} and "
+                         f"{H_v} heads for q, k and v (q's may be a multiple of theirs: "
+                         "grouped-query attention)")
+    if H % max(H_kv, 1) or (H_kv == 0 < H):  # no heads: below
         raise ValueError(
-            f"q has H={q.size(1)} heads and k, v have H_kv={k.size(1)}: grouped-query attention "
-            f"needs H_kv to divide H; use the same number of heads, or kv heads that divide "
-            f"{q.size(1)}; got {heads}")
-    if q.size(2) != k.size(2):
+            f"q has H={H} heads and k, v have H_kv={H_kv}: grouped-query attention needs H_kv "
+            f"to divide H; use the same number of heads, or kv heads that divide {H}; got "
+            f"{H}, {H_kv} and {H_v} heads for q, k and v")
+    if C != C_k:
+        raise ValueError(f"q and k must have the same channels per head, got {C} and {C_k}")
+    if n_k != n_v:
         raise ValueError(
-            f"q and k must have the same channels per head, got {q.size(2)} and {k.size(2)}")
-    if k.size(0) != v.size(0):
-        raise ValueError(
-            f"k and v must have one row per source node, got {k.size(0)} and {v.size(0)} rows")
+            f"k and v must have one row per source node, got {n_k} and {n_v} rows")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
                          "cast them to one dtype")
@@ -346,9 +346,9 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if not q.is_floating_point():
         raise TypeError(f"q, k and v must be floating point, got {q.dtype}")
-    if q.size(1) == 0:
+    if H == 0:
         raise ValueError(f"attention needs at least one head, got q of shape {tuple(q.shape)}")
-    if q.size(2) == 0 or v.size(2) == 0:
+    if C == 0 or C_v == 0:
         raise ValueError(
             f"attention needs at least one channel per head, got q {tuple(q.shape)} and v "
             f"{tuple(v.shape)}")

@@ -165,8 +165,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         else:
             weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-        q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases,
-                                                       strict=True))
+        q, k, v = (_in_projection(x, w, b) for x, w, b in zip((query, key, value), weights,
+                                                             biases, strict=True))
         N, E = k.size(0), self.embed_dim
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)
@@ -323,6 +323,16 @@ class MultiheadAttention(nn.MultiheadAttention):
             error = MultiheadAttentionMaskError if batched else MultiheadAttentionInputError
             raise error(f"attn_mask must have shape {expected} (L = target length, S = source "
                         f"length), got {tuple(attn_mask.shape)}")
+
+
+def _in_projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear``, except that a bias of another dtype than ``x`` is added in place, in the
+    product's dtype: what PyTorch's layer computes, whose batch-first inputs reach
+    ``F.linear`` transposed (a product, then ``add_``); the fused product-and-bias that
+    contiguous inputs get refuses the mix."""
+    if bias is None or bias.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    return F.linear(x, weight).add_(bias)
 
 
 def _allowed(mask: Tensor | None, name: str) -> Tensor | None:

@@ -778,3 +778,38 @@ def test_empty_batch_and_sequences_equal_torch(sizes, need_weights):
     if need_weights:
         assert got[1].shape == expected[1].shape == (N, L, S)
     got[0].sum().backward()
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kdim", [None, 5], ids=["packed", "kdim"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_in_proj_bias_of_another_dtype_equals_torch(bias_dtype, kdim, batch_first):
+    """float32 weights with an in_proj_bias of another dtype: PyTorch's layer adds the bias
+    into the float32 projections (batch_first=True; with sequence-first inputs its fused
+    projection refuses the mix, so that layout is compared against its batch-first run)."""
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(E, H, kdim=kdim, vdim=kdim, batch_first=True)
+    ours = MultiheadAttention.from_torch(theirs)
+    ours.batch_first = batch_first
+    bias = torch.randn(3 * E).to(bias_dtype)
+    for mha in (theirs, ours):  # (load_state_dict would cast it to the parameter's dtype)
+        mha.in_proj_bias.data = bias.clone()
+    query = torch.randn(3, 4, E, requires_grad=True)
+    key = torch.randn(3, 6, kdim or E, requires_grad=True)
+    padding = torch.arange(6) >= torch.tensor([6, 2, 4]).unsqueeze(1)
+    expected = theirs(query, key, key, key_padding_mask=padding)
+    args = (query, key, key) if batch_first else (query.transpose(0, 1), key.transpose(0, 1),
+                                                  key.transpose(0, 1))
+    out, weights = ours(*args, key_padding_mask=padding)
+    out = out if batch_first else out.transpose(0, 1)
+    assert out.dtype == expected[0].dtype == torch.float32
+    assert_close("out", out, expected[0])
+    assert_close("weights", weights, expected[1])
+    leaves = [query, key, theirs.in_proj_bias]
+    for name, got, ref in zip(["dquery", "dkey", "dbias"], torch.autograd.grad(
+            out.square().sum(), [query, key, ours.in_proj_bias]), torch.autograd.grad(
+            expected[0].square().sum(), leaves), strict=True):
+        assert got.dtype == ref.dtype, name
+        # Both layers compute the gradients in float32, the projections' dtype: a float64
+        # bias's gradient holds float32 values, so it is compared at float32's precision.
+        assert_close(name, got.float() if got.dtype == torch.float64 else got, ref)

@@ -25,7 +25,7 @@ from collections import deque
 import torch
 from torch import Tensor, nn
 
-from gatattn.graph import AttentionGraph
+from gatattn.graph import AttentionGraph, read_host
 
 
 def block_offsets(counts_dst: Tensor, counts_src: Tensor) -> Tensor:
@@ -107,9 +107,29 @@ def stacked_from_padded(bias: Tensor, sizes_dst: Tensor | list[int],
     if sizes_dst.shape != (B,) or sizes_src.shape != (B,):
         raise ValueError(f"need one size per graph ({B}), got {tuple(sizes_dst.shape)} and "
                          f"{tuple(sizes_src.shape)}")
+    _check_padded_sizes(sizes_dst, sizes_src, L, S,
+                        "sizes_dst" if sizes_src is sizes_dst else "sizes_src")
     keep = ((torch.arange(L, device=bias.device).view(1, L, 1) < sizes_dst.view(B, 1, 1))
             & (torch.arange(S, device=bias.device).view(1, 1, S) < sizes_src.view(B, 1, 1)))
     return bias.permute(0, 2, 3, 1)[keep]  # (B, L, S, H) -> rows in (b, i, j) order
+
+
+def _check_padded_sizes(sizes_dst: Tensor, sizes_src: Tensor, L: int, S: int,
+                        src_name: str) -> None:
+    """Each size within ``[0, L]`` / ``[0, S]``: a larger one would silently take fewer rows
+    than it states (the padded block has no more), putting later graphs' rows in its place.
+    One host read (the selection that follows reads its row count anyway)."""
+    if sizes_dst.numel() == 0:
+        return
+    [[low_dst, high_dst, low_src, high_src]] = read_host([torch.stack([
+        sizes_dst.min(), sizes_dst.max(), sizes_src.min(), sizes_src.max()])])
+    for name, low, high, limit, dim in (("sizes_dst", low_dst, high_dst, L, "L"),
+                                        (src_name, low_src, high_src, S, "S")):
+        if low < 0 or high > limit:
+            raise ValueError(
+                f"{name} must lie in [0, {dim}] = [0, {limit}] (the padded bias's {dim}), got "
+                f"sizes from {low} to {high}; pad the bias to the largest graph, or pass the "
+                "graphs' own sizes")
 
 
 def stacked_to_dense(bias: Tensor, ptr_dst: Tensor, ptr_src: Tensor | None = None) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import sys
 
 import torch
@@ -16,7 +17,7 @@ from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.sparse import edge_softmax
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.functional import attention, check_graph_call, logit_multiplier
-from gatattn.graph import AttentionGraph, describe_graph
+from gatattn.graph import AttentionGraph, check_graph_devices, describe_graph
 
 
 class SelfAttentionConv(MessagePassing):
@@ -125,6 +126,7 @@ class SelfAttentionConv(MessagePassing):
     ):
         kwargs.setdefault("aggr", "add")
         super().__init__(node_dim=0, **kwargs)
+        _check_counts(heads=heads, out_channels=out_channels, kv_heads=kv_heads)
         for name, value in (("heads", heads), ("out_channels", out_channels)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}; use {name} >= 1")
@@ -308,6 +310,7 @@ class SelfAttentionConv(MessagePassing):
         given = None if adjacency is None else adjacency.edge_index
         if given is not None and self.flow != "source_to_target":
             given = given.flip(0)  # the graph module reads row 0 as sources
+        check_graph_devices(query.device, edge_index=given, batch=batch, ptr=ptr)
         graph, _ = describe_graph(num_dst, num_src, edge_index=given, batch=_dst_src(batch),
                                   ptr=_dst_src(ptr), causal=causal, bipartite=bipartite)
         return graph
@@ -525,6 +528,19 @@ def _explainer_edge_index() -> tuple[bool, object]:
         return running, None
     finally:
         del frame  # frames hold their locals: no reference cycle through this one
+
+
+def _check_counts(**counts) -> None:
+    """Head and channel counts are ints: they size the projections, and nn.Linear's own error
+    for a float (``empty() takes 1 positional argument``) names neither the argument nor the
+    fix. ``None`` (kv_heads' default) passes."""
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, numbers.Integral)):
+            fix = (f"pass {name}={int(value)}" if isinstance(value, float) and value.is_integer()
+                   else f"pass an int {name}")
+            raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}); "
+                            f"{fix}")
 
 
 def _dst_src(pair):

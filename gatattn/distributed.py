@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.second_order import recording_backward
 from gatattn.conv import SelfAttentionConv
-from gatattn.functional import _validate_qkv, logit_multiplier
+from gatattn.functional import _validate_qkv, _validate_scalars, logit_multiplier
 from gatattn.graph import AttentionGraph
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -137,9 +137,14 @@ class _Ring:
     def agree(cls, q, k, v, *, graph, group, causal, scale, temperature) -> _Ring:
         """Validates locally, then exchanges every rank's statement in one ``all_gather``, so
         that a refusal on any rank raises on all of them instead of leaving them waiting."""
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            # (Raised here on its own: without a group there is no one to tell.)
+            raise TypeError(f"group must be a torch.distributed.ProcessGroup or None (the "
+                            f"default group), got {group!r}; pass dist.new_group(...) or None")
         problem, multiplier, graph_nodes = None, 0.0, -1
         try:
             _validate_qkv(q, k, v)
+            _validate_scalars(scale, dropout=0.0)  # before the multiplier blames temperature
             if graph is not None:
                 causal, graph_nodes = _ring_graph(graph, causal)
             _validate_local(q, k, causal)

@@ -23,6 +23,7 @@ from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.graph import (
     AttentionGraph,
     causal_mode,
+    check_graph_devices,
     describe_graph,
     graph_membership,
     validation_enabled,
@@ -158,6 +159,7 @@ def attention(
         causal_mode(causal)  # validated before anything runs
         adjacency = read_adjacency(edge_index) if edge_index is not None else None
         edge_index = adjacency.edge_index if adjacency is not None else None
+        check_graph_devices(q.device, edge_index=edge_index, batch=batch, ptr=ptr)
         bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
             q.size(0) != k.size(0))
         if _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,

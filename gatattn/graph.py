@@ -470,10 +470,33 @@ def build_graph(
         from gatattn.adjacency import read_adjacency  # (adjacency imports PyG)
 
         edge_index = read_adjacency(edge_index).edge_index
+    check_graph_devices(None, edge_index=edge_index, batch=batch, ptr=ptr)
     graph, _ = describe_graph(num_dst, num_src, edge_index=edge_index, batch=batch, ptr=ptr,
                               causal=causal, bipartite=bipartite,
                               validate=not torch.compiler.is_compiling())
     return graph.prepare()
+
+
+def check_graph_devices(device: torch.device | None, **tensors) -> None:
+    """The graph's tensors (``edge_index``, ``batch``, ``ptr``, pairs included) on ``device``,
+    the inputs' (``None``: on one device), and none on ``meta``: the graph is built from their
+    values, which a meta tensor does not hold (reading one raises NotImplementedError)."""
+    given = [(name if not isinstance(value, (tuple, list)) else f"{name}[{i}]", t)
+             for name, value in tensors.items() if value is not None
+             for i, t in enumerate(value if isinstance(value, (tuple, list)) else [value])
+             if isinstance(t, Tensor)]
+    for name, t in given:
+        if t.device.type == "meta" and (device is None or device.type != "meta"):
+            # (.to() cannot help: a meta tensor has nothing to copy.)
+            where = "the inputs' device" if device is None else f"{device}, where q, k, v are"
+            raise ValueError(
+                f"{name} is on the meta device, which holds no values, but the graph is built "
+                f"from its values; create {name} with its values on {where}")
+        expected, source = (device, "q, k, v are") if device is not None else (
+            given[0][1].device, f"{given[0][0]} is")
+        if t.device != expected:
+            raise ValueError(f"{name} is on {t.device} but {source} on {expected}; move it with "
+                             f"{name}.to({str(expected)!r})")
 
 
 def _node_counts(edge_index, batch, ptr, num_nodes) -> tuple[int | None, int | None, bool]:

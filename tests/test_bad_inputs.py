@@ -7,10 +7,12 @@ import re
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch_geometric.nn import Sequential
 
 import gatattn
 from gatattn import SelfAttentionConv
+from gatattn.distributed import ring_attention
 
 
 def qkv(n_dst=5, n_src=5, heads=2, channels=4, value_channels=None, dtype=torch.float32):
@@ -24,8 +26,18 @@ def attend(*, inputs=None, **kwargs):
     return gatattn.attention(*(inputs or qkv()), **kwargs)
 
 
+def ring(**kwargs):
+    """ring_attention on a one-rank group (a refusal is agreed through the group first)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        return ring_attention(*qkv(), **kwargs)
+    finally:
+        dist.destroy_process_group()
+
+
 EDGES = torch.tensor([[0, 1, 2], [1, 2, 3]])
 LONG = torch.long
+META_PTR = torch.tensor([0, 2, 5], device="meta")
 
 # (id, call, exception, what the message must name (the value), what it must suggest (the fix))
 BAD_INPUTS = [
@@ -58,6 +70,10 @@ BAD_INPUTS = [
     ("temperature underflows scale / temperature",
      lambda: attend(inputs=qkv(dtype=torch.float64), temperature=1e-320), ValueError,
      "1e-320 overflows to inf", "larger temperature"),
+    ("ring_attention scale NaN", lambda: ring(scale=float("nan")), ValueError,
+     "scale must be .*got nan", "finite number"),
+    ("ring_attention group a string", lambda: ring_attention(*qkv(), group="x"), TypeError,
+     "got 'x'", "ProcessGroup or None"),
     ("dropout 1", lambda: attend(dropout=1.0), ValueError, "got 1.0", r"\[0, 1\)"),
     ("dropout negative", lambda: attend(dropout=-0.1), ValueError, "got -0.1", r"\[0, 1\)"),
     ("causal a string", lambda: attend(causal="yes"), ValueError, "got 'yes'",
@@ -118,6 +134,32 @@ BAD_INPUTS = [
      r"\[0, 3, 2, 5\]", "non-decreasing"),
     ("ptr 2-D", lambda: attend(ptr=torch.tensor([[0, 5]])), ValueError, r"shape \(1, 2\)",
      "1-D integer tensor"),
+    # graph tensors on meta hold no values to build the graph from (.to() cannot copy them)
+    ("ptr on meta", lambda: attend(ptr=META_PTR), ValueError, "ptr is on the meta device",
+     "create ptr with its values on cpu"),
+    ("batch on meta", lambda: attend(batch=torch.zeros(5, dtype=LONG, device="meta")),
+     ValueError, "batch is on the meta device", "create batch with its values on cpu"),
+    ("edge_index on meta", lambda: attend(edge_index=EDGES.to("meta")), ValueError,
+     "edge_index is on the meta device", "create edge_index with its values on cpu"),
+    ("build_graph ptr on meta", lambda: gatattn.build_graph(ptr=META_PTR), ValueError,
+     "ptr is on the meta device", "create ptr with its values on the inputs' device"),
+    ("build_graph batch pair on meta", lambda: gatattn.build_graph(
+        batch=(torch.zeros(3, dtype=LONG), torch.zeros(5, dtype=LONG, device="meta"))),
+     ValueError, r"batch\[1\] is on the meta device", r"create batch\[1\] with its values"),
+    ("layer ptr on meta", lambda: SelfAttentionConv(8, 4)(torch.randn(5, 8), ptr=META_PTR),
+     ValueError, "ptr is on the meta device", "create ptr with its values on cpu"),
+    ("layer edge_index on meta, by propagate", lambda: SelfAttentionConv(8, 4, aggr="mean")(
+        torch.randn(5, 8), EDGES.to("meta")), ValueError, "edge_index is on the meta device",
+     "create edge_index with its values on cpu"),
+    # padded bias
+    ("padded bias size above L", lambda: gatattn.stacked_from_padded(
+        torch.randn(2, 2, 3, 3), [4, 2]), ValueError, "sizes_dst .* from 2 to 4",
+     r"\[0, 3\] .*pad the bias to the largest graph"),
+    ("padded bias source size above S", lambda: gatattn.stacked_from_padded(
+        torch.randn(2, 2, 3, 4), [2, 2], torch.tensor([2, 5])), ValueError,
+     "sizes_src .* from 2 to 5", r"\[0, 4\] .*pad the bias to the largest graph"),
+    ("padded bias size negative", lambda: gatattn.stacked_from_padded(
+        torch.randn(2, 2, 3, 3), [2, -1]), ValueError, "from -1 to 2", r"\[0, 3\]"),
     ("one batch for cross-attention", lambda: attend(inputs=qkv(n_dst=3),
                                                      batch=torch.zeros(3, dtype=LONG)),
      ValueError, "batch", "give batch as a pair"),
@@ -126,6 +168,10 @@ BAD_INPUTS = [
     # the layer
     ("layer heads 0", lambda: SelfAttentionConv(8, 4, heads=0), ValueError, "got 0",
      "heads >= 1"),
+    ("layer kv_heads float", lambda: SelfAttentionConv(8, 4, heads=2, kv_heads=2.0),
+     TypeError, r"kv_heads must be an int, got 2\.0 \(float\)", "pass kv_heads=2"),
+    ("layer heads float", lambda: SelfAttentionConv(8, 4, heads=2.5), TypeError,
+     r"heads must be an int, got 2\.5", "pass an int heads"),
     ("layer out_channels 0", lambda: SelfAttentionConv(8, 0), ValueError, "got 0",
      "out_channels >= 1"),
     ("layer dropout", lambda: SelfAttentionConv(8, 4, dropout=1.5), ValueError, "got 1.5",
@@ -156,3 +202,14 @@ def test_bad_input_is_named_with_its_fix(call, error, value, fix):
     print(f"{error.__name__}: {message}")
     assert re.search(value, message), f"the message does not name the value: {message}"
     assert re.search(fix, message), f"the message does not say the fix: {message}"
+
+
+@pytest.mark.cuda
+def test_graph_on_another_device_than_the_inputs_names_both():
+    ptr = torch.tensor([0, 2, 5], device="cuda")
+    with pytest.raises(ValueError, match=r"ptr is on cuda:0 but q, k, v are on cpu; move it "
+                                         r"with ptr.to\('cpu'\)"):
+        attend(ptr=ptr)
+    with pytest.raises(ValueError, match=r"batch\[1\] is on cuda:0 but batch\[0\] is on cpu; "
+                                         r"move it with batch\[1\].to\('cpu'\)"):
+        gatattn.build_graph(batch=(torch.zeros(3, dtype=LONG), ptr.new_zeros(5)))

@@ -7,7 +7,8 @@ plain statement of the math that every route is tested against.
 
 from gatattn import bias, reference
 from gatattn.backends.ops import ONNX_DECOMPOSITIONS
-from gatattn.backends.routing import RouteRejectedWarning, route_choices
+from gatattn.backends.racing import RouteRejectedWarning, route_choices
+from gatattn.backends.routing import BackendUnavailableError
 from gatattn.bias import SpatialEncoding, stacked_from_padded, stacked_to_dense
 from gatattn.conv import SelfAttentionConv
 from gatattn.convert import (
@@ -18,7 +19,7 @@ from gatattn.convert import (
     networkx_to_edge_index,
     sequences_to_graph,
 )
-from gatattn.functional import BackendUnavailableError, attention
+from gatattn.functional import attention
 from gatattn.gps import GPSConv
 from gatattn.graph import (
     MAX_MATERIALIZED_EDGES,

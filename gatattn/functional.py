@@ -1,4 +1,6 @@
-"""``gatattn.attention``: the one entry point, and the one place where a route is chosen."""
+"""``gatattn.attention``: the one entry point. A call is prepared (inputs checked, the graph
+taken or built, scale, edge features and bias laid out for it), its route chosen by
+:mod:`gatattn.backends.routing`, and run."""
 
 from __future__ import annotations
 
@@ -8,13 +10,7 @@ import torch
 from torch import Tensor
 
 from gatattn.adjacency import read_adjacency
-from gatattn.backends import (
-    routing,
-    sdpa_attention,
-    sparse_attention,
-    triton_attention,
-    triton_unavailable_reason,
-)
+from gatattn.backends import routing, sdpa_attention, sparse_attention, triton_attention
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import traced_segment_attention
 from gatattn.backends.sdpa import repeat_kv_heads
@@ -28,14 +24,6 @@ from gatattn.graph import (
     graph_membership,
     validation_enabled,
 )
-
-BACKENDS = ("auto", "triton", "sdpa", "sparse")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_KERNEL_HEAD_DIM = 256
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (missing dependency, device or feature)."""
 
 
 def attention(
@@ -162,8 +150,8 @@ def attention(
         check_graph_devices(q.device, edge_index=edge_index, batch=batch, ptr=ptr)
         bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
             q.size(0) != k.size(0))
-        if _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
-                                  return_attention_weights, backend):
+        if routing.opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
+                                         return_attention_weights, backend):
             return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias)
         validate = validation_enabled() and not torch.compiler.is_compiling()
         # Whether q, k, v are finite is read in the graph's one host read (dense routes use it).
@@ -180,13 +168,9 @@ def attention(
         if graph.kept_edges is not None:
             attn_bias = attn_bias[graph.kept_edges]
 
-    route = _choose_backend(backend, graph, q, v, return_attention_weights, dropout,
-                            edge_attr is not None)
-    if backend == "auto" and route == "triton":
-        # Verified and raced on the key's first call; the race's candidates take no bias, so
-        # a call with one takes the torch route.
-        route = routing.choose_route(q, k, v, graph, scale) if attn_bias is None else (
-            "sdpa" if graph.is_implicit else "sparse")
+    route = routing.choose(backend, graph, q, k, v, scale=scale, dropout=dropout,
+                           need_weights=return_attention_weights,
+                           has_edge_attr=edge_attr is not None, has_bias=attn_bias is not None)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias,
                               inputs_finite=inputs_finite)
@@ -201,7 +185,7 @@ def attention(
     out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
                                   edge_attr=edge_attr, bias=attn_bias,
                                   differentiable_weights=return_attention_weights,
-                                  graph=graph)
+                                  graph=graph, form=route)
     if not return_attention_weights:
         return out
     if adjacency is None or graph.kept_edges is not None:
@@ -240,79 +224,6 @@ def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
     causal, bottom_right = causal_mode(causal)
     return traced_segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
                                     causal, attn_bias, bottom_right and bipartite)
-
-
-def _opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout: float,
-                           need_weights: bool, backend: str) -> bool:
-    """Whether batched implicit graphs run as the opaque operator ``gatattn::segment_attention``:
-    under ``torch.compile`` / ``torch.export``, whose tracing cannot read the graph sizes that
-    grouping by size needs. Not with dropout (the operator's backward recomputes the forward and
-    could not replay the mask), edge features or attention weights: those keep their routes."""
-    return (torch.compiler.is_compiling() and edge_index is None
-            and (batch is not None or ptr is not None) and edge_attr is None and dropout == 0
-            and not need_weights and backend in ("auto", "sdpa"))
-
-
-def _choose_backend(requested: str, graph: AttentionGraph, q: Tensor, v: Tensor,
-                    need_weights: bool, dropout: float, has_edge_attr: bool) -> str:
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if requested == "auto":
-        if need_weights:
-            return "sparse"
-        if _fused_kernels_serve(q.device, q.dtype, max(q.size(-1), v.size(-1)), dropout,
-                                has_edge_attr, graph.is_implicit):
-            return "triton"
-        return "sdpa" if graph.is_implicit else "sparse"
-    if requested == "sdpa" and not graph.is_implicit:
-        raise ValueError(
-            "backend='sdpa' runs complete, batched, causal and bipartite graphs only; for an "
-            "explicit edge_index use backend='sparse' or 'auto'"
-        )
-    if requested in ("sdpa", "triton") and need_weights:
-        raise ValueError(
-            f"backend={requested!r} never forms the attention weights; use backend='auto' or "
-            "'sparse' with return_attention_weights=True"
-        )
-    if requested == "triton":
-        _validate_kernel_inputs(q, v, dropout, has_edge_attr)
-        reason = triton_unavailable_reason(q.device, q.dtype, graph.is_implicit)
-        if reason is not None:
-            raise BackendUnavailableError(f"backend='triton': {reason}")
-    return requested
-
-
-def _validate_kernel_inputs(q: Tensor, v: Tensor, dropout: float, has_edge_attr: bool) -> None:
-    """What the fused kernels cannot compute, refused before dispatch."""
-    if q.dtype not in _KERNEL_DTYPES:
-        raise ValueError(
-            f"backend='triton' computes in float16, bfloat16 or float32, got {q.dtype}; "
-            "backend='sdpa' (implicit graphs) and 'sparse' compute in float64")
-    head_dim = max(q.size(-1), v.size(-1))
-    if head_dim > MAX_KERNEL_HEAD_DIM:
-        raise ValueError(
-            f"backend='triton' takes head dims up to {MAX_KERNEL_HEAD_DIM}, got {head_dim} "
-            "channels per head; use backend='sdpa' or 'sparse'")
-    if dropout > 0:
-        raise ValueError(f"backend='triton' has no attention dropout, got dropout={dropout}; "
-                         "use backend='sdpa' or 'sparse'")
-    if has_edge_attr:
-        raise ValueError("backend='triton' takes no edge features (edge_attr); use "
-                         "backend='sparse'")
-
-
-def _fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int, dropout: float,
-                         has_edge_attr: bool, implicit: bool) -> bool:
-    """Whether "auto" may take the Triton kernels (once they pass verification and win the race,
-    :mod:`gatattn.backends.routing`): CUDA tensors with head dims up to 256, no
-    dropout or edge features, not under torch.compile (which traces SDPA and the sparse route's
-    gathers into its own kernels), and fp16/bf16 (fp32 too for edge sets). Dense fp32 stays with
-    SDPA: exact fp32 dots run on FMAs, whose register pressure leaves the tiled kernels only
-    16x16 tiles (benchmarks/results/kernel-resources-float32.md)."""
-    dtypes = _KERNEL_DTYPES[:2] if implicit else _KERNEL_DTYPES
-    return (routing.races_on(device) and dtype in dtypes and head_dim <= MAX_KERNEL_HEAD_DIM
-            and dropout == 0 and not has_edge_attr and not torch.compiler.is_compiling()
-            and triton_unavailable_reason(device) is None)
 
 
 def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -94,10 +94,11 @@ class validation:  # noqa: N801 (used as a function: ``with gatattn.validation(F
     (a non-finite input makes its whole output NaN). Off, nothing is read for checks: an
     invalid ``ptr`` fails only a device-side assertion (``torch._assert_async``), other
     invalid values give errors elsewhere or wrong results, and inputs are assumed finite
-    (no repair, no guard). Results on valid, finite inputs are the same. A ``ptr`` graph on the fused route then reads nothing on the
-    host; the SDPA route still reads the graph sizes, which grouping by size needs, and a
-    ``batch`` is still read (its graph count and sizes, or an equality check against the
-    cached structure). Under ``torch.compile`` checks are off regardless.
+    (no repair, no guard). Results on valid, finite inputs are the same. A ``ptr`` graph on
+    the fused route then reads nothing on the host; the SDPA route still reads the graph
+    sizes, which grouping by size needs, and a ``batch`` is still read (its graph count and
+    sizes, or an equality check against the cached structure). Under ``torch.compile`` checks
+    are off regardless.
     """
 
     def __init__(self, enabled: bool) -> None:

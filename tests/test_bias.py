@@ -245,13 +245,13 @@ def test_explicit_edges_in_half_precision(route):
 def test_auto_with_a_bias_skips_the_race(monkeypatch):
     """Where auto would race the fused kernels (a GPU; widened to this CPU here), a call with a
     bias takes SDPA / message passing: the race's candidates take no bias."""
-    from gatattn.backends import routing
+    from gatattn.backends import racing, routing
 
     def no_race(*args):
         raise AssertionError("a call with attn_bias must not reach the router")
 
     monkeypatch.setattr(routing, "races_on", lambda device: True)
-    monkeypatch.setattr(routing, "choose_route", no_race)
+    monkeypatch.setattr(racing, "race", no_race)
     run, inputs, ref = _implicit_case("auto", [5, 3], None, True, torch.float16)
     check_against_reference(run, inputs, ref, NAMES)
     run, inputs, ref = _edges_case("auto", False, torch.float32)

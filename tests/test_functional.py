@@ -245,9 +245,9 @@ CUDA = torch.device("cuda")
 def test_auto_takes_the_kernels_for_what_they_serve(device, dtype, head_dim, dropout, edge_attr,
                                                      implicit, serves):
     pytest.importorskip("triton")
-    from gatattn.functional import _fused_kernels_serve
+    from gatattn.backends.routing import fused_kernels_serve
 
-    assert _fused_kernels_serve(device, dtype, head_dim, dropout, edge_attr, implicit) is serves
+    assert fused_kernels_serve(device, dtype, head_dim, dropout, edge_attr, implicit) is serves
 
 
 def test_triton_backend_explains_why_it_cannot_run(monkeypatch):

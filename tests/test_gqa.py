@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import gatattn
 from gatattn import SelfAttentionConv, reference
-from gatattn.backends import routing
-from gatattn.backends.routing import Router, route_key
+from gatattn.backends import racing, routing
+from gatattn.backends.racing import Router, route_key
 from gatattn.backends.sdpa import sdpa_attention
 from gatattn.bias import stacked_to_dense
 from gatattn.graph import describe_graph, validation
@@ -331,7 +331,7 @@ def test_kv_cache_decodes_a_grouped_query_layer():
 def test_races_on_cpu_through_the_public_api(monkeypatch):
     """``auto`` with the race widened to the CPU (the kernels in Triton's interpreter)."""
     monkeypatch.setattr(routing, "races_on", lambda device: True)
-    monkeypatch.setattr(routing, "_ROUTER", Router(bench=lambda name, fn: (fn(), 1.0)[1]))
+    monkeypatch.setattr(racing, "_ROUTER", Router(bench=lambda name, fn: (fn(), 1.0)[1]))
     run, inputs, ref = _case("auto", "batched", 4, 2, torch.float16)
     check_against_reference(run, inputs, ref)
 

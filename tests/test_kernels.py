@@ -345,19 +345,26 @@ def test_bad_grouping_is_refused_by_the_launcher():
 
 
 @INTERPRETER
-@pytest.mark.parametrize("check", [True, False], ids=["validated", "unvalidated"])
-def test_grouped_heads_with_nonfinite_values(check):
-    # Inputs not known to be finite go through the non-finite repair, which spreads what a kv
+@pytest.mark.parametrize("found", ["by the call's read", "by the route's caller"])
+def test_grouped_heads_with_nonfinite_values(found):
+    # Inputs known not to be finite go through the non-finite repair, which spreads what a kv
     # head reaches to its group's query heads: a NaN in kv head 1 reaches query heads 2 and 3
-    # only, along the segment's edges.
+    # only, along the segment's edges. (A call that reads nothing only guards:
+    # tests/test_graph_object.py.)
+    from gatattn.backends import triton_attention
     from gatattn.graph import validation
 
     run, inputs, _ = grouped_case(4, 2, "top_left", bias=False)
     q, k, v = (t.detach() for t in inputs)
     v[22, 1, 2] = float("nan")  # segment 1's last source: its targets 2 on (rows 7 on) see it
     mask = reference.block_mask(*GROUPED_SIZES, causal="top_left")
-    with validation(check):
-        got = run(q, k, v)
+    if found == "by the call's read":
+        with validation(True):
+            got = run(q, k, v)
+    else:
+        ptr = tuple(ptr_from_sizes(sizes) for sizes in GROUPED_SIZES)
+        graph = gatattn.build_graph(ptr=ptr, causal="top_left")
+        got = triton_attention(q, k, v, graph, scale=16 ** -0.5, inputs_finite=False)
     expected = reference.attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), mask)
     assert expected[7:45, 2:, 2].isnan().all() and expected[:, :2].isfinite().all()
     assert expected[:7].isfinite().all() and expected[45:].isfinite().all()
@@ -497,9 +504,9 @@ def test_csr_kernel_on_a_hub_and_a_bipartite_graph(device):
 
 @pytest.mark.cuda
 def test_auto_serves_the_route_it_reports_on_cuda():
-    """On a GPU, auto verifies and races the kernels (tests/test_routing.py): what it returns is
+    """On a GPU, auto verifies and races the kernels (tests/test_racing.py): what it returns is
     what the route it reports returns, and no kernel of ours is rejected there."""
-    from gatattn.backends.routing import route_key
+    from gatattn.backends.racing import route_key
     from gatattn.backends.varlen import varlen_attention
     from gatattn.graph import describe_graph
 

@@ -42,19 +42,25 @@ def sparse_attention(
     bias: Tensor | None = None,
     differentiable_weights: bool = False,
     graph: AttentionGraph | None = None,
+    form: str = "csr",
 ) -> tuple[Tensor, Tensor]:
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
-    dropout, in the order of ``edge_index``; differentiable only if asked, which takes the
-    per-edge form). ``bias``: ``(E, H)`` added to the logits, in the order of ``edge_index``.
-    Targets without in-edges get zeros. Twice differentiable. Grouped-query heads: ``k``, ``v``
-    with ``H_kv`` heads are expanded to ``q``'s ``H`` heads first (H / H_kv times their
-    memory). ``graph``: the graph whose edges ``edge_index`` are, which may keep
+    dropout, in the order of ``edge_index``; differentiable only if asked). ``form``:
+    ``"csr"`` or ``"gathered"`` (per-edge gathers), as :mod:`gatattn.backends.routing`
+    chooses; only the gathered form takes ``edge_attr``, forms differentiable weights and
+    traces under ``torch.compile``. ``bias``: ``(E, H)`` added to the logits, in the order of
+    ``edge_index``. Targets without in-edges get zeros. Twice differentiable. Grouped-query
+    heads: ``k``, ``v`` with ``H_kv`` heads are expanded to ``q``'s ``H`` heads first (H / H_kv
+    times their memory). ``graph``: the graph whose edges ``edge_index`` are, which may keep
     their :class:`CSR` (else it is cached per ``edge_index``)."""
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
-    if edge_attr is not None or torch.compiler.is_compiling() or differentiable_weights:
+    if form == "gathered":
         src, dst = edge_index
         keep = _keep_mask((src.numel(), q.size(1)), dropout, q.device)
         return gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr, bias)
+    if form != "csr" or edge_attr is not None or differentiable_weights:
+        raise ValueError(f"form must be 'csr' or 'gathered', got {form!r}; edge features and "
+                         "differentiable weights need the gathered form")
     csr = csr_of(edge_index, q.size(0), k.size(0)) if graph is None else graph_csr(
         graph, edge_index)
     keep = _keep_mask((csr.num_edges, q.size(1)), dropout, q.device)

@@ -1,5 +1,5 @@
 """``auto`` on a GPU verifies the fused kernels, races them against torch and remembers the choice
-(gatattn/backends/routing.py), run here with the kernels in Triton's interpreter and a fake
+(gatattn/backends/racing.py), run here with the kernels in Triton's interpreter and a fake
 timer: a deliberately wrong kernel must be rejected, a faster torch route must win."""
 
 import functools
@@ -18,8 +18,8 @@ import gatattn  # noqa: E402
 import gatattn.kernels.csr_attention as csr_kernels  # noqa: E402
 import gatattn.kernels.flash_attention as flash_kernels  # noqa: E402
 from gatattn import reference  # noqa: E402
-from gatattn.backends import routing, varlen  # noqa: E402
-from gatattn.backends.routing import Router, RouteRejectedWarning  # noqa: E402
+from gatattn.backends import racing, routing, varlen  # noqa: E402
+from gatattn.backends.racing import Router, RouteRejectedWarning  # noqa: E402
 from gatattn.graph import describe_graph  # noqa: E402
 
 
@@ -148,7 +148,7 @@ def test_a_small_error_in_half_precision_is_still_caught(monkeypatch):
 
 def test_choices_persist_on_disk_for_a_new_process(tmp_path, monkeypatch):
     path = tmp_path / "routes.json"
-    monkeypatch.setenv(routing.ROUTE_CACHE_ENV, str(path))
+    monkeypatch.setenv(racing.ROUTE_CACHE_ENV, str(path))
     q, k, v, graph = batched()
     Router(bench=FakeTimer(triton=3.0, sdpa=2.0)).route(q, k, v, graph, 0.25)
     saved = json.loads(path.read_text())["choices"]
@@ -157,7 +157,7 @@ def test_choices_persist_on_disk_for_a_new_process(tmp_path, monkeypatch):
     def no_timing(name, fn):
         raise AssertionError("a choice on disk is not timed again")
 
-    monkeypatch.setattr(routing, "_verify", lambda *a: pytest.fail("nor verified again"))
+    monkeypatch.setattr(racing, "_verify", lambda *a: pytest.fail("nor verified again"))
     fresh = Router(bench=no_timing)
     assert fresh.route(q, k, v, graph, 0.25) == "sdpa"
     assert fresh.choices[0].source == "disk"
@@ -166,7 +166,7 @@ def test_choices_persist_on_disk_for_a_new_process(tmp_path, monkeypatch):
 def test_an_unreadable_route_cache_is_ignored_with_a_warning(tmp_path, monkeypatch):
     path = tmp_path / "routes.json"
     path.write_text("{not json")
-    monkeypatch.setenv(routing.ROUTE_CACHE_ENV, str(path))
+    monkeypatch.setenv(racing.ROUTE_CACHE_ENV, str(path))
     q, k, v, graph = batched()
     with pytest.warns(RuntimeWarning, match="unreadable route cache"):
         assert Router(bench=FakeTimer(triton=1.0, sdpa=2.0)).route(q, k, v, graph, 0.25) == (
@@ -233,7 +233,7 @@ def test_the_varlen_route_matches_the_reference(monkeypatch, causal):
 
 def test_varlen_is_raced_where_it_applies(monkeypatch):
     monkeypatch.setattr(varlen, "_kernel", lambda: _stand_in_varlen_attn)
-    monkeypatch.setattr(routing, "varlen_unavailable_reason", lambda *a: None)
+    monkeypatch.setattr(racing, "varlen_unavailable_reason", lambda *a: None)
     q, k, v, graph = batched()
     router = Router(bench=FakeTimer(triton=2.0, sdpa=3.0, varlen=1.0))
     assert router.route(q, k, v, graph, 0.25) == "varlen"
@@ -260,14 +260,14 @@ def test_auto_through_the_public_api_serves_only_verified_routes(monkeypatch):
         batched(dtype=torch.float16)[:3],
         masked_reference(reference.block_mask([5, 17, 9, 1], causal=True)))
 
-    monkeypatch.setattr(routing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
+    monkeypatch.setattr(racing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
     check()  # an inference call, then a training call: two keys
     assert {(c.key.grad, c.route) for c in gatattn.route_choices()} == {(False, "triton"),
                                                                          (True, "triton")}
 
     monkeypatch.setattr(flash_kernels, "flash_attention_forward",
                         wrong_by(1.02, flash_kernels.flash_attention_forward))
-    monkeypatch.setattr(routing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
+    monkeypatch.setattr(racing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
     with pytest.warns(RouteRejectedWarning, match="python -m gatattn.check"):
         check()
     choices = gatattn.route_choices()
@@ -288,7 +288,7 @@ def test_after_a_keys_first_call_auto_reads_the_host_once_per_ptr_call(monkeypat
     from test_host_syncs import count_host_reads
 
     monkeypatch.setattr(routing, "races_on", lambda device: True)
-    monkeypatch.setattr(routing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
+    monkeypatch.setattr(racing, "_ROUTER", Router(bench=FakeTimer(triton=1.0, sdpa=2.0)))
     q, k, v, _ = batched(dtype=torch.float16, grad=False)
     ptr = torch.tensor([0, 5, 22, 31, 32])
     first = gatattn.attention(q, k, v, ptr=ptr)

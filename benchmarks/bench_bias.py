@@ -1,5 +1,5 @@
-"""CPU benchmark of attention with an additive bias over batched graphs: DESIGN.md section 7, the
-``attn_bias`` row.
+"""CPU benchmark of attention with an additive bias over batched graphs: the ``attn_bias`` row of
+docs/design.md's performance targets.
 
 The attention core (no projections) of 256 graphs of 10-60 nodes, 4 heads of 32 channels,
 float32, forward+backward into ``q, k, v`` and the bias (a leaf, as a learned Graphormer-style
@@ -125,4 +125,4 @@ def all_cases(quick: bool) -> list[Case]:
 if __name__ == "__main__":
     run_benchmark(all_cases, quick=command_line(__doc__.split("\n")[0]).quick,
                   title="Batched graphs with an additive attention bias on CPU "
-                        "(DESIGN.md section 7)", results_path=RESULTS)
+                        "(docs/design.md, performance targets)", results_path=RESULTS)

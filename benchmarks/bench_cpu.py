@@ -1,4 +1,5 @@
-"""CPU benchmarks of ``SelfAttentionConv`` against its peers: DESIGN.md section 7, CPU rows 1-5.
+"""CPU benchmarks of ``SelfAttentionConv`` against its peers: the first CPU rows of
+docs/design.md's performance targets.
 
 Every case uses 128 input features, 4 heads of 32 channels, float32:
 
@@ -204,4 +205,5 @@ def all_cases(quick: bool) -> list[Case]:
 
 if __name__ == "__main__":
     run_benchmark(all_cases, quick=command_line(__doc__.split("\n")[0]).quick,
-                  title="CPU benchmarks (DESIGN.md section 7, rows 1-5)", results_path=RESULTS)
+                  title="CPU benchmarks (docs/design.md, performance targets, CPU rows)",
+                  results_path=RESULTS)

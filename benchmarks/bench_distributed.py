@@ -1,6 +1,6 @@
 """CPU benchmark of ``gatattn.distributed.ring_attention``: per-rank peak memory and time for one
-complete graph spread over P = 1, 2, 3, 4 gloo processes (DESIGN.md section 7, "one complete
-graph over P ranks: peak memory per rank ~ 1/P").
+complete graph spread over P = 1, 2, 3, 4 gloo processes (docs/design.md, performance
+targets: "one complete graph over P ranks: peak memory per rank ~ 1/P").
 
 One case per P: N nodes (N=8192, H=4, C=32, float32), cut into P contiguous shards as even as
 possible, forward+backward of ``ring_attention`` with the gradients of q, k and v. Each rank runs
@@ -126,7 +126,7 @@ def report(n: int, reps: int, worlds: list[int], results: dict, diffs: dict,
                      f"{max(r['median_ms'] for r in ranks):.0f}",
                      "-" if world == 1 else f"{diffs[world]:.1e}"])
     lines = [
-        "# ring_attention over P processes on CPU (DESIGN.md section 7)", "",
+        "# ring_attention over P processes on CPU (docs/design.md, performance targets)", "",
         f"- date: {datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- python {platform.python_version()}, torch {torch.__version__}, gloo, gatattn "
         f"{git_commit()}",

@@ -1,5 +1,5 @@
-"""CPU benchmark of ``gatattn.GPSConv`` against PyG's ``GPSConv``: DESIGN.md section 7, the
-GraphGPS row.
+"""CPU benchmark of ``gatattn.GPSConv`` against PyG's ``GPSConv``: the GraphGPS rows of
+docs/design.md's performance targets.
 
 One case: a GraphGPS block (``GINConv`` local message passing, multi-head global attention,
 batch norm, MLP) on 64 graphs of 100-500 nodes, 128 channels, 4 heads, float32, forward+backward
@@ -83,4 +83,5 @@ def all_cases(quick: bool) -> list[Case]:
 
 if __name__ == "__main__":
     run_benchmark(all_cases, quick=command_line(__doc__.split("\n")[0]).quick,
-                  title="GraphGPS block on CPU (DESIGN.md section 7)", results_path=RESULTS)
+                  title="GraphGPS block on CPU (docs/design.md, performance targets)",
+                  results_path=RESULTS)

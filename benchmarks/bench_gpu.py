@@ -1,4 +1,4 @@
-"""GPU benchmarks of the fused Triton attention against its peers: DESIGN.md section 7, GPU rows.
+"""GPU benchmarks of the fused Triton attention against its peers: docs/design.md's GPU targets.
 
 bfloat16 on one CUDA device; all peers of a case run in one process on shared inputs
 (``harness.run_in_process``), each checked once against the case's reference, then timed in
@@ -29,8 +29,8 @@ three modes. ``method_notes`` below, printed with every report, says how.
    ``(B, H, L, L)`` bias in ``score_mod`` would pay the padding as SDPA does). Flex scatters
    the bias gradient with atomic adds, non-deterministic in general; here every pair owns its
    bias entry, so only masked-out pairs (clamped onto the first or last row) add zeros.
-   DESIGN.md has no GPU row for a bias (its CPU row: <= 0.5x padded SDPA's time); the targets
-   set here are floors, in fwd+bwd and fwd: ours (triton) never slower than padded SDPA or
+   docs/design.md has no GPU number for a bias (its CPU row: <= 0.5x padded SDPA's time); the
+   targets set here are floors, in fwd+bwd and fwd: ours (triton) never slower than padded SDPA or
    Flex, and auto never slower than padded SDPA.
 
 Not measured: FlexAttention's recompilation when graph sizes change between batches.
@@ -125,7 +125,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd+bwd": "forward+backward"}
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 RESULTS = Path(__file__).resolve().parent / "results"
-TITLE = "GPU benchmarks (DESIGN.md section 7, GPU rows)"
+TITLE = "GPU benchmarks (docs/design.md, GPU targets)"
 
 SDPA_FLASH, SDPA_EFFICIENT, SDPA_CUDNN = "SDPA flash", "SDPA efficient", "SDPA cuDNN"
 VARLEN, FLEX = "varlen_attn", "Flex"
@@ -194,7 +194,7 @@ def biased_shapes(size: str) -> list[Shape]:
 
 
 def targets(shape: Shape) -> tuple[Target, ...]:
-    """DESIGN.md section 7's GPU rows that apply to ``shape``: anchor time / ours >= limit."""
+    """The GPU targets of docs/design.md that apply to ``shape``: anchor time / ours >= limit."""
     def at_least(ours: str, mode: str, limit: float, anchor: str, what: str = "") -> Target:
         label = f"{ours}, {mode}: >= {limit}x {anchor}{what}"
         return Target(label, mode_speedup(ours, anchor, mode), True, limit, "x")
@@ -207,7 +207,7 @@ def targets(shape: Shape) -> tuple[Target, ...]:
             at_least(ours, "fwd+bwd", 0.9, SDPA_FLASH, " (C=128, N>=4k)"))) + never_slower()
     if shape.group == "layer":
         return tuple(at_least(OURS_LAYER, mode, 3.0, PADDED_MHA) for mode in ("fwd+bwd", "fwd"))
-    if shape.group == "biased graphs":  # no GPU row in DESIGN.md: floors, never slower
+    if shape.group == "biased graphs":  # no GPU number in docs/design.md: floors, never slower
         return tuple(at_least(ours, mode, 1.0, anchor, " (bias; no GPU row: never slower)")
                      for mode in ("fwd+bwd", "fwd")
                      for ours, anchor in ((OURS, PADDED_BIAS), (OURS, FLEX_BIAS),
@@ -218,7 +218,7 @@ def targets(shape: Shape) -> tuple[Target, ...]:
 
 
 def never_slower() -> tuple[Target, ...]:
-    """DESIGN.md: ``auto`` is never slower than the torch routes it races (SDPA per size group,
+    """docs/design.md: ``auto`` is never slower than the torch routes it races (SDPA per size group,
     varlen_attn); 5% is left for timing noise between two runs of the same route."""
     def value(mode):
         def fastest_torch_over_auto(result):

@@ -1,6 +1,6 @@
 """CPU benchmark of the message-passing route (``SelfAttentionConv`` with an ``edge_index``)
-against PyG's ``TransformerConv`` and ``GATConv`` on the same graphs: DESIGN.md section 7's
-sparse row and issue 4.
+against PyG's ``TransformerConv`` and ``GATConv`` on the same graphs: the sparse row of
+docs/design.md's performance targets, and issue 4.
 
 Graphs (128 input features, 4 heads of 32 channels, float32):
 
@@ -259,8 +259,8 @@ def gpu_report(rows: list[dict], quick: bool) -> str:
         peak = row["peak_mb"] if isinstance(row["peak_mb"], str) else f"{row['peak_mb']:.0f}"
         lines.append(f"| {row['graph']} | {row['pass']} | {row['peer']} | {shown} | {rate} "
                      f"| {peak} | {ratio} |")
-    lines += ["", "Target (DESIGN.md section 7): fwd+bwd >= 3x TransformerConv's speed, i.e. a "
-              "time ratio <= 0.333x, on the random graph.", ""]
+    lines += ["", "Target (docs/design.md, performance targets): fwd+bwd >= 3x "
+              "TransformerConv's speed, i.e. a time ratio <= 0.333x, on the random graph.", ""]
     return "\n".join(lines)
 
 
@@ -282,5 +282,5 @@ if __name__ == "__main__":
         run_on_gpu(args.quick)
     else:
         run_benchmark(all_cases, quick=args.quick,
-                      title="Sparse route, CPU (DESIGN.md section 7, sparse row)",
+                      title="Sparse route, CPU (docs/design.md, performance targets, sparse row)",
                       results_path=RESULTS, extra=edges_per_second)

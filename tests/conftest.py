@@ -1,4 +1,4 @@
-"""Shared test helpers: random inputs and the tolerance rule of DESIGN.md §4."""
+"""Shared test helpers: random inputs and the tolerance rule of docs/design.md, section 1."""
 
 from __future__ import annotations
 

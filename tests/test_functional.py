@@ -9,7 +9,8 @@ import gatattn
 from gatattn import reference
 from tests.conftest import check_against_reference, make_qkv, masked_reference
 
-# (N, heads, channels): the awkward sizes of DESIGN.md §4, head dims that are not powers of two.
+# (N, heads, channels): awkward sizes (0, 1, odd, just above a tile), head dims that are not
+# powers of two.
 COMPLETE_CASES = [(0, 1, 40), (1, 4, 48), (7, 1, 80), (97, 4, 96), (128, 1, 40), (1025, 4, 48)]
 
 

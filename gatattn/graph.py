@@ -306,13 +306,16 @@ class AttentionGraph:
         if self.device is None or self.device == device:
             return self
         moved = None if self.membership is None else self.membership.to(device)
-        return AttentionGraph(
+        graph = AttentionGraph(
             self.num_dst, self.num_src,
             edge_index=None if self.edge_index is None else self.edge_index.to(device),
             membership=moved, causal=self.causal, bipartite=self.bipartite,
             bottom_right=self.bottom_right,
             kept_edges=None if self.kept_edges is None else self.kept_edges.to(device),
             given_edges=self.given_edges)
+        # Sizes travel on the host, so what routes derive there needs no host read either.
+        graph.derived["prepared"] = self.derived.get("prepared", False)
+        return graph
 
     @property
     def is_implicit(self) -> bool:
@@ -472,10 +475,21 @@ def build_graph(
 
         edge_index = read_adjacency(edge_index).edge_index
     check_graph_devices(None, edge_index=edge_index, batch=batch, ptr=ptr)
+    # Private copies: the caller may reuse its tensors, the graph never changes. (A batch
+    # tensor's structure is built from a private copy of its ids anyway.)
+    edge_index, ptr = _private(edge_index), _private(ptr)
     graph, _ = describe_graph(num_dst, num_src, edge_index=edge_index, batch=batch, ptr=ptr,
                               causal=causal, bipartite=bipartite,
                               validate=not torch.compiler.is_compiling())
     return graph.prepare()
+
+
+def _private(value):
+    """A copy of a tensor or of a pair of them (one copy where both are the same tensor)."""
+    if isinstance(value, (tuple, list)):
+        first = value[0].clone()
+        return first, first if value[1] is value[0] else value[1].clone()
+    return None if value is None else value.clone()
 
 
 def check_graph_devices(device: torch.device | None, **tensors) -> None:

@@ -244,6 +244,28 @@ def test_graph_is_immutable_and_readable():
     assert graph.to("cpu") is graph
 
 
+def test_graph_does_not_change_with_the_tensors_it_was_built_from():
+    """The graph keeps private copies: a caller reusing its ptr / edge_index buffers for the
+    next batch does not change a graph built from them."""
+    ptr, edges = _ptr(SIZES_DST), EDGES.clone()
+    by_ptr = gatattn.build_graph(ptr=ptr, causal=True)
+    by_edges = gatattn.build_graph(edge_index=edges, num_nodes=16)
+    q, k, v = (t.detach() for t in make_qkv(16, 16, HEADS, CHANNELS, dtype=torch.float64))
+    edge_attr = torch.randn(EDGES.size(1), HEADS, CHANNELS, dtype=torch.float64)
+
+    def outputs():  # routes that read the graph's ptr / edges on the device, not host copies
+        return [gatattn.attention(q.float(), k.float(), v.float(), graph=by_ptr,
+                                  backend="triton"),
+                gatattn.attention(q, k, v, graph=by_edges, edge_attr=edge_attr)]
+
+    before = outputs()
+    ptr.copy_(_ptr([16, 0, 0, 0]))
+    edges.copy_(edges.flip(0))
+    after = outputs()
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_graph_moves_between_devices():
     graph = built("batched unsorted")
     moved = graph.to("meta")  # (no second device on a CPU machine; meta tensors hold no data)
@@ -253,6 +275,8 @@ def test_graph_moves_between_devices():
     assert (moved.num_dst, moved.num_edges()) == (graph.num_dst, graph.num_edges())
     edges = built("edge set causal").to("meta")
     assert edges.edge_index.device.type == edges.kept_edges.device.type == "meta"
+    # Prepared as its source: what routes derive from it later needs no host read.
+    assert moved.derived["prepared"] and edges.derived["prepared"]
 
 
 @pytest.mark.parametrize("keyword", ["edge_index", "batch", "ptr", "causal"])

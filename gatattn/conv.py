@@ -18,6 +18,7 @@ from gatattn.backends.sparse import edge_softmax
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.functional import attention, check_graph_call, logit_multiplier
 from gatattn.graph import AttentionGraph, check_graph_devices, describe_graph
+from gatattn.transforms import refuse_unread_graph, torchscript_refusal
 
 
 class SelfAttentionConv(MessagePassing):
@@ -274,9 +275,7 @@ class SelfAttentionConv(MessagePassing):
                 f"heads={self.heads}{kv_heads})")
 
     def __prepare_scriptable__(self):
-        raise RuntimeError(
-            f"{self.__class__.__name__} does not support TorchScript, which PyTorch has "
-            "deprecated: use torch.compile(model) or torch.export.export(model, args) instead")
+        raise torchscript_refusal(type(self).__name__)
 
     def _pyg_sees_messages(self) -> bool:
         """Whether PyG's machinery must see per-edge messages (so :meth:`propagate` runs)."""
@@ -311,6 +310,7 @@ class SelfAttentionConv(MessagePassing):
         if given is not None and self.flow != "source_to_target":
             given = given.flip(0)  # the graph module reads row 0 as sources
         check_graph_devices(query.device, edge_index=given, batch=batch, ptr=ptr)
+        refuse_unread_graph(query.device, given, batch, ptr, None)
         graph, _ = describe_graph(num_dst, num_src, edge_index=given, batch=_dst_src(batch),
                                   ptr=_dst_src(ptr), causal=causal, bipartite=bipartite)
         return graph

@@ -24,6 +24,7 @@ from gatattn.graph import (
     graph_membership,
     validation_enabled,
 )
+from gatattn.transforms import recorded, refuse_traced_causal, refuse_unread_graph
 
 
 def attention(
@@ -140,11 +141,12 @@ def attention(
         check_bias_tensor(attn_bias, q)
         attn_bias = attn_bias.to(q.dtype)
     adjacency = None
+    refuse_unread_graph(q.device, edge_index, batch, ptr, graph)
     if graph is not None:
         check_graph_call(graph, q, k, edge_index, batch, ptr, causal)
         validate, inputs_finite = False, None  # checked when it was built; nothing is read
     else:
-        causal_mode(causal)  # validated before anything runs
+        refuse_traced_causal(*causal_mode(causal), q.size(0), k.size(0), edge_index)
         adjacency = read_adjacency(edge_index) if edge_index is not None else None
         edge_index = adjacency.edge_index if adjacency is not None else None
         check_graph_devices(q.device, edge_index=edge_index, batch=batch, ptr=ptr)
@@ -153,9 +155,13 @@ def attention(
         if routing.opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
                                          return_attention_weights, backend):
             return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias)
-        validate = validation_enabled() and not torch.compiler.is_compiling()
-        # Whether q, k, v are finite is read in the graph's one host read (dense routes use it).
-        finite = finite_flag(q, k, v) if validate and edge_index is None else None
+        # Meta tensors hold no values to check.
+        validate = (validation_enabled() and not torch.compiler.is_compiling()
+                    and q.device.type != "meta")
+        # Whether q, k, v are finite is read in the graph's one host read (dense routes use
+        # it); a recorded call (trace, torch.func) must not branch on it: the repair is exact.
+        finite = (finite_flag(q, k, v) if validate and edge_index is None and not recorded()
+                  else None)
         graph, inputs_finite = describe_graph(q.size(0), k.size(0), edge_index=edge_index,
                                               batch=batch, ptr=ptr, causal=causal,
                                               bipartite=bipartite, validate=validate,

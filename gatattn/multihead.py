@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from gatattn.convert import masked_positions, sequences_to_graph
 from gatattn.functional import attention
+from gatattn.graph import build_graph
+from gatattn.transforms import refuse_unread_sequences, torchscript_refusal
 
 
 class MultiheadAttentionInputError(ValueError, AssertionError):
@@ -100,6 +102,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     fully masked rows). ``torch.backends.mha.set_fastpath_enabled(False)`` routes it here.
     """
 
+    def __prepare_scriptable__(self):
+        raise torchscript_refusal(type(self).__name__)
+
     def forward(
         self,
         query: Tensor,
@@ -122,6 +127,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         N, L, S = query.size(0), query.size(1), key.size(1)
         self._validate_mask_shapes(N, L, S, key_padding_mask, attn_mask, batched)
+        refuse_unread_sequences(query.device, key_padding_mask, attn_mask)
 
         q, k, v = self._project(query, key, value)  # (N, L, E), (N, S', E), (N, S', E)
         num_virtual = k.size(1) - S
@@ -213,9 +219,12 @@ class MultiheadAttention(nn.MultiheadAttention):
                                                    key_padding_mask=~kept_keys)
             k_nodes, v_nodes = kv_nodes.split([E, v.size(-1)], -1)
             position = kept_keys.flatten().nonzero().squeeze(1)
+        graph = {"ptr": (ptr_dst, ptr_src), "causal": causal}
+        if q.device.type == "meta":  # no values to read: the graph is built from the sizes
+            ptrs = tuple(torch.arange(N + 1, device="cpu") * n for n in (L, S))
+            graph = {"graph": build_graph(ptr=ptrs, causal=causal).to(q.device)}
         return _Graphs(q.reshape(N * L, H, E // H), k_nodes.view(-1, H, E // H),
-                       v_nodes.view(-1, H, E // H), groups=N, heads=H,
-                       graph={"ptr": (ptr_dst, ptr_src), "causal": causal},
+                       v_nodes.view(-1, H, E // H), groups=N, heads=H, graph=graph,
                        source_position=position)
 
     def _explicit_graphs(self, q, k, v, allowed: Tensor, bias: Tensor | None) -> _Graphs:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gatattn.graph import AttentionGraph, validation_enabled
+from gatattn.transforms import recorded
 
 Inputs = tuple[Tensor, Tensor, Tensor]
 
@@ -49,7 +50,8 @@ def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
     makes the whole output NaN if any input is not finite (with validation off: nothing)."""
     if finite:
         return (q, k, v), _unchanged
-    if finite is None and not torch.compiler.is_compiling():
+    # Compiled and recorded calls (jit.trace, torch.func) cannot branch on values: exact repair.
+    if finite is None and not torch.compiler.is_compiling() and not recorded():
         if not validation_enabled():
             return (q, k, v), _unchanged
         return (q, k, v), lambda out: _poisoned_if_nonfinite(out, q, k, v)

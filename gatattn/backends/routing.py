@@ -28,6 +28,7 @@ from torch import Tensor
 from gatattn.backends import racing
 from gatattn.backends.fused import triton_unavailable_reason
 from gatattn.graph import AttentionGraph
+from gatattn.transforms import plain_ops_only, recorded
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 MAX_KERNEL_HEAD_DIM = 256
@@ -51,8 +52,10 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
     cannot compute it."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    # Compiled, traced, transformed (torch.func) and meta calls need plain torch ops.
     message_passing = "gathered" if (has_edge_attr or need_weights
-                                     or torch.compiler.is_compiling()) else "csr"
+                                     or torch.compiler.is_compiling()
+                                     or plain_ops_only(q.device)) else "csr"
     torch_route = "sdpa" if graph.is_implicit else message_passing
     head_dim = max(q.size(-1), v.size(-1))
     if requested == "auto":
@@ -75,6 +78,9 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
         refusal = kernel_refusal(q.dtype, head_dim, dropout, has_edge_attr)
         if refusal is not None:
             raise ValueError(f"backend='triton' {refusal}")
+        if recorded():
+            raise ValueError("backend='triton' runs kernels that torch.jit.trace and torch.func "
+                             "transforms cannot see into; use backend='sdpa' or 'sparse'")
         reason = triton_unavailable_reason(q.device, q.dtype, graph.is_implicit)
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton': {reason}")
@@ -110,6 +116,7 @@ def fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int,
     tiled kernels only 16x16 tiles (benchmarks/results/kernel-resources-float32.md)."""
     dtypes = _KERNEL_DTYPES[:2] if implicit else _KERNEL_DTYPES
     return (races_on(device) and dtype in dtypes and not torch.compiler.is_compiling()
+            and not recorded()
             and kernel_refusal(dtype, head_dim, dropout, has_edge_attr) is None
             and triton_unavailable_reason(device, dtype, implicit) is None)
 

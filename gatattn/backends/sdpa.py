@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.graph import AttentionGraph, Permutation, SegmentGroup
+from gatattn.transforms import functorch_active
 
 
 def repeat_kv_heads(x: Tensor, heads: int) -> Tensor:
@@ -121,6 +122,7 @@ def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout
                      math: bool) -> Tensor:
     """One size group's attention; ``diagonal``: the causal one, ``None`` if not causal."""
     H, H_kv, C_v = q.size(1), k.size(1), v.size(2)
+    gqa = bool(H_kv != H)  # sizes are tensors under torch.jit.trace; SDPA takes a bool
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
     if diagonal is not None and diagonal < 0:
@@ -137,15 +139,21 @@ def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=diagonal == 0, scale=scale,
-                                              enable_gqa=H_kv != H)
+                                              is_causal=bool(diagonal == 0), scale=scale,
+                                              enable_gqa=gqa)
 
     def math_backend(q, k, v):
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa(q, k, v)
 
-    if math:
+    if math or (functorch_active() and dropout == 0):
+        # The math backend is plain differentiable ops, which torch.func's transforms (vmap,
+        # jacrev, jacfwd, hessian) compose with; the wrapper below is an autograd Function.
         out = math_backend(q, k, v)
+    elif torch.jit.is_tracing():
+        # A trace records the SDPA op itself: the wrapper would be recorded as a Python object
+        # holding this call's closures (its mask, its sizes), replayed for other sizes.
+        out = sdpa(q, k, v)
     else:
         # Wrapped around the SDPA call itself, whose inputs SDPA saves anyway: the wrapper's
         # own saved inputs cost no memory (around the whole route they kept q, k, v alive).
@@ -316,10 +324,20 @@ def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bi
         future = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device)
         bias = bias.masked_fill(future.triu(diagonal + 1), float("-inf"))
     logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
-    weights = _SafeSoftmax.apply(logits)
+    weights = _safe_softmax(logits)
     if dropout > 0:
         weights = F.dropout(weights, dropout)
     return torch.bmm(weights, v)
+
+
+def _safe_softmax(logits: Tensor) -> Tensor:
+    """:class:`_SafeSoftmax`, or under ``torch.func`` transforms, which cannot run it, the same
+    function in plain ops (the removed rows' logits are zeroed first, so no NaN reaches even
+    the unused branch's gradient)."""
+    if not functorch_active():
+        return _SafeSoftmax.apply(logits)
+    removed = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    return torch.where(removed, 0.0, torch.softmax(logits.masked_fill(removed, 0.0), dim=-1))
 
 
 class _SafeSoftmax(torch.autograd.Function):
@@ -364,8 +382,14 @@ class _PermuteRows(torch.autograd.Function):
 
 
 def permute_rows(x: Tensor, order: Permutation | None) -> Tensor:
-    return x if order is None else _PermuteRows.apply(x, order.forward, order.inverse)
+    return x if order is None else _permuted(x, order.forward, order.inverse)
 
 
 def unpermute_rows(x: Tensor, order: Permutation | None) -> Tensor:
-    return x if order is None else _PermuteRows.apply(x, order.inverse, order.forward)
+    return x if order is None else _permuted(x, order.inverse, order.forward)
+
+
+def _permuted(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
+    # torch.func's transforms cannot run the Function: a plain gather there (its backward a
+    # scatter-add, which they differentiate again).
+    return x.index_select(0, perm) if functorch_active() else _PermuteRows.apply(x, perm, inverse)

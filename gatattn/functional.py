@@ -119,7 +119,7 @@ def attention(
     Every route is twice differentiable (SDPA with dropout refuses a recorded backward). A
     non-finite input reaches only the outputs that read it through an edge (README, Numerics).
 
-    Under ``torch.compile`` and ``torch.export``, ``batch`` / ``ptr`` graphs without dropout
+    Under ``torch.compile`` and ``torch.export``, ``batch`` / ``ptr`` graphs (dropout included)
     run as one opaque operator, ``gatattn::segment_attention``: no graph break, and one compile
     serves batches of any sizes (``dynamic=True``). It has first derivatives only; second
     derivatives are refused there (eager mode has them).
@@ -154,7 +154,8 @@ def attention(
             q.size(0) != k.size(0))
         if routing.opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
                                          return_attention_weights, backend):
-            return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias)
+            return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias,
+                                    dropout)
         # Meta tensors hold no values to check.
         validate = (validation_enabled() and not torch.compiler.is_compiling()
                     and q.device.type != "meta")
@@ -221,7 +222,7 @@ def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, ba
 
 
 def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
-                     attn_bias: Tensor | None) -> Tensor:
+                     attn_bias: Tensor | None, dropout: float) -> Tensor:
     """Batched graphs under ``torch.compile`` / ``torch.export``: one opaque operator."""
     batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
                                             bipartite=bipartite, validate=False)
@@ -229,7 +230,7 @@ def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     causal, bottom_right = causal_mode(causal)
     return traced_segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
-                                    causal, attn_bias, bottom_right and bipartite)
+                                    causal, attn_bias, bottom_right and bipartite, dropout)
 
 
 def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -4,13 +4,15 @@ Under tracing they run as the opaque operator gatattn::segment_attention: one co
 batches of any sizes and graph counts, without graph breaks, forward and backward.
 """
 
+import functools
+
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
 import gatattn
-from gatattn.backends.ops import ONNX_DECOMPOSITIONS, segment_attention
+from gatattn.backends.ops import ONNX_DECOMPOSITIONS, draw_seed, seeded, segment_attention
 from tests.conftest import check_against_reference, make_qkv, masked_reference
 from tests.test_functional import batch_from_sizes, ptr_from_sizes, same_graph_mask
 
@@ -161,12 +163,34 @@ def test_second_derivatives_are_refused_not_wrong():
         torch.autograd.grad(dq.sum(), v)
 
 
-def test_dropout_under_compile_keeps_its_route():
-    # The operator cannot replay a dropout mask in its backward; dropout keeps the grouped
-    # route (with graph breaks), so fullgraph refuses it rather than drop the dropout.
-    q, k, v = make_qkv(10, 10, 2, 8)
-    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
-        compiled_attention(dropout=0.5)(q, k, v, batch=batch_from_sizes([3, 5, 2]))
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_runs_in_the_operator_and_equals_eager_under_its_seed(causal):
+    """The operator takes attention dropout with a seed drawn in the graph: under the same
+    seed the compiled call and its gradients equal eager mode's, and its backward replays the
+    forward's mask (the gradients match eager's for that same mask)."""
+    run = compiled_attention(dropout=0.4, causal=causal)
+    for seed, sizes in enumerate(SIZES[:3]):
+        q, k, v = make_qkv(sum(sizes), sum(sizes), HEADS, CHANNELS, seed=seed)
+        batch = batch_from_sizes(sizes)
+        torch.manual_seed(seed)
+        out, grads = _out_and_grads(run, q, k, v, batch)
+        torch.manual_seed(seed)
+        with seeded(draw_seed(), q.device):
+            ref, ref_grads = _out_and_grads(
+                functools.partial(gatattn.attention, dropout=0.4, causal=causal), q, k, v, batch)
+        assert torch.equal(out, ref)
+        for g, ref_g in zip(grads, ref_grads, strict=True):
+            assert torch.equal(g, ref_g)
+        # Dropout did fall, and a second call draws another mask.
+        without = gatattn.attention(q, k, v, batch=batch, causal=causal)
+        assert not torch.allclose(out, without)
+        assert not torch.equal(run(q, k, v, batch=batch), out)
+    assert_compiled_graphs(1)
+
+
+def _out_and_grads(call, q, k, v, batch):
+    out = call(q, k, v, batch=batch)
+    return out, torch.autograd.grad(out.square().sum(), (q, k, v))
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +284,4 @@ def test_invalid_ptr_is_refused_when_the_compiled_graph_runs(bad_ptr):
     compiled(x, ptr=torch.tensor([0, 3, 10]))
     with pytest.raises(RuntimeError, match="ptr must be non-decreasing, start at 0 and end"):
         compiled(x, ptr=torch.tensor(bad_ptr))
+

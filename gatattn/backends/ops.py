@@ -10,6 +10,8 @@ eager mode the route runs directly, with its exact second derivatives.
 
 First derivatives are exact: the backward operator recomputes the forward (the same function,
 the same kernels) and differentiates it. Second derivatives through the operators are refused.
+With attention dropout the operator takes a seed, drawn in the traced graph: forward and
+recomputation run under a generator seeded with it, so the backward replays the forward's mask.
 
 For ONNX, which cannot run the grouping, :data:`ONNX_DECOMPOSITIONS` states the operator as
 dense attention under a block mask built from the graph ids (O(N_dst * N_src) memory).
@@ -33,20 +35,38 @@ from gatattn.graph import AttentionGraph, describe_graph, validation_enabled
 @torch.library.custom_op("gatattn::segment_attention", mutates_args=())
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                       batch_src: Tensor | None, scale: float, causal: bool,
-                      attn_bias: Tensor | None = None, bottom_right: bool = False) -> Tensor:
+                      attn_bias: Tensor | None = None, bottom_right: bool = False,
+                      dropout: float = 0.0, seed: Tensor | None = None) -> Tensor:
     """``(N_dst, H, C_v)`` attention over one complete graph per graph id: ``batch_dst`` holds
     the targets' ids, ``batch_src`` the sources' (``None``: the same nodes, self-attention);
     ``attn_bias`` in the stacked layout of :mod:`gatattn.bias`; ``bottom_right`` aligns a
-    causal graph bottom-right (:func:`gatattn.graph.causal_mode`)."""
+    causal graph bottom-right (:func:`gatattn.graph.causal_mode`). ``dropout`` falls on the
+    attention weights under a generator seeded with ``seed`` (a 0-dim int64 CPU tensor;
+    required with dropout), which the backward seeds again to replay the mask."""
     graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right)
     if attn_bias is not None:
         check_bias_rows(attn_bias, graph, q.size(1), validate=True)
+    if dropout > 0 and seed is None:
+        raise ValueError("gatattn::segment_attention with dropout needs a seed (draw_seed()): "
+                         "its backward replays the dropout mask from it")
+    if dropout > 0:
+        # Run as the backward's recomputation runs (recording autograd), so that SDPA picks the
+        # same kernel, whose mask the same seed then reproduces.
+        inputs = [t.detach().requires_grad_(t.is_floating_point())
+                  for t in (q, k, v, *([attn_bias] if attn_bias is not None else []))]
+        with autograd_recording(), seeded(seed, q.device):
+            out = sdpa_attention(*inputs[:3], graph, scale=scale, dropout=dropout,
+                                 bias=inputs[3] if attn_bias is not None else None,
+                                 inputs_finite=finite)
+        # Laid out as the fake output is (the recording route may return a strided view).
+        return out.detach().contiguous()
     with torch.no_grad():
         return sdpa_attention(q, k, v, graph, scale=scale, bias=attn_bias, inputs_finite=finite)
 
 
 @segment_attention.register_fake
-def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None, bottom_right=False):
+def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None, bottom_right=False,
+      dropout=0.0, seed=None):
     return q.new_empty(q.size(0), q.size(1), v.size(2))
 
 
@@ -54,15 +74,16 @@ def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None, bottom_right
 def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                                batch_dst: Tensor, batch_src: Tensor | None, scale: float,
                                causal: bool, attn_bias: Tensor | None = None,
-                               bottom_right: bool = False,
+                               bottom_right: bool = False, dropout: float = 0.0,
+                               seed: Tensor | None = None,
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv, dbias)`` of :func:`segment_attention` for ``grad_out``
     (``dbias`` is empty without a bias)."""
     with_bias = attn_bias is not None
     inputs = [t.detach().requires_grad_() for t in (q, k, v, *([attn_bias] if with_bias else []))]
-    with _autograd_recording():
+    with autograd_recording(), seeded(seed if dropout > 0 else None, q.device):
         graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right)
-        out = sdpa_attention(*inputs[:3], graph, scale=scale,
+        out = sdpa_attention(*inputs[:3], graph, scale=scale, dropout=dropout,
                              bias=inputs[3] if with_bias else None, inputs_finite=finite)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
@@ -71,23 +92,24 @@ def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 @segment_attention_backward.register_fake
 def _(grad_out, q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None,
-      bottom_right=False):
+      bottom_right=False, dropout=0.0, seed=None):
     dbias = q.new_empty(0) if attn_bias is None else torch.empty_like(attn_bias)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right = inputs
-    ctx.save_for_backward(q, k, v, batch_dst, batch_src, attn_bias)
-    ctx.scale, ctx.causal, ctx.bottom_right = scale, causal, bottom_right
+    q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right, dropout, seed = inputs
+    ctx.save_for_backward(q, k, v, batch_dst, batch_src, attn_bias, seed)
+    ctx.scale, ctx.causal, ctx.bottom_right, ctx.dropout = scale, causal, bottom_right, dropout
 
 
 def _backward(ctx, grad_out):
-    q, k, v, batch_dst, batch_src, attn_bias = ctx.saved_tensors
+    q, k, v, batch_dst, batch_src, attn_bias, seed = ctx.saved_tensors
     dq, dk, dv, dbias = segment_attention_backward(grad_out, q, k, v, batch_dst, batch_src,
                                                    ctx.scale, ctx.causal, attn_bias,
-                                                   ctx.bottom_right)
-    return dq, dk, dv, None, None, None, None, None if attn_bias is None else dbias, None
+                                                   ctx.bottom_right, ctx.dropout, seed)
+    return (dq, dk, dv, None, None, None, None, None if attn_bias is None else dbias, None,
+            None, None)
 
 
 def _refuse_double_backward(ctx, *grads):
@@ -103,7 +125,30 @@ segment_attention_backward.register_autograd(_refuse_double_backward,
 
 
 @contextlib.contextmanager
-def _autograd_recording():
+def seeded(seed: Tensor | None, device: torch.device):
+    """The default generators of the CPU and of ``device`` seeded with ``seed``'s value inside
+    (nothing changes with ``None``), their states restored after."""
+    if seed is None:
+        yield
+        return
+    value = int(seed)
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(value)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(value)
+        yield
+
+
+def draw_seed() -> Tensor:
+    """A seed for :func:`segment_attention`'s dropout from the default generator: traced, a
+    random operator of the graph, so each call of a compiled model draws another."""
+    return torch.randint(2**62, (), dtype=torch.long)
+
+
+@contextlib.contextmanager
+def autograd_recording():
     """Autograd on again inside an operator's implementation: torch.library runs it with the
     autograd dispatch keys excluded, so the recomputed forward would record nothing."""
     keys = torch._C.DispatchKey
@@ -129,7 +174,8 @@ def _graph(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor, batch_src: Tensor
 
 def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                             batch_src: Tensor | None, scale: float, causal: bool,
-                            attn_bias: Tensor | None = None, bottom_right: bool = False) -> Tensor:
+                            attn_bias: Tensor | None = None, bottom_right: bool = False,
+                            dropout: float = 0.0, seed: Tensor | None = None) -> Tensor:
     """:func:`segment_attention` as dense attention under a mask built from the graph ids,
     tensor operations only (no host reads), for exporters that cannot run the grouping."""
     same_src = batch_src is None
@@ -153,6 +199,8 @@ def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
         allowed = allowed & (logits != float("-inf"))
     logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     weights = torch.softmax(logits, dim=-1) * allowed  # rows without keys: all zeros
+    if dropout > 0:  # traced with the rest: autograd keeps the mask, no seed is needed
+        weights = torch.nn.functional.dropout(weights, dropout)
     return torch.einsum("hij,jhc->ihc", weights, v)
 
 
@@ -177,12 +225,14 @@ def _positions(batch: Tensor) -> Tensor:
 def traced_segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                              batch_src: Tensor | None, scale: float, causal: bool,
                              attn_bias: Tensor | None = None,
-                             bottom_right: bool = False) -> Tensor:
+                             bottom_right: bool = False, dropout: float = 0.0) -> Tensor:
     """:func:`segment_attention` for tracers; while ``torch.onnx.export`` traces a model, its ONNX
     decomposition instead: torch.onnx has no function for the operator and does not apply
     :data:`ONNX_DECOMPOSITIONS` unless asked, so the dense form goes into the graph itself."""
     fn = _masked_dense_attention if torch.onnx.is_in_onnx_export() else segment_attention
-    return fn(q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right)
+    seed = draw_seed() if dropout > 0 and fn is segment_attention else None
+    return fn(q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right, dropout,
+              seed)
 
 
 #: For ``ExportedProgram.run_decompositions`` before ``torch.onnx.export``: the operator as

@@ -125,8 +125,8 @@ def opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout: float,
                           need_weights: bool, backend: str) -> bool:
     """Whether batched implicit graphs run as the opaque operator ``gatattn::segment_attention``:
     under ``torch.compile`` / ``torch.export``, whose tracing cannot read the graph sizes that
-    grouping by size needs. Not with dropout (the operator's backward recomputes the forward and
-    could not replay the mask), edge features or attention weights: those keep their routes."""
+    grouping by size needs; with dropout too (its backward replays the mask from a seed). Not
+    with edge features or attention weights: those keep their routes."""
     return (torch.compiler.is_compiling() and edge_index is None
-            and (batch is not None or ptr is not None) and edge_attr is None and dropout == 0
+            and (batch is not None or ptr is not None) and edge_attr is None
             and not need_weights and backend in ("auto", "sdpa"))

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gatattn.backends.ops import autograd_recording, draw_seed, seeded
 from gatattn.convert import masked_positions, sequences_to_graph
 from gatattn.functional import attention
 from gatattn.graph import build_graph
@@ -96,6 +97,11 @@ class MultiheadAttention(nn.MultiheadAttention):
     * Bad shapes raise :class:`MultiheadAttentionInputError` / :class:`MultiheadAttentionMaskError`,
       which are ``ValueError`` and also the ``AssertionError`` / ``RuntimeError`` PyTorch raises.
 
+    Under ``torch.compile`` / ``torch.export`` a call with masks runs its attention as one
+    opaque operator, ``gatattn::sequence_attention``, which reads the masks at run time (no
+    graph break, one compile for any batch size and length, results equal to eager mode's; first
+    derivatives only). Without masks it is a batch of complete graphs (``segment_attention``).
+
     ``nn.TransformerEncoderLayer`` in eval mode under ``torch.no_grad`` (``batch_first``, even
     heads, ...) takes PyTorch's fused fast path, which reads this module's weights and does not
     call :meth:`forward`: it is the same function, computed by PyTorch (with PyTorch's NaN for
@@ -130,18 +136,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         refuse_unread_sequences(query.device, key_padding_mask, attn_mask)
 
         q, k, v = self._project(query, key, value)  # (N, L, E), (N, S', E), (N, S', E)
-        num_virtual = k.size(1) - S
-        kept_keys = _with_virtual(_allowed(key_padding_mask, "key_padding_mask"), num_virtual)
-        attended, additive = _split_attn_mask(attn_mask)
-        causal = _is_causal_mask(attended, L, S, is_causal)
-        allowed = None if causal else _with_virtual(attended, num_virtual)
-        bias = None if additive is None else F.pad(
-            _as_4d(additive, N, self.num_heads).expand(N, self.num_heads, L, S),
-            (0, num_virtual))  # (N, H, L, S'): virtual keys get no bias, as in PyTorch
-        graphs = self._graphs(q, k, v, kept_keys, allowed, causal, num_virtual, bias)
-
         dropout = self.dropout if self.training else 0.0
-        out, weights = self._attend(graphs, need_weights, dropout, N, L, k.size(1))
+        if torch.compiler.is_compiling() and (key_padding_mask is not None
+                                               or attn_mask is not None):
+            # Turning masks into graphs reads them on the host: traced, one opaque operator.
+            out, weights = _traced_sequence_attention(q, k, v, key_padding_mask, attn_mask,
+                                                      is_causal, self.num_heads, need_weights,
+                                                      dropout)
+        else:
+            out, weights = _SequenceAttention(self.num_heads)(
+                q, k, v, key_padding_mask, attn_mask, is_causal, S, need_weights, dropout)
         out = self.out_proj(out)  # (N, L, E)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
@@ -181,6 +185,93 @@ class MultiheadAttention(nn.MultiheadAttention):
             k = torch.cat([k, k.new_zeros(N, 1, E)], dim=1)
             v = torch.cat([v, v.new_zeros(N, 1, E)], dim=1)
         return q, k, v
+
+    # -- validation ----------------------------------------------------------------------------
+
+    def _validate_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Shapes that need no sequence lengths; returns whether the input is batched."""
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if t.is_nested:
+                raise MultiheadAttentionInputError(
+                    f"{name} is a nested tensor, which this module does not take; pad it and "
+                    "pass key_padding_mask, or call gatattn.attention with ptr=offsets")
+        if query.dim() not in (2, 3):
+            raise MultiheadAttentionInputError(
+                f"query must be 2-D (L, E) unbatched or 3-D batched, got {query.dim()}-D of "
+                f"shape {tuple(query.shape)}")
+        batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise MultiheadAttentionInputError(
+                f"query is {query.dim()}-D, so key and value must be {query.dim()}-D too; got "
+                f"{key.dim()}-D and {value.dim()}-D")
+        if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
+            raise MultiheadAttentionInputError(
+                f"key_padding_mask must be {query.dim() - 1}-D for a {query.dim()}-D query "
+                f"((N, S) batched, (S,) unbatched), got {key_padding_mask.dim()}-D")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise MultiheadAttentionInputError(
+                f"attn_mask must be None, 2-D (L, S) or 3-D (N * num_heads, L, S), got "
+                f"{attn_mask.dim()}-D")
+        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+                raise MultiheadAttentionInputError(
+                    f"{name} must be bool (True = masked) or float (0 / -inf), got {mask.dtype}")
+        for name, t, expected in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                                  ("value", value, self.vdim)):
+            if t.size(-1) != expected:
+                raise MultiheadAttentionInputError(
+                    f"{name} has {t.size(-1)} features but the module was built for "
+                    f"{expected} (embed_dim={self.embed_dim}, kdim={self.kdim}, "
+                    f"vdim={self.vdim})")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise MultiheadAttentionInputError(
+                f"key and value must have the same sequence and batch dims, got "
+                f"{tuple(key.shape)} and {tuple(value.shape)}")
+        batch_dim = 0 if self.batch_first else 1
+        if batched and query.size(batch_dim) != key.size(batch_dim):
+            raise MultiheadAttentionInputError(
+                f"query and key must have the same batch size, got {query.size(batch_dim)} and "
+                f"{key.size(batch_dim)} (batch_first={self.batch_first})")
+        return batched
+
+    def _validate_mask_shapes(self, N, L, S, key_padding_mask, attn_mask, batched) -> None:
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
+            raise MultiheadAttentionInputError(
+                f"key_padding_mask must be (batch, source length) = {(N, S)}, got "
+                f"{tuple(key_padding_mask.shape)}")
+        if attn_mask is None:
+            return
+        expected = (L, S) if attn_mask.dim() == 2 else (N * self.num_heads, L, S)
+        if tuple(attn_mask.shape) != expected:
+            error = MultiheadAttentionMaskError if batched else MultiheadAttentionInputError
+            raise error(f"attn_mask must have shape {expected} (L = target length, S = source "
+                        f"length), got {tuple(attn_mask.shape)}")
+
+
+class _SequenceAttention:
+    """Projected sequences and ``nn.MultiheadAttention``'s masks as graphs, attended by
+    :func:`gatattn.attention`. Reads the masks on the host (which pattern they state)."""
+
+    def __init__(self, num_heads: int) -> None:
+        self.num_heads = num_heads
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                 attn_mask: Tensor | None, is_causal: bool, S: int, need_weights: bool,
+                 dropout: float) -> tuple[Tensor, Tensor | None]:
+        """``q`` ``(N, L, E)``, ``k``/``v`` ``(N, S', E)`` with the ``S' - S`` virtual keys
+        last -> ``(N, L, E)`` merged heads, and ``(N, H, L, S')`` weights if asked."""
+        (N, L, _), num_virtual = q.shape, k.size(1) - S
+        kept_keys = _with_virtual(_allowed(key_padding_mask, "key_padding_mask"), num_virtual)
+        attended, additive = _split_attn_mask(attn_mask)
+        causal = _is_causal_mask(attended, L, S, is_causal)
+        allowed = None if causal else _with_virtual(attended, num_virtual)
+        bias = None if additive is None else F.pad(
+            _as_4d(additive, N, self.num_heads).expand(N, self.num_heads, L, S),
+            (0, num_virtual))  # (N, H, L, S'): virtual keys get no bias, as in PyTorch
+        graphs = self._graphs(q, k, v, kept_keys, allowed, causal, num_virtual, bias)
+        return self._attend(graphs, need_weights, dropout, N, L, k.size(1))
 
     # -- sequences -> graphs -------------------------------------------------------------------
 
@@ -269,69 +360,6 @@ class MultiheadAttention(nn.MultiheadAttention):
                                  attn_bias=graphs.bias, **graphs.graph).split([C, S], dim=-1)
         weights = weights.reshape(graphs.groups, L, graphs.heads, S).transpose(1, 2)
         return _merge_heads(out, graphs, N, L, H), weights.reshape(N, H, L, S)
-
-    # -- validation ----------------------------------------------------------------------------
-
-    def _validate_inputs(self, query, key, value, key_padding_mask, attn_mask) -> bool:
-        """Shapes that need no sequence lengths; returns whether the input is batched."""
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-            if t.is_nested:
-                raise MultiheadAttentionInputError(
-                    f"{name} is a nested tensor, which this module does not take; pad it and "
-                    "pass key_padding_mask, or call gatattn.attention with ptr=offsets")
-        if query.dim() not in (2, 3):
-            raise MultiheadAttentionInputError(
-                f"query must be 2-D (L, E) unbatched or 3-D batched, got {query.dim()}-D of "
-                f"shape {tuple(query.shape)}")
-        batched = query.dim() == 3
-        if key.dim() != query.dim() or value.dim() != query.dim():
-            raise MultiheadAttentionInputError(
-                f"query is {query.dim()}-D, so key and value must be {query.dim()}-D too; got "
-                f"{key.dim()}-D and {value.dim()}-D")
-        if key_padding_mask is not None and key_padding_mask.dim() != query.dim() - 1:
-            raise MultiheadAttentionInputError(
-                f"key_padding_mask must be {query.dim() - 1}-D for a {query.dim()}-D query "
-                f"((N, S) batched, (S,) unbatched), got {key_padding_mask.dim()}-D")
-        if attn_mask is not None and attn_mask.dim() not in (2, 3):
-            raise MultiheadAttentionInputError(
-                f"attn_mask must be None, 2-D (L, S) or 3-D (N * num_heads, L, S), got "
-                f"{attn_mask.dim()}-D")
-        for name, mask in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
-            if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
-                raise MultiheadAttentionInputError(
-                    f"{name} must be bool (True = masked) or float (0 / -inf), got {mask.dtype}")
-        for name, t, expected in (("query", query, self.embed_dim), ("key", key, self.kdim),
-                                  ("value", value, self.vdim)):
-            if t.size(-1) != expected:
-                raise MultiheadAttentionInputError(
-                    f"{name} has {t.size(-1)} features but the module was built for "
-                    f"{expected} (embed_dim={self.embed_dim}, kdim={self.kdim}, "
-                    f"vdim={self.vdim})")
-        if key.shape[:-1] != value.shape[:-1]:
-            raise MultiheadAttentionInputError(
-                f"key and value must have the same sequence and batch dims, got "
-                f"{tuple(key.shape)} and {tuple(value.shape)}")
-        batch_dim = 0 if self.batch_first else 1
-        if batched and query.size(batch_dim) != key.size(batch_dim):
-            raise MultiheadAttentionInputError(
-                f"query and key must have the same batch size, got {query.size(batch_dim)} and "
-                f"{key.size(batch_dim)} (batch_first={self.batch_first})")
-        return batched
-
-    def _validate_mask_shapes(self, N, L, S, key_padding_mask, attn_mask, batched) -> None:
-        if key_padding_mask is not None and tuple(key_padding_mask.shape) != (N, S):
-            raise MultiheadAttentionInputError(
-                f"key_padding_mask must be (batch, source length) = {(N, S)}, got "
-                f"{tuple(key_padding_mask.shape)}")
-        if attn_mask is None:
-            return
-        expected = (L, S) if attn_mask.dim() == 2 else (N * self.num_heads, L, S)
-        if tuple(attn_mask.shape) != expected:
-            error = MultiheadAttentionMaskError if batched else MultiheadAttentionInputError
-            raise error(f"attn_mask must have shape {expected} (L = target length, S = source "
-                        f"length), got {tuple(attn_mask.shape)}")
 
 
 def _in_projection(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -429,3 +457,142 @@ def _merge_heads(out: Tensor, graphs: _Graphs, N: int, L: int, H: int) -> Tensor
     if graphs.per_head:
         return out.view(N, H, L, C).transpose(1, 2).reshape(N, L, H * C)
     return out.reshape(N, L, H * C)
+
+
+# -- under torch.compile -----------------------------------------------------------------------
+
+
+def _traced_sequence_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                               attn_mask: Tensor | None, is_causal: bool, num_heads: int,
+                               need_weights: bool,
+                               dropout: float) -> tuple[Tensor, Tensor | None]:
+    """:class:`_SequenceAttention` for tracers, as ``gatattn::sequence_attention``."""
+    seed = draw_seed() if dropout > 0 else None
+    out, weights = sequence_attention(q, k, v, key_padding_mask, attn_mask, is_causal, num_heads,
+                                      need_weights, dropout, seed)
+    return out, weights if need_weights else None
+
+
+def _key_length(key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> int:
+    """``S``, the keys before the virtual ones, from the mask that is given."""
+    return (key_padding_mask if key_padding_mask is not None else attn_mask).size(-1)
+
+
+# The masks decide the graph (which keys are dropped, whether a mask is causal, which pairs are
+# edges), so a traced call cannot build it; behind this operator the eager module's code runs
+# at run time, host reads and refusals included, and its output shapes need no tensor value.
+@torch.library.custom_op("gatattn::sequence_attention", mutates_args=())
+def sequence_attention(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+                       attn_mask: Tensor | None, is_causal: bool, num_heads: int,
+                       need_weights: bool, dropout: float,
+                       seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:class:`MultiheadAttention`'s attention on projected ``q`` ``(N, L, E)``, ``k``, ``v``
+    ``(N, S', E)`` (virtual keys last) under its masks: ``(N, L, E_v)`` merged heads and the
+    ``(N, H, L, S')`` weights (empty unless ``need_weights``). Dropout runs under a generator
+    seeded with ``seed`` (:func:`gatattn.backends.ops.seeded`), which the backward replays."""
+    run = _SequenceAttention(num_heads)
+    S = _key_length(key_padding_mask, attn_mask)
+    if dropout > 0:
+        # Recording autograd, as the backward's recomputation does: the same kernels, so the
+        # same seed gives the same dropout mask.
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        if _differentiable(attn_mask):
+            attn_mask = attn_mask.detach().requires_grad_()
+        with autograd_recording(), seeded(seed, q.device):
+            out, weights = run(q, k, v, key_padding_mask, attn_mask, is_causal, S,
+                               need_weights, dropout)
+    else:
+        with torch.no_grad():
+            out, weights = run(q, k, v, key_padding_mask, attn_mask, is_causal, S,
+                               need_weights, dropout)
+    out, weights = _unaliased([out.detach(), q.new_empty(0) if weights is None else
+                               weights.detach()])
+    return out, weights
+
+
+@sequence_attention.register_fake
+def _(q, k, v, key_padding_mask, attn_mask, is_causal, num_heads, need_weights, dropout, seed):
+    (N, L, _), S = q.shape, k.size(1)
+    weights = q.new_empty(N, num_heads, L, S) if need_weights else q.new_empty(0)
+    return q.new_empty(N, L, v.size(-1)), weights
+
+
+@torch.library.custom_op("gatattn::sequence_attention_backward", mutates_args=())
+def sequence_attention_backward(grad_out: Tensor, grad_weights: Tensor, q: Tensor, k: Tensor,
+                                v: Tensor, key_padding_mask: Tensor | None,
+                                attn_mask: Tensor | None, is_causal: bool, num_heads: int,
+                                need_weights: bool, dropout: float, seed: Tensor | None,
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv, d attn_mask)`` of :func:`sequence_attention` (the last empty
+    unless ``attn_mask`` is float): its forward recomputed and differentiated."""
+    with_mask = _differentiable(attn_mask)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v, *([attn_mask] if with_mask else []))]
+    mask = inputs[3] if with_mask else attn_mask
+    with autograd_recording(), seeded(seed if dropout > 0 else None, q.device):
+        out, weights = _SequenceAttention(num_heads)(
+            *inputs[:3], key_padding_mask, mask, is_causal,
+            _key_length(key_padding_mask, attn_mask), need_weights, dropout)
+        outputs, grads = [out], [grad_out]
+        if weights is not None:
+            outputs.append(weights)
+            grads.append(grad_weights)
+        found = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    found = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, found, strict=True)]
+    return (*_unaliased(found[:3], grad_out, grad_weights),
+            found[3] if with_mask else q.new_empty(0))
+
+
+@sequence_attention_backward.register_fake
+def _(grad_out, grad_weights, q, k, v, key_padding_mask, attn_mask, is_causal, num_heads,
+      need_weights, dropout, seed):
+    dmask = torch.empty_like(attn_mask) if _differentiable(attn_mask) else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _unaliased(outputs: list[Tensor], *inputs: Tensor) -> list[Tensor]:
+    """An operator's outputs may alias neither its inputs nor each other, and must be laid out
+    as its fake implementation says (contiguous, own storage). Here they can be views: the
+    output and the weights are slices of one result, dk and dv halves of one gradient (keys and
+    values are gathered together), a gradient a view of ``grad_out``. Those are copied."""
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    fresh = []
+    for t in outputs:
+        storage = t.untyped_storage().data_ptr()
+        if t.numel() and (storage in taken or t.storage_offset() or not t.is_contiguous()):
+            t = t.clone(memory_format=torch.contiguous_format)
+        fresh.append(t)
+        taken.add(t.untyped_storage().data_ptr())
+    return fresh
+
+
+def _differentiable(mask: Tensor | None) -> bool:
+    """A float ``attn_mask`` is added to the logits: it has a gradient, as in PyTorch."""
+    return mask is not None and mask.is_floating_point()
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, attn_mask, is_causal, num_heads, need_weights, dropout, seed = inputs
+    ctx.save_for_backward(q, k, v, key_padding_mask, attn_mask, seed)
+    ctx.options = is_causal, num_heads, need_weights, dropout
+
+
+def _backward(ctx, grad_out, grad_weights):
+    q, k, v, key_padding_mask, attn_mask, seed = ctx.saved_tensors
+    is_causal, num_heads, need_weights, dropout = ctx.options
+    dq, dk, dv, dmask = sequence_attention_backward(
+        grad_out, grad_weights, q, k, v, key_padding_mask, attn_mask, is_causal, num_heads,
+        need_weights, dropout, seed)
+    return (dq, dk, dv, None, dmask if _differentiable(attn_mask) else None, None, None, None,
+            None, None)
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "second derivatives are not available through gatattn::sequence_attention "
+        "(MultiheadAttention with masks under torch.compile / torch.export); compute them in "
+        "eager mode")
+
+
+sequence_attention.register_autograd(_backward, setup_context=_setup_context)
+sequence_attention_backward.register_autograd(_refuse_double_backward,
+                                              setup_context=lambda ctx, inputs, output: None)

@@ -1,7 +1,9 @@
 """Batched implicit graphs (batch= / ptr=) under torch.compile, torch.export and ONNX export.
 
 Under tracing they run as the opaque operator gatattn::segment_attention: one compile serves
-batches of any sizes and graph counts, without graph breaks, forward and backward.
+batches of any sizes and graph counts, without graph breaks, forward and backward. The drop-ins
+compile the same way: gatattn.MultiheadAttention with masks through gatattn::sequence_attention,
+gatattn.GPSConv (attention dropout included) through segment_attention.
 """
 
 import functools
@@ -13,6 +15,7 @@ from torch._dynamo.utils import counters
 
 import gatattn
 from gatattn.backends.ops import ONNX_DECOMPOSITIONS, draw_seed, seeded, segment_attention
+from gatattn.multihead import sequence_attention
 from tests.conftest import check_against_reference, make_qkv, masked_reference
 from tests.test_functional import batch_from_sizes, ptr_from_sizes, same_graph_mask
 
@@ -285,3 +288,220 @@ def test_invalid_ptr_is_refused_when_the_compiled_graph_runs(bad_ptr):
     with pytest.raises(RuntimeError, match="ptr must be non-decreasing, start at 0 and end"):
         compiled(x, ptr=torch.tensor(bad_ptr))
 
+
+# -- gatattn.MultiheadAttention and gatattn.GPSConv ----------------------------------------------
+
+EMBED, MHA_HEADS = 16, 4
+
+
+def padding_mask(N, S, as_float=False):
+    """Padding at the ends of two sequences (one loses two keys, one its last)."""
+    mask = torch.zeros(N, S, dtype=torch.bool)
+    mask[0, S - 2:] = True
+    mask[N - 1, S - 1] = True
+    return torch.zeros(N, S).masked_fill(mask, float("-inf")) if as_float else mask
+
+
+def causal_mask(L):
+    return nn.Transformer.generate_square_subsequent_mask(L)
+
+
+# What each case passes with (N, L) sequences; the graphs the masks state are read at run time.
+MASKS = {
+    "key_padding_mask bool": lambda N, L: {"key_padding_mask": padding_mask(N, L)},
+    "key_padding_mask float": lambda N, L: {"key_padding_mask": padding_mask(N, L, True)},
+    "causal attn_mask, is_causal": lambda N, L: {"attn_mask": causal_mask(L), "is_causal": True},
+    "causal attn_mask": lambda N, L: {"attn_mask": causal_mask(L)},
+    "causal and padding": lambda N, L: {"attn_mask": causal_mask(L),
+                                        "key_padding_mask": padding_mask(N, L)},
+    "3-D bool attn_mask": lambda N, L: {
+        "attn_mask": torch.ones(N * MHA_HEADS, L, L, dtype=torch.bool).triu(1)
+        .index_fill(0, torch.tensor([1]), False)},
+    "float attn_mask (bias)": lambda N, L: {
+        "attn_mask": torch.randn(L, L, generator=torch.Generator().manual_seed(L))},
+}
+
+
+def twin_attention(**kwargs):
+    """torch's nn.MultiheadAttention and gatattn's with its weights."""
+    torch.manual_seed(0)
+    ours_from = nn.MultiheadAttention(EMBED, MHA_HEADS, batch_first=True, **kwargs)
+    return ours_from, gatattn.MultiheadAttention.from_torch(ours_from)
+
+
+def mha_out_and_grads(module, x, kwargs, need_weights=False):
+    out, weights = module(x, x, x, need_weights=need_weights, **kwargs)
+    grads = torch.autograd.grad(out.square().sum() + (0 if weights is None else weights.sum()),
+                                [x, *module.parameters()])
+    return out, weights, grads
+
+
+@pytest.mark.parametrize("case", MASKS)
+def test_multihead_attention_with_masks_has_no_graph_breaks(case):
+    _, mha = twin_attention()
+    x = torch.randn(3, 7, EMBED)
+    explanation = torch._dynamo.explain(mha)(x, x, x, need_weights=False, **MASKS[case](3, 7))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("case", MASKS)
+def test_multihead_attention_with_masks_compiles_once_for_new_lengths(case, need_weights):
+    """fullgraph=True, dynamic=True: batches of other sizes and lengths reuse the one graph;
+    outputs, weights and gradients equal eager mode's exactly (the operator runs the same code)
+    and torch's own layer's."""
+    torch_mha, mha = twin_attention(add_bias_kv=case == "causal and padding")
+    compiled = torch.compile(mha, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for N, L in ((3, 7), (2, 9), (5, 11)):
+            x = torch.randn(N, L, EMBED, requires_grad=True)
+            kwargs = MASKS[case](N, L)
+            out, weights, grads = mha_out_and_grads(compiled, x, kwargs, need_weights)
+            eager = mha_out_and_grads(mha, x, kwargs, need_weights)
+            torch.testing.assert_close(out, eager[0], rtol=0, atol=0)
+            torch.testing.assert_close(weights, eager[1], rtol=0, atol=0)
+            for g, ref_g in zip(grads, eager[2], strict=True):
+                torch.testing.assert_close(g, ref_g, rtol=0, atol=0)
+            ref_out, ref_weights, ref_grads = mha_out_and_grads(torch_mha, x, kwargs,
+                                                                need_weights)
+            torch.testing.assert_close(out, ref_out)
+            torch.testing.assert_close(weights, ref_weights)
+            for g, ref_g in zip(grads, ref_grads, strict=True):
+                torch.testing.assert_close(g, ref_g)
+    assert_compiled_graphs(1)
+
+
+def test_float_attn_mask_gets_its_gradient_compiled():
+    torch_mha, mha = twin_attention()
+    compiled = torch.compile(mha, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = torch.randn(2, 6, EMBED)
+    bias = torch.randn(6, 6).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(2),
+                                         float("-inf")).requires_grad_()
+    grads = [torch.autograd.grad(m(x, x, x, attn_mask=bias)[0].square().sum(), bias)[0]
+             for m in (compiled, mha, torch_mha)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[2])
+
+
+def test_transformer_encoder_with_padding_compiles_without_breaks():
+    """TransformerEncoder hands its layers a float key_padding_mask."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(EMBED, MHA_HEADS, dim_feedforward=32, dropout=0.0,
+                                       batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    ours = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    for block in ours.layers:
+        block.self_attn = gatattn.MultiheadAttention.from_torch(block.self_attn)
+    compiled = torch.compile(ours, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for N, L in ((3, 7), (4, 10)):
+            x, mask = torch.randn(N, L, EMBED), padding_mask(N, L)
+            torch.testing.assert_close(compiled(x, src_key_padding_mask=mask),
+                                       encoder(x, src_key_padding_mask=mask))
+    assert_compiled_graphs(1)
+
+
+def test_multihead_attention_dropout_equals_eager_under_its_seed():
+    """In training, dropout runs inside the operator under a seed drawn in the graph: under
+    the same seed the compiled layer equals eager mode (output, dropped weights, gradients);
+    each dropped weight is 0 or torch's undropped weight / (1 - p); each call draws a new
+    mask."""
+    p = 0.4
+    torch_mha, mha = twin_attention(dropout=p)
+    compiled = torch.compile(mha, backend="aot_eager", fullgraph=True, dynamic=True)
+    for seed, (N, L) in enumerate(((3, 7), (2, 9))):
+        x = torch.randn(N, L, EMBED, requires_grad=True)
+        kwargs = {"key_padding_mask": padding_mask(N, L), "average_attn_weights": False}
+        torch.manual_seed(seed)
+        out, weights, grads = mha_out_and_grads(compiled, x, kwargs, need_weights=True)
+        torch.manual_seed(seed)
+        with seeded(draw_seed(), x.device):
+            eager = mha_out_and_grads(mha, x, kwargs, need_weights=True)
+        assert torch.equal(out, eager[0]) and torch.equal(weights, eager[1])
+        for g, ref_g in zip(grads, eager[2], strict=True):
+            assert torch.equal(g, ref_g)
+        _, undropped = torch_mha.eval()(x, x, x, **kwargs)
+        kept = weights != 0
+        torch.testing.assert_close(weights[kept], undropped[kept] / (1 - p))
+        dropped = (undropped > 0) & ~kept
+        assert 0.2 < dropped.sum() / (undropped > 0).sum() < 0.6  # about p of them
+        _, again = compiled(x, x, x, **kwargs)
+        assert not torch.equal(again, weights)
+    assert_compiled_graphs(1)
+
+
+def test_multihead_attention_refusals_hold_compiled():
+    """What eager mode refuses after reading a mask, the operator refuses when it runs."""
+    _, mha = twin_attention()
+    compiled = torch.compile(mha, backend="aot_eager", fullgraph=True, dynamic=True)
+    x = torch.randn(2, 5, EMBED)
+    not_causal = torch.ones(5, 5, dtype=torch.bool).tril()  # True = masked: the opposite
+    with pytest.raises(ValueError, match="is_causal=True but attn_mask is not the causal"):
+        compiled(x, x, x, attn_mask=not_causal, is_causal=True)
+    with pytest.raises(ValueError, match="may hold only 0"):
+        compiled(x, x, x, key_padding_mask=torch.full((2, 5), 0.5))
+
+
+def test_multihead_attention_operator_checks():
+    """torch.library's own checks of gatattn::sequence_attention: schema, fake shapes,
+    autograd registration."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 8, requires_grad=True) for _ in range(3))
+    for kpm, mask, need_weights in ((padding_mask(2, 5), None, False),
+                                    (None, torch.randn(5, 5, requires_grad=True), True),
+                                    (padding_mask(2, 5, True), causal_mask(5), True)):
+        torch.library.opcheck(sequence_attention,
+                              (q, k, v, kpm, mask, False, 2, need_weights, 0.0, None))
+
+
+def test_multihead_attention_second_derivatives_are_refused_not_wrong():
+    """The operator called as a compiled graph or an exported program calls it."""
+    q, k, v = (torch.randn(2, 5, 8, requires_grad=True) for _ in range(3))
+    out, _ = sequence_attention(q, k, v, padding_mask(2, 5), None, False, 2, False, 0.0, None)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not available"):
+        torch.autograd.grad(dq.sum(), v)
+
+
+def gps_layer(attn_dropout):
+    from torch_geometric.nn import GINConv
+
+    torch.manual_seed(0)
+    return gatattn.GPSConv(EMBED, GINConv(nn.Linear(EMBED, EMBED)), heads=MHA_HEADS,
+                           attn_kwargs={"dropout": attn_dropout}).train()
+
+
+def gps_inputs(sizes, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    x = torch.randn(n, EMBED, generator=gen, requires_grad=True)
+    edge_index = torch.randint(n, (2, 3 * n), generator=gen)
+    return x, edge_index, batch_from_sizes(sizes)
+
+
+def test_gps_with_attention_dropout_has_no_graph_breaks():
+    x, edge_index, batch = gps_inputs(SIZES[0], 0)
+    explanation = torch._dynamo.explain(gps_layer(0.5))(x, edge_index, batch)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_gps_with_attention_dropout_compiles_once_and_equals_eager_under_its_seed():
+    layer = gps_layer(0.5)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed, sizes in enumerate(SIZES[:4]):
+            x, edge_index, batch = gps_inputs(sizes, seed)
+            torch.manual_seed(seed)
+            out = compiled(x, edge_index, batch)
+            grads = torch.autograd.grad(out.square().sum(), [x, *layer.parameters()])
+            torch.manual_seed(seed)
+            with seeded(draw_seed(), x.device):
+                ref = layer(x, edge_index, batch)
+            ref_grads = torch.autograd.grad(ref.square().sum(), [x, *layer.parameters()])
+            assert torch.equal(out, ref)
+            for g, ref_g in zip(grads, ref_grads, strict=True):
+                assert torch.equal(g, ref_g)
+            assert not torch.equal(compiled(x, edge_index, batch), out)  # a new mask
+    assert_compiled_graphs(1)

@@ -27,7 +27,8 @@ def attention(
     bias: Tensor | None = None,
     compute_dtype: torch.dtype | None = torch.float64,
     return_weights: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     r"""Masked multi-head attention, computed densely.
 
     .. math::
@@ -61,9 +62,14 @@ def attention(
             "low precision reference" of the tolerance rule). (default: :obj:`torch.float64`)
         return_weights: also return the ``(H, N_dst, N_src)`` weights, summed over duplicate
             edges. (default: :obj:`False`)
+        return_lse: also return the ``(N_dst, H)`` log-sum-exp of each target's logits over its
+            allowed sources (duplicates counted with their multiplicity), the softmax's
+            normaliser ``log sum_j exp s_ij``, in the compute dtype; ``-inf`` for a target with
+            no allowed source. (default: :obj:`False`)
 
     Returns:
-        ``(N_dst, H, C_v)`` in the dtype of ``q``, and the weights if asked.
+        ``(N_dst, H, C_v)`` in the dtype of ``q``, then the weights and the log-sum-exp, each
+        if asked.
     """
     out_dtype = q.dtype
     dtype = compute_dtype or q.dtype
@@ -92,7 +98,14 @@ def attention(
     if edge_value is not None:
         out = out + torch.einsum("hij,ijhc->ihc", weights, edge_value.to(dtype))
     out = out.to(out_dtype)
-    return (out, weights) if return_weights else out
+    extras = (weights,) if return_weights else ()
+    if return_lse:
+        # max + log(sum); a target without sources sums to 0: -inf (not max's placeholder 0),
+        # with a zero gradient (log's at 0 would meet exp(-inf) = 0 and give NaN).
+        empty = denominator == 0
+        lse = row_max + torch.where(empty, torch.ones_like(denominator), denominator).log()
+        extras += (lse.masked_fill(empty, float("-inf")).squeeze(-1).t(),)
+    return (out, *extras) if extras else out
 
 
 def _aggregate(weights: Tensor, v: Tensor, allowed: Tensor) -> Tensor:

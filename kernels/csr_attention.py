@@ -233,10 +233,12 @@ def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=BLOCK_N, bias=No
 
 
 def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col, scale,
-                           block_n=BLOCK_N, bias=None, dbias=None, t_perm=None):
+                           block_n=BLOCK_N, bias=None, dbias=None, t_perm=None, dlse=None):
     """``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse``. With ``bias``
     (target-major), its gradient is written into ``dbias`` (strided as ``bias``), and
-    ``t_perm`` gives each source-major edge's target-major position."""
+    ``t_perm`` gives each source-major edge's target-major position. ``dlse``: an ``(H,
+    N_dst)`` gradient of the natural-log log-sum-exp, folded into ``Delta`` as in the tiled
+    kernels' backward."""
     bias_ptr, stride_be, stride_bh = _bias_args(bias, q, col)
     assert bias is None or (dbias is not None and t_perm is not None
                             and dbias.stride() == bias.stride()), (
@@ -255,6 +257,8 @@ def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col
         out, do, delta, num_dst, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=16,
         BLOCK_DV=max(16, constants["BLOCK_DV"]), **COMPILE_OPTIONS)
+    if dlse is not None:
+        delta.sub_(dlse)
     bias_strides = (stride_be, stride_bh)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))

@@ -598,12 +598,14 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
 
 def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
                              config: TileConfig | None = None, bias=None, dbias=None, *,
-                             bottom_right: bool = False):
+                             bottom_right: bool = False, dlse=None):
     """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse`` (with the
     same ``causal`` and ``bottom_right``); ``dk`` and ``dv`` have ``k``'s and ``v``'s ``H_kv``
     heads, each the sum over the query heads that read it. ``config`` overrides the tuned launch
     configurations of both passes. With ``bias``, the bias gradient is written into ``dbias``
-    (zeros, shaped and strided as ``bias``; pairs a causal segment excludes stay 0)."""
+    (zeros, shaped and strided as ``bias``; pairs a causal segment excludes stay 0). ``dlse``:
+    an ``(H, total_q)`` gradient of the natural-log log-sum-exp, whose logit gradient
+    ``P * dlse`` joins ``dS = P (dP - Delta)`` as ``Delta - dlse``: no other change."""
     _check_bias(q, bias)
     assert (bias is None) == (dbias is None), "give bias and dbias together"
     assert dbias is None or dbias.stride() == bias.stride(), "dbias must be strided as bias"
@@ -620,6 +622,8 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
         delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=PREPROCESS_ROWS,
         BLOCK_DV=padded_dim(v.shape[2]), **COMPILE_OPTIONS)
+    if dlse is not None:
+        delta.sub_(dlse)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     bias_ptr, offsets, stride_bm, stride_bh = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)

@@ -24,19 +24,33 @@ def recording_backward() -> bool:
     return torch.is_grad_enabled()
 
 
-def recorded_grads(recompute: Callable[..., Tensor], inputs: Sequence[Tensor],
-                   needs_grad: Sequence[bool], grad_out: Tensor) -> list[Tensor | None]:
+def recorded_grads(recompute: Callable[..., Tensor | tuple[Tensor, ...]],
+                   inputs: Sequence[Tensor], needs_grad: Sequence[bool],
+                   grad_out: Tensor | Sequence[Tensor | None]) -> list[Tensor | None]:
     """Gradients of ``recompute(*inputs)`` for ``grad_out``, themselves differentiable; ``None``
-    where ``needs_grad`` is false. ``inputs`` are the saved inputs of a Function."""
+    where ``needs_grad`` is false. ``inputs`` are the saved inputs of a Function. ``recompute``
+    may return a tuple (an output and its log-sum-exp), ``grad_out`` then one gradient each
+    (``None``: that output unused)."""
     wanted = [i for i, needed in enumerate(needs_grad) if needed]
     with torch.enable_grad():
         out = recompute(*inputs)
-    grads = torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True,
+    outs, grad_outs = _used(out, grad_out)
+    grads = torch.autograd.grad(outs, [inputs[i] for i in wanted], grad_outs, create_graph=True,
                                 allow_unused=True)
     result: list[Tensor | None] = [None] * len(inputs)
     for i, g in zip(wanted, grads, strict=True):
         result[i] = torch.zeros_like(inputs[i]) if g is None else g
     return result
+
+
+def _used(out, grad_out) -> tuple[list[Tensor], list[Tensor]]:
+    """The outputs (one tensor, or a tuple) that autograd can differentiate and that have a
+    gradient, with their gradients."""
+    if isinstance(out, Tensor):
+        out, grad_out = (out,), (grad_out,)
+    pairs = [(o, g) for o, g in zip(out, grad_out, strict=True)
+             if g is not None and o.requires_grad]
+    return [o for o, _ in pairs], [g for _, g in pairs]
 
 
 class _TwiceDifferentiable(torch.autograd.Function):
@@ -50,11 +64,12 @@ class _TwiceDifferentiable(torch.autograd.Function):
             out = fast(*inner)
         ctx.inner, ctx.inner_out, ctx.recompute = inner, out, recompute
         ctx.save_for_backward(*inputs)
-        return out.detach()
+        return out.detach() if isinstance(out, Tensor) else tuple(o.detach() for o in out)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, *grad_out):
         needs = ctx.needs_input_grad[2:]
+        grad_out = grad_out[0] if isinstance(ctx.inner_out, Tensor) else grad_out
         if recording_backward():
             return None, None, *recorded_grads(ctx.recompute, ctx.saved_tensors, needs, grad_out)
         wanted = [t for t, needed in zip(ctx.inner, needs, strict=True) if needed]
@@ -62,7 +77,8 @@ class _TwiceDifferentiable(torch.autograd.Function):
         # it); freed otherwise, so its saved tensors go as soon as this node has run, as they
         # would without the wrapper (torch's own AOT autograd asks the engine the same way).
         keep = torch._C._autograd._get_current_graph_task_keep_graph()
-        grads = iter(torch.autograd.grad(ctx.inner_out, wanted, grad_out, retain_graph=keep,
+        outs, grad_outs = _used(ctx.inner_out, grad_out)
+        grads = iter(torch.autograd.grad(outs, wanted, grad_outs, retain_graph=keep,
                                          allow_unused=True))
         if not keep:
             ctx.inner = ctx.inner_out = None
@@ -72,7 +88,8 @@ class _TwiceDifferentiable(torch.autograd.Function):
 def twice_differentiable(fast: Callable[..., Tensor], recompute: Callable[..., Tensor],
                          *inputs: Tensor) -> Tensor:
     """``fast(*inputs)``, whose gradients can be differentiated again through ``recompute``, a
-    twice-differentiable statement of the same function. Under ``torch.compile`` (which has no
+    twice-differentiable statement of the same function (both may return a tuple of tensors:
+    an output and its log-sum-exp). Under ``torch.compile`` (which has no
     double backward) or without gradients, ``fast`` runs as is."""
     if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
             or not any(t.requires_grad for t in inputs)):

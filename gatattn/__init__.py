@@ -30,6 +30,7 @@ from gatattn.graph import (
     validation,
     validation_enabled,
 )
+from gatattn.merge import merge_attention
 from gatattn.multihead import (
     MultiheadAttention,
     MultiheadAttentionInputError,
@@ -60,6 +61,7 @@ __all__ = [
     "graph_positional_encoding",
     "graph_to_sequences",
     "mask_to_edge_index",
+    "merge_attention",
     "networkx_to_edge_index",
     "reference",
     "route_choices",

@@ -44,7 +44,8 @@ def attention(
     attn_bias: Tensor | None = None,
     return_attention_weights: bool = False,
     backend: str = "auto",
-) -> Tensor | tuple[Tensor, tuple[Tensor, Tensor]]:
+    return_lse: bool = False,
+) -> Tensor | tuple:
     r"""Multi-head scaled-dot-product attention over a graph.
 
     For a target ``i`` with in-neighbours ``N(i)`` (edges ``j -> i``):
@@ -112,9 +113,22 @@ def attention(
             materialises implicit graphs) or ``"triton"`` (fused kernels: tiled for implicit
             graphs, CSR for edge sets; no dropout, weights or edge features).
             (default: :obj:`"auto"`)
+        return_lse: also return each target's log-sum-exp ``lse_i = log sum_j exp s_ij``
+            over the sources it keeps (the softmax normaliser, before dropout), ``(N_dst, H)``,
+            natural log, float32 (float64 for float64 inputs), ``-inf`` for a target with no
+            source (whose output is 0). Partial results over disjoint source sets merge
+            with :func:`gatattn.merge_attention` (ring attention, split-KV decoding). It is
+            differentiable on every route (second derivatives too, as the output's). The
+            message-passing routes and the Triton kernels form it anyway; the SDPA route
+            (whose torch op does not return it) computes it again from the same logits: one
+            more ``q k^T`` product per size group, in chunks of target rows. Calls that do not
+            ask pay nothing. Refused for ``batch`` / ``ptr`` graphs under ``torch.compile`` /
+            ``torch.export`` (the operator ``gatattn::segment_attention`` returns no lse).
+            (default: :obj:`False`)
 
     Returns:
-        ``(N_dst, H, C_v)``, and ``(edge_index, alpha)`` if asked.
+        ``(N_dst, H, C_v)``; then ``(edge_index, alpha)`` and ``lse``, each if asked, in that
+        order: ``out, lse`` or ``out, (edge_index, alpha), lse``.
 
     Every route is twice differentiable (SDPA with dropout refuses a recorded backward). A
     non-finite input reaches only the outputs that read it through an edge (README, Numerics).
@@ -154,6 +168,12 @@ def attention(
             q.size(0) != k.size(0))
         if routing.opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout,
                                          return_attention_weights, backend):
+            if return_lse:
+                raise ValueError(
+                    "return_lse=True is not available for batch=/ptr= graphs under "
+                    "torch.compile / torch.export: they run as the operator "
+                    "gatattn::segment_attention, which returns no log-sum-exp; call "
+                    "attention() outside the compiled region for the lse")
             return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias,
                                     dropout)
         # Meta tensors hold no values to check.
@@ -180,24 +200,25 @@ def attention(
                            has_edge_attr=edge_attr is not None, has_bias=attn_bias is not None)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias,
-                              inputs_finite=inputs_finite)
+                              inputs_finite=inputs_finite, return_lse=return_lse)
     if route == "triton":
         return triton_attention(q, k, v, graph, scale=scale, bias=attn_bias,
-                                inputs_finite=inputs_finite)
+                                inputs_finite=inputs_finite, return_lse=return_lse)
     if route == "varlen":
-        return varlen_attention(q, k, v, graph, scale=scale, inputs_finite=inputs_finite)
+        return varlen_attention(q, k, v, graph, scale=scale, inputs_finite=inputs_finite,
+                                return_lse=return_lse)
     edge_index = graph.to_edge_index()
     if attn_bias is not None and graph.is_implicit:
         attn_bias = attn_bias.index_select(0, stacked_rows(graph, edge_index[1], edge_index[0]))
-    out, alpha = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
-                                  edge_attr=edge_attr, bias=attn_bias,
-                                  differentiable_weights=return_attention_weights,
-                                  graph=graph, form=route)
+    out, alpha, *lse = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
+                                        edge_attr=edge_attr, bias=attn_bias,
+                                        differentiable_weights=return_attention_weights,
+                                        graph=graph, form=route, return_lse=return_lse)
     if not return_attention_weights:
-        return out
+        return (out, *lse) if return_lse else out
     if adjacency is None or graph.kept_edges is not None:
-        return out, (edge_index, alpha)
-    return out, adjacency.with_weights(alpha)
+        return out, (edge_index, alpha), *lse
+    return out, adjacency.with_weights(alpha), *lse
 
 
 def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, batch, ptr,

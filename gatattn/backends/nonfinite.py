@@ -41,20 +41,23 @@ def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
-                      finite: bool | None) -> tuple[Inputs, Callable[[Tensor], Tensor]]:
+                      finite: bool | None) -> tuple[Inputs, Repair]:
     """Finite ``q, k, v`` to compute with, and the repair to apply to the ``(N_dst, H, C_v)``
     output. ``graph`` must be implicit; ``k``, ``v`` may have fewer heads than ``q``
     (grouped-query: query head ``h`` reads kv head ``h // (H / H_kv)``). ``finite``: whether
     the inputs are all finite, ``None`` if the call did not find out (no host read): then the
     exact repair runs under ``torch.compile``, and otherwise, with validation on, a guard that
-    makes the whole output NaN if any input is not finite (with validation off: nothing)."""
+    makes the whole output NaN if any input is not finite (with validation off: nothing).
+    The repair's :meth:`Repair.lse` does the same for a ``(N_dst, H)`` log-sum-exp computed from
+    the returned inputs, which reads ``q`` and ``k`` only."""
     if finite:
-        return (q, k, v), _unchanged
+        return (q, k, v), Repair(_unchanged)
     # Compiled and recorded calls (jit.trace, torch.func) cannot branch on values: exact repair.
     if finite is None and not torch.compiler.is_compiling() and not recorded():
         if not validation_enabled():
-            return (q, k, v), _unchanged
-        return (q, k, v), lambda out: _poisoned_if_nonfinite(out, q, k, v)
+            return (q, k, v), Repair(_unchanged)
+        guard = lambda out: _poisoned_if_nonfinite(out, q, k, v)  # noqa: E731
+        return (q, k, v), Repair(guard, guard)
     bad_q = ~torch.isfinite(q).all(dim=-1, keepdim=True)  # (N_dst, H, 1)
     bad_k = ~torch.isfinite(k).all(dim=-1, keepdim=True)  # (N_src, H, 1)
     bad_v = ~torch.isfinite(v)  # (N_src, H, C_v)
@@ -62,7 +65,29 @@ def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
     from_kv = from_kv.repeat_interleave(q.size(1) // k.size(1), dim=1)  # each query head's
     reached = (bad_q & _has_keys(graph, q.device)) | from_kv
     finite = tuple(t.masked_fill(bad, 0) for t, bad in ((q, bad_q), (k, bad_k), (v, bad_v)))
-    return finite, lambda out: out.masked_fill(reached, float("nan"))
+
+    def repair_lse(lse: Tensor) -> Tensor:
+        # The log-sum-exp reads no value: only q and k, along the same edges.
+        from_k = _reached_from(bad_k, graph).repeat_interleave(q.size(1) // k.size(1), dim=1)
+        reached_qk = (bad_q & _has_keys(graph, q.device)) | from_k  # (N_dst, H, 1)
+        return lse.masked_fill(reached_qk.squeeze(-1), float("nan"))
+
+    return finite, Repair(lambda out: out.masked_fill(reached, float("nan")), repair_lse)
+
+
+class Repair:
+    """What :func:`contain_nonfinite` puts back: called on the ``(N_dst, H, C_v)`` output;
+    :meth:`lse` on a ``(N_dst, H)`` log-sum-exp (computed only when a call asks for one)."""
+
+    def __init__(self, out: Callable[[Tensor], Tensor],
+                 lse: Callable[[Tensor], Tensor] | None = None) -> None:
+        self._out, self._lse = out, lse or _unchanged
+
+    def __call__(self, out: Tensor) -> Tensor:
+        return self._out(out)
+
+    def lse(self, lse: Tensor) -> Tensor:
+        return self._lse(lse)
 
 
 def _poisoned_if_nonfinite(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -46,7 +46,8 @@ def sdpa_attention(
     math: bool = False,
     bias: Tensor | None = None,
     inputs_finite: bool | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``(N_dst, H, C_v)`` attention over ``graph``, which must be implicit. Second derivatives
     come from SDPA's math backend (its fused kernels have no double backward; ``math=True``
     uses it throughout); with dropout, whose mask cannot be replayed, they are refused.
@@ -58,10 +59,14 @@ def sdpa_attention(
     through SDPA's ``enable_gqa``; ``k`` and ``v`` are expanded to ``H`` heads only with a bias
     (the logits are written out per head). ``inputs_finite``: whether ``q``, ``k``, ``v`` are
     all finite, as the call found out (``None``: not known; see
-    :func:`~gatattn.backends.nonfinite.contain_nonfinite`)."""
+    :func:`~gatattn.backends.nonfinite.contain_nonfinite`). ``return_lse``: also the
+    ``(N_dst, H)`` log-sum-exp, from :func:`implicit_lse` (SDPA does not return it)."""
     assert graph.is_implicit, "the SDPA route needs an implicit (complete / batched) graph"
     (q, k, v), repair = contain_nonfinite(q, k, v, graph, inputs_finite)
-    return repair(_attention(q, k, v, graph, scale, dropout, math, bias))
+    out = repair(_attention(q, k, v, graph, scale, dropout, math, bias))
+    if not return_lse:
+        return out
+    return out, repair.lse(implicit_lse(q, k, graph, scale, bias))
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float,
@@ -161,6 +166,80 @@ def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout
             "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
         out = twice_differentiable(sdpa, recompute, q, k, v)
     return out.transpose(1, 2).reshape(-1, H, C_v)
+
+
+# ------------------------------------------------------------------ the log-sum-exp
+
+#: Logits formed at once by :func:`implicit_lse`, per chunk of target rows (float32: 64 MiB).
+LSE_CHUNK_LOGITS = 2**24
+
+
+def implicit_lse(q: Tensor, k: Tensor, graph: AttentionGraph, scale: float,
+                 bias: Tensor | None = None) -> Tensor:
+    """``(N_dst, H)`` log-sum-exp of each target's scaled logits (plus ``bias``, stacked
+    layout) over the sources it keeps: the softmax normaliser, natural log, ``-inf`` for a
+    target without sources. In float32 (float64 for float64 inputs), differentiable (twice).
+
+    SDPA computes it internally but does not return it, so it is computed again here from the
+    same logits, per size group: one more ``q k^T`` product (as many FLOPs as the attention's
+    own logits, no value product) in chunks of target rows of at most
+    :data:`LSE_CHUNK_LOGITS` logits, which bounds its memory. Only calls that ask pay it."""
+    assert graph.is_implicit, "implicit_lse needs an implicit (complete / batched) graph"
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    H = q.size(1)
+    plan = graph.segment_plan()
+    if not plan.groups:
+        return q.new_full((q.size(0), H), float("-inf"), dtype=dtype) + q[:0].sum() + k[:0].sum()
+    q = permute_rows(q, plan.order_dst).to(dtype)
+    k = permute_rows(k, plan.order_src).to(dtype)
+    biases = [None] * len(plan.groups)
+    if bias is not None:
+        bias = permute_rows(bias, _head_major_layout(graph, plan, H, bias.device).bias)
+        biases = bias.to(dtype).split([g.count * g.len_dst * g.len_src for g in plan.groups])
+    lses = [
+        _group_lse(g, q_g, k_g, b_g, _diagonal(graph, g), scale)
+        for g, q_g, k_g, b_g in zip(
+            plan.groups, q.split([g.count * g.len_dst for g in plan.groups]),
+            k.split([g.count * g.len_src for g in plan.groups]), biases, strict=True)
+    ]
+    return unpermute_rows(torch.cat(lses), plan.order_dst)
+
+
+def _group_lse(g: SegmentGroup, q: Tensor, k: Tensor, bias: Tensor | None,
+               diagonal: int | None, scale: float) -> Tensor:
+    """One size group's ``(count * len_dst, H)`` log-sum-exp. Grouped kv heads are read as
+    they are: query heads are laid out per kv head, ``(count, H_kv, group * len_dst, C)``."""
+    H, H_kv, C = q.size(1), k.size(1), q.size(2)
+    group = H // H_kv
+    if g.len_dst == 0 or g.len_src == 0:  # no keys: -inf, still on q's and k's graph
+        return q.new_full((g.count * g.len_dst, H), float("-inf")) + q[:0].sum() + k[:0].sum()
+    q = q.view(g.count, g.len_dst, H_kv, group, C)
+    k = k.view(g.count, g.len_src, H_kv, C).permute(0, 2, 3, 1)  # (B, H_kv, C, S)
+    if bias is not None:
+        bias = bias.view(g.count, g.len_dst, g.len_src, H)
+    keep = None
+    if diagonal is not None:  # blind targets (diagonal < 0) keep nothing: -inf
+        keep = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device).tril(diagonal)
+    rows = max(1, LSE_CHUNK_LOGITS // max(1, g.count * H * g.len_src))
+    lses = []
+    for start in range(0, g.len_dst, rows):
+        stop = min(start + rows, g.len_dst)
+        q_c = q[:, start:stop].permute(0, 2, 3, 1, 4).reshape(g.count, H_kv, -1, C)
+        logits = torch.matmul(q_c, k).mul(scale).view(g.count, H, stop - start, g.len_src)
+        if bias is not None:
+            logits = logits + bias[:, start:stop].permute(0, 3, 1, 2)
+        if keep is not None:
+            logits = logits.masked_fill(~keep[start:stop], float("-inf"))
+        lses.append(safe_logsumexp(logits).transpose(1, 2))  # (B, rows, H)
+    return torch.cat(lses, dim=1).reshape(-1, H)
+
+
+def safe_logsumexp(logits: Tensor) -> Tensor:
+    """``logsumexp`` over the last dim whose rows of only ``-inf`` give ``-inf`` with a zero
+    gradient (``torch.logsumexp``'s is NaN there); NaN and ``+inf`` propagate."""
+    removed = logits.amax(dim=-1, keepdim=True) == float("-inf")
+    lse = torch.logsumexp(logits.masked_fill(removed, 0.0), dim=-1)
+    return lse.masked_fill(removed.squeeze(-1), float("-inf"))
 
 
 # ------------------------------------------------------------------ with an additive bias

@@ -43,7 +43,8 @@ def sparse_attention(
     differentiable_weights: bool = False,
     graph: AttentionGraph | None = None,
     form: str = "csr",
-) -> tuple[Tensor, Tensor]:
+    return_lse: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Returns the ``(N_dst, H, C_v)`` output and the ``(E, H)`` attention weights (before
     dropout, in the order of ``edge_index``; differentiable only if asked). ``form``:
     ``"csr"`` or ``"gathered"`` (per-edge gathers), as :mod:`gatattn.backends.routing`
@@ -52,52 +53,64 @@ def sparse_attention(
     ``edge_index``. Targets without in-edges get zeros. Twice differentiable. Grouped-query
     heads: ``k``, ``v`` with ``H_kv`` heads are expanded to ``q``'s ``H`` heads first (H / H_kv
     times their memory). ``graph``: the graph whose edges ``edge_index`` are, which may keep
-    their :class:`CSR` (else it is cached per ``edge_index``)."""
+    their :class:`CSR` (else it is cached per ``edge_index``). ``return_lse``: also each
+    target's ``(N_dst, H)`` log-sum-exp (natural log, before dropout; ``-inf`` without edges),
+    from the per-target maximum and sum the softmax forms anyway, differentiable (twice); in
+    the compute dtype (float32 for half precision)."""
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     if form == "gathered":
         src, dst = edge_index
         keep = _keep_mask((src.numel(), q.size(1)), dropout, q.device)
-        return gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr, bias)
+        result = gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr, bias,
+                                    return_lse)
+        if return_lse:  # the logits are in q's dtype here
+            return *result[:2], result[2].to(_compute_dtype(q))
+        return result
     if form != "csr" or edge_attr is not None or differentiable_weights:
         raise ValueError(f"form must be 'csr' or 'gathered', got {form!r}; edge features and "
                          "differentiable weights need the gathered form")
     csr = csr_of(edge_index, q.size(0), k.size(0)) if graph is None else graph_csr(
         graph, edge_index)
     keep = _keep_mask((csr.num_edges, q.size(1)), dropout, q.device)
-    out, alpha = _CSRAttention.apply(q, k, v, csr.in_target_order(bias), csr, scale, keep,
-                                     dropout)
-    return out, csr.in_callers_order(alpha)
+    result = _CSRAttention.apply(q, k, v, csr.in_target_order(bias), csr, scale, keep,
+                                 dropout, return_lse)
+    return result[0], csr.in_callers_order(result[1]), *result[2:]
 
 
 class _CSRAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias: Tensor | None, csr: CSR, scale: float, keep: Tensor | None,
-                dropout: float):
+                dropout: float, want_lse: bool = False):
         dtype = _compute_dtype(q)
         q_h, k_h, v_h = (_by_head(t, dtype) for t in (q, k, v))  # (H, N, C)
         logits = _sddmm(csr, q_h, k_h) * scale  # (E, H)
         if bias is not None:  # target-major, as the logits
             logits = logits + bias.to(dtype)
-        alpha = edge_softmax(logits, csr.row, csr.num_dst)
+        alpha = edge_softmax(logits, csr.row, csr.num_dst, return_lse=want_lse)
+        alpha, *lse = alpha if want_lse else (alpha,)
         out = _spmm(csr.matrix, _dropped(alpha, keep, dropout), v_h)  # (N_dst, H, C_v)
         ctx.save_for_backward(q, k, v, bias, alpha, keep)
         ctx.csr, ctx.scale, ctx.dropout = csr, scale, dropout
         alpha_out = alpha.to(q.dtype)
         ctx.mark_non_differentiable(alpha_out)
-        return out.to(q.dtype), alpha_out
+        return out.to(q.dtype), alpha_out, *lse
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_alpha):
+    def backward(ctx, grad_out, _grad_alpha, grad_lse=None):
         q, k, v, bias, alpha, keep = ctx.saved_tensors
         csr, scale, dropout = ctx.csr, ctx.scale, ctx.dropout
         if recording_backward():  # create_graph=True: differentiable gradients, same function
             inputs = (q, k, v) if bias is None else (q, k, v, bias)
-            grads = recorded_grads(
-                lambda q, k, v, bias=None: gathered_attention(q, k, v, csr.col, csr.row, scale,
-                                                              keep, dropout, None, bias)[0],
-                inputs, ctx.needs_input_grad[:len(inputs)], grad_out)
+
+            def recompute(q, k, v, bias=None):
+                out, _, lse = gathered_attention(q, k, v, csr.col, csr.row, scale, keep,
+                                                 dropout, None, bias, return_lse=True)
+                return out, lse
+
+            grads = recorded_grads(recompute, inputs, ctx.needs_input_grad[:len(inputs)],
+                                   (grad_out, grad_lse))
             grad_bias = grads[3] if bias is not None else None
-            return *grads[:3], grad_bias, None, None, None, None
+            return *grads[:3], grad_bias, None, None, None, None, None
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         # Head-major views, not copies: the saved q, k, v are alive anyway, and the products
         # below copy one head at a time at most.
@@ -108,6 +121,8 @@ class _CSRAttention(torch.autograd.Function):
         if need_q or need_k or need_bias:
             grad_alpha = _dropped(_sddmm(csr, grad_h, v_h), keep, dropout)  # (E, H)
             row_sum = scatter(alpha * grad_alpha, csr.row, 0, dim_size=csr.num_dst, reduce="sum")
+            if grad_lse is not None:  # d lse_i / d s_e = alpha_e: one more term in the shift
+                row_sum = row_sum - grad_lse.to(alpha.dtype)
             grad_s = alpha * (grad_alpha - row_sum.index_select(0, csr.row))  # dLoss/dLogits
             dbias = grad_s.to(bias.dtype) if need_bias else None
             grad_logits = grad_s * scale
@@ -115,22 +130,31 @@ class _CSRAttention(torch.autograd.Function):
             dk = _spmm(csr.transposed, grad_logits, q_h) if need_k else None
         dtype = grad_out.dtype
         return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), dbias, None, None,
-                None, None)
+                None, None, None)
 
 
-def edge_softmax(logits: Tensor, index: Tensor, num_nodes: int | None) -> Tensor:
+def edge_softmax(logits: Tensor, index: Tensor, num_nodes: int | None,
+                 return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``(E, H)`` softmax of ``logits`` over each target's edges (``index``: each edge's target),
     as PyG's ``softmax``, except that a target whose logits are all ``-inf`` (every edge removed
     by a ``-inf`` bias) gets zero weights and zero gradients, as in the reference: PyG subtracts
-    that ``-inf`` maximum (NaN). NaN and ``+inf`` logits still propagate. Twice differentiable."""
+    that ``-inf`` maximum (NaN). NaN and ``+inf`` logits still propagate. Twice differentiable.
+    ``return_lse``: also the ``(num_nodes, H)`` log-sum-exp from the same maximum and sum
+    (``-inf``, with a zero gradient, for a target without edges or with all removed)."""
     row_max = scatter(logits.detach(), index, 0, dim_size=num_nodes, reduce="max")
     row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)
     unnormalised = (logits - row_max.index_select(0, index)).exp()
     total = scatter(unnormalised, index, 0, dim_size=num_nodes, reduce="sum")
     # Only a removed target's sum is 0 (a row's maximum contributes exp(0) = 1); dividing by 1
     # leaves its zeros (PyG's + 1e-16 vanishes in half precision).
-    total = torch.where(total > 0, total, torch.ones_like(total))
-    return unnormalised / total.index_select(0, index)
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    alpha = unnormalised / safe_total.index_select(0, index)
+    if not return_lse:
+        return alpha
+    # The maximum is detached: lse's derivative through it is 1 - 1 = 0. A NaN sum stays NaN.
+    empty = total == 0
+    lse = row_max + torch.where(empty, torch.ones_like(total), total).log()
+    return alpha, lse.masked_fill(empty, float("-inf"))
 
 
 def _keep_mask(shape: tuple[int, int], dropout: float, device) -> Tensor | None:
@@ -170,10 +194,12 @@ def _spmm(matrix, weights: Tensor, x: Tensor) -> Tensor:
                        dim=1)
 
 
-def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None, bias=None):
+def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None, bias=None,
+                       return_lse=False):
     """The route written with per-edge gathers, as TransformerConv is: twice differentiable,
     traceable by torch.compile, and the only form that takes per-edge ``edge_attr``. ``bias``
-    is ``(E, H)`` in the order of ``src`` / ``dst``."""
+    is ``(E, H)`` in the order of ``src`` / ``dst``. Returns ``(out, alpha)``, and each
+    target's log-sum-exp (:func:`edge_softmax`) third if ``return_lse``."""
     key_j = k.index_select(0, src)  # (E, H, C)
     value_j = v.index_select(0, src)  # (E, H, C_v)
     if edge_attr is not None:
@@ -181,7 +207,8 @@ def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None, 
     logits = (q.index_select(0, dst) * key_j).sum(dim=-1) * scale  # (E, H)
     if bias is not None:
         logits = logits + bias
-    alpha = edge_softmax(logits, dst, q.size(0))
+    alpha = edge_softmax(logits, dst, q.size(0), return_lse=return_lse)
+    alpha, *lse = alpha if return_lse else (alpha,)
     weights = _dropped(alpha, keep, dropout)
     out = scatter(value_j * weights.unsqueeze(-1), dst, dim=0, dim_size=q.size(0), reduce="sum")
-    return out, alpha
+    return out, alpha, *lse

@@ -16,6 +16,7 @@ from torch import Tensor
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.sdpa import (
     empty_output,
+    implicit_lse,
     permute_rows,
     repeat_kv_heads,
     sdpa_attention,
@@ -46,10 +47,12 @@ def varlen_unavailable_reason(q: Tensor, v: Tensor, graph: AttentionGraph) -> st
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
-                     scale: float, inputs_finite: bool | None = None) -> Tensor:
+                     scale: float, inputs_finite: bool | None = None,
+                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """``(N, H, C)`` attention over the self-attention ``graph`` with ``varlen_attn``. Like the
     Triton route: non-finite inputs contained, second derivatives from SDPA's math backend.
-    Grouped kv heads are expanded to ``q``'s heads first."""
+    Grouped kv heads are expanded to ``q``'s heads first. ``return_lse``: also the ``(N, H)``
+    log-sum-exp, computed as the SDPA route does (:func:`~gatattn.backends.sdpa.implicit_lse`)."""
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
 
     def fast(q, k, v):
@@ -59,7 +62,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *,
         return sdpa_attention(q, k, v, graph, scale=scale, math=True)
 
     (q, k, v), repair = contain_nonfinite(q, k, v, graph, inputs_finite)
-    return repair(twice_differentiable(fast, recompute, q, k, v))
+    out = repair(twice_differentiable(fast, recompute, q, k, v))
+    return (out, repair.lse(implicit_lse(q, k, graph, scale))) if return_lse else out
 
 
 def _packed(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float) -> Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -32,6 +34,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def run_process_tree(command, *, timeout, **kwargs):
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout)``, but the
+    child leads a process group of its own, killed whole however the call ends (done, failed,
+    timed out, interrupted). subprocess.run's timeout kills the child alone: the workers of its
+    process pool, blocked on the pool's queue, would outlive it."""
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            _kill_group(process.pid)  # leaving the with block then reaps the child
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is empty: every process in it has exited
+        pass
 
 
 def make_qkv(n_dst, n_src, heads, channels, value_channels=None, dtype=torch.float32, seed=0):

@@ -12,9 +12,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_process_tree
 
 triton = pytest.importorskip("triton")
 
@@ -29,11 +32,12 @@ def builds(tmp_path_factory):
     out = tmp_path_factory.mktemp("builds")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(out / "cache")
-    subprocess.run(
+    done = run_process_tree(
         [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--tightest",
          "--archs", "80", "90", "--dtypes", "bfloat16", "float32", "--head-dims", "40", "256",
          "--jobs", "2", "--out", str(out / "report.md"), "--json", str(out / "rows.json")],
-        check=True, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        env=env, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((out / "rows.json").read_text())
 
 
@@ -59,3 +63,36 @@ def test_shared_memory_estimate_bounds_the_real_figure(builds):
     assert dense
     for row in dense:
         assert row["shared"] <= row["shared_estimate"], row
+
+
+# kernel_resources.py's shape: a process pool whose worker is busy when the build times out.
+POOL_SCRIPT = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+def work(path):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+with ProcessPoolExecutor(1) as pool:
+    pool.submit(work, sys.argv[1]).result()
+"""
+
+
+def test_a_timed_out_build_leaves_no_process(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_process_tree([sys.executable, "-c", POOL_SCRIPT, str(pid_file)], timeout=5)
+    worker = int(pid_file.read_text())  # it ran when the timeout struck
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(worker), f"pool worker {worker} outlived the timed-out build"
+
+
+def alive(pid):
+    """Running: neither gone nor a zombie waiting for its new parent to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rsplit(")", 1)[1].split()[0] != "Z"

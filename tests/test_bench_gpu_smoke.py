@@ -12,13 +12,13 @@ FlexAttention has no CPU backward, so the smoke run skips its peers; the biased 
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 import gatattn
+from tests.conftest import run_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_gpu.py"
@@ -42,8 +42,9 @@ MODES = {"fwd", "bwd", "fwd+bwd"}
 
 def run_smoke(out: Path, *args: str) -> dict:
     """The saved JSON after a smoke run into ``out``."""
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    # Its measurements run in forked children: a timeout must not leave them running.
+    done = run_process_tree([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args],
+                            cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     [saved] = out.glob("gpu-*.smoke.json")
     assert saved.with_suffix(".md").exists()

@@ -3,11 +3,12 @@ measurements: first in its output, then in the name of every file it writes (so 
 never overwrites a full run's results)."""
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_process_tree
 
 EXAMPLES_DIR = Path(__file__).parent.parent / "examples"
 EXAMPLES = sorted(p for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_"))
@@ -22,8 +23,9 @@ def smoke_note() -> str:
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
 def test_example_smoke(script, tmp_path):
-    result = subprocess.run([sys.executable, str(script), "--smoke"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    # ddp_graph_transformer spawns ranks: a timeout must not leave them running.
+    result = run_process_tree([sys.executable, str(script), "--smoke"], cwd=tmp_path,
+                              timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) > 1, "the example printed no result"

@@ -28,6 +28,9 @@ from gatattn.tolerance import FLOOR, LOW_PRECISION  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
+    # The longest work, the kernel builds, first: the other xdist worker runs the rest beside
+    # them instead of waiting for them at the end.
+    items.sort(key=lambda item: item.path.name != "test_kernel_builds.py")
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine")

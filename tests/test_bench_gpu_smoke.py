@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import gatattn
@@ -76,6 +77,7 @@ def check_entry(case: str, name: str, entry: dict) -> None:
         assert diff < 1e-4, (case, name, diff)
 
 
+@pytest.mark.heavy  # three runs of the whole benchmark, each in a fresh interpreter
 def test_bench_gpu_smoke(tmp_path):
     first = run_smoke(tmp_path, "--budget-s", "0")
     assert first["results"] == [] and "time budget" in first["runs"][0]["stopped"]

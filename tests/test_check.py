@@ -15,6 +15,7 @@ IMPLICIT_CASES = [case.name for case in check.cases() if case.implicit]
 ALL_CASES = [case.name for case in check.cases()]
 
 
+@pytest.mark.heavy  # every route, case and dtype, the kernels in the interpreter
 def test_every_route_passes_on_this_machine():
     rows = check.run("cpu")  # conftest sets TRITON_INTERPRET=1: the kernels run too
     failed = [row for row in rows if not row.passed]

@@ -21,6 +21,7 @@ def smoke_note() -> str:
     return module.NOTE
 
 
+@pytest.mark.heavy  # ten fresh interpreters that import torch and PyG and train: minutes
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.stem)
 def test_example_smoke(script, tmp_path):
     # ddp_graph_transformer spawns ranks: a timeout must not leave them running.

@@ -185,7 +185,8 @@ def test_attention_weights_refused_for_huge_complete_graph(monkeypatch):
         gatattn.attention(q, k, v, return_attention_weights=True)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "sparse"])
+# 2000 calls each; message passing's per-call cost makes that tens of seconds: heavy.
+@pytest.mark.parametrize("backend", ["sdpa", pytest.param("sparse", marks=pytest.mark.heavy)])
 def test_dropout_is_unbiased_and_active(backend):
     q, k, v = (t.detach() for t in make_qkv(5, 5, 1, 4))
     clean = gatattn.attention(q, k, v, backend=backend)

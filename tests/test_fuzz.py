@@ -3,7 +3,7 @@ against ``gatattn.reference``: forward and every gradient, second derivatives on
 the non-finite policy.
 
 CI runs a fixed, derandomised sample (the ``ci`` profile in conftest.py); a deeper random search:
-``HYPOTHESIS_PROFILE=fuzz pytest tests/test_fuzz.py``.
+``HYPOTHESIS_PROFILE=fuzz pytest -m heavy tests/test_fuzz.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from tests.conftest import check_against_reference, masked_reference
 from tests.test_functional import same_graph_mask
 
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Minutes of CPU (gradgradcheck alone perturbs every entry of 40 problems): `make test-heavy`.
+pytestmark = pytest.mark.heavy
 
 
 @dataclass

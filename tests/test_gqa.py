@@ -141,6 +141,7 @@ def test_with_a_bias_per_query_head(route, graph):
     check_against_reference(run, inputs, ref, names=("q", "k", "v", "bias"))
 
 
+@pytest.mark.heavy  # gradgradcheck through the math backend: tens of seconds
 def test_second_derivatives_on_the_sdpa_route():
     """The math backend's ``enable_gqa`` serves the recorded backward (small: gradgradcheck
     perturbs every input entry)."""

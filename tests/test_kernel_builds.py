@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
 
+# The builds take minutes (fp32 ones 10-30 s each), so their tests are heavy (`make test-heavy`,
+# which keeps a file's tests on one xdist worker: the fixture, per worker, builds once).
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
     if not PTXAS.exists():
@@ -41,6 +43,7 @@ def builds(tmp_path_factory):
     return json.loads((out / "rows.json").read_text())
 
 
+@pytest.mark.heavy
 def test_every_kernel_compiles_for_sm80_and_sm90(builds):
     kernels = {(tuple(row["build"]["capability"]), row["build"]["kernel"], row["build"]["causal"],
                 row["build"]["bottom_right"], row["build"]["bias"], row["build"]["group"])
@@ -53,11 +56,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90(builds):
     assert not failed, failed
 
 
+@pytest.mark.heavy
 def test_kept_configurations_fit_shared_memory(builds):
     too_big = [row["build"] for row in builds if row["verdict"].endswith("TOO BIG")]
     assert not too_big, too_big
 
 
+@pytest.mark.heavy
 def test_shared_memory_estimate_bounds_the_real_figure(builds):
     dense = [row for row in builds if row["shared_estimate"] is not None]
     assert dense

@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gatattn.backends.ops import autograd_recording, draw_seed, seeded
+from gatattn.backends.ops import (
+    autograd_recording,
+    draw_seed,
+    refuse_double_backward,
+    seeded,
+)
 from gatattn.convert import masked_positions, sequences_to_graph
 from gatattn.functional import attention
 from gatattn.graph import build_graph
@@ -586,13 +591,6 @@ def _backward(ctx, grad_out, grad_weights):
             None, None)
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "second derivatives are not available through gatattn::sequence_attention "
-        "(MultiheadAttention with masks under torch.compile / torch.export); compute them in "
-        "eager mode")
-
-
 sequence_attention.register_autograd(_backward, setup_context=_setup_context)
-sequence_attention_backward.register_autograd(_refuse_double_backward,
-                                              setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(sequence_attention_backward,
+                       "MultiheadAttention with masks under torch.compile / torch.export")

@@ -95,9 +95,12 @@ def _poisoned_if_nonfinite(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tens
     entries is NaN or inf then, and adding it times 0 adds NaN (finite inputs add 0; half
     precision sums in float32, so only entries near float32's limit could overflow it). Its
     gradient is zero. Four operations: on tiny graphs each costs about what SDPA's call does."""
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    total = sum(t.sum(dtype=torch.float32) if half else t.sum() for t in (q, k, v))
-    return out.add(total.to(out.dtype), alpha=0)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        total = q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32) + v.sum(
+            dtype=torch.float32)
+    else:
+        total = q.sum() + k.sum() + v.sum()
+    return out.add(total, alpha=0)  # a 0-dim float32 keeps out's half dtype
 
 
 def _unchanged(out: Tensor) -> Tensor:

@@ -112,16 +112,22 @@ def _backward(ctx, grad_out):
             None, None)
 
 
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "second derivatives are not available through gatattn::segment_attention (batched "
-        "graphs under torch.compile / torch.export); compute them in eager mode, where every "
-        "route is twice differentiable")
+def refuse_double_backward(backward_op, what: str) -> None:
+    """Registers, as ``backward_op``'s own backward, a refusal: an operator whose backward
+    recomputes its forward has first derivatives only (eager mode has the second)."""
+
+    def refuse(ctx, *grads):
+        name = backward_op._qualname.removesuffix("_backward")
+        raise RuntimeError(
+            f"second derivatives are not available through {name} ({what}); compute them in "
+            "eager mode, where every route is twice differentiable")
+
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
 
 
 segment_attention.register_autograd(_backward, setup_context=_setup_context)
-segment_attention_backward.register_autograd(_refuse_double_backward,
-                                             setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(segment_attention_backward,
+                       "batched graphs under torch.compile / torch.export")
 
 
 @contextlib.contextmanager

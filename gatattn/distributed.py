@@ -1,113 +1,137 @@
-"""Attention over one complete graph whose nodes are spread across the ranks of a process group.
+"""Attention over complete graphs whose nodes are spread across the ranks of a process group.
 
 When one graph's global attention is too slow or too large for one device (a point cloud, a long
-sequence, a full-graph transformer), its nodes are cut into contiguous shards, one per rank, in
-rank order. :func:`ring_attention` computes exact attention over the whole graph (every node
-attends to every node, or to earlier ones with ``causal``) while each rank holds only its own
-shard and one travelling block of keys and values: memory per rank is O(N/P * H * C), plus one
-(two in the backward) tile of (H, 1024, N/P) logits at a time (below).
+sequence, a full-graph transformer), or a PyG batch holds a few such graphs, its nodes are cut
+into contiguous shards, one per rank, in rank order; graphs may straddle ranks.
+:func:`ring_attention` computes exact attention (each node attends to every node of its graph,
+or to earlier ones with ``causal``) while each rank holds only its own shard and one travelling
+block of keys and values: memory per rank is O(N/P * H * C), plus what one local call of
+:func:`gatattn.attention` takes.
 
 How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
 
-* Shard sizes (and heads, channels, dtype, flags) are exchanged once per call with one
-  ``all_gather``; shards may be uneven, and empty. Every receive is sized from them, so nothing
-  is padded.
+* Shard sizes, settings and a fingerprint of the graph sizes are exchanged in one
+  ``all_gather``; shards may be uneven, and empty; nothing is padded.
 * Forward: P steps. At step s rank r attends with its queries to the key/value block of rank
-  ``(r - s) mod P`` while that block travels on to rank r + 1 (``torch.distributed`` point to
-  point ops, ``batch_isend_irecv``, posted before the step's compute so that transfer and
-  compute overlap). The partial outputs are merged by their log-sum-exp, so the result is exact.
+  ``(r - s) mod P`` while that block travels on to rank r + 1 (``batch_isend_irecv``, posted
+  before the step's compute so that transfer and compute overlap). Each (query shard, key block)
+  pair is one or two calls of :func:`gatattn.attention` with ``return_lse=True`` (the library's
+  routes: SDPA, message passing or the Triton kernels, whichever ``auto`` picks), whose graph is
+  the pair's part of the whole: a ``(ptr_dst, ptr_src)`` pair of the graphs the queries touch,
+  causal aligned bottom-right where the keys end with the queries' own rows. The parts are
+  merged by :func:`gatattn.merge_attention`, so the result is exact.
 * Backward: the key/value blocks go round the ring again, and with each travel its gradient
-  accumulators dK, dV; after P steps each accumulator arrives home. dQ stays local.
-* Causal: rank r's queries see key blocks of ranks <= r only; blocks wholly in the future are
-  not computed (they still travel, as later ranks need them); the diagonal block is masked by
-  global positions. There is no load balancing: rank r computes r + 1 of the P blocks, so the
-  last rank sets the pace and a causal call takes about as long as a full one (a zig-zag
-  re-layout, which balances this, is not done).
+  accumulators dK, dV; after P steps each accumulator arrives home. Each pair's calls are
+  recomputed and differentiated with the merge's gradient: the part ``(out_b, lse_b)`` gets
+  ``w * dout`` and ``w * (<dout, out_b> - <dout, out>)``, ``w = exp(lse_b - lse)``. The backward
+  therefore keeps only this rank's q, k, v, output and log-sum-exp (not the P blocks), and one
+  pair's recomputed calls at a time.
+* Causal, load-balanced: with rows in rank order rank r's queries would see r + 1 of P blocks,
+  so the last rank would set the pace. Instead the N rows are cut into 2P chunks and rank r
+  computes on chunks r and 2P - 1 - r (zig-zag), an early and a late one: every rank then has
+  the same number of causal (query, key) pairs, to a chunk's rounding. The caller never sees
+  this layout: q, k, v are moved to it and the output back (in the backward, the output's
+  gradient there and q, k, v's gradients back) by point-to-point transfers of the rows whose
+  rank changes, each sent once: at most about two ring steps of traffic in the forward and
+  two in the backward, against the ring's own P - 1 (2(P - 1) with the accumulators).
+  ``load_balance=False`` keeps the caller's layout (the plain ring).
 
-Local blocks are computed with plain torch math (logits, ``logsumexp``, softmax), not the
-library's SDPA or Triton routes, because neither returns the log-sum-exp that merging needs;
-they run on tiles of up to 1024 query rows against the whole key block, so a block of n_k keys
-holds one (H, 1024, n_k) tile of logits at a time (weights in place) in the forward, two in the
-backward. Half precision inputs compute in float32 and travel in their own dtype (gradient
-accumulators in float32).
-
-:class:`ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` this way, on the shard of
-node features a rank holds.
+Half precision travels and computes in its own dtype, merged and accumulated in float32.
+:class:`ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` on a rank's shard.
 
 Not supported: cross-attention (a query shard and a key shard of different sizes), attention
-dropout, attention weights, ``batch`` / ``ptr`` graphs (for many graphs, use data parallelism:
-``examples/ddp_graph_transformer.py``), second derivatives (a backward with
-``create_graph=True`` raises). Non-finite inputs are not held to the library's edges-only rule
-(README, Numerics): a NaN value of a later node can reach earlier rows of a causal diagonal block.
-Not tested under ``torch.compile`` (its point-to-point calls and host loop are eager code).
+dropout, attention weights, explicit edges, second derivatives (a backward with
+``create_graph=True`` raises). Not tested under ``torch.compile`` (its point-to-point calls and
+host loop are eager code).
 
-Every rank of the group must call, with the same ``causal``, ``scale`` and ``temperature``, and
-must backpropagate through the output when any does (the backward is collective, as DDP's).
-Tensors live on the process group's device: CPU with gloo, one GPU per rank with NCCL.
+Every rank of the group must call, with the same graph, ``causal``, ``scale``, ``temperature``
+and ``load_balance``, and must backpropagate through the output when any does (the backward is
+collective, as DDP's). Tensors live on the process group's device: CPU with gloo, one GPU per
+rank with NCCL.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.second_order import recording_backward
 from gatattn.conv import SelfAttentionConv
-from gatattn.functional import _validate_qkv, _validate_scalars, logit_multiplier
+from gatattn.functional import _validate_qkv, _validate_scalars, attention, logit_multiplier
 from gatattn.graph import AttentionGraph
+from gatattn.merge import merge_attention
+from gatattn.ring_layout import (
+    BlockCall,
+    Layout,
+    MoveRows,
+    block_calls,
+    contiguous_layout,
+    graph_sizes,
+    rows,
+    zigzag_layout,
+)
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Query rows per tile of a block: its logits take H * _QUERY_TILE * n_k values, so memory stays
-# linear in the shard size.
-_QUERY_TILE = 1024
 # What each rank states in the one all_gather: its own node count, then values all must share
-# (a graph='s node count is -1 without one).
-_FIELDS = ("nodes", "heads", "channels", "value channels", "dtype", "needs grad", "causal",
-           "logit multiplier", "graph= node count", "refused")
+# (the graph node count is -1 without a graph, ptr or batch).
+_FIELDS = ("nodes", "heads", "kv heads", "channels", "value channels", "dtype", "needs grad",
+           "causal", "load_balance", "logit multiplier", "graph node count", "graph count",
+           "graph sizes fingerprint", "refused")
+_FINGERPRINT_MODULUS = 2**50  # exact in float64
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | None = None,
+                   ptr: Tensor | None = None, batch: Tensor | None = None,
                    group: dist.ProcessGroup | None = None, causal: bool = False,
-                   scale: float | None = None, temperature: float = 1.0) -> Tensor:
-    r"""Exact multi-head attention over one complete graph whose nodes are sharded over the
-    ranks of ``group``: this rank holds the contiguous shard of nodes that follows the shards of
+                   scale: float | None = None, temperature: float = 1.0,
+                   load_balance: bool = True) -> Tensor:
+    r"""Exact multi-head attention over complete graphs whose nodes are sharded over the ranks
+    of ``group``: this rank holds the contiguous shard of nodes that follows the shards of
     lower ranks.
 
     .. math::
         o_i = \sum_{j} \operatorname{softmax}_j\left(\langle q_i, k_j \rangle \cdot
-        \frac{\text{scale}}{\tau}\right) v_j, \qquad j \text{ over all } N \text{ nodes (or }
-        j \le i \text{ with causal)}
+        \frac{\text{scale}}{\tau}\right) v_j, \qquad j \text{ over the nodes of } i
+        \text{'s graph (} j \le i \text{ with causal)}
 
     Args:
         q: ``(n_r, H, C)`` queries of this rank's nodes.
         k: ``(n_r, H_kv, C)`` keys of the same nodes (``H_kv`` divides ``H``: grouped-query
-            heads, query head ``h`` reads kv head ``h // (H // H_kv)``).
+            heads, query head ``h`` reads kv head ``h // (H // H_kv)``); blocks travel with
+            ``H_kv`` heads.
         v: ``(n_r, H_kv, C_v)`` values of the same nodes.
-        graph: the whole graph as one object, instead of ``causal``: one complete graph over
-            the nodes of all ranks, ``gatattn.build_graph(num_nodes=N, causal=...)`` with
-            ``N`` the sum of the shard sizes (checked), the same on every rank.
+        graph: the whole graph as one object, instead of ``ptr`` / ``batch`` / ``causal``:
+            ``gatattn.build_graph(num_nodes=N, causal=...)`` for one graph, or
+            ``build_graph(ptr=..., causal=...)`` for a batch, over the nodes of all ranks
+            (``N`` the sum of the shard sizes, checked), the same on every rank.
             (default: :obj:`None`)
+        ptr: ``(B + 1,)`` offsets of the graphs of the whole batch (PyG's ``Batch.ptr``),
+            the same on every rank; graphs may straddle ranks. (default: :obj:`None`)
+        batch: ``(N,)`` graph id of every node of the whole batch, sorted (each graph a
+            contiguous run of nodes), the same on every rank. (default: :obj:`None`)
         group: the process group; ``None`` is the default group. (default: :obj:`None`)
-        causal: node ``i`` attends to global positions ``j <= i`` only. (default: :obj:`False`)
+        causal: node ``i`` attends to nodes ``j <= i`` of its graph only.
+            (default: :obj:`False`)
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
         temperature: logits are divided by it. (default: :obj:`1.0`)
+        load_balance: with ``causal``, compute in the zig-zag layout (module docstring), so
+            that every rank does the same work; ``False`` runs the plain ring, where rank r
+            computes r + 1 of P blocks. No effect without ``causal``. (default: :obj:`True`)
 
     Returns:
         ``(n_r, H, C_v)``: this rank's rows of the output, as :func:`gatattn.attention` would
         give them for the concatenated shards.
 
     Shards may differ in size, and a shard may be empty. Inputs that any rank refuses (shapes,
-    dtypes, flags that differ between ranks) raise on every rank.
+    dtypes, flags, graphs that differ between ranks) raise on every rank.
     """
-    ring = _Ring.agree(q, k, v, graph=graph, group=group, causal=causal, scale=scale,
-                       temperature=temperature)
-    # Grouped-query heads travel expanded (the expansion's backward sums each group).
-    k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
-    return _RingAttention.apply(q, k, v, ring)
+    ring = _Ring.agree(q, k, v, graph=graph, ptr=ptr, batch=batch, group=group, causal=causal,
+                       scale=scale, temperature=temperature, load_balance=load_balance)
+    q, k, v = (ring.to_compute_layout(t) for t in (q, k, v))
+    return ring.to_caller_layout(_RingAttention.apply(q, k, v, ring))
 
 
 @dataclass(frozen=True)
@@ -116,45 +140,62 @@ class _Ring:
 
     group: dist.ProcessGroup | None
     rank: int  # in the group
-    sizes: tuple[int, ...]  # node count of each rank's shard, in rank order
+    caller: Layout  # the shards as given: contiguous, in rank order
+    layout: Layout  # where the ring computes (zig-zag, or the caller's)
+    graph_sizes: list[int] | None  # node count of each graph of a batch, None for one graph
     multiplier: float  # scale / temperature
     causal: bool
+    calls: dict = field(default_factory=dict, compare=False)  # per key block, derived once
 
     @property
     def world(self) -> int:
-        return len(self.sizes)
+        return len(self.layout)
+
+    def size(self, rank: int) -> int:
+        return rows(self.layout[rank])
 
     def origin(self, step: int) -> int:
         """The rank whose key/value block this rank holds at ``step``."""
         return (self.rank - step) % self.world
 
-    def computes(self, origin: int) -> bool:
-        """Whether this rank's queries see any key of ``origin``'s block."""
-        return (self.sizes[self.rank] > 0 and self.sizes[origin] > 0
-                and not (self.causal and origin > self.rank))
+    def block_calls(self, origin: int) -> list[BlockCall]:
+        """The attention calls of this rank's queries against ``origin``'s block."""
+        if origin not in self.calls:
+            self.calls[origin] = block_calls(self.layout[self.rank], self.layout[origin],
+                                             self.causal, self.graph_sizes)
+        return self.calls[origin]
+
+    def to_compute_layout(self, t: Tensor) -> Tensor:
+        if self.layout == self.caller:
+            return t
+        return MoveRows.apply(t, self.caller, self.layout, self.rank, self.group, self.peer)
+
+    def to_caller_layout(self, t: Tensor) -> Tensor:
+        if self.layout == self.caller:
+            return t
+        return MoveRows.apply(t, self.layout, self.caller, self.rank, self.group, self.peer)
 
     @classmethod
-    def agree(cls, q, k, v, *, graph, group, causal, scale, temperature) -> _Ring:
-        """Validates locally, then exchanges every rank's statement in one ``all_gather``, so
-        that a refusal on any rank raises on all of them instead of leaving them waiting."""
+    def agree(cls, q, k, v, *, graph, ptr, batch, group, causal, scale, temperature,
+              load_balance) -> _Ring:
+        """Validates locally, then exchanges every rank's statement in one ``all_gather``: a
+        refusal on any rank raises on all of them instead of leaving them waiting."""
         if group is not None and not isinstance(group, dist.ProcessGroup):
             # (Raised here on its own: without a group there is no one to tell.)
             raise TypeError(f"group must be a torch.distributed.ProcessGroup or None (the "
                             f"default group), got {group!r}; pass dist.new_group(...) or None")
-        problem, multiplier, graph_nodes = None, 0.0, -1
+        problem, statement, sizes = None, None, None
         try:
             _validate_qkv(q, k, v)
             _validate_scalars(scale, dropout=0.0)  # before the multiplier blames temperature
-            if graph is not None:
-                causal, graph_nodes = _ring_graph(graph, causal)
-            _validate_local(q, k, causal)
+            causal, total, sizes = graph_sizes(graph, ptr, batch, causal)
+            _validate_local(q, k, causal, load_balance)
             multiplier = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale,
                                           temperature)
+            statement = _statement(q, k, v, causal, load_balance, multiplier, total, sizes)
         except (TypeError, ValueError) as error:
             problem = error
         device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-        statement = (_statement(q, k, v, causal, multiplier, graph_nodes) if problem is None
-                     else None)
         mine = torch.tensor(statement or [0.0] * (len(_FIELDS) - 1) + [1.0],
                             dtype=torch.float64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
@@ -164,31 +205,37 @@ class _Ring:
         if problem is not None:
             raise problem
         _check_agreement(table)
-        sizes = tuple(int(n) for n in table[:, 0])
-        if graph_nodes >= 0 and graph_nodes != sum(sizes):  # the same verdict on every rank
-            raise ValueError(f"ring_attention: the graph has {graph_nodes} nodes but the shards "
-                             f"hold {sum(sizes)} ({list(sizes)} by rank); build it with "
-                             f"gatattn.build_graph(num_nodes={sum(sizes)}, causal=...)")
-        return cls(group, rank, sizes, multiplier, causal)
+        shards = [int(n) for n in table[:, 0]]
+        total = int(table[0, _FIELDS.index("graph node count")])
+        if total >= 0 and total != sum(shards):  # the same verdict on every rank
+            raise ValueError(f"ring_attention: the graph has {total} nodes but the shards "
+                             f"hold {sum(shards)} ({shards} by rank); describe the nodes of "
+                             f"all ranks (gatattn.build_graph(num_nodes={sum(shards)}, ...) or "
+                             "the whole batch's ptr)")
+        caller = contiguous_layout(shards)
+        balanced = causal and load_balance and len(shards) > 1
+        layout = zigzag_layout(sum(shards), len(shards)) if balanced else caller
+        return cls(group, rank, caller, layout, sizes, multiplier, causal)
 
     def exchange(self, tensors: list[Tensor], origin: int) -> _Transfer:
         """Sends ``tensors`` (the block of ``origin``) to the next rank and receives the block
         of the rank before ``origin`` from the previous rank, shaped from the agreed sizes.
         Empty blocks are not sent."""
         incoming = (origin - 1) % self.world
-        received = [t.new_empty((self.sizes[incoming], *t.shape[1:])) for t in tensors]
+        received = [t.new_empty((self.size(incoming), *t.shape[1:])) for t in tensors]
         ops = []
-        if self.sizes[origin] > 0:
-            ops += [dist.P2POp(dist.isend, t.contiguous(), self._neighbour(+1), self.group)
+        if self.size(origin) > 0:
+            ops += [dist.P2POp(dist.isend, t.contiguous(), self.peer(self.rank + 1), self.group)
                     for t in tensors]
-        if self.sizes[incoming] > 0:
-            ops += [dist.P2POp(dist.irecv, t, self._neighbour(-1), self.group) for t in received]
+        if self.size(incoming) > 0:
+            ops += [dist.P2POp(dist.irecv, t, self.peer(self.rank - 1), self.group)
+                    for t in received]
         return _Transfer(dist.batch_isend_irecv(ops) if ops else [], received)
 
-    def _neighbour(self, direction: int) -> int:
-        """The global rank (what P2POp's ``peer`` takes on every torch >= 2.4) of the next
-        (+1) or previous (-1) rank of the group."""
-        group_rank = (self.rank + direction) % self.world
+    def peer(self, group_rank: int) -> int:
+        """The global rank (what P2POp's ``peer`` takes on every torch >= 2.4) of a rank of
+        the group (taken modulo the world size)."""
+        group_rank %= self.world
         return group_rank if self.group is None else dist.get_global_rank(self.group, group_rank)
 
 
@@ -203,10 +250,12 @@ class _Transfer:
         return self.received
 
 
-def _validate_local(q: Tensor, k: Tensor, causal) -> None:
+def _validate_local(q: Tensor, k: Tensor, causal, load_balance) -> None:
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False (self-attention: both alignments are "
                          f"the same), got {causal!r}")
+    if not isinstance(load_balance, bool):
+        raise ValueError(f"load_balance must be True or False, got {load_balance!r}")
     if q.size(0) != k.size(0):
         raise ValueError(
             f"ring_attention shards one graph's nodes: q and k must have one row per node of "
@@ -216,27 +265,15 @@ def _validate_local(q: Tensor, k: Tensor, causal) -> None:
         raise ValueError(f"ring_attention computes in {_DTYPES}, got {q.dtype}")
 
 
-def _ring_graph(graph: AttentionGraph, causal) -> tuple[bool, int]:
-    """``(causal, node count)`` of a ``graph=`` the ring can run: one complete graph over the
-    nodes of all ranks (causal or not), given without a second description."""
-    if not isinstance(graph, AttentionGraph):
-        raise TypeError(f"graph must be a gatattn.AttentionGraph (gatattn.build_graph(...)), "
-                        f"got {type(graph).__name__}")
-    if causal is not False:
-        raise ValueError("graph= already describes the graph; got causal as well: give it to "
-                         "gatattn.build_graph(...) instead, or drop graph=")
-    if not graph.is_implicit or graph.membership is not None or graph.bipartite:
-        raise ValueError(f"ring_attention runs one complete graph over the nodes of all ranks, "
-                         f"got {graph!r}; build it with gatattn.build_graph(num_nodes=N, "
-                         "causal=...), N the nodes of all ranks")
-    return graph.causal, graph.num_dst
-
-
-def _statement(q: Tensor, k: Tensor, v: Tensor, causal: bool, multiplier: float,
-               graph_nodes: int) -> list[float]:
+def _statement(q: Tensor, k: Tensor, v: Tensor, causal: bool, load_balance: bool,
+               multiplier: float, total: int, sizes: list[int] | None) -> list[float]:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    return [q.size(0), q.size(1), q.size(2), v.size(2), _DTYPES.index(q.dtype), needs_grad,
-            causal, multiplier, graph_nodes, 0.0]
+    fingerprint = (sum((g + 1) * n for g, n in enumerate(sizes)) % _FINGERPRINT_MODULUS
+                   if sizes is not None else 0)
+    return [q.size(0), q.size(1), k.size(1), q.size(2), v.size(2), _DTYPES.index(q.dtype),
+            needs_grad, causal, load_balance, multiplier,
+            total, 1 if sizes is None else len(sizes),
+            fingerprint, 0.0]
 
 
 def _check_agreement(table: Tensor) -> None:
@@ -250,8 +287,8 @@ def _check_agreement(table: Tensor) -> None:
             shown = [_DTYPES[int(x)] for x in values] if name == "dtype" else values.tolist()
             raise ValueError(
                 f"ring_attention: every rank must give the same {name}, got {shown} by rank; "
-                "pass the same shapes, dtype, causal, scale and temperature on every rank, and "
-                "inputs that require grad on all ranks or none")
+                "pass the same shapes, dtype, graph, causal, scale, temperature and "
+                "load_balance on every rank, and inputs that require grad on all ranks or none")
 
 
 class _RingAttention(torch.autograd.Function):
@@ -278,6 +315,15 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def _attend(call: BlockCall, q: Tensor, k: Tensor, v: Tensor, ring: _Ring):
+    """``(out, lse)`` of one call of the library's attention (its routes)."""
+    ptr = None if call.ptr is None else tuple(
+        torch.tensor(p, device=q.device) for p in call.ptr)
+    return attention(q[call.rows], call.key_rows(k), call.key_rows(v), ptr=ptr,
+                     causal="bottom_right" if call.diagonal else False,
+                     scale=ring.multiplier, return_lse=True)
+
+
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor, Tensor]:
     """This rank's output (compute dtype) and its log-sum-exp ``(n, H)``."""
     dtype = _compute_dtype(q)
@@ -287,71 +333,29 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor,
     for step in range(ring.world):
         origin = ring.origin(step)
         transfer = ring.exchange(block, origin) if step < ring.world - 1 else None
-        if ring.computes(origin):
-            block_out, block_lse = _block_forward(q, *block, ring, origin)
-            out, lse = _merge(out, lse, block_out, block_lse)
+        for call in ring.block_calls(origin):
+            part_out, part_lse = _attend(call, q, *block, ring)
+            rows_ = call.rows
+            out[rows_], lse[rows_] = merge_attention([out[rows_], part_out.to(dtype)],
+                                                     [lse[rows_], part_lse.to(dtype)])
         if transfer is not None:
             block = transfer.wait()
     return out, lse
 
 
-def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor):
-    """Two softmax-weighted averages over disjoint key sets, merged by their log-sum-exps. The
-    first block ever merged meets lse = -inf, whose weight exp(-inf) is 0."""
-    merged = torch.logaddexp(lse, block_lse)
-    out = (out * (lse - merged).exp().unsqueeze(-1)
-           + block_out * (block_lse - merged).exp().unsqueeze(-1))
-    return out, merged
-
-
-def _tiles(rows: int):
-    """``(start, stop)`` of each tile of at most ``_QUERY_TILE`` query rows."""
-    return ((start, min(start + _QUERY_TILE, rows)) for start in range(0, rows, _QUERY_TILE))
-
-
-def _block_logits(q: Tensor, k: Tensor, ring: _Ring, origin: int, first_row: int) -> Tensor:
-    """``(H, t, n_k)`` scaled logits of a tile of this rank's queries (rows ``first_row`` on)
-    against ``origin``'s keys, the future masked to -inf on a causal diagonal block (the only
-    block that holds both; there query row ``i`` and key ``j`` share the shard's offset)."""
-    logits = torch.einsum("ihc,jhc->hij", q.to(k.dtype), k).mul_(ring.multiplier)
-    if ring.causal and origin == ring.rank:
-        rows = torch.arange(first_row, first_row + q.size(0), device=q.device).unsqueeze(1)
-        future = torch.arange(k.size(0), device=q.device) > rows
-        logits.masked_fill_(future, float("-inf"))
-    return logits
-
-
-def _block_forward(q, k, v, ring, origin) -> tuple[Tensor, Tensor]:
-    """This rank's output over ``origin``'s block ``(n_q, H, C_v)`` and its log-sum-exp
-    ``(n_q, H)``, a tile of query rows at a time."""
-    dtype = _compute_dtype(q)
-    k, v = k.to(dtype), v.to(dtype)
-    outs, lses = [], []
-    for start, stop in _tiles(q.size(0)):
-        logits = _block_logits(q[start:stop], k, ring, origin, start)
-        # logsumexp by hand, in place: torch's would allocate a second tile.
-        row_max = logits.amax(dim=-1, keepdim=True)  # finite: every row sees a key here
-        weights = logits.sub_(row_max).exp_()
-        total = weights.sum(dim=-1, keepdim=True)
-        weights.div_(total)
-        outs.append(torch.einsum("hij,jhc->ihc", weights, v))
-        lses.append((row_max + total.log()).squeeze(-1).transpose(0, 1))
-        del logits, weights  # before the next tile is allocated
-    return torch.cat(outs), torch.cat(lses)
-
-
 def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Tensor, Tensor]:
     dtype = out.dtype
     grad_out = grad_out.to(dtype)
-    delta = (grad_out * out).sum(-1)  # (n, H): sum_j p_ij dp_ij, softmax's backward term
+    delta = (grad_out * out).sum(-1)  # (n, H): <dout, out>, softmax's backward term
     dq = torch.zeros_like(q, dtype=dtype)
     block = [k, v]
     grads = [torch.zeros_like(k, dtype=dtype), torch.zeros_like(v, dtype=dtype)]
     for step in range(ring.world):
         origin = ring.origin(step)
         transfer = ring.exchange(block, origin) if step < ring.world - 1 else None
-        if ring.computes(origin):
-            _block_backward(q, *block, *grads, dq, grad_out, lse, delta, ring, origin)
+        calls = ring.block_calls(origin)
+        if calls:
+            _block_backward(calls, q, block, dq, grads, grad_out, lse, delta, ring)
         if ring.world > 1:  # the accumulators follow their block; the last hop takes them home
             grads = ring.exchange(grads, origin).wait()
         if transfer is not None:
@@ -359,29 +363,34 @@ def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Te
     return dq, grads[0], grads[1]
 
 
-def _block_backward(q, k, v, dk, dv, dq, grad_out, lse, delta, ring, origin) -> None:
-    """Adds this rank's queries' share of the gradients for ``origin``'s block: into ``dq``
-    (local) and into the travelling ``dk``, ``dv``; a tile of query rows at a time."""
-    dtype = dq.dtype
-    k, v = k.to(dtype), v.to(dtype)
-    for start, stop in _tiles(q.size(0)):
-        rows = slice(start, stop)
-        # In place where a tile is last read, so at most two (H, t, n_k) tiles are alive.
-        weights = _block_logits(q[rows], k, ring, origin, start)
-        weights.sub_(lse[rows].transpose(0, 1).unsqueeze(-1)).exp_()
-        dv += torch.einsum("hij,ihc->jhc", weights, grad_out[rows])
-        dlogits = torch.einsum("ihc,jhc->hij", grad_out[rows], v)
-        dlogits.sub_(delta[rows].transpose(0, 1).unsqueeze(-1)).mul_(weights)
-        dlogits.mul_(ring.multiplier)
-        del weights
-        dq[rows] += torch.einsum("hij,jhc->ihc", dlogits, k)
-        dk += torch.einsum("hij,ihc->jhc", dlogits, q[rows].to(dtype))
-        del dlogits  # before the next tile is allocated
-
-
+def _block_backward(calls, q, block, dq, grads, grad_out, lse, delta, ring) -> None:
+    """Adds this rank's queries' share of the gradients for one key block: into ``dq``
+    (local) and into the travelling accumulators ``grads``. The block's calls are recomputed
+    and differentiated with the merge's gradient (module docstring)."""
+    with torch.enable_grad():
+        q = q.detach().requires_grad_()
+        k, v = (t.detach().requires_grad_() for t in block)
+        outputs, upstream = [], []
+        for call in calls:
+            part_out, part_lse = _attend(call, q, k, v, ring)
+            rows_ = call.rows
+            whole = lse[rows_]
+            # exp(lse_b - lse): the part's share of the softmax (0 where neither sees a key).
+            weight = torch.where(whole == float("-inf"), 0.0,
+                                 (part_lse.to(whole.dtype) - whole).exp())
+            dout = grad_out[rows_]
+            part_delta = (dout * part_out.detach().to(dout.dtype)).sum(-1)
+            outputs += [part_out, part_lse]
+            upstream += [(weight.unsqueeze(-1) * dout).to(part_out.dtype),
+                         (weight * (part_delta - delta[rows_])).to(part_lse.dtype)]
+        found = torch.autograd.grad(outputs, (q, k, v), upstream, allow_unused=True)
+    for total, grad in zip((dq, *grads), found, strict=True):
+        if grad is not None:
+            total += grad
 class ShardedSelfAttention(nn.Module):
-    r"""A :class:`gatattn.SelfAttentionConv` run on one complete graph whose nodes are sharded
-    over the ranks of ``group`` (contiguous shards in rank order, as :func:`ring_attention`).
+    r"""A :class:`gatattn.SelfAttentionConv` run on complete graphs (one, or a batch) whose nodes
+    are sharded over the ranks of ``group`` (contiguous shards in rank order, as
+    :func:`ring_attention`).
 
     ``forward(x_shard)`` computes the conv's query, key, value projections on this rank's
     nodes, attends over all nodes of all ranks with :func:`ring_attention`, then merges the
@@ -401,7 +410,7 @@ class ShardedSelfAttention(nn.Module):
 
     Not supported (refused with a ``ValueError`` naming the option): edge features
     (``edge_dim``), attention dropout in training, bipartite inputs, a ``backend`` other than
-    ``"auto"`` (the ring computes its own blocks), and whatever makes the conv run PyG's
+    ``"auto"`` (each block takes the route ``auto`` picks), and whatever makes the conv run PyG's
     ``propagate`` (explain mode, hooks, ``aggr`` other than ``"add"``, ``flow``).
     """
 
@@ -413,17 +422,17 @@ class ShardedSelfAttention(nn.Module):
         self.conv = conv
         self.group = group
 
-    def forward(self, x: Tensor, *, causal: bool = False,
-                graph: AttentionGraph | None = None) -> Tensor:
+    def forward(self, x: Tensor, *, causal: bool = False, graph: AttentionGraph | None = None,
+                ptr: Tensor | None = None, batch: Tensor | None = None) -> Tensor:
         """``x``: ``(n_r, F_in)`` features of this rank's nodes; returns ``(n_r, H * C)``, or
-        ``(n_r, C)`` if the conv averages its heads. ``causal``: node ``i`` attends to global
-        positions ``j <= i`` only. ``graph``: instead of ``causal``, the whole graph as
-        :func:`ring_attention` takes it (one complete graph over the nodes of all ranks)."""
+        ``(n_r, C)`` if the conv averages its heads. ``causal``: node ``i`` attends to nodes
+        ``j <= i`` of its graph only. ``graph``, ``ptr``, ``batch``: the graphs of the nodes of
+        all ranks, as :func:`ring_attention` takes them (default: one complete graph)."""
         conv = self.conv
         self._check_supported(x)
         query, key, value = conv.project(x, x)
-        out = ring_attention(query, key, value, graph=graph, group=self.group, causal=causal,
-                             temperature=conv.temperature)
+        out = ring_attention(query, key, value, graph=graph, ptr=ptr, batch=batch,
+                             group=self.group, causal=causal, temperature=conv.temperature)
         return conv.finish(out, x)
 
     def _check_supported(self, x) -> None:
@@ -438,9 +447,10 @@ class ShardedSelfAttention(nn.Module):
             raise ValueError(f"conv has dropout={conv.dropout}: ring_attention has no attention "
                              "dropout; set dropout=0.0 (or call .eval())")
         if conv.backend != "auto":
-            raise ValueError(f"conv has backend={conv.backend!r}: the ring computes its own "
-                             "blocks and cannot honour it; use backend='auto'")
-        if conv._pyg_sees_messages():
+            raise ValueError(f"conv has backend={conv.backend!r}: the ring's local calls take "
+                             "the route auto picks for each block and cannot honour it; use "
+                             "backend='auto'")
+        if conv.runs_propagate():
             raise ValueError("conv must run PyG's propagate here (explain mode, an edge mask, "
                              "hooks, aggr other than 'add' or flow='target_to_source'): per-edge "
                              "messages do not exist on a sharded complete graph")

@@ -21,19 +21,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gatattn import SelfAttentionConv, build_graph, reference
-from gatattn import distributed as gatattn_distributed
 from gatattn.distributed import ShardedSelfAttention, ring_attention
 from gatattn.tolerance import compare
 
 HEADS, CHANNELS, VALUE_CHANNELS, FEATURES = 2, 3, 5, 6
+LONG = torch.long
 F64_TOL = 1e-9
 SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2)]}
 SPAWN_TIMEOUT_S = 240
-# Query rows per tile in the ring cases: several tiles per block, the last one partial (the
-# layer cases keep the default, one tile per block).
-SMALL_TILE = 4
 # A group of ranks 1..P-1 (group rank = global rank - 1): peers are addressed by global rank.
-SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64)
+SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64, ptr=None,
+                     form=None, load_balance=True)
 SUBGROUP_SIZES = {2: (6,), 3: (4, 6)}
 CONVS = {  # name: (constructor kwargs, causal)
     "concat-root-out_proj": (dict(out_channels=4, heads=2, out_proj=True, temperature=0.8), False),
@@ -43,22 +41,57 @@ CONVS = {  # name: (constructor kwargs, causal)
 }
 
 
+# Graph offsets of a PyG batch over the nodes of all ranks, per shard sizes: graphs straddle
+# shard boundaries (one spans three ranks), and one graph is empty.
+BATCHES = {(9,): [0, 4, 4, 9], (5, 11): [0, 3, 3, 10, 16], (0, 9): [0, 2, 9],
+           (7, 0, 13): [0, 2, 9, 9, 15, 20], (1, 4, 2): [0, 3, 7]}
+# How a batch reaches ring_attention: ptr=, batch= (the graph id of every node), graph=.
+BATCH_FORMS = ("ptr", "batch", "graph")
+
+
 def ring_cases(world: int) -> list[dict]:
-    cases = [dict(sizes=sizes, causal=causal, scale=None, temperature=1.0, dtype=torch.float64)
+    base = dict(scale=None, temperature=1.0, dtype=torch.float64, ptr=None, form=None,
+                load_balance=True)
+    cases = [{**base, "sizes": sizes, "causal": causal}
              for sizes in SHARDS[world] for causal in (False, True)]
     first = SHARDS[world][0]
-    cases.append(dict(sizes=first, causal=True, scale=0.7, temperature=1.3, dtype=torch.float64))
-    cases.append(dict(sizes=first, causal=False, scale=None, temperature=1.0,
-                      dtype=torch.bfloat16))
+    cases.append({**base, "sizes": first, "causal": True, "load_balance": False})
+    cases += [{**base, "sizes": sizes, "causal": causal, "ptr": BATCHES[sizes], "form": form}
+              for sizes in SHARDS[world] for causal in (False, True)
+              for form in (BATCH_FORMS if sizes == first else ("ptr",))]
+    cases.append({**base, "sizes": first, "causal": True, "scale": 0.7, "temperature": 1.3})
+    cases.append({**base, "sizes": first, "causal": False, "dtype": torch.bfloat16})
+    cases.append({**base, "sizes": first, "causal": True, "dtype": torch.bfloat16})
     return cases
 
 
 def case_id(world: int, index: int) -> str:
     case = ring_cases(world)[index]
     flags = "causal" if case["causal"] else "full"
+    flags += "" if case["load_balance"] else "-plain_ring"
+    flags += "" if case["ptr"] is None else f"-batch_by_{case['form']}"
     extra = "" if case["scale"] is None else f"-scale{case['scale']}-tau{case['temperature']}"
     dtype = str(case["dtype"]).removeprefix("torch.")
     return f"P{world}-{'+'.join(map(str, case['sizes']))}-{flags}{extra}-{dtype}"
+
+
+def graph_keywords(case: dict) -> dict:
+    """How the case gives its graph to ring_attention."""
+    if case["ptr"] is None:
+        return dict(causal=case["causal"])
+    ptr = torch.tensor(case["ptr"])
+    if case["form"] == "ptr":
+        return dict(ptr=ptr, causal=case["causal"])
+    batch = torch.repeat_interleave(torch.arange(len(ptr) - 1), ptr.diff())
+    if case["form"] == "batch":
+        return dict(batch=batch, causal=case["causal"])
+    return dict(graph=build_graph(batch=batch, causal=case["causal"]))
+
+
+def graph_sizes(case: dict) -> list[int]:
+    if case["ptr"] is None:
+        return [sum(case["sizes"])]
+    return torch.tensor(case["ptr"]).diff().tolist()
 
 
 def full_inputs(case: dict, seed: int):
@@ -94,9 +127,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=60))
     try:
-        default_tile, gatattn_distributed._QUERY_TILE = gatattn_distributed._QUERY_TILE, SMALL_TILE
         ring = [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))]
-        gatattn_distributed._QUERY_TILE = default_tile
         results = {"ring": ring,
                    "conv": {name: _conv_case(kwargs, causal, SHARDS[world][0], rank)
                             for name, (kwargs, causal) in CONVS.items()},
@@ -110,13 +141,16 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
 def _ring_case(case: dict, rank: int, seed: int, group=None) -> dict:
     q, k, v, grad = (shard(t, case["sizes"], rank) for t in full_inputs(case, seed))
     q, k, v = (t.to(case["dtype"]).requires_grad_() for t in (q, k, v))
-    out = ring_attention(q, k, v, group=group, causal=case["causal"], scale=case["scale"],
-                         temperature=case["temperature"])
+    out = ring_attention(q, k, v, group=group, scale=case["scale"],
+                         temperature=case["temperature"], load_balance=case["load_balance"],
+                         **graph_keywords(case))
     out.backward(grad.to(case["dtype"]))
     return {"out": out.detach(), "grads": [q.grad, k.grad, v.grad]}
 
 
 def _subgroup_case(rank: int, world: int) -> dict | None:
+    if world == 1:
+        return None
     group = dist.new_group(list(range(1, world)))  # every rank must call new_group
     if rank == 0:
         return None
@@ -210,7 +244,7 @@ def reference_ring(case: dict, seed: int, dtype: torch.dtype | None):
     q, k, v, grad = full_inputs(case, seed)
     cast = case["dtype"]
     q, k, v = (t.to(cast).requires_grad_() for t in (q, k, v))
-    mask = reference.block_mask([q.size(0)], causal=case["causal"])
+    mask = reference.block_mask(graph_sizes(case), causal=case["causal"])
     out = reference.attention(q, k, v, mask, scale=case["scale"],
                               temperature=case["temperature"],
                               compute_dtype=torch.float64 if dtype is None else dtype)
@@ -222,7 +256,7 @@ def gathered(per_rank: list, key) -> torch.Tensor:
 
 
 RING_PARAMS = [pytest.param(world, i, id=case_id(world, i))
-               for world in (2, 3) for i in range(len(ring_cases(world)))]
+               for world in (1, 2, 3) for i in range(len(ring_cases(world)))]
 
 
 @pytest.mark.parametrize("world, index", RING_PARAMS)
@@ -317,22 +351,19 @@ def test_refusals_raise_on_every_rank(world):
         assert "second derivatives are not available" in errors["second derivatives"][1]
         assert errors["graph of another size"] == (
             "ValueError", f"ring_attention: the graph has {3 * world + 1} nodes but the shards "
-            f"hold {3 * world} ({[3] * world} by rank); build it with "
-            f"gatattn.build_graph(num_nodes={3 * world}, causal=...)")
+            f"hold {3 * world} ({[3] * world} by rank); describe the nodes of all ranks "
+            f"(gatattn.build_graph(num_nodes={3 * world}, ...) or the whole batch's ptr)")
         assert errors["graph on rank 0 only"][0] == "ValueError"
-        assert "same graph= node count" in errors["graph on rank 0 only"][1]
+        assert "same graph node count" in errors["graph on rank 0 only"][1]
 
 
-@pytest.mark.parametrize("tile", [SMALL_TILE, 1024])
-def test_single_rank_equals_reference(tile, monkeypatch):
-    """World size 1: the ring has one block, no transfer."""
-    monkeypatch.setattr(gatattn_distributed, "_QUERY_TILE", tile)
+def test_single_rank_equals_reference():
+    """World size 1 in this process: the ring has one block, no transfer."""
     assert not dist.is_initialized(), "another test left a process group behind"
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         for causal in (False, True):
-            case = dict(sizes=(9,), causal=causal, scale=None, temperature=1.0,
-                        dtype=torch.float64)
+            case = {**SUBGROUP_CASE, "sizes": (9,), "causal": causal}
             q, k, v, grad = full_inputs(case, 0)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             out = ring_attention(q, k, v, causal=causal)
@@ -347,7 +378,7 @@ def test_single_rank_graph_equals_keywords_and_bad_graphs_are_refused():
     assert not dist.is_initialized(), "another test left a process group behind"
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        case = dict(sizes=(9,), causal=True, scale=None, temperature=1.0, dtype=torch.float64)
+        case = {**SUBGROUP_CASE, "sizes": (9,)}
         q, k, v, grad = full_inputs(case, 0)
         runs = []
         for keywords in (dict(causal=True), dict(graph=build_graph(num_nodes=9, causal=True))):
@@ -356,12 +387,27 @@ def test_single_rank_graph_equals_keywords_and_bad_graphs_are_refused():
             runs.append([out, *torch.autograd.grad(out, inputs, grad)])
         for by_keywords, by_graph in zip(*runs, strict=True):
             torch.testing.assert_close(by_graph, by_keywords, rtol=0, atol=0)
-        not_one_complete_graph = [build_graph(batch=torch.tensor([0] * 4 + [1] * 5)),
-                                  build_graph(edge_index=torch.tensor([[0], [1]]), num_nodes=9),
-                                  build_graph(num_nodes=(9, 9))]  # bipartite
-        for graph in not_one_complete_graph:
-            with pytest.raises(ValueError, match="runs one complete graph over the nodes"):
+        not_complete_graphs = [build_graph(edge_index=torch.tensor([[0], [1]]), num_nodes=9),
+                               build_graph(num_nodes=(9, 9)),  # bipartite
+                               build_graph(ptr=(torch.tensor([0, 9]), torch.tensor([0, 9])))]
+        for graph in not_complete_graphs:
+            with pytest.raises(ValueError, match="runs complete graphs .one, or a batch of them."):
                 ring_attention(q, k, v, graph=graph)
+        unsorted = torch.tensor([0] * 4 + [1] * 4 + [0])
+        with pytest.raises(ValueError, match="each graph of the batch must be a contiguous run"):
+            ring_attention(q, k, v, graph=build_graph(batch=unsorted))
+        with pytest.raises(ValueError, match="batch must be sorted"):
+            ring_attention(q, k, v, batch=unsorted)
+        with pytest.raises(ValueError, match="self-attention: no .ptr_dst, ptr_src. pair"):
+            ring_attention(q, k, v, ptr=(torch.tensor([0, 9]), torch.tensor([0, 9])))
+        with pytest.raises(ValueError, match="ptr must start at 0 and never decrease"):
+            ring_attention(q, k, v, ptr=torch.tensor([0, 5, 4, 9]))
+        with pytest.raises(ValueError, match="the graph has 10 nodes but the shards hold 9"):
+            ring_attention(q, k, v, ptr=torch.tensor([0, 5, 10]))
+        with pytest.raises(ValueError, match="give the batch as ptr or as batch, not both"):
+            ring_attention(q, k, v, ptr=torch.tensor([0, 9]), batch=torch.zeros(9, dtype=LONG))
+        with pytest.raises(ValueError, match="graph= already describes the graph; got ptr"):
+            ring_attention(q, k, v, graph=build_graph(num_nodes=9), ptr=torch.tensor([0, 9]))
         with pytest.raises(ValueError, match="graph= already describes the graph; got causal"):
             ring_attention(q, k, v, graph=build_graph(num_nodes=9), causal=True)
         with pytest.raises(TypeError, match="graph must be a gatattn.AttentionGraph"):

@@ -9,7 +9,7 @@ from gatattn import bias, reference
 from gatattn.backends.ops import ONNX_DECOMPOSITIONS
 from gatattn.backends.racing import RouteRejectedWarning, route_choices
 from gatattn.backends.routing import BackendUnavailableError
-from gatattn.bias import SpatialEncoding, stacked_from_padded, stacked_to_dense
+from gatattn.bias import stacked_from_padded, stacked_to_dense
 from gatattn.conv import SelfAttentionConv
 from gatattn.convert import (
     attention_to_networkx,
@@ -36,7 +36,7 @@ from gatattn.multihead import (
     MultiheadAttentionInputError,
     MultiheadAttentionMaskError,
 )
-from gatattn.positional import graph_positional_encoding, sinusoidal_encoding
+from gatattn.positional import SpatialEncoding, graph_positional_encoding, sinusoidal_encoding
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,5 @@
-"""Additive attention bias: its layouts, and a Graphormer spatial encoding that produces one.
+"""Additive attention bias and its layouts (Graphormer's spatial encoding, which produces one, is
+in :mod:`gatattn.positional`).
 
 ``attn_bias`` adds ``b_ij`` (per head) to the scaled logits: ``s_ij = <q_i, k_j> * scale + b_ij``.
 A ``-inf`` entry removes its pair: a target left without pairs gets zeros, as in SDPA.
@@ -20,12 +21,11 @@ reference.
 
 from __future__ import annotations
 
-from collections import deque
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from gatattn.graph import AttentionGraph, read_host
+from gatattn.positional import SpatialEncoding, shortest_path_distances  # also importable here
 
 
 def block_offsets(counts_dst: Tensor, counts_src: Tensor) -> Tensor:
@@ -144,107 +144,6 @@ def stacked_to_dense(bias: Tensor, ptr_dst: Tensor, ptr_src: Tensor | None = Non
         dense[ptr_dst[b]:ptr_dst[b] + n_dst, ptr_src[b]:ptr_src[b] + n_src] = block
         start += n_dst * n_src
     return dense
-
-
-# ------------------------------------------------------------------------ Graphormer encoding
-
-
-def shortest_path_distances(edge_index: Tensor, ptr: Tensor, max_distance: int) -> Tensor:
-    """Hop distances inside each graph, stacked like a bias: ``(sum_b n_b^2,)`` long, row
-    ``offset_b + i * n_b + j`` the distance from node ``j`` to node ``i`` along edges
-    ``source -> target``; distances above ``max_distance`` and unreachable pairs are
-    ``max_distance + 1``. A breadth-first search from every node (O(sum_b n_b * E_b)), on the
-    host: distances are structure, computed once per graph and cached by the caller."""
-    ptr_host = ptr.tolist()
-    src, dst = edge_index.cpu().tolist()
-    out_edges: dict[int, list[int]] = {}
-    for s, d in zip(src, dst, strict=True):
-        out_edges.setdefault(s, []).append(d)
-    blocks = []
-    for start, end in zip(ptr_host[:-1], ptr_host[1:], strict=True):
-        n = end - start
-        dist = torch.full((n, n), max_distance + 1, dtype=torch.long)  # [target, source]
-        for source in range(n):
-            seen = {source: 0}
-            queue = deque([source])
-            while queue:
-                node = queue.popleft()
-                hops = seen[node]
-                if hops == max_distance:
-                    continue
-                for nxt in out_edges.get(node + start, ()):
-                    if nxt - start not in seen:
-                        seen[nxt - start] = hops + 1
-                        queue.append(nxt - start)
-            for target, hops in seen.items():
-                dist[target, source] = hops
-        blocks.append(dist.flatten())
-    flat = torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
-    return flat.to(edge_index.device)
-
-
-class SpatialEncoding(nn.Module):
-    r"""Graphormer's spatial encoding (`Ying et al., 2021 <https://arxiv.org/abs/2106.05234>`_)
-    as an ``attn_bias``: a learnable scalar per head and shortest-path distance,
-
-    .. math::
-        b^h_{ij} = T[\min(\phi(j, i), D + 1), h]
-
-    where :math:`\phi(j, i)` is the hop distance from ``j`` to ``i`` inside their graph and
-    :math:`D` = ``max_distance``; farther and unreachable pairs share the last row.
-
-    Args:
-        max_distance: the largest distance with its own entry. (default: :obj:`5`)
-        heads: number of attention heads. (default: :obj:`1`)
-
-    Shapes:
-        forward(edge_index (2, E), ptr (B + 1,) or batch (N,)) -> ``(sum_b n_b^2, H)``, the
-        stacked layout of :func:`gatattn.attention` for self-attention over the batch.
-    """
-
-    def __init__(self, max_distance: int = 5, heads: int = 1) -> None:
-        super().__init__()
-        if max_distance < 0 or heads < 1:
-            raise ValueError(f"need max_distance >= 0 and heads >= 1, got {max_distance} and "
-                             f"{heads}")
-        self.max_distance, self.heads = max_distance, heads
-        self.table = nn.Embedding(max_distance + 2, heads)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.table.weight)
-
-    def forward(self, edge_index: Tensor, ptr: Tensor | None = None, *,
-                batch: Tensor | None = None, num_nodes: int | None = None,
-                distances: Tensor | None = None) -> Tensor:
-        """The stacked bias; ``distances`` (from :meth:`distances`, structure only) skips the
-        search: compute them once per batch of graphs and reuse them every epoch."""
-        if distances is None:
-            distances = self.distances(edge_index, ptr, batch=batch, num_nodes=num_nodes)
-        return self.table(distances)
-
-    def distances(self, edge_index: Tensor, ptr: Tensor | None = None, *,
-                  batch: Tensor | None = None, num_nodes: int | None = None) -> Tensor:
-        """The clipped distances the table is indexed with (stacked, ``(sum_b n_b^2,)``)."""
-        ptr = _as_ptr(edge_index, ptr, batch, num_nodes)
-        return shortest_path_distances(edge_index, ptr, self.max_distance)
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(max_distance={self.max_distance}, heads={self.heads})"
-
-
-def _as_ptr(edge_index: Tensor, ptr: Tensor | None, batch: Tensor | None,
-            num_nodes: int | None) -> Tensor:
-    if ptr is not None:
-        return ptr
-    if batch is None:
-        if num_nodes is None:
-            raise ValueError("give ptr, batch or num_nodes (one graph) to SpatialEncoding")
-        return torch.tensor([0, num_nodes], device=edge_index.device)
-    if batch.numel() > 1 and not bool((batch[1:] >= batch[:-1]).all()):
-        raise ValueError("SpatialEncoding needs a sorted batch (PyG's Batch is sorted); pass ptr")
-    counts = torch.bincount(batch, minlength=int(batch.max()) + 1 if batch.numel() else 0)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
 __all__ = ["SpatialEncoding", "block_offsets", "check_bias_rows", "check_bias_tensor",

@@ -92,6 +92,24 @@ def check_bias_rows(attn_bias: Tensor, graph: AttentionGraph, heads: int,
         raise ValueError(f"attn_bias must be {expected}: {layout}; got {tuple(attn_bias.shape)}")
 
 
+def edge_bias(attn_bias: Tensor | None, graph: AttentionGraph, edges: Tensor,
+               query: Tensor) -> Tensor | None:
+    """The bias of each materialised edge of ``graph`` (``edges`` source -> target, as
+    :meth:`AttentionGraph.to_edge_index` returns them), checked as :func:`gatattn.attention`
+    checks it: the given rows of an edge set's kept edges, or the stacked rows of an implicit
+    graph's pairs."""
+    if attn_bias is None:
+        return None
+    check_bias_tensor(attn_bias, query)
+    check_bias_rows(attn_bias, graph, query.size(1), validate=True)
+    attn_bias = attn_bias.to(query.dtype)
+    if graph.kept_edges is not None:
+        return attn_bias[graph.kept_edges]
+    if graph.is_implicit:
+        return attn_bias.index_select(0, stacked_rows(graph, edges[1], edges[0]))
+    return attn_bias
+
+
 def stacked_from_padded(bias: Tensor, sizes_dst: Tensor | list[int],
                         sizes_src: Tensor | list[int] | None = None) -> Tensor:
     """The stacked ``(sum_b n_dst_b * n_src_b, H)`` layout of a padded ``(B, H, L, S)`` bias

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +11,12 @@ from torch_geometric.nn import MessagePassing, TransformerConv
 from torch_geometric.nn.dense.linear import Linear
 from torch_geometric.typing import Adj
 
+from gatattn import from_peers
 from gatattn.adjacency import read_adjacency
 from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.sparse import edge_softmax
-from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
+from gatattn.bias import edge_bias
+from gatattn.explained_edges import check_explained_edges
 from gatattn.functional import attention, check_graph_call, logit_multiplier
 from gatattn.graph import AttentionGraph, check_graph_devices, describe_graph
 from gatattn.transforms import refuse_unread_graph, torchscript_refusal
@@ -238,7 +239,7 @@ class SelfAttentionConv(MessagePassing):
         self._check_edge_attr(edge_attr)
         want_weights = isinstance(return_attention_weights, bool)
 
-        if self._pyg_sees_messages():
+        if self.runs_propagate():
             graph = graph or self._message_graph(query, key, adjacency, batch, ptr, causal)
             out, edges, alpha = self._propagate(query, key, value, graph, edge_attr, attn_bias)
         else:
@@ -277,8 +278,11 @@ class SelfAttentionConv(MessagePassing):
     def __prepare_scriptable__(self):
         raise torchscript_refusal(type(self).__name__)
 
-    def _pyg_sees_messages(self) -> bool:
-        """Whether PyG's machinery must see per-edge messages (so :meth:`propagate` runs)."""
+    def runs_propagate(self) -> bool:
+        """Whether :meth:`forward` runs PyG's :meth:`propagate`, because PyG's machinery must
+        see per-edge messages: explain mode or an edge mask, propagate / message / aggregate
+        hooks, an ``aggr`` other than ``"add"``, or ``flow="target_to_source"``. Code that
+        attends its own way (the KV cache, sharded attention) refuses such a layer."""
         hooks = (self._propagate_forward_pre_hooks, self._propagate_forward_hooks,
                  self._message_forward_pre_hooks, self._message_forward_hooks,
                  self._aggregate_forward_pre_hooks, self._aggregate_forward_hooks)
@@ -322,12 +326,12 @@ class SelfAttentionConv(MessagePassing):
         edges = graph.to_edge_index()
         if graph.kept_edges is not None and edge_attr is not None:
             edge_attr = edge_attr[graph.kept_edges]
-        attn_bias = _edge_bias(attn_bias, graph, edges, query)
+        attn_bias = edge_bias(attn_bias, graph, edges, query)
         # PyG reads edge_index in the direction of self.flow.
         source_to_target = self.flow == "source_to_target"
         edges = edges if source_to_target else edges.flip(0)
         if graph.is_implicit:
-            _check_explained_edges(self, edges)
+            check_explained_edges(self, edges)
         num_dst, num_src = graph.num_dst, graph.num_src
         size = (num_src, num_dst) if source_to_target else (num_dst, num_src)
         # message() states attention per query head: grouped kv heads are expanded for it.
@@ -417,117 +421,14 @@ class SelfAttentionConv(MessagePassing):
     @classmethod
     def from_transformer_conv(cls, conv: TransformerConv) -> SelfAttentionConv:
         """A layer with ``conv``'s weights that computes the same outputs as ``conv``."""
-        if _is_lazy(conv.lin_query):
-            raise ValueError("conv has uninitialised (lazy) weights: run one forward pass first")
-        layer = cls(conv.in_channels, conv.out_channels, conv.heads, conv.concat, conv.beta,
-                    conv.dropout, conv.edge_dim, conv.lin_query.bias is not None,
-                    conv.root_weight, aggr=conv.aggr, flow=conv.flow)
-        layer = _like(layer, conv.lin_query.weight)
-        layer.load_state_dict(conv.state_dict())
-        return layer
+        return from_peers.transformer_conv(cls, conv)
 
     @classmethod
     def from_multihead_attention(cls, mha: nn.MultiheadAttention) -> SelfAttentionConv:
         """A layer with ``mha``'s weights: for a sequence batch flattened to complete graphs
         (:func:`gatattn.sequences_to_graph`), ``layer(x, ptr=ptr)`` equals ``mha(x, x, x)[0]``,
         and ``layer((x_kv, x_q), ptr=(ptr_kv, ptr_q))`` equals ``mha(x_q, x_kv, x_kv)[0]``."""
-        if mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn is not "
-                             "supported: those add a key that is not a node")
-        if mha.kdim != mha.vdim:
-            raise ValueError(f"keys and values come from the same source nodes here, so kdim "
-                             f"must equal vdim; got {mha.kdim} and {mha.vdim}")
-        E, H = mha.embed_dim, mha.num_heads
-        in_channels = E if mha.kdim == E else (mha.kdim, E)
-        layer = cls(in_channels, E // H, heads=H, concat=True, dropout=mha.dropout,
-                    bias=mha.out_proj.bias is not None, root_weight=False, out_proj=True)
-        layer = _like(layer, mha.out_proj.weight)
-        with torch.no_grad():
-            if mha._qkv_same_embed_dim:
-                weights = mha.in_proj_weight.chunk(3)
-            else:
-                weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
-            biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
-            projections = (layer.lin_query, layer.lin_key, layer.lin_value)
-            for lin, w, b in zip(projections, weights, biases, strict=True):
-                lin.weight.copy_(w)
-                if b is not None:
-                    lin.bias.copy_(b)
-            layer.lin_out.load_state_dict(mha.out_proj.state_dict())
-        return layer
-
-
-def _edge_bias(attn_bias: Tensor | None, graph: AttentionGraph, edges: Tensor,
-               query: Tensor) -> Tensor | None:
-    """The bias of each materialised edge (``edges`` source -> target), checked as
-    :func:`gatattn.attention` checks it."""
-    if attn_bias is None:
-        return None
-    check_bias_tensor(attn_bias, query)
-    check_bias_rows(attn_bias, graph, query.size(1), validate=True)
-    attn_bias = attn_bias.to(query.dtype)
-    if graph.kept_edges is not None:
-        return attn_bias[graph.kept_edges]
-    if graph.is_implicit:
-        return attn_bias.index_select(0, stacked_rows(graph, edges[1], edges[0]))
-    return attn_bias
-
-
-def _check_explained_edges(conv: SelfAttentionConv, edges: Tensor) -> None:
-    """Refuses to explain an implicit complete graph unless the explainer's edges are the
-    layer's own ``edges``, in the same order.
-
-    An explainer pairs the layer's messages with its own ``edge_index`` by position: an edge
-    mask is applied message by message, AttentionExplainer keeps the first ``E`` attention
-    weights. The layer never sees that ``edge_index``, and neither a mask of the right size
-    nor its self-loop pattern pins down the order (a source-major complete graph has both), so
-    it is read from the explainer itself: the ``edge_index`` argument or variable of the
-    innermost caller running code of ``torch_geometric.explain``. Explaining goes ahead when
-    that tensor equals ``edges`` and an edge mask, if set, has one entry per edge; it is refused
-    when they differ, and when a mask or explain mode is set with no such explainer running
-    (set by hand: nothing to check it against). Message hooks with no explainer running see
-    the complete graph's messages, as documented."""
-    masked = bool(conv.explain) or conv._edge_mask is not None
-    running, explained = _explainer_edge_index()
-    if not (masked or running):
-        return
-    if not running:
-        problem = ("an edge mask or explain mode is set with no PyG explainer running, so "
-                   "nothing says which edges the mask is over")
-    elif not isinstance(explained, Tensor):
-        problem = "the running explainer's edge_index could not be read as one tensor"
-    elif explained.shape != edges.shape or not bool((explained.to(edges.device) == edges).all()):
-        problem = (f"the explainer's edge_index ({explained.size(-1)} edges) is not that graph "
-                   "in the layer's order")
-    elif conv._edge_mask is not None and conv._edge_mask.size(0) != edges.size(1):
-        problem = f"the edge mask has {conv._edge_mask.size(0)} entries"
-    else:
-        return
-    raise ValueError(
-        f"{type(conv).__name__} ran without an edge_index, over the implicit graph of its "
-        f"input ({edges.size(1)} edges), but {problem}: the explanation would pair the layer's "
-        "messages with edges it never used. Explain it over the layer's edges, which "
-        "`_, (edges, _) = conv(x, batch=batch, return_attention_weights=True)` returns in its "
-        "order (with the batch, ptr and causal the model passes): `explainer(x, edges, ...)`; "
-        "or give the layer the graph to explain: `conv(x, edge_index)`.")
-
-
-def _explainer_edge_index() -> tuple[bool, object]:
-    """``(running, edge_index)``: whether a caller is running code of PyG's explain package,
-    and the ``edge_index`` variable of the innermost such caller that has one (``None`` if
-    none has)."""
-    frame, running = sys._getframe(1), False
-    try:
-        while frame is not None:
-            if frame.f_globals.get("__name__", "").startswith("torch_geometric.explain"):
-                running = True
-                names = frame.f_locals  # only a bound edge_index counts
-                if "edge_index" in names:
-                    return running, names["edge_index"]
-            frame = frame.f_back
-        return running, None
-    finally:
-        del frame  # frames hold their locals: no reference cycle through this one
+        return from_peers.multihead_attention(cls, mha)
 
 
 def _check_counts(**counts) -> None:
@@ -544,15 +445,5 @@ def _check_counts(**counts) -> None:
 
 
 def _dst_src(pair):
-    """The layer takes bipartite pairs in PyG's (source, target) order; the functional API in
-    (q, k) = (target, source) order."""
+    """A pair in PyG's (source, target) order, as the functional API's (q, k) = (dst, src)."""
     return (pair[1], pair[0]) if isinstance(pair, (tuple, list)) else pair
-
-
-def _like(layer: nn.Module, weight: Tensor) -> nn.Module:
-    """``layer`` on the device and in the dtype of the module it was converted from."""
-    return layer.to(device=weight.device, dtype=weight.dtype)
-
-
-def _is_lazy(lin: nn.Module) -> bool:
-    return isinstance(lin.weight, nn.parameter.UninitializedParameter)

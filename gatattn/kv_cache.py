@@ -280,12 +280,7 @@ def _check_conv(conv: SelfAttentionConv, x: Tensor) -> None:
     if conv.training and conv.dropout > 0:
         raise ValueError(f"conv is in training mode with attention dropout {conv.dropout}, which "
                          "cached decoding does not apply; call conv.eval() or set dropout=0")
-    # MessagePassing's hook registries (PyG's own attributes): hooks would never run here.
-    hooks = (conv._propagate_forward_pre_hooks, conv._propagate_forward_hooks,
-             conv._message_forward_pre_hooks, conv._message_forward_hooks,
-             conv._aggregate_forward_pre_hooks, conv._aggregate_forward_hooks)
-    if (conv.explain or any(hooks) or conv.aggr not in ("add", "sum")
-            or conv.flow != "source_to_target"):
+    if conv.runs_propagate():
         raise ValueError("conv is set up for PyG to see its messages (explain mode, hooks, "
                          f"aggr={conv.aggr!r} or flow={conv.flow!r}); cached decoding computes "
                          "plain attention only: use conv(x, ptr=ptr, causal=True) instead")

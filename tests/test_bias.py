@@ -440,7 +440,7 @@ def test_layer_takes_attn_bias(path, graph):
     layer = gatattn.SelfAttentionConv(6, 4, heads=2).double()
     if path == "propagate":
         layer.register_message_forward_hook(lambda module, inputs, output: None)
-        assert layer._pyg_sees_messages()
+        assert layer.runs_propagate()
     x = torch.randn(9, 6, dtype=torch.float64)
     if graph == "edges":
         edge_index = torch.tensor([[0, 1, 2, 3, 5, 8, 8, 2], [1, 1, 0, 3, 4, 7, 6, 6]])

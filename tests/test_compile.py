@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 import gatattn
 from gatattn.backends.ops import ONNX_DECOMPOSITIONS, draw_seed, seeded, segment_attention
-from gatattn.multihead import sequence_attention
+from gatattn.sequence_graphs import sequence_attention
 from tests.conftest import check_against_reference, make_qkv, masked_reference
 from tests.test_functional import batch_from_sizes, ptr_from_sizes, same_graph_mask
 

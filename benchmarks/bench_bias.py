@@ -29,7 +29,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Case, Peer, Step, Target, command_line, run_benchmark, time_ratio, training
+from harness import (
+    Case,
+    Peer,
+    Step,
+    Target,
+    attention_flops,
+    command_line,
+    run_benchmark,
+    time_ratio,
+    training,
+)
 from torch import Tensor
 from torch_geometric.utils import scatter, softmax, to_dense_batch
 
@@ -112,12 +122,14 @@ def pyg_gathers(num_graphs: int, low: int, high: int) -> Step:
 def all_cases(quick: bool) -> list[Case]:
     sizes = (16, 10, 60) if quick else (256, 10, 60)
     shapes = f"{sizes[0]} graphs of {sizes[1]}-{sizes[2]} nodes, H={HEADS}, C={CHANNELS}"
+    pairs = int(graphs(*sizes)[0].pow(2).sum())
+    flops = attention_flops(pairs, HEADS, CHANNELS, backward=True)
     return [Case("1", "batched graphs with attn_bias, forward+backward", 3 if quick else 10, (
-        Peer("gatattn.attention(ptr, attn_bias)", shapes, lambda: ours(*sizes)),
-        Peer("SDPA, padded float mask", shapes, lambda: padded_sdpa(*sizes)),
+        Peer("gatattn.attention(ptr, attn_bias)", shapes, lambda: ours(*sizes), flops=flops),
+        Peer("SDPA, padded float mask", shapes, lambda: padded_sdpa(*sizes), flops=flops),
         Peer("message passing on materialised edges (gatattn sparse)", shapes,
-             lambda: message_passing(*sizes)),
-        Peer("PyG-style per-edge gathers", shapes, lambda: pyg_gathers(*sizes)),
+             lambda: message_passing(*sizes), flops=flops),
+        Peer("PyG-style per-edge gathers", shapes, lambda: pyg_gathers(*sizes), flops=flops),
     ), (Target("time vs SDPA with a padded float mask <= 0.5x", time_ratio, False, 0.5,
                "x"),))]
 

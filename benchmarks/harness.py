@@ -101,6 +101,9 @@ class Peer:
     timed: bool = True
     #: Address space the memory child may add before allocations fail; None leaves it uncapped.
     cap_bytes: int | None = None
+    #: FLOPs of one step's attention over the pairs the graphs contain (:func:`attention_flops`),
+    #: the same for every peer of a case; the table shows the rate next to a large bmm's.
+    flops: float | None = None
 
 
 @dataclass(frozen=True)
@@ -178,10 +181,33 @@ def time_case(case: Case) -> dict:
             steps[i]()
             samples[i].append((time.perf_counter() - start) * 1e3)
     reference = outputs.get(0)
-    return {"threads": torch.get_num_threads(), "peers": {
+    bmm = matmul_gflops() if any(peer.flops for peer in case.peers) else None
+    return {"threads": torch.get_num_threads(), "bmm_gflops": bmm, "peers": {
         str(i): {"median_ms": statistics.median(s), "min_ms": min(s), "max_ms": max(s),
                  "reps": len(s), "max_abs_diff": _max_abs_diff(outputs[i], reference)}
         for i, s in samples.items()}}
+
+
+def attention_flops(pairs: int, heads: int, channels: int, backward: bool) -> float:
+    """The attention's FLOPs over ``pairs`` (target, source) pairs: ``4 * H * C`` per pair
+    forward (the logit and the weighted value, a multiply and an add each), 2.5 times that
+    more for the backward. Padding and masked pairs a peer computes do not count."""
+    forward = 4.0 * heads * channels * pairs
+    return forward * (3.5 if backward else 1.0)
+
+
+def matmul_gflops(reps: int = 3) -> float:
+    """GFLOP/s of a large ``torch.bmm`` (8 products of 1024 x 1024 float32 matrices) in this
+    process, with its threads: the machine's matmul throughput that the attention rates are
+    read against. Median of ``reps`` after one warm-up."""
+    a, b = torch.randn(8, 1024, 1024), torch.randn(8, 1024, 1024)
+    torch.bmm(a, b)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.bmm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * 8 * 1024**3 / statistics.median(times) / 1e9
 
 
 def _max_abs_diff(out: Tensor, reference: Tensor | None) -> float | None:
@@ -308,19 +334,29 @@ def fmt_memory(memory: dict) -> tuple[str, str]:
     return f"{memory['peak_mb']:.0f}", f"{memory['delta_mb']:.0f}{bound}"
 
 
+def fmt_rate(peer: Peer, stats: dict | None, bmm_gflops: float | None) -> str:
+    """The peer's attention GFLOP/s and its fraction of the run's large bmm."""
+    if not peer.flops or not stats or not bmm_gflops:
+        return "-"
+    rate = peer.flops / stats["median_ms"] / 1e6
+    return f"{rate:.1f} ({rate / bmm_gflops:.0%} of {bmm_gflops:.0f})"
+
+
 def measurement_table(cases: list[Case], results: list[CaseResult]) -> list[str]:
-    lines = ["| case | peer | shapes | time ms: median [min-max] x reps | peak RSS MB "
-             "| increase MB | max abs diff vs ours |", "|---|---|---|---|---|---|---|"]
+    lines = ["| case | peer | shapes | time ms: median [min-max] x reps | attention GFLOP/s "
+             "(of a large bmm's) | peak RSS MB | increase MB | max abs diff vs ours |",
+             "|---|---|---|---|---|---|---|---|"]
     for case, result in zip(cases, results, strict=True):
+        bmm = result.timing.get("bmm_gflops")
         for i, peer in enumerate(case.peers):
             stats = result.timing.get("peers", {}).get(str(i))
             peak, delta = fmt_memory(result.memory[i])
             diff = stats.get("max_abs_diff") if stats else None
             lines.append(f"| {case.name}. {case.title} | {peer.name} | {peer.shapes} "
-                         f"| {fmt_time(stats)} | {peak} | {delta} "
-                         f"| {'-' if diff is None else f'{diff:.1e}'} |")
+                         f"| {fmt_time(stats)} | {fmt_rate(peer, stats, bmm)} | {peak} "
+                         f"| {delta} | {'-' if diff is None else f'{diff:.1e}'} |")
         if "error" in result.timing:
-            lines.append(f"| {case.name}. timing | - | - | {result.timing['error']} | | | |")
+            lines.append(f"| {case.name}. timing | - | - | {result.timing['error']} | | | | |")
     return lines
 
 
@@ -386,7 +422,11 @@ def method_notes() -> list[str]:
         "torch, PyG and gatattn; peak RSS is its ru_maxrss, which counts those libraries' pages "
         "once touched (so its floor is lower than a fresh interpreter's), increase is that peak "
         "minus the RSS just before the step. Memory ratios compare increases. Max abs diff: "
-        "largest output difference to our layer. Forward-only cases run under torch.no_grad().",
+        "largest output difference to our layer. Forward-only cases run under torch.no_grad(). "
+        "Attention GFLOP/s: the attention's FLOPs over the pairs the graphs contain (4*H*C per "
+        "pair forward, 2.5x that for the backward; padding a peer computes does not count) per "
+        "median step, which also holds the projections and everything else the step runs, next "
+        "to a large torch.bmm (8 products of 1024x1024 matrices) timed in the same process.",
     ]
 
 

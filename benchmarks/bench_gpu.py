@@ -45,7 +45,7 @@ Usage::
     python benchmarks/bench_gpu.py --out DIR     # write into DIR instead
     python benchmarks/bench_gpu.py --smoke [--out DIR]   # CI check of the script, measuring
                                             # nothing: tiny cases on the CPU in float32, Triton's
-                                            # interpreter, a perf_counter timer; prints (and
+                                            # interpreter, a host timer; prints (and
                                             # writes gpu-<cpu>.smoke.* only to --out)
 
 ``--smoke`` runs every step of a real run, so that CI catches a broken script before GPU time is
@@ -616,7 +616,7 @@ def main() -> None:
         require_cuda("bench_gpu.py")
     size = "smoke" if SMOKE else "quick" if args.quick else "full"
     # do_bench's warm-up and measuring time, ms; the smoke run's numbers mean nothing: few reps
-    timer = host_timer(3) if SMOKE else cuda_timer(*((10, 40) if args.quick else (25, 100)))
+    timer = host_timer(0.01) if SMOKE else cuda_timer(*((10, 40) if args.quick else (25, 100)))
     env = device_environment(DEVICE, DTYPE, timer, quick=args.quick, smoke=SMOKE)
     title = TITLE + (": SMOKE RUN (CPU, Triton interpreter), numbers are not measurements"
                      if SMOKE else "")

@@ -153,7 +153,9 @@ def measure(case: Case, device: torch.device, dtype: torch.dtype, reps: int) -> 
     with torch.no_grad():
         for step in steps.values():  # warm-up; also fills gatattn's structure cache
             step()
-        for rep in range(reps):  # interleaved, rotating who goes first
+        # Interleaved, rotating who goes first; torch.utils.benchmark's blocked_autorange times
+        # one step at a time, so a shared machine's drift would favour one of them.
+        for rep in range(reps):
             names = list(steps)
             for name in names[rep % len(names):] + names[:rep % len(names)]:
                 times[name].append(time_ms(steps[name], device))

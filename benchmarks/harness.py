@@ -52,6 +52,7 @@ from typing import Any
 import torch
 import torch._dynamo.config
 import torch._functorch.config
+import torch.utils.benchmark as benchmark
 import torch_geometric
 from torch import Tensor
 from tqdm import tqdm
@@ -175,6 +176,8 @@ def time_case(case: Case) -> dict:
     outputs = {i: step() for i, step in steps.items()}  # warm-up
     samples = {i: [] for i in steps}
     order = list(steps)
+    # Not torch.utils.benchmark: its blocked_autorange times one statement at a time, while the
+    # peers' reps interleave here so that a shared machine's drift slows them all alike.
     for rep in range(case.reps):
         for i in order[rep % len(order):] + order[:rep % len(order)]:
             start = time.perf_counter()
@@ -569,20 +572,21 @@ def cuda_timer(warmup_ms: int, rep_ms: int) -> Timer:
                             f"rep {rep_ms} ms")
 
 
-def host_timer(reps: int) -> Timer:
-    """Median of ``reps`` ``time.perf_counter`` reps, gradients set to None before each as
-    do_bench does; no warm-up (the correctness check has run every step once)."""
+def host_timer(min_run_time_s: float) -> Timer:
+    """``torch.utils.benchmark``'s ``blocked_autorange`` median: its own warm-up and block size,
+    run for at least ``min_run_time_s`` at the thread count the run set; the gradients are set
+    to None before each step as do_bench does (a few microseconds, inside the timed block)."""
     def median_ms(step: Step, leaves: Sequence[Tensor]) -> float:
-        times = []
-        for _ in range(reps):
+        def run() -> None:
             for leaf in leaves:
                 leaf.grad = None
-            start = time.perf_counter()
             step()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
 
-    return Timer(median_ms, f"time.perf_counter, median of {reps} reps")
+        timer = benchmark.Timer("run()", globals={"run": run}, num_threads=torch.get_num_threads())
+        return timer.blocked_autorange(min_run_time=min_run_time_s).median * 1e3
+
+    return Timer(median_ms, f"torch.utils.benchmark blocked_autorange, median, min run time "
+                            f"{min_run_time_s:g} s, {torch.get_num_threads()} threads")
 
 
 def require_cuda(script: str) -> None:

@@ -27,7 +27,9 @@ from gatattn.tolerance import compare
 HEADS, CHANNELS, VALUE_CHANNELS, FEATURES = 2, 3, 5, 6
 LONG = torch.long
 F64_TOL = 1e-9
-SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2)]}
+# Shard sizes per world size: uneven, empty, and (1, 0, 1) fewer nodes than the 2P chunks of
+# the causal zig-zag layout (some ranks compute on nothing).
+SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2), (1, 0, 1)]}
 SPAWN_TIMEOUT_S = 240
 # A group of ranks 1..P-1 (group rank = global rank - 1): peers are addressed by global rank.
 SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64, ptr=None,
@@ -38,13 +40,21 @@ CONVS = {  # name: (constructor kwargs, causal)
     "concat-root-out_proj-causal": (dict(out_channels=4, heads=2, out_proj=True), True),
     "mean-beta": (dict(out_channels=5, heads=3, concat=False, beta=True), False),
     "grouped-query-causal": (dict(out_channels=4, heads=4, kv_heads=2, out_proj=True), True),
+    "grouped-query-causal-batch": (dict(out_channels=4, heads=4, kv_heads=2), True),
+    "concat-root-batch": (dict(out_channels=4, heads=2, out_proj=True), False),
 }
+# Layer cases on a PyG batch (BATCHES), whose graphs straddle ranks.
+BATCHED_CONVS = {"grouped-query-causal-batch", "concat-root-batch"}
+
+
+def conv_ptr(name: str, sizes) -> torch.Tensor | None:
+    return torch.tensor(BATCHES[tuple(sizes)]) if name in BATCHED_CONVS else None
 
 
 # Graph offsets of a PyG batch over the nodes of all ranks, per shard sizes: graphs straddle
 # shard boundaries (one spans three ranks), and one graph is empty.
 BATCHES = {(9,): [0, 4, 4, 9], (5, 11): [0, 3, 3, 10, 16], (0, 9): [0, 2, 9],
-           (7, 0, 13): [0, 2, 9, 9, 15, 20], (1, 4, 2): [0, 3, 7]}
+           (7, 0, 13): [0, 2, 9, 9, 15, 20], (1, 4, 2): [0, 3, 7], (1, 0, 1): [0, 1, 2]}
 # How a batch reaches ring_attention: ptr=, batch= (the graph id of every node), graph=.
 BATCH_FORMS = ("ptr", "batch", "graph")
 
@@ -129,7 +139,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         ring = [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))]
         results = {"ring": ring,
-                   "conv": {name: _conv_case(kwargs, causal, SHARDS[world][0], rank)
+                   "conv": {name: _conv_case(kwargs, causal, SHARDS[world][0], rank,
+                                             conv_ptr(name, SHARDS[world][0]))
                             for name, (kwargs, causal) in CONVS.items()},
                    "refusals": _refusals(rank, world),
                    "subgroup": _subgroup_case(rank, world)}
@@ -157,9 +168,9 @@ def _subgroup_case(rank: int, world: int) -> dict | None:
     return _ring_case({**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world]}, rank - 1, 0, group)
 
 
-def _conv_case(kwargs: dict, causal: bool, sizes, rank: int) -> dict:
-    """The sharded layer's output and gradients, with ``causal=`` and with the same graph as
-    an object (``"by graph"``)."""
+def _conv_case(kwargs: dict, causal: bool, sizes, rank: int, ptr) -> dict:
+    """The sharded layer's output and gradients, with ``causal=`` (and ``ptr=``) and with the
+    same graph as an object (``"by graph"``)."""
     runs = {}
     for form in ("by keywords", "by graph"):
         conv = make_conv(kwargs)
@@ -167,9 +178,11 @@ def _conv_case(kwargs: dict, causal: bool, sizes, rank: int) -> dict:
         x = shard(x, sizes, rank).requires_grad_()
         layer = ShardedSelfAttention(conv)
         if form == "by graph":
-            out = layer(x, graph=build_graph(num_nodes=sum(sizes), causal=causal))
+            graph = (build_graph(num_nodes=sum(sizes), causal=causal) if ptr is None
+                     else build_graph(ptr=ptr, causal=causal))
+            out = layer(x, graph=graph)
         else:
-            out = layer(x, causal=causal)
+            out = layer(x, causal=causal, ptr=ptr)
         out.backward(shard(grad, sizes, rank))
         for p in conv.parameters():  # each rank holds its share of every parameter's gradient
             dist.all_reduce(p.grad)
@@ -288,7 +301,7 @@ def test_sharded_layer_equals_conv(world, name):
     conv = make_conv(kwargs)
     x, grad = conv_inputs(sizes, _out_width(kwargs))
     x.requires_grad_()
-    out = conv(x, causal=causal)
+    out = conv(x, causal=causal, ptr=conv_ptr(name, sizes))
     out.backward(grad)
     runs = [r["conv"][name] for r in rank_results(world)]
     checks = {"out": (gathered(runs, lambda r: r["out"]), out),
@@ -305,8 +318,9 @@ def test_sharded_layer_equals_conv(world, name):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", list(CONVS))
 def test_sharded_layer_graph_equals_keywords(world, name):
-    """``layer(x, graph=build_graph(num_nodes=N, causal=c))`` is ``layer(x, causal=c)``: the
-    same output and gradients, bit for bit, on every rank."""
+    """``layer(x, graph=build_graph(num_nodes=N, causal=c))`` is ``layer(x, causal=c)`` (with
+    ``ptr``: ``build_graph(ptr=ptr, causal=c)`` is ``ptr=ptr, causal=c``): the same output and
+    gradients, bit for bit, on every rank."""
     for rank, run in enumerate(rank_results(world)):
         keywords, by_graph = run["conv"][name], run["conv"][name]["by graph"]
         for what in ("out", "x_grad"):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch_geometric.nn import TransformerConv
 
 
 def transformer_conv(cls: type, conv: TransformerConv) -> nn.Module:
     """A ``cls`` layer with ``conv``'s weights that computes the same outputs as ``conv``."""
-    if _is_lazy(conv.lin_query):
+    if is_lazy(conv.lin_query.weight):
         raise ValueError("conv has uninitialised (lazy) weights: run one forward pass first")
     layer = cls(conv.in_channels, conv.out_channels, conv.heads, conv.concat, conv.beta,
                 conv.dropout, conv.edge_dim, conv.lin_query.bias is not None,
@@ -55,7 +56,3 @@ def multihead_attention(cls: type, mha: nn.MultiheadAttention) -> nn.Module:
 def _like(layer: nn.Module, weight: Tensor) -> nn.Module:
     """``layer`` on the device and in the dtype of the module it was converted from."""
     return layer.to(device=weight.device, dtype=weight.dtype)
-
-
-def _is_lazy(lin: nn.Module) -> bool:
-    return isinstance(lin.weight, nn.parameter.UninitializedParameter)

@@ -13,7 +13,8 @@ import triton.runtime.interpreter as triton_interpreter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gatattn
-import gatattn.graph as graph_module
+import gatattn.graph.membership as membership_module
+import gatattn.graph.plan as plan_module
 from gatattn import reference
 from gatattn.graph import set_validation, validation, validation_enabled
 from tests.conftest import assert_close
@@ -87,8 +88,8 @@ def count_host_reads(monkeypatch, pause_launches=True):
 @pytest.fixture
 def fresh_caches(monkeypatch):
     """Empty structure caches, restored afterwards."""
-    monkeypatch.setattr(graph_module, "_plan_cache", {})
-    monkeypatch.setattr(graph_module, "_batch_cache", {})
+    monkeypatch.setattr(plan_module, "_plan_cache", {})
+    monkeypatch.setattr(membership_module, "_batch_cache", {})
 
 
 def inputs(n_dst=45, n_src=45, seed=0, requires_grad=False):
@@ -209,22 +210,22 @@ def test_host_reads_per_batched_call_on_the_sdpa_route(monkeypatch, fresh_caches
 
 # --- structure derived once per batch, never stale ----------------------------------------
 
-def _count_calls(monkeypatch, name):
+def _count_calls(monkeypatch, module, name):
     calls = []
-    original = getattr(graph_module, name)
+    original = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(graph_module, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
 @pytest.mark.parametrize("form", ["ptr", "batch"])
 def test_stacked_model_derives_the_structure_once(monkeypatch, fresh_caches, form):
-    plans = _count_calls(monkeypatch, "_plan_from_sizes")
-    memberships = _count_calls(monkeypatch, "_membership_of_ids")
+    plans = _count_calls(monkeypatch, plan_module, "_plan_from_sizes")
+    memberships = _count_calls(monkeypatch, membership_module, "_membership_of_ids")
     layers = torch.nn.ModuleList([gatattn.SelfAttentionConv(16, 8, heads=2) for _ in range(3)])
     sizes = [10, 15, 5, 15, 7]  # unsorted sizes: the plan permutes nodes
     graph = {"ptr": ptr_from_sizes(sizes), "batch": batch_from_sizes(sizes)}[form]

@@ -13,7 +13,7 @@ from torch_geometric.typing import Adj
 
 from gatattn import from_peers
 from gatattn.adjacency import read_adjacency
-from gatattn.backends.sdpa import repeat_kv_heads
+from gatattn.backends.common import repeat_kv_heads
 from gatattn.backends.sparse import edge_softmax
 from gatattn.bias import edge_bias
 from gatattn.explained_edges import check_explained_edges

@@ -11,9 +11,9 @@ from torch import Tensor
 
 from gatattn.adjacency import read_adjacency
 from gatattn.backends import routing, sdpa_attention, sparse_attention, triton_attention
+from gatattn.backends.common import repeat_kv_heads
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import traced_segment_attention
-from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.varlen import varlen_attention
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.graph import (

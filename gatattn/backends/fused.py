@@ -17,14 +17,10 @@ import os
 import torch
 from torch import Tensor
 
+from gatattn.backends.common import permute_rows, repeat_kv_heads, unpermute_rows
 from gatattn.backends.csr import CSR, graph_csr
 from gatattn.backends.nonfinite import contain_nonfinite
-from gatattn.backends.sdpa import (
-    permute_rows,
-    repeat_kv_heads,
-    sdpa_attention,
-    unpermute_rows,
-)
+from gatattn.backends.sdpa import sdpa_attention
 from gatattn.backends.second_order import twice_differentiable
 from gatattn.backends.sparse import gathered_attention
 from gatattn.graph import AttentionGraph

@@ -2,10 +2,9 @@
 
 Never builds edges. A batch of graphs is not padded to its largest graph: nodes are permuted so
 that graphs of equal shape lie together, and each shape is one SDPA call over a
-``(count, H, len, C)`` view (see :class:`~gatattn.graph.SegmentPlan`). Of the ways tried on a
-2-core CPU for the attention core of 1024 graphs of 10-40 nodes (forward + backward, one run),
-this was fastest: about 2.7x faster than padding with a mask, 10x than nested jagged tensors,
-45x than a loop over graphs. The layer-level comparison is in benchmarks/results/cpu.md.
+``(count, H, len, C)`` view (see :class:`~gatattn.graph.SegmentPlan`); padding with a mask,
+nested jagged tensors and a loop over graphs were each slower on CPU. The layer-level
+comparison with padded ``nn.MultiheadAttention`` is in benchmarks/results/cpu.md.
 """
 
 from __future__ import annotations
@@ -18,21 +17,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gatattn.backends.common import (
+    empty_output,
+    permute_rows,
+    repeat_kv_heads,
+    unpermute_rows,
+)
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.graph import AttentionGraph, Permutation, SegmentGroup
 from gatattn.transforms import functorch_active
-
-
-def repeat_kv_heads(x: Tensor, heads: int) -> Tensor:
-    """``(N, H_kv, C)`` keys or values as ``(N, heads, C)`` for grouped-query attention: query
-    head ``h`` reads kv head ``h // (heads // H_kv)``, as SDPA's ``enable_gqa``. A copy, made by
-    an expand, whose backward sums each kv head's group (deterministic, no scatter)."""
-    kv_heads = x.size(1)
-    if kv_heads == heads:
-        return x
-    group = heads // kv_heads
-    return x.unsqueeze(2).expand(-1, -1, group, -1).reshape(x.size(0), heads, x.size(2))
 
 
 def sdpa_attention(
@@ -437,38 +431,3 @@ class _SafeSoftmax(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         (weights,) = ctx.saved_tensors
         return torch._softmax_backward_data(grad, weights, -1, weights.dtype)
-
-
-def empty_output(q: Tensor, k: Tensor, v: Tensor, rows: int = 0) -> Tensor:
-    """Zeros ``(rows, H, C_v)`` for targets without keys, on the autograd graph of ``q, k, v``,
-    so that a backward yields zero gradients instead of failing on an output without grad_fn."""
-    on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum()  # exactly 0, even for NaN inputs
-    return v.new_zeros(rows, q.size(1), v.size(2)) + on_graph
-
-
-class _PermuteRows(torch.autograd.Function):
-    """``x[perm]`` whose backward is a gather by the inverse permutation, not a scatter-add."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(x: Tensor, order: Permutation | None) -> Tensor:
-    return x if order is None else _permuted(x, order.forward, order.inverse)
-
-
-def unpermute_rows(x: Tensor, order: Permutation | None) -> Tensor:
-    return x if order is None else _permuted(x, order.inverse, order.forward)
-
-
-def _permuted(x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:
-    # torch.func's transforms cannot run the Function: a plain gather there (its backward a
-    # scatter-add, which they differentiate again).
-    return x.index_select(0, perm) if functorch_active() else _PermuteRows.apply(x, perm, inverse)

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torch_geometric.utils import scatter
 
+from gatattn.backends.common import repeat_kv_heads
 from gatattn.backends.csr import CSR, csr_of, graph_csr
-from gatattn.backends.sdpa import repeat_kv_heads
 from gatattn.backends.second_order import recorded_grads, recording_backward
 from gatattn.graph import AttentionGraph
 

@@ -13,15 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gatattn.backends.common import empty_output, permute_rows, repeat_kv_heads, unpermute_rows
 from gatattn.backends.nonfinite import contain_nonfinite
-from gatattn.backends.sdpa import (
-    empty_output,
-    implicit_lse,
-    permute_rows,
-    repeat_kv_heads,
-    sdpa_attention,
-    unpermute_rows,
-)
+from gatattn.backends.sdpa import implicit_lse, sdpa_attention
 from gatattn.backends.second_order import twice_differentiable
 from gatattn.graph import AttentionGraph
 

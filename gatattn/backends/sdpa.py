@@ -249,8 +249,8 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
     bias rows are permuted into the groups' order (a permutation of pairs: H times fewer
     indices than of entries) and enter as ``baddbmm``'s input. Each permutation's backward is a
     gather, so the bias gradient is deterministic. (Merging groups of similar sizes into
-    padded batches, the padding masked by ``-inf`` keys, was measured slower on CPU: 256 graphs
-    of 10-60 nodes, 51 groups, ran 53 ms exact and 64 ms padded into 9 batches, one thread.)
+    padded batches, the padding masked by ``-inf`` keys, was slower on CPU for graphs of 10-60
+    nodes: the padded pairs cost more than the calls it saves.)
     Grouped kv heads are expanded to the query heads here: the logits are written out per
     head. Half precision is computed in float32, as SDPA's kernels accumulate: the gathered
     inputs are cast once per call, and the output cast back."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from gatattn.adjacency import read_adjacency
@@ -24,7 +23,12 @@ from gatattn.graph import (
     graph_membership,
     validation_enabled,
 )
-from gatattn.transforms import recorded, refuse_traced_causal, refuse_unread_graph
+from gatattn.transforms import (
+    compiling,
+    recorded,
+    refuse_traced_causal,
+    refuse_unread_graph,
+)
 
 
 def attention(
@@ -177,7 +181,7 @@ def attention(
             return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias,
                                     dropout)
         # Meta tensors hold no values to check.
-        validate = (validation_enabled() and not torch.compiler.is_compiling()
+        validate = (validation_enabled() and not compiling()
                     and q.device.type != "meta")
         # Whether q, k, v are finite is read in the graph's one host read (dense routes use
         # it); a recorded call (trace, torch.func) must not branch on it: the repair is exact.

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gatattn.backends import routing
 from gatattn.sequence_graphs import (
     MultiheadAttentionInputError,
     MultiheadAttentionMaskError,
@@ -105,8 +106,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         # (N, L, E), (N, S', E), (N, S', E)
         q, k, v = self._project(query, key, value, self_attention)
         dropout = self.dropout if self.training else 0.0
-        if torch.compiler.is_compiling() and (key_padding_mask is not None
-                                               or attn_mask is not None):
+        if routing.opaque_sequences_serve(key_padding_mask, attn_mask):
             # Turning masks into graphs reads them on the host: traced, one opaque operator.
             out, weights = traced_sequence_attention(q, k, v, key_padding_mask, attn_mask,
                                                       is_causal, self.num_heads, need_weights,

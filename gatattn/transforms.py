@@ -20,10 +20,17 @@ from torch import Tensor
 EXPORT_HINT = "use torch.compile(model) or torch.export.export(model, args) instead"
 
 
+def compiling() -> bool:
+    """Whether ``torch.compile`` / ``torch.export`` is tracing the call: the one place that asks.
+    Traced code cannot read values on the host nor keep Python state across calls; the
+    decisions that follow (routes, opaque operators) are :mod:`gatattn.backends.routing`'s."""
+    return torch.compiler.is_compiling()
+
+
 def functorch_active() -> bool:
     """Whether a ``torch.func`` transform (vmap, grad, jacrev, jacfwd, ...) is running. Under
     ``torch.compile``, which traces the transforms itself, not asked (nor traced)."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return False
     return torch._C._functorch.peek_interpreter_stack() is not None
 
@@ -31,7 +38,14 @@ def functorch_active() -> bool:
 def recorded() -> bool:
     """Whether the call is recorded by ``torch.jit.trace`` or runs under a ``torch.func``
     transform: what the inputs hold must not steer Python, and only plain torch ops may run."""
-    return not torch.compiler.is_compiling() and (torch.jit.is_tracing() or functorch_active())
+    return not compiling() and (torch.jit.is_tracing() or functorch_active())
+
+
+def values_steer_python() -> bool:
+    """Whether the call may read tensor values on the host and branch on them (graph sizes,
+    sortedness, finiteness) or serve them from a Python cache: not while ``torch.compile``
+    traces, nor while a trace or a ``torch.func`` transform records."""
+    return not compiling() and not recorded()
 
 
 def plain_ops_only(device: torch.device) -> bool:

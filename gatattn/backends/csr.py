@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from gatattn.graph import MAX_KEPT_EDGES, AttentionGraph, Permutation
+from gatattn.transforms import compiling
 
 _CACHE_SIZE = 8
 _cache: dict[tuple[int, bool], _Entry] = {}
@@ -89,7 +90,7 @@ class _Entry:
 def csr_of(edge_index: Tensor, num_dst: int, num_src: int) -> CSR:
     """The :class:`CSR` of ``edge_index``, from the cache when this very tensor was seen with
     the same contents and sizes."""
-    if torch.compiler.is_compiling():
+    if compiling():  # traced: no Python cache
         return _build(edge_index, num_dst, num_src)
     # id() only finds the candidate entry; serves() checks the contents. CSRs built in inference
     # mode hold inference tensors, which autograd cannot save: they serve inference mode only.
@@ -125,7 +126,7 @@ def _build(edge_index: Tensor, num_dst: int, num_src: int, may_read: bool = True
     # Edges already in target-major order (a CSR adj_t, an EdgeIndex or SparseTensor sorted by
     # target, a target-sorted edge_index) need no sort: an O(E) check instead of O(E log E),
     # but a host read, which a graph's own CSR does without.
-    if may_read and not torch.compiler.is_compiling() and _is_sorted(dst):
+    if may_read and not compiling() and _is_sorted(dst):
         row, col, position = dst, src, None
     else:
         order = Permutation.of(torch.sort(dst, stable=True).indices)

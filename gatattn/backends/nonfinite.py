@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gatattn.graph import AttentionGraph, validation_enabled
-from gatattn.transforms import recorded
+from gatattn.transforms import values_steer_python
 
 Inputs = tuple[Tensor, Tensor, Tensor]
 
@@ -53,7 +53,7 @@ def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
     if finite:
         return (q, k, v), Repair(_unchanged)
     # Compiled and recorded calls (jit.trace, torch.func) cannot branch on values: exact repair.
-    if finite is None and not torch.compiler.is_compiling() and not recorded():
+    if finite is None and values_steer_python():
         if not validation_enabled():
             return (q, k, v), Repair(_unchanged)
         guard = lambda out: _poisoned_if_nonfinite(out, q, k, v)  # noqa: E731

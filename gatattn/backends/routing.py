@@ -28,7 +28,7 @@ from torch import Tensor
 from gatattn.backends import racing
 from gatattn.backends.fused import triton_unavailable_reason
 from gatattn.graph import AttentionGraph
-from gatattn.transforms import plain_ops_only, recorded
+from gatattn.transforms import compiling, plain_ops_only, recorded
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 MAX_KERNEL_HEAD_DIM = 256
@@ -54,7 +54,7 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     # Compiled, traced, transformed (torch.func) and meta calls need plain torch ops.
     message_passing = "gathered" if (has_edge_attr or need_weights
-                                     or torch.compiler.is_compiling()
+                                     or compiling()
                                      or plain_ops_only(q.device)) else "csr"
     torch_route = "sdpa" if graph.is_implicit else message_passing
     head_dim = max(q.size(-1), v.size(-1))
@@ -115,10 +115,17 @@ def fused_kernels_serve(device: torch.device, dtype: torch.dtype, head_dim: int,
     Dense fp32 stays with SDPA: exact fp32 dots run on FMAs, whose register pressure leaves the
     tiled kernels only 16x16 tiles (benchmarks/results/kernel-resources-float32.md)."""
     dtypes = _KERNEL_DTYPES[:2] if implicit else _KERNEL_DTYPES
-    return (races_on(device) and dtype in dtypes and not torch.compiler.is_compiling()
+    return (races_on(device) and dtype in dtypes and not compiling()
             and not recorded()
             and kernel_refusal(dtype, head_dim, dropout, has_edge_attr) is None
             and triton_unavailable_reason(device, dtype, implicit) is None)
+
+
+def opaque_sequences_serve(key_padding_mask, attn_mask) -> bool:
+    """Whether :class:`gatattn.MultiheadAttention` runs its attention as the opaque operator
+    ``gatattn::sequence_attention``: under ``torch.compile`` / ``torch.export`` with a mask,
+    whose values decide the graph (without one, its sequences are complete graphs)."""
+    return compiling() and (key_padding_mask is not None or attn_mask is not None)
 
 
 def opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout: float,
@@ -127,6 +134,6 @@ def opaque_segments_serve(edge_index, batch, ptr, edge_attr, dropout: float,
     under ``torch.compile`` / ``torch.export``, whose tracing cannot read the graph sizes that
     grouping by size needs; with dropout too (its backward replays the mask from a seed). Not
     with edge features or attention weights: those keep their routes."""
-    return (torch.compiler.is_compiling() and edge_index is None
+    return (compiling() and edge_index is None
             and (batch is not None or ptr is not None) and edge_attr is None
             and not need_weights and backend in ("auto", "sdpa"))

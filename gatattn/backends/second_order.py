@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from gatattn.transforms import compiling
+
 
 def recording_backward() -> bool:
     """Whether the running backward is being recorded (``create_graph=True``)."""
@@ -91,7 +93,7 @@ def twice_differentiable(fast: Callable[..., Tensor], recompute: Callable[..., T
     twice-differentiable statement of the same function (both may return a tuple of tensors:
     an output and its log-sum-exp). Under ``torch.compile`` (which has no
     double backward) or without gradients, ``fast`` runs as is."""
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+    if (compiling() or not torch.is_grad_enabled()
             or not any(t.requires_grad for t in inputs)):
         return fast(*inputs)
     return _TwiceDifferentiable.apply(fast, recompute, *inputs)

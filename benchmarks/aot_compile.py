@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import triton
 
-from gatattn.kernels.tuning import COMPILE_OPTIONS
+from gatattn.kernels.common import COMPILE_OPTIONS
 
 # Usable shared memory per block (the opt-in limit) by compute capability.
 SHARED_MEMORY_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448}

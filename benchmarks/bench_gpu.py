@@ -605,7 +605,7 @@ def method_notes() -> list[str]:
 
 
 def note_tuned(env: dict) -> None:
-    tuned = kernels.tuned_configs()
+    tuned = [f"{key}: {config}" for key, config in kernels.TUNER.chosen.items()]
     env["notes"] = [f"launch configurations the tuner chose ({len(tuned)}): "
                     + ("; ".join(tuned) or "none")]
 

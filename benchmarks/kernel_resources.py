@@ -37,6 +37,7 @@ from aot_compile import SHARED_MEMORY_LIMIT, compile_for  # noqa: E402  (beside 
 from tqdm import tqdm  # noqa: E402
 
 from gatattn.kernels import csr_attention, flash_attention  # noqa: E402
+from gatattn.kernels.common import kernel_constants, padded_dim  # noqa: E402
 from gatattn.kernels.tuning import (  # noqa: E402
     CONFIGS,
     KERNELS,
@@ -103,8 +104,8 @@ def measure(build: Build) -> Row:
     if build.config is None:
         return _measure_csr(build)
     dtype = DTYPES[build.dtype]
-    constants = flash_attention.kernel_constants(build.head_dim, build.head_dim, dtype,
-                                                 build.config, build.group)
+    constants = flash_attention.tile_constants(build.head_dim, build.head_dim, dtype,
+                                               build.config, build.group)
     shape = (build.kernel, build.config, constants["BLOCK_D"], constants["BLOCK_DV"],
              dtype.itemsize, build.bias)
     kept = build.config in candidates(build.kernel, constants["BLOCK_D"], constants["BLOCK_DV"],
@@ -120,8 +121,8 @@ def measure(build: Build) -> Row:
 
 
 def _measure_csr(build: Build) -> Row:
-    constants = csr_attention.kernel_constants(build.head_dim, build.head_dim,
-                                               has_bias=build.bias)
+    constants = kernel_constants(build.head_dim, build.head_dim, BLOCK_N=csr_attention.BLOCK_N,
+                                 HAS_BIAS=build.bias)
     return _compiled(build, True, dict(shared_estimate=None, register_estimate=None),
                      CSR_KERNEL_FUNCTIONS[build.kernel], constants, **CSR_OPTIONS)
 
@@ -166,7 +167,7 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
     for capability in capabilities:
         for dtype in dtypes:
             for head_dim in head_dims:
-                block_d = flash_attention.padded_dim(head_dim)
+                block_d = padded_dim(head_dim)
                 size = DTYPES[dtype].itemsize
                 for kernel in KERNELS:
                     for bias in (False, True):

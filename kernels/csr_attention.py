@@ -23,10 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gatattn.kernels.flash_attention import _bwd_preprocess_kernel
-from gatattn.kernels.tuning import COMPILE_OPTIONS
+from gatattn.kernels.common import COMPILE_OPTIONS, LOG2E, base2, kernel_constants, softmax_delta
 
-LOG2E = 1.4426950408889634
 BLOCK_N = 32  # in-edges per step of a row's walk
 
 
@@ -49,8 +47,8 @@ def _edge_bias(Bias, edges, stride_be, bias_head, valid):
     """Base-2 bias of ``edges`` (target-major ids), fp32. Callers guard it with ``HAS_BIAS``:
     one return type, as the GPU compiler requires (a tensor here, a scalar 0.0 otherwise, was
     accepted by the interpreter only)."""
-    return tl.load(Bias + edges.to(tl.int64) * stride_be + bias_head, mask=valid,
-                   other=0.0).to(tl.float32) * 1.4426950408889634
+    return base2(tl.load(Bias + edges.to(tl.int64) * stride_be + bias_head, mask=valid,
+                         other=0.0))
 
 
 @triton.jit
@@ -185,14 +183,6 @@ def _csr_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------- launchers
 
 
-def kernel_constants(head_dim: int, head_dim_v: int, block_n: int = BLOCK_N,
-                     has_bias: bool = False) -> dict:
-    """The constexprs of the CSR kernels."""
-    return dict(HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-                BLOCK_D=triton.next_power_of_2(head_dim),
-                BLOCK_DV=triton.next_power_of_2(head_dim_v), BLOCK_N=block_n, HAS_BIAS=has_bias)
-
-
 def _bias_args(bias, q, col):
     """``(Bias, stride_be, stride_bh)``; a placeholder without a bias (never read then)."""
     if bias is None:
@@ -228,7 +218,8 @@ def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=BLOCK_N, bias=No
         q, k, v, out, lse, row_ptr, col, bias_ptr, scale * LOG2E, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         lse.stride(0), stride_be, stride_bh,
-        **kernel_constants(q.shape[2], v.shape[2], block_n, bias is not None), **COMPILE_OPTIONS)
+        **kernel_constants(q.shape[2], v.shape[2], BLOCK_N=block_n, HAS_BIAS=bias is not None),
+        **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -251,14 +242,9 @@ def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if num_dst == 0 or heads == 0 or k.shape[0] == 0:
         return dq, dk, dv
-    constants = kernel_constants(q.shape[2], v.shape[2], block_n, bias is not None)
-    delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(num_dst, 16), heads)](
-        out, do, delta, num_dst, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=16,
-        BLOCK_DV=max(16, constants["BLOCK_DV"]), **COMPILE_OPTIONS)
-    if dlse is not None:
-        delta.sub_(dlse)
+    constants = kernel_constants(q.shape[2], v.shape[2], BLOCK_N=block_n,
+                                 HAS_BIAS=bias is not None)
+    delta = softmax_delta(out, do, dlse)
     bias_strides = (stride_be, stride_bh)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))

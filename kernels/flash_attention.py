@@ -31,7 +31,8 @@ both backward passes read its tiles; the key-stationary pass writes the bias gra
 Programs are scheduled by tiles, not by the longest segment: a precomputed list maps each
 program to (segment, tile), so a batch of many small graphs launches no program per padding
 tile. Consecutive programs are the tiles of one (segment, head), which share K/V in L2. Tile
-sizes, warps and pipeline stages come from the keyed tuner in :mod:`gatattn.kernels.tuning`.
+sizes, warps and pipeline stages come from the keyed tuner in :mod:`gatattn.kernels.tuning`;
+:data:`TUNER` reports what it chose.
 """
 
 from __future__ import annotations
@@ -40,19 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from gatattn.kernels.tuning import (
+from gatattn.kernels.common import (
     COMPILE_OPTIONS,
-    INTERPRETER_CONFIG,
-    TileConfig,
-    Tuner,
-    candidates,
-    length_bucket,
-    shared_memory_limit,
+    LOG2E,
+    base2,
+    kernel_constants,
+    softmax_delta,
 )
+from gatattn.kernels.tuning import TileConfig, Tuner
 
-LOG2E = 1.4426950408889634
-PREPROCESS_ROWS = 64  # Delta is a row reduction: any tile height will do
-_TUNER = Tuner()
+TUNER = Tuner()  # the launch configurations of this process, tuned per key on a GPU
 
 
 @triton.jit
@@ -72,10 +70,10 @@ def _load_rows(Ptr, rows, stride_m, head_offset, cols, row_limit, COLS: tl.const
 
 @triton.jit
 def _bias_tile(BiasSeg, rows, cols, q_len, k_len, stride_bm):
-    """The bias of pairs (rows, cols) of a segment, base 2 (times log2(e)), fp32; 0 outside."""
+    """The bias of pairs (rows, cols) of a segment, base 2, fp32; 0 outside."""
     mask = (rows[:, None] < q_len) & (cols[None, :] < k_len)
     ptrs = BiasSeg + (rows[:, None].to(tl.int64) * k_len + cols[None, :]) * stride_bm
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    return base2(tl.load(ptrs, mask=mask, other=0.0))
 
 
 @triton.jit
@@ -204,20 +202,6 @@ def _fwd_kernel(
     tl.store(out_ptrs, out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE + head * stride_lse_h + q_start + offs_m, lse, mask=row_ok)
-
-
-@triton.jit
-def _bwd_preprocess_kernel(Out, DO, Delta, total, stride_om, stride_oh, stride_dom, stride_doh,
-                           stride_delta_h, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_DV: tl.constexpr):
-    """Delta_i = <dO_i, O_i>, the row term of the softmax gradient."""
-    block, head = tl.program_id(0), tl.program_id(1)
-    rows = (block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_DV)
-    o = _load_rows(Out, rows, stride_om, head * stride_oh, cols, total, HEAD_DIM_V)
-    do = _load_rows(DO, rows, stride_dom, head * stride_doh, cols, total, HEAD_DIM_V)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + head * stride_delta_h + rows, delta, mask=rows < total)
 
 
 @triton.jit
@@ -494,23 +478,15 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
     assert cu_seqlens_q.numel() == cu_seqlens_k.numel(), "q and k need the same segment count"
 
 
-def padded_dim(head_dim: int) -> int:
-    """A head dim's tile width: a power of two, at least 16 (``tl.dot``'s smallest operand)."""
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def kernel_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                     config: TileConfig, group: int = 1) -> dict:
+def tile_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype, config: TileConfig,
+                   group: int = 1) -> dict:
     """The constexprs of the forward and backward kernels for one launch configuration and
     grouped-query group size (a constexpr: with one head per group, the dK/dV kernel has no
     group loop, and the registers it would hold)."""
-    return dict(
-        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v,
-        BLOCK_D=padded_dim(head_dim), BLOCK_DV=padded_dim(head_dim_v),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, GROUP=group,
-        # fp32 inputs get fp32 products (no TF32) so they match an fp32 reference.
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
-    )
+    # fp32 inputs get fp32 products (no TF32) so they match an fp32 reference.
+    return kernel_constants(head_dim, head_dim_v, BLOCK_M=config.block_m,
+                            BLOCK_N=config.block_n, GROUP=group,
+                            PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
 def _launch_options(q, k, v, causal, config: TileConfig, has_bias: bool = False,
@@ -518,50 +494,8 @@ def _launch_options(q, k, v, causal, config: TileConfig, has_bias: bool = False,
     return dict(CAUSAL=causal, BOTTOM_RIGHT=causal and bottom_right, HAS_BIAS=has_bias,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
-                **COMPILE_OPTIONS, **kernel_constants(q.shape[2], v.shape[2], q.dtype, config,
-                                                      group_size(q, k, v)))
-
-
-def tuned_configs() -> list[str]:
-    """What the tuner chose in this process, one line per key (for benchmark reports)."""
-    lines = []
-    for key, config in _TUNER.chosen.items():
-        (kernel, q_bucket, k_bucket, head_dim, head_dim_v, dtype, causal, bottom_right, bias,
-         group, capability) = key
-        causal = "bottom_right" if bottom_right else causal
-        lines.append(f"{kernel}, lengths ~{q_bucket}/~{k_bucket}, C={head_dim}/{head_dim_v}, "
-                     f"{str(dtype).removeprefix('torch.')}, causal={causal}, bias={bias}, "
-                     f"group={group}, sm_{capability[0]}{capability[1]}: {config}")
-    return lines
-
-
-def _tuned(kernel: str, q, k, v, cu_seqlens_q, causal, bottom_right, launch,
-           has_bias: bool) -> TileConfig:
-    """The interpreter's one configuration on CPU; on a GPU, the fastest kept candidate for this
-    kernel, head dims, dtype, causal alignment, bias and bucketed lengths (timed on the first
-    such call)."""
-    if q.device.type != "cuda":
-        return INTERPRETER_CONFIG
-    return _tuned_for_gpu(kernel, q, k, v, cu_seqlens_q, causal, bottom_right, launch, has_bias,
-                          torch.cuda.get_device_capability(q.device),
-                          shared_memory_limit(q.device))
-
-
-def _tuned_for_gpu(kernel: str, q, k, v, cu_seqlens_q, causal, bottom_right, launch,
-                   has_bias: bool, capability: tuple[int, int], shared_limit: int) -> TileConfig:
-    """The GPU branch of :func:`_tuned`, with the GPU's figures as arguments, so that tests can
-    run it on CPU tensors in the interpreter. A bias tile takes shared memory and registers:
-    it has its own candidates and key. The bottom-right alignment adds no tile (the same
-    candidates) but is another build, whose work per tile differs: it has its own key. So has
-    the grouped-query group size (H / H_kv), which sets the dK/dV kernel's grid and its work
-    per program."""
-    configs = candidates(kernel, padded_dim(q.shape[2]), padded_dim(v.shape[2]),
-                         q.element_size(), shared_limit, has_bias)
-    segments = cu_seqlens_q.numel() - 1
-    key = (kernel, length_bucket(q.shape[0], segments), length_bucket(k.shape[0], segments),
-           q.shape[2], v.shape[2], q.dtype, causal, causal and bottom_right, has_bias,
-           group_size(q, k, v), capability)
-    return _TUNER.choose(key, configs, launch)
+                **COMPILE_OPTIONS, **tile_constants(q.shape[2], v.shape[2], q.dtype, config,
+                                                    group_size(q, k, v)))
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
@@ -591,8 +525,9 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
             v.stride(1), out.stride(0), out.stride(1), lse.stride(0), *bias_args[2:],
             **_launch_options(q, k, v, causal, config, bias is not None, bottom_right))
 
-    launch(config or _tuned("forward", q, k, v, cu_seqlens_q, causal, bottom_right, launch,
-                            bias is not None))
+    launch(config or TUNER.for_launch("forward", q, k, v, cu_seqlens_q, causal=causal,
+                                      bottom_right=bottom_right, has_bias=bias is not None,
+                                      launch=launch))
     return out, lse
 
 
@@ -617,13 +552,7 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if heads == 0 or total_q == 0 or k.shape[0] == 0:
         return dq, dk, dv
-    delta = torch.empty_like(lse)
-    _bwd_preprocess_kernel[(triton.cdiv(total_q, PREPROCESS_ROWS), heads)](
-        out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        delta.stride(0), HEAD_DIM_V=v.shape[2], BLOCK_M=PREPROCESS_ROWS,
-        BLOCK_DV=padded_dim(v.shape[2]), **COMPILE_OPTIONS)
-    if dlse is not None:
-        delta.sub_(dlse)
+    delta = softmax_delta(out, do, dlse)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     bias_ptr, offsets, stride_bm, stride_bh = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
@@ -646,8 +575,11 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             lse.stride(0), stride_bm, stride_bh,
             **_launch_options(q, k, v, causal, config, has_bias, bottom_right))
 
-    alignment = (causal, bottom_right)
-    launch_dkdv(config or _tuned("dkdv", q, k, v, cu_seqlens_q, *alignment, launch_dkdv,
-                                 has_bias))
-    launch_dq(config or _tuned("dq", q, k, v, cu_seqlens_q, *alignment, launch_dq, has_bias))
+    def tuned(kernel, launch):
+        return config or TUNER.for_launch(kernel, q, k, v, cu_seqlens_q, causal=causal,
+                                          bottom_right=bottom_right, has_bias=has_bias,
+                                          launch=launch)
+
+    launch_dkdv(tuned("dkdv", launch_dkdv))
+    launch_dq(tuned("dq", launch_dq))
     return dq, dk, dv

@@ -1,10 +1,9 @@
 """Launch configurations of the dense kernels: a small list, a ``keep()`` filter, a keyed tuner.
 
-The launchers cannot use ``@triton.autotune``: a configuration's tile sizes fix the tile
-schedule (the grid and its (segment, tile) lists), so each candidate must be launched through
-its own schedule. :class:`Tuner` otherwise does what ``triton.autotune`` does: on the first
-call with a new key it times every kept candidate with ``triton.testing.do_bench`` and keeps the
-fastest; a candidate that does not fit after all (``OutOfResources``) is dropped.
+:class:`Tuner` times every kept candidate on the first call of a key and keeps the fastest; a
+candidate that does not fit after all (``OutOfResources``) drops out. The GPU's figures (compute
+capability, shared memory) come from its ``limits`` argument, so tests run the GPU path in the
+interpreter with a GPU's figures and a fake timer.
 
 ``keep()`` drops configurations that cannot fit before any is compiled: shared memory (the
 operand tiles Triton stages, ``num_stages`` deep for the streamed ones) against the device's
@@ -16,11 +15,13 @@ Both estimates are checked against real sm_80 / sm_90 builds by
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from gatattn.kernels.common import padded_dim
+from gatattn.kernels.race import Timer, autotune_enabled, do_bench_ms, fastest, length_bucket
 
 KERNELS = ("forward", "dkdv", "dq")
 
@@ -38,10 +39,6 @@ class TileConfig:
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} "
                 f"stages={self.num_stages}")
 
-
-# Compile options of every launch. FMA fusion is stated, not defaulted: Triton 3.9 warns when
-# it is unset (its default flips to off in 3.10), and the kernels were measured with it on.
-COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 # The interpreter runs one small tile: many tiles at test sizes exercise full, boundary and
 # causal-diagonal tiles alike.
@@ -130,27 +127,92 @@ def candidates(kernel: str, block_d: int, block_dv: int, itemsize: int,
     return (min(fitting, key=lambda config: register_tile_estimate(kernel, config, *shape)),)
 
 
-def length_bucket(total: int, num_segments: int) -> int:
-    """The tuning key's length: the mean segment length, rounded up to a power of two (known
-    on the host, so no device sync), from 16 to 16384."""
-    mean = -(-total // max(num_segments, 1))
-    return min(max(16, 1 << max(mean - 1, 0).bit_length()), 16384)
+@dataclass(frozen=True)
+class DeviceLimits:
+    """The figures of a GPU that decide which configurations it can run."""
+
+    capability: tuple[int, int]
+    shared_memory: int  # bytes per block, opt-in
 
 
+@functools.cache  # asked on every launch
+def gpu_limits(device: torch.device) -> DeviceLimits | None:
+    """A CUDA device's figures; ``None`` elsewhere: Triton's interpreter, which runs
+    ``INTERPRETER_CONFIG``."""
+    if device.type != "cuda":
+        return None
+    properties = torch.cuda.get_device_properties(device)
+    return DeviceLimits((properties.major, properties.minor),
+                        properties.shared_memory_per_block_optin)
+
+
+@dataclass(frozen=True)
+class TuningKey:
+    """What the fastest configuration of a launch depends on. A bias tile takes shared memory
+    and registers (other candidates); the bottom-right alignment adds no tile but is another
+    build with other work per tile; the group size (H / H_kv) sets the dK/dV grid and its
+    work per program."""
+
+    kernel: str
+    lengths: tuple[int, int]  # mean query and key rows per segment, bucketed
+    head_dims: tuple[int, int]
+    dtype: torch.dtype
+    causal: bool
+    bottom_right: bool  # only where causal: the flag means nothing otherwise
+    bias: bool
+    group: int
+    capability: tuple[int, int]
+
+    def __str__(self) -> str:
+        causal = "bottom_right" if self.bottom_right else self.causal
+        return (f"{self.kernel}, lengths ~{self.lengths[0]}/~{self.lengths[1]}, "
+                f"C={self.head_dims[0]}/{self.head_dims[1]}, "
+                f"{str(self.dtype).removeprefix('torch.')}, causal={causal}, bias={self.bias}, "
+                f"group={self.group}, sm_{self.capability[0]}{self.capability[1]}")
+
+
+# triton.autotune with prune_configs_by does not fit: a configuration's tile sizes fix the tile
+# schedule (the grid and its (segment, tile) tensors, kernel arguments) and the key is bucketed
+# mean lengths, which no kernel argument holds; autotune would need a pre_hook rebuilding the
+# schedule on every launch (which also turns its disk cache off) and arguments kept for the key.
 class Tuner:
-    """Remembers the fastest configuration per key; times candidates on a key's first call."""
+    """Remembers the fastest configuration per key; times candidates on a key's first call.
+    ``limits(device)`` gives a device's figures, ``None`` where ``interpreter_config`` serves
+    untimed; ``bench`` times one candidate's launch."""
 
-    def __init__(self, bench: Callable[[Callable[[], None]], float] | None = None):
-        self._bench = bench or _do_bench
-        self._best: dict[tuple, TileConfig] = {}
+    def __init__(self, bench: Timer = do_bench_ms,
+                 limits: Callable[[torch.device], DeviceLimits | None] = gpu_limits,
+                 interpreter_config: TileConfig = INTERPRETER_CONFIG):
+        self._bench = bench
+        self._limits = limits
+        self._interpreter_config = interpreter_config
+        self._best: dict[Hashable, TileConfig] = {}
 
     @property
-    def chosen(self) -> dict[tuple, TileConfig]:
+    def chosen(self) -> dict[Hashable, TileConfig]:
         """The configuration chosen so far for each key."""
         return dict(self._best)
 
-    def choose(self, key: tuple, configs: Sequence[TileConfig],
+    def for_launch(self, kernel: str, q, k, v, cu_seqlens_q, *, causal: bool,
+                   bottom_right: bool, has_bias: bool,
+                   launch: Callable[[TileConfig], None]) -> TileConfig:
+        """The configuration of a dense-kernel launch on packed ``(total, H, C)`` inputs: the
+        interpreter's one, or the fastest kept candidate for this key on a GPU."""
+        limits = self._limits(q.device)
+        if limits is None:
+            return self._interpreter_config
+        segments = cu_seqlens_q.numel() - 1
+        key = TuningKey(kernel, (length_bucket(q.shape[0], segments),
+                                 length_bucket(k.shape[0], segments)),
+                        (q.shape[2], v.shape[2]), q.dtype, causal, causal and bottom_right,
+                        has_bias, q.shape[1] // max(k.shape[1], 1), limits.capability)
+        configs = candidates(kernel, padded_dim(q.shape[2]), padded_dim(v.shape[2]),
+                             q.element_size(), limits.shared_memory, has_bias)
+        return self.choose(key, configs, launch)
+
+    def choose(self, key: Hashable, configs: Sequence[TileConfig],
                launch: Callable[[TileConfig], None]) -> TileConfig:
+        """The configuration remembered for ``key``, or the fastest of ``configs``."""
         if key not in self._best:
             self._best[key] = self._fastest(configs, launch)
         return self._best[key]
@@ -161,24 +223,10 @@ class Tuner:
 
         if not configs:
             raise RuntimeError("no launch configuration fits this GPU (see kernels/tuning.py)")
-        if len(configs) == 1 or os.environ.get("GATATTN_AUTOTUNE", "1") == "0":
+        if len(configs) == 1 or not autotune_enabled():
             return configs[0]
-        timings = {}
-        for config in configs:
-            try:
-                timings[config] = self._bench(lambda config=config: launch(config))
-            except OutOfResources:
-                continue
-        if not timings:
+        runs = {config: functools.partial(launch, config) for config in configs}
+        best, _ = fastest(runs, self._bench, skip=(OutOfResources,))
+        if best is None:
             raise RuntimeError(f"none of {len(configs)} launch configurations fits this GPU")
-        return min(timings, key=timings.get)
-
-
-def _do_bench(fn: Callable[[], None]) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=20)
-
-
-def shared_memory_limit(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        return best

@@ -112,9 +112,10 @@ def test_unequal_query_and_key_tiles(monkeypatch, tiles, causal):
     # GPU configurations pair BLOCK_M with a different BLOCK_N: the causal bounds of full and
     # diagonal tiles must hold for any pair, so the interpreter runs such pairs too.
     from gatattn.kernels import flash_attention
-    from gatattn.kernels.tuning import TileConfig
+    from gatattn.kernels.tuning import TileConfig, Tuner
 
-    monkeypatch.setattr(flash_attention, "INTERPRETER_CONFIG", TileConfig(*tiles, 1, 1))
+    monkeypatch.setattr(flash_attention, "TUNER",
+                        Tuner(interpreter_config=TileConfig(*tiles, 1, 1)))
     batch = batch_from_sizes([70, 1, 33, 16, 0, 97])
     inputs = make_qkv(batch.numel(), batch.numel(), 1, 16)
     check_against_reference(run_triton(batch=batch, causal=causal), inputs,
@@ -176,9 +177,10 @@ def test_bottom_right_on_unequal_query_and_key_tiles(monkeypatch, tiles):
     # The diagonal shifts the forward / dQ key range and the dK/dV query range by segment: the
     # bounds of full, diagonal and blind tiles must hold for any pair of tile heights.
     from gatattn.kernels import flash_attention
-    from gatattn.kernels.tuning import TileConfig
+    from gatattn.kernels.tuning import TileConfig, Tuner
 
-    monkeypatch.setattr(flash_attention, "INTERPRETER_CONFIG", TileConfig(*tiles, 1, 1))
+    monkeypatch.setattr(flash_attention, "TUNER",
+                        Tuner(interpreter_config=TileConfig(*tiles, 1, 1)))
     run, inputs, ref = bipartite_case("bottom_right")
     check_against_reference(run, inputs, ref, names=("q", "k", "v", "bias"))
 
@@ -396,6 +398,12 @@ def test_grouped_heads_second_derivatives(monkeypatch):
     assert all(g.isfinite().all() and g.abs().sum() > 0 for g in second)
 
 
+def sm90_limits(device):
+    from gatattn.kernels.tuning import DeviceLimits
+
+    return DeviceLimits(capability=(9, 0), shared_memory=232448)
+
+
 @INTERPRETER
 def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
     # On a GPU the launchers tune: candidates for the GPU, a key, a timed choice, a launch with
@@ -406,62 +414,71 @@ def test_gpu_tuning_path_in_the_interpreter(monkeypatch):
 
     launched = []
 
-    def first_is_fastest(fn):
+    def first_is_fastest(config, fn):
         fn()
-        launched.append(fn)
+        launched.append(config)
         return float(len(launched))
 
-    tuner = Tuner(bench=first_is_fastest)
-    monkeypatch.setattr(flash_attention, "_TUNER", tuner)
-    monkeypatch.setattr(flash_attention, "_tuned", lambda *args: flash_attention._tuned_for_gpu(
-        *args, (9, 0), 232448))
+    tuner = Tuner(bench=first_is_fastest, limits=sm90_limits)
+    monkeypatch.setattr(flash_attention, "TUNER", tuner)
     batch = batch_from_sizes([70, 1, 33, 150])
     inputs = make_qkv(batch.numel(), batch.numel(), 1, 16)
     check_against_reference(run_triton(batch=batch, causal=True), inputs,
                             masked_reference(same_graph_mask(batch, batch, True)))
 
     chosen = tuner.chosen
-    assert {key[0] for key in chosen} == {"forward", "dkdv", "dq"}
-    for (kernel, q_bucket, k_bucket, *rest), config in chosen.items():
-        assert (q_bucket, k_bucket) == (64, 64)  # mean length 254 / 4, rounded up
-        assert rest == [16, 16, torch.float32, True, False, False, 1, (9, 0)]
-        assert config == candidates(kernel, 16, 16, 4, 232448)[0]
+    assert {key.kernel for key in chosen} == {"forward", "dkdv", "dq"}
+    for key, config in chosen.items():
+        assert key.lengths == (64, 64)  # mean length 254 / 4, rounded up
+        assert (key.head_dims, key.dtype, key.causal, key.bottom_right, key.bias, key.group,
+                key.capability) == ((16, 16), torch.float32, True, False, False, 1, (9, 0))
+        assert config == candidates(key.kernel, 16, 16, 4, 232448)[0]
     assert len(launched) == sum(len(candidates(kernel, 16, 16, 4, 232448))
                                 for kernel in ("forward", "dkdv", "dq"))
 
 
-def test_tuner_keys_the_causal_alignment(monkeypatch):
+def test_tuner_keys_the_causal_alignment():
     # A bottom-right launch is another build: it is timed under its own key, which a
     # non-causal call never reaches (the flag means nothing there).
-    from gatattn.kernels import flash_attention
     from gatattn.kernels.tuning import Tuner
 
-    tuner = Tuner(bench=lambda fn: 1.0)
-    monkeypatch.setattr(flash_attention, "_TUNER", tuner)
+    tuner = Tuner(bench=lambda config, fn: 1.0, limits=sm90_limits)
     q, k, v = make_qkv(40, 40, 1, 16)
     cu = torch.tensor([0, 40], dtype=torch.int32)
     for causal, bottom_right in [(True, False), (True, True), (False, True), (False, False)]:
-        flash_attention._tuned_for_gpu("forward", q, k, v, cu, causal, bottom_right,
-                                       lambda config: None, False, (9, 0), 232448)
-    alignments = sorted(key[6:8] for key in tuner.chosen)
+        tuner.for_launch("forward", q, k, v, cu, causal=causal, bottom_right=bottom_right,
+                         has_bias=False, launch=lambda config: None)
+    alignments = sorted((key.causal, key.bottom_right) for key in tuner.chosen)
     assert alignments == [(False, False), (True, False), (True, True)]
 
 
-def test_tuner_keys_the_group_size(monkeypatch):
+def test_tuner_keys_the_group_size():
     # The query heads per kv head set the dK/dV grid and its work per program: a grouped call
     # is timed under its own key.
-    from gatattn.kernels import flash_attention
     from gatattn.kernels.tuning import Tuner
 
-    tuner = Tuner(bench=lambda fn: 1.0)
-    monkeypatch.setattr(flash_attention, "_TUNER", tuner)
+    tuner = Tuner(bench=lambda config, fn: 1.0, limits=sm90_limits)
     cu = torch.tensor([0, 40], dtype=torch.int32)
     q = torch.zeros(40, 4, 16)
     for kv_heads in (4, 2, 1, 2):
         k = torch.zeros(40, kv_heads, 16)
-        flash_attention._tuned_for_gpu("dkdv", q, k, k, cu, False, False, lambda config: None,
-                                       False, (9, 0), 232448)
-    assert sorted(key[9] for key in tuner.chosen) == [1, 2, 4]
+        tuner.for_launch("dkdv", q, k, k, cu, causal=False, bottom_right=False, has_bias=False,
+                         launch=lambda config: None)
+    assert sorted(key.group for key in tuner.chosen) == [1, 2, 4]
+
+
+def test_tuner_off_the_gpu_takes_the_interpreter_config():
+    from gatattn.kernels.tuning import INTERPRETER_CONFIG, Tuner
+
+    def no_timing(config, fn):
+        raise AssertionError("the interpreter's one configuration is not timed")
+
+    q = torch.zeros(40, 1, 16)
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    config = Tuner(bench=no_timing).for_launch("forward", q, q, q, cu, causal=False,
+                                               bottom_right=False, has_bias=False,
+                                               launch=lambda config: None)
+    assert config == INTERPRETER_CONFIG
 
 
 def test_tile_schedule_skips_no_work():

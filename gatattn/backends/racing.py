@@ -19,8 +19,9 @@ others expand ``k`` and ``v``):
 
 Choices last for the process, and across processes when the environment variable
 ``GATATTN_ROUTE_CACHE`` names a JSON file. :func:`route_choices` reports them. With
-``GATATTN_AUTOTUNE=0`` nothing is timed: a verified fused kernel serves, as before racing.
-The first call of a key thus costs several forward (and backward) passes; later calls none.
+``GATATTN_AUTOTUNE=0`` nothing is timed: a verified fused kernel serves. Timing, the tuning
+switch and the size buckets are the tile tuner's too (:mod:`gatattn.kernels.race`). The
+first call of a key thus costs several forward (and backward) passes; later calls none.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ from gatattn.backends.sdpa import sdpa_attention
 from gatattn.backends.sparse import sparse_attention
 from gatattn.backends.varlen import varlen_attention, varlen_unavailable_reason
 from gatattn.graph import AttentionGraph
+from gatattn.kernels.race import (
+    Timer,
+    autotune_enabled,
+    do_bench_ms,
+    fastest,
+    length_bucket,
+    power_of_two_bucket,
+)
 from gatattn.tolerance import LOW_PRECISION, compare
 
 ROUTE_CACHE_ENV = "GATATTN_ROUTE_CACHE"
@@ -94,8 +103,8 @@ class RouteChoice:
 class Router:
     """Verifies, races and remembers routes per :class:`RouteKey`."""
 
-    def __init__(self, bench: Callable[[str, Callable[[], object]], float] | None = None):
-        self._bench = bench or _do_bench  # (route name, what to time) -> milliseconds
+    def __init__(self, bench: Timer = do_bench_ms):
+        self._bench = bench  # (route name, what to time) -> milliseconds
         self._choices: dict[RouteKey, RouteChoice] = {}
         self._warned: set[str] = set()
         self._disk_path: Path | None = None
@@ -127,12 +136,11 @@ class Router:
         torch_route = "sdpa" if graph.is_implicit else "sparse"
         rejected = _verify(candidates, torch_route, graph, scale, inputs, needs_grad)
         verified = [name for name in candidates if name not in rejected]
-        if os.environ.get("GATATTN_AUTOTUNE", "1") == "0":
-            timings, route = {}, next(iter(verified))  # the fused kernel first, if verified
+        if autotune_enabled():
+            route, timings = fastest({name: _runner(candidates[name], inputs, needs_grad)
+                                   for name in verified}, self._bench)
         else:
-            timings = {name: self._bench(name, _runner(candidates[name], inputs, needs_grad))
-                       for name in verified}
-            route = min(timings, key=timings.get)
+            timings, route = {}, verified[0]  # the fused kernel first, if verified
         choice = RouteChoice(key, route, timings, rejected)
         self._warn(choice)
         self._to_disk(choice)
@@ -182,8 +190,6 @@ class Router:
 
 def route_key(q: Tensor, v: Tensor, graph: AttentionGraph, needs_grad: bool) -> RouteKey:
     """The key of this call, from sizes the host knows (no device sync)."""
-    from gatattn.kernels.tuning import length_bucket
-
     if graph.is_implicit:
         kind = " ".join(filter(None, ["causal" if graph.causal else "",
                                       "bottom-right" if graph.bottom_right else "",
@@ -194,10 +200,9 @@ def route_key(q: Tensor, v: Tensor, graph: AttentionGraph, needs_grad: bool) -> 
         kind = "edges"
         lengths = (length_bucket(graph.edge_index.size(1), graph.num_dst),
                    length_bucket(graph.num_src, 1))
-    rows = 1 << max(graph.num_dst - 1, 0).bit_length()
-    return RouteKey(kind, lengths, rows, q.size(1), v.size(1), (q.size(-1), v.size(-1)),
-                    str(q.dtype).removeprefix("torch."), needs_grad, _device_name(q.device),
-                    _versions())
+    return RouteKey(kind, lengths, power_of_two_bucket(graph.num_dst), q.size(1), v.size(1),
+                    (q.size(-1), v.size(-1)), str(q.dtype).removeprefix("torch."), needs_grad,
+                    _device_name(q.device), _versions())
 
 
 def candidate_routes(q: Tensor, v: Tensor, graph: AttentionGraph,
@@ -290,12 +295,6 @@ def _representative(q: Tensor, k: Tensor, v: Tensor) -> bool:
     if not (q.numel() and k.numel() and v.numel()):
         return False
     return bool(torch.stack([torch.isfinite(t).all() for t in (q, k, v)]).all())
-
-
-def _do_bench(name: str, fn: Callable[[], object]) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=20)
 
 
 @functools.cache  # asked on every auto call on a GPU: the name and versions do not change

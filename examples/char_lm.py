@@ -12,7 +12,7 @@ stopping at its own length: once rerunning the model on every whole prefix at ea
 with a key/value cache (``gatattn.kv_cache``) so each step attends one new token per sequence to
 the cached keys and values. Both must give the same text; the script reports tokens/s of each.
 
-Run: python examples/char_lm.py [--smoke]
+Run: python examples/char_lm.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -240,8 +241,10 @@ def with_context(model: CausalTransformer, context: int) -> CausalTransformer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few steps")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     steps, context, batch = (20, 32, 16) if args.smoke else (800, 64, 32)
     text = corpus(200_000, seed=0)
     itos = sorted(set(text))

@@ -14,7 +14,8 @@ to both layers as ``graph=``), mean pooling per graph, a classifier; on PyG's
 
 Run:
 
-* ``python examples/ddp_graph_transformer.py [--smoke]``: spawns 2 local processes (gloo).
+* ``python examples/ddp_graph_transformer.py [--smoke] [--threads N]``: spawns 2 local processes
+  (gloo), each with N torch threads on CPU (default 1).
 * One machine, N processes: ``torchrun --nproc-per-node=N examples/ddp_graph_transformer.py``.
 * Several machines: on each, ``torchrun --nnodes=M --node-rank=I --nproc-per-node=N
   --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 examples/ddp_graph_transformer.py``. torchrun
@@ -31,6 +32,7 @@ import socket
 from datetime import timedelta
 
 import _smoke  # examples/_smoke.py, beside this script
+import _threads  # examples/_threads.py
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -147,7 +149,7 @@ def train(rank: int, world: int, device: torch.device, smoke: bool) -> None:
               "every checked step", flush=True)
 
 
-def run_rank(rank: int, world: int, port: int | None, smoke: bool) -> None:
+def run_rank(rank: int, world: int, port: int | None, smoke: bool, threads: int) -> None:
     """One rank: joins the process group (torchrun's environment, or the spawning parent's
     port), trains, leaves."""
     cuda = torch.cuda.is_available()
@@ -156,7 +158,7 @@ def run_rank(rank: int, world: int, port: int | None, smoke: bool) -> None:
     if cuda:
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        _threads.apply(threads, report=False)  # rank 0's main reported it
     init = "env://" if port is None else f"tcp://127.0.0.1:{port}"
     dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank,
                             world_size=world, timeout=timedelta(minutes=5))
@@ -177,15 +179,17 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="64 graphs, 3 steps")
     parser.add_argument("--processes", type=int, default=2,
                         help="processes to spawn without torchrun (default: 2)")
+    _threads.add_option(parser, default=1, scope="each process on CPU")  # 2 on 2 cores
     args = parser.parse_args()
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         _smoke.announce(args.smoke)
+        print(f"torch threads per process on CPU: {args.threads} (--threads)", flush=True)
     if under_torchrun:
-        run_rank(rank, int(os.environ["WORLD_SIZE"]), None, args.smoke)
+        run_rank(rank, int(os.environ["WORLD_SIZE"]), None, args.smoke, args.threads)
     else:
-        mp.start_processes(run_rank, args=(args.processes, free_port(), args.smoke),
+        mp.start_processes(run_rank, args=(args.processes, free_port(), args.smoke, args.threads),
                            nprocs=args.processes, start_method="spawn")
 
 

@@ -8,7 +8,7 @@ passing see 3 hops and stay at chance; one round of global attention, over each 
 complete graph in a batch (no edges built), can match keys across the graph. That graph is built
 once per batch (``gatattn.build_graph``) and every block's attention takes it as ``graph=``.
 
-Run: python examples/graph_transformer.py [--smoke]
+Run: python examples/graph_transformer.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -100,8 +101,10 @@ def accuracy(model, loader) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="few graphs, two epochs")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     n_train, n_test, epochs = (256, 128, 2) if args.smoke else (2000, 500, 20)
     train = DataLoader(dataset(n_train, 0), batch_size=64, shuffle=True)
     test = DataLoader(dataset(n_test, 1), batch_size=256)

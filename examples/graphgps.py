@@ -14,7 +14,7 @@ float rounding; the table gives the time per epoch of each. The gatattn model al
 attention graph once per batch (``gatattn.build_graph``) and passes it to every layer as
 ``graph=`` (PyG's layer has no such argument).
 
-Run: python examples/graphgps.py [--smoke]
+Run: python examples/graphgps.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -149,8 +150,10 @@ def output_difference(a: GraphGPS, b: GraphGPS, loader) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="few graphs, two epochs")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     n_train, n_test, epochs = (16, 16, 2) if args.smoke else (2000, 500, 10)
     train_set = dataset(n_train, 0)
     test_loader = DataLoader(dataset(n_test, 1), batch_size=256)

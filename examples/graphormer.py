@@ -16,7 +16,7 @@ edges) and passes it to every layer as ``graph=``.
 
 The plot shows test accuracy per epoch and the learned bias per head and distance.
 
-Run: python examples/graphormer.py [--smoke]
+Run: python examples/graphormer.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -150,8 +151,10 @@ def plot(curves: dict[str, list[float]], table: torch.Tensor, chance: float, pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few graphs, two epochs")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     num_train, num_test, epochs = (32, 16, 2) if args.smoke else (512, 128, 20)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ friendship edges (message passing, not the complete graph) and is compared with 
 and TransformerConv of the same size. The plot draws the club with each friendship as wide as
 the attention the trained layer puts on it.
 
-Run: python examples/karate_club.py [--smoke]
+Run: python examples/karate_club.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import torch  # noqa: E402
@@ -110,8 +111,10 @@ def draw(graph, model, x, edge_index, labels, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one split, few epochs")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     seeds, epochs = (range(1), 20) if args.smoke else (range(20), 200)
     graph, x, edge_index, labels = karate_data()
 

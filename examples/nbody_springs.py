@@ -7,7 +7,7 @@ complete graph, the relative position x_j - x_i. An MLP on the flattened system 
 baseline. Then the particles are shuffled: the attention model's predictions are shuffled the
 same way and nothing else changes; the MLP's change.
 
-Run: python examples/nbody_springs.py [--smoke]
+Run: python examples/nbody_springs.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -86,8 +87,10 @@ def r_squared(pred, target) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="few systems, two epochs")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     n_train, epochs = (256, 2) if args.smoke else (4000, 40)
     gen = torch.Generator().manual_seed(0)
     train, test = systems(n_train, gen), systems(1000, gen)

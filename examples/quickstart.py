@@ -5,7 +5,7 @@ One layer, three ways to call it, each checked against the module it replaces:
   2. a batch of sequences, against nn.MultiheadAttention (causal);
   3. a PyG batch of graphs (GPS-style global attention), against a loop over the graphs.
 
-Run: python examples/quickstart.py [--smoke]
+Run: python examples/quickstart.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import argparse
 import time
 
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import torch
 from torch import nn
 from torch_geometric.nn import TransformerConv
@@ -78,8 +79,10 @@ def graph_batch(num_graphs: int, features: int, heads: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     torch.manual_seed(0)
     n, seq, graphs = (128, 32, 16) if args.smoke else (1024, 256, 256)
     for lines in (complete_graph(n, 64, 4), causal_sequences(8, seq, 64, 4),

@@ -5,7 +5,7 @@ The measurements live in ``gatattn.claims`` (and are asserted in tests/test_clai
 script runs them, prints a markdown table, writes it to ``seed_claims.md`` and draws
 ``seed_claims.png`` in the current directory.
 
-Run: python examples/seed_claims.py [--smoke]
+Run: python examples/seed_claims.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
@@ -144,8 +145,10 @@ def plot(s: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="smaller sizes, a few seconds")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     torch.manual_seed(0)
     rows, series = measure(args.smoke)
     text = table(rows, args.smoke)

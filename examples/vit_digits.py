@@ -5,7 +5,7 @@ one complete graph (a batch of images is a batch of graphs, given by ``ptr``). A
 cannot tell where a patch sits, so learned positional embeddings are added. The plot shows, for
 test digits, how the class token attends to the patches in the last layer.
 
-Run: python examples/vit_digits.py [--smoke]
+Run: python examples/vit_digits.py [--smoke] [--threads N]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or assumed
 import _smoke  # noqa: E402  (examples/_smoke.py, beside this script)
+import _threads  # noqa: E402  (examples/_threads.py)
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -85,8 +86,10 @@ def cls_attention(model, images):  # (B, 8, 8) -> (B, 4, 4) class-token attentio
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="two epochs")
+    _threads.add_option(parser)
     args = parser.parse_args()
     _smoke.announce(args.smoke)
+    _threads.apply(args.threads)
     epochs = 2 if args.smoke else 40
     digits = load_digits()
     x = torch.tensor(digits.images, dtype=torch.float32) / 16.0

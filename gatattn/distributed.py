@@ -117,9 +117,13 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | N
             (default: :obj:`False`)
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
         temperature: logits are divided by it. (default: :obj:`1.0`)
-        load_balance: with ``causal``, compute in the zig-zag layout (module docstring), so
-            that every rank does the same work; ``False`` runs the plain ring, where rank r
-            computes r + 1 of P blocks. No effect without ``causal``. (default: :obj:`True`)
+        load_balance: with ``causal``, compute in the zig-zag layout (module docstring): rank
+            r works on chunks r and 2P - 1 - r of the 2P chunks of all rows, so that every
+            rank does the same work (for one graph; in a batch the chunks cut all rows, so
+            the balance depends on the graphs' sizes). q, k, v move there and the output
+            back by point-to-point transfers, about two ring steps of traffic each way,
+            unseen by the caller. ``False`` runs the plain ring, where rank r computes
+            r + 1 of P blocks. No effect without ``causal``. (default: :obj:`True`)
 
     Returns:
         ``(n_r, H, C_v)``: this rank's rows of the output, as :func:`gatattn.attention` would

@@ -276,7 +276,7 @@ def test_graph_moves_between_devices():
     edges = built("edge set causal").to("meta")
     assert edges.edge_index.device.type == edges.kept_edges.device.type == "meta"
     # Prepared as its source: what routes derive from it later needs no host read.
-    assert moved.derived.prepared and edges.derived.prepared
+    assert moved.prepared and edges.prepared
 
 
 @pytest.mark.parametrize("keyword", ["edge_index", "batch", "ptr", "causal"])

@@ -110,14 +110,14 @@ def graph_csr(graph: AttentionGraph, edge_index: Tensor) -> CSR:
     """The CSR of ``edge_index``, the edges of ``graph``. A graph from
     :func:`gatattn.build_graph` keeps it (built without a host read, up to
     :data:`~gatattn.graph.MAX_KEPT_EDGES` edges); a call's own graph takes the cache above."""
-    csr = graph.derived.csr
+    csr = graph.csr
     if csr is not None:
         return csr
-    if not graph.derived.prepared:
+    if not graph.prepared:
         return csr_of(edge_index, graph.num_dst, graph.num_src)
     csr = _build(edge_index, graph.num_dst, graph.num_src, may_read=False)
     if csr.num_edges <= MAX_KEPT_EDGES:
-        graph.derived.csr = csr
+        graph.keep(csr=csr)
     return csr
 
 

@@ -20,7 +20,7 @@ keeps a private copy of the ids it was built from and serves only while the tens
 them (checked on the device, read with the rest).
 """
 
-from gatattn.graph.attention_graph import AttentionGraph, Derived, GraphTooLargeError
+from gatattn.graph.attention_graph import AttentionGraph, GraphTooLargeError
 from gatattn.graph.build import build_graph, describe_graph
 from gatattn.graph.checks import check_graph_devices
 from gatattn.graph.membership import (
@@ -54,7 +54,6 @@ __all__ = [
     "MAX_KEPT_EDGES",
     "MAX_MATERIALIZED_EDGES",
     "AttentionGraph",
-    "Derived",
     "GraphTooLargeError",
     "Membership",
     "PackedSegments",

@@ -26,18 +26,6 @@ class GraphTooLargeError(ValueError):
     """Raised instead of building an O(N^2) object the caller probably did not mean to build."""
 
 
-class Derived:
-    """What routes derive from a graph alone, filled in lazily and kept for every layer (the
-    graph never changes, so neither can they). Unset fields read as the class defaults."""
-
-    #: :meth:`AttentionGraph.prepare` ran: routes may derive their structure without a host read.
-    prepared: bool = False
-    #: The materialised edges of an implicit graph (up to ``MAX_KEPT_EDGES``).
-    edges: Tensor | None = None
-    #: The CSR of an edge set (:func:`gatattn.backends.csr.graph_csr`).
-    csr: CSR | None = None
-
-
 @dataclass(frozen=True, repr=False)
 class AttentionGraph:
     """An attention pattern over ``num_src`` sources and ``num_dst`` targets: build it with
@@ -65,9 +53,15 @@ class AttentionGraph:
     kept_edges: Tensor | None = None
     #: With ``kept_edges``: how many edges were given.
     given_edges: int = 0
-    #: What routes derive from the graph alone (materialised edges, the CSR), kept for every
-    #: layer.
-    derived: Derived = field(default_factory=Derived, compare=False)
+    # What routes derive from the graph alone, filled in lazily by :meth:`keep` and kept for
+    # every layer. Not set by __init__ (a graph per call costs nothing for them): until kept,
+    # they read as these defaults.
+    #: :meth:`prepare` ran: routes may derive their structure without a host read.
+    prepared: bool = field(default=False, init=False, compare=False)
+    #: The materialised edges of an implicit graph (up to ``MAX_KEPT_EDGES``).
+    materialized_edges: Tensor | None = field(default=None, init=False, compare=False)
+    #: The CSR of an edge set (:func:`gatattn.backends.csr.graph_csr`).
+    csr: CSR | None = field(default=None, init=False, compare=False)
 
     def __repr__(self) -> str:
         causal = {(False, False): "no", (True, False): "top_left",
@@ -102,7 +96,7 @@ class AttentionGraph:
             kept_edges=None if self.kept_edges is None else self.kept_edges.to(device),
             given_edges=self.given_edges)
         # Sizes travel on the host, so what routes derive there needs no host read either.
-        graph.derived.prepared = self.derived.prepared
+        graph.keep(prepared=self.prepared)
         return graph
 
     @property
@@ -207,21 +201,32 @@ class AttentionGraph:
                 "return_attention_weights / edge_attr, or attend over an explicit sparse "
                 "edge_index"
             )
-        edges = self.derived.edges
+        edges = self.materialized_edges
         if edges is None:
             edges = complete_edges(self)
             if num_edges <= limits.MAX_KEPT_EDGES:
-                self.derived.edges = edges
+                self.keep(materialized_edges=edges)
         return edges
+
+    def keep(self, **derived) -> None:
+        """Keep what a route derived from this graph alone (``prepared``,
+        ``materialized_edges``, ``csr``): the graph never changes, so neither can they."""
+        for name, value in derived.items():
+            if name not in _DERIVED:
+                raise AttributeError(f"an AttentionGraph keeps {sorted(_DERIVED)}, not {name!r}")
+            object.__setattr__(self, name, value)  # (frozen: its description never changes)
 
     def prepare(self) -> AttentionGraph:
         """Derive now what the routes read later (graph sizes and the grouping by size), so
         that calls with this graph read nothing on the host."""
         if self.membership is not None:
             self.membership.segment_plan()
-        self.derived.prepared = True  # routes keep what they derive (the CSR) here
+        self.keep(prepared=True)  # routes keep what they derive (the CSR) with the graph
         if self.edge_index is not None:
             from gatattn.backends.csr import graph_csr  # (the routes import this module)
 
             graph_csr(self, self.edge_index)
         return self
+
+
+_DERIVED = frozenset({"prepared", "materialized_edges", "csr"})

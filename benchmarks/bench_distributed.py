@@ -217,7 +217,8 @@ def main() -> None:
         runs[(world, balance)], outputs[(world, balance)] = run_world(world, n, args.reps,
                                                                       balance)
         ranks = runs[(world, balance)]
-        print(f"P={world} {'zig-zag' if balance else 'plain'}: max/mean {imbalance(ranks):.3f}; "
+        mode = "one process" if world == 1 else ("zig-zag" if balance else "plain ring")
+        print(f"P={world} {mode}: max/mean {imbalance(ranks):.3f}; "
               + "; ".join(f"rank {r['rank']}: {r['compute_ms']:.0f} ms compute, "
                           f"{r['wall_ms']:.0f} ms wall, +{r['delta_mb']:.0f} MB" for r in ranks),
               flush=True)

@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="64 graphs, 3 steps")
     parser.add_argument("--processes", type=int, default=2,
                         help="processes to spawn without torchrun (default: 2)")
-    _threads.add_option(parser, default=1, scope="each process on CPU")  # 2 on 2 cores
+    _threads.add_option(parser, scope="each process on CPU")
     args = parser.parse_args()
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))

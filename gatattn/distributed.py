@@ -37,7 +37,8 @@ How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
   ``load_balance=False`` keeps the caller's layout (the plain ring).
 
 Half precision travels and computes in its own dtype, merged and accumulated in float32.
-:class:`ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` on a rank's shard.
+:class:`gatattn.sharded_conv.ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` on a
+rank's shard.
 
 Not supported: cross-attention (a query shard and a key shard of different sizes), attention
 dropout, attention weights, explicit edges, second derivatives (a backward with
@@ -56,11 +57,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from gatattn.backends.second_order import recording_backward
-from gatattn.conv import SelfAttentionConv
-from gatattn.functional import _validate_qkv, _validate_scalars, attention, logit_multiplier
+from gatattn.functional import attention, logit_multiplier, validate_qkv, validate_scalars
 from gatattn.graph import AttentionGraph
 from gatattn.merge import merge_attention
 from gatattn.ring_layout import (
@@ -190,8 +190,8 @@ class _Ring:
                             f"default group), got {group!r}; pass dist.new_group(...) or None")
         problem, statement, sizes = None, None, None
         try:
-            _validate_qkv(q, k, v)
-            _validate_scalars(scale, dropout=0.0)  # before the multiplier blames temperature
+            validate_qkv(q, k, v)
+            validate_scalars(scale, dropout=0.0)  # before the multiplier blames temperature
             causal, total, sizes = graph_sizes(graph, ptr, batch, causal)
             _validate_local(q, k, causal, load_balance)
             multiplier = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale,
@@ -391,76 +391,12 @@ def _block_backward(calls, q, block, dq, grads, grad_out, lse, delta, ring) -> N
     for total, grad in zip((dq, *grads), found, strict=True):
         if grad is not None:
             total += grad
-class ShardedSelfAttention(nn.Module):
-    r"""A :class:`gatattn.SelfAttentionConv` run on complete graphs (one, or a batch) whose nodes
-    are sharded over the ranks of ``group`` (contiguous shards in rank order, as
-    :func:`ring_attention`).
 
-    ``forward(x_shard)`` computes the conv's query, key, value projections on this rank's
-    nodes, attends over all nodes of all ranks with :func:`ring_attention`, then merges the
-    heads (concatenated or averaged), applies the output projection and the root term (with
-    its ``beta`` gate) as the conv does: the result equals ``conv(x_full)`` restricted to this
-    rank's rows. The conv's parameters are shared, not copied.
 
-    Each rank's parameter gradients are its share of the full gradient: sum them over the ranks
-    (``dist.all_reduce``) before the optimiser step. ``DistributedDataParallel`` averages
-    instead, so under it use a loss multiplied by the world size, or all-reduce yourself.
-
-    Args:
-        conv (SelfAttentionConv): the layer; its weights must be initialised (not lazy) and the
-            same on every rank.
-        group (ProcessGroup, optional): the process group; ``None`` is the default group.
-            (default: :obj:`None`)
-
-    Not supported (refused with a ``ValueError`` naming the option): edge features
-    (``edge_dim``), attention dropout in training, bipartite inputs, a ``backend`` other than
-    ``"auto"`` (each block takes the route ``auto`` picks), and whatever makes the conv run PyG's
-    ``propagate`` (explain mode, hooks, ``aggr`` other than ``"add"``, ``flow``).
-    """
-
-    def __init__(self, conv: SelfAttentionConv, group: dist.ProcessGroup | None = None):
-        super().__init__()
-        if not isinstance(conv, SelfAttentionConv):
-            raise TypeError(f"conv must be a gatattn.SelfAttentionConv, got "
-                            f"{type(conv).__name__}")
-        self.conv = conv
-        self.group = group
-
-    def forward(self, x: Tensor, *, causal: bool = False, graph: AttentionGraph | None = None,
-                ptr: Tensor | None = None, batch: Tensor | None = None) -> Tensor:
-        """``x``: ``(n_r, F_in)`` features of this rank's nodes; returns ``(n_r, H * C)``, or
-        ``(n_r, C)`` if the conv averages its heads. ``causal``: node ``i`` attends to nodes
-        ``j <= i`` of its graph only. ``graph``, ``ptr``, ``batch``: the graphs of the nodes of
-        all ranks, as :func:`ring_attention` takes them (default: one complete graph)."""
-        conv = self.conv
-        self._check_supported(x)
-        query, key, value = conv.project(x, x)
-        out = ring_attention(query, key, value, graph=graph, ptr=ptr, batch=batch,
-                             group=self.group, causal=causal, temperature=conv.temperature)
-        return conv.finish(out, x)
-
-    def _check_supported(self, x) -> None:
-        conv = self.conv
-        if not isinstance(x, Tensor):
-            raise ValueError("ShardedSelfAttention takes one tensor of node features (one "
-                             "complete graph); bipartite (x_src, x_dst) inputs are not supported")
-        if conv.lin_edge is not None:
-            raise ValueError(f"conv has edge_dim={conv.edge_dim}: edge features need explicit "
-                             "edges, which a sharded complete graph has not; use edge_dim=None")
-        if conv.training and conv.dropout > 0:
-            raise ValueError(f"conv has dropout={conv.dropout}: ring_attention has no attention "
-                             "dropout; set dropout=0.0 (or call .eval())")
-        if conv.backend != "auto":
-            raise ValueError(f"conv has backend={conv.backend!r}: the ring's local calls take "
-                             "the route auto picks for each block and cannot honour it; use "
-                             "backend='auto'")
-        if conv.runs_propagate():
-            raise ValueError("conv must run PyG's propagate here (explain mode, an edge mask, "
-                             "hooks, aggr other than 'add' or flow='target_to_source'): per-edge "
-                             "messages do not exist on a sharded complete graph")
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in conv.parameters()):
-            raise ValueError("conv has lazy (uninitialised) weights, which ranks would "
-                             "initialise differently: give in_channels or run one forward first")
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}({self.conv})"
+def __getattr__(name: str):
+    # The sharded layer lives in gatattn.sharded_conv (it builds on this module); this keeps
+    # gatattn.distributed.ShardedSelfAttention working without a circular import.
+    if name == "ShardedSelfAttention":
+        from gatattn.sharded_conv import ShardedSelfAttention
+        return ShardedSelfAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -152,8 +152,8 @@ def attention(
     With ``attn_bias``, ``auto`` does not race the fused kernels (it takes SDPA or message
     passing); ``backend="triton"`` runs them.
     """
-    _validate_qkv(q, k, v)
-    _validate_scalars(scale, dropout)
+    validate_qkv(q, k, v)
+    validate_scalars(scale, dropout)
     scale = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale, temperature)
     if attn_bias is not None:
         check_bias_tensor(attn_bias, q)
@@ -258,7 +258,8 @@ def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
                                     causal, attn_bias, bottom_right and bipartite, dropout)
 
 
-def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Refuses ``q``, ``k``, ``v`` that no route takes (shapes, heads, dtypes, devices)."""
     # Shapes are read once and messages formatted only on failure: this runs on every call.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -299,7 +300,8 @@ def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
             f"{tuple(v.shape)}")
 
 
-def _validate_scalars(scale: float | None, dropout: float) -> None:
+def validate_scalars(scale: float | None, dropout: float) -> None:
+    """Refuses a non-finite ``scale`` and a ``dropout`` outside [0, 1)."""
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number (or None for 1/sqrt(C)), got {scale}")
     if not 0.0 <= dropout < 1.0:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gatattn import SelfAttentionConv, build_graph, reference
-from gatattn.distributed import ShardedSelfAttention, ring_attention
+from gatattn.distributed import ring_attention
+from gatattn.sharded_conv import ShardedSelfAttention
 from gatattn.tolerance import compare
 
 HEADS, CHANNELS, VALUE_CHANNELS, FEATURES = 2, 3, 5, 6

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parameter import is_lazy
 from torch_geometric.nn.dense.linear import Linear
 
 
@@ -37,7 +36,8 @@ def packable(lins: tuple[nn.Module, ...], x: Tensor) -> bool:
     without a bias, in ``x``'s dtype, with no forward hooks that calling each would run."""
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
         return False
-    return all(type(lin) is Linear and not is_lazy(lin.weight)
+    return all(type(lin) is Linear
+               and not isinstance(lin.weight, nn.parameter.UninitializedParameter)
                and not lin._forward_hooks and not lin._forward_pre_hooks
                and (lin.bias is None) == (lins[0].bias is None)
                and lin.weight.dtype == x.dtype for lin in lins)

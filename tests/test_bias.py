@@ -545,15 +545,15 @@ def test_head_major_layout_is_a_pair_of_inverse_permutations():
     """The SDPA route's layout indices are written out in both directions (no scatter): each
     pair must be mutually inverse, and the first head-major rows must be the first graph's
     first head, for an unsorted bipartite batch with an empty graph."""
-    from gatattn.backends.sdpa import _head_major_layout
     from gatattn.graph import describe_graph
+    from gatattn.graph.layout import head_major_layout
 
     batch = (torch.tensor([2, 0, 1, 2, 0, 2, 1, 0, 0, 3, 4]),
              torch.tensor([1, 1, 0, 2, 2, 2, 0, 3, 3, 1, 0]))
     graph = describe_graph(11, 11, batch=batch, bipartite=True)[0]
     plan = graph.segment_plan()
     heads = 3
-    layout = _head_major_layout(graph, plan, heads, torch.device("cpu"))
+    layout = head_major_layout(graph, plan, heads, torch.device("cpu"))
     sizes_dst, sizes_src = graph.host_sizes()
     blocks = sum(d * s for d, s in zip(sizes_dst, sizes_src, strict=True))
     for perm, n in ((layout.dst, 11 * heads), (layout.src, 11 * heads), (layout.bias, blocks)):

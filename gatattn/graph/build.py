@@ -21,6 +21,7 @@ from gatattn.graph.checks import check_graph_devices
 from gatattn.graph.edges import causal_edges, check_edge_index
 from gatattn.graph.membership import parse_membership
 from gatattn.graph.switches import causal_mode, validation_enabled
+from gatattn.transforms import compiling
 
 
 def build_graph(
@@ -65,7 +66,7 @@ def build_graph(
     edge_index, ptr = _private(edge_index), _private(ptr)
     graph, _ = describe_graph(num_dst, num_src, edge_index=edge_index, batch=batch, ptr=ptr,
                               causal=causal, bipartite=bipartite,
-                              validate=not torch.compiler.is_compiling())
+                              validate=not compiling())
     return graph.prepare()
 
 

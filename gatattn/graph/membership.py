@@ -34,6 +34,7 @@ from gatattn.graph.checks import (
     split_pair,
 )
 from gatattn.graph.plan import CACHE_SIZE, Permutation, SegmentPlan, segment_plan
+from gatattn.transforms import compiling
 
 
 class Side:
@@ -213,7 +214,7 @@ def _from_batch(batch_dst: Tensor, batch_src: Tensor, num_dst: int, num_src: int
     if traced:
         return (batch_dst.long(), batch_src.long()), read_host(extra)
     batches = (batch_dst,) if same else (batch_dst, batch_src)
-    if torch.compiler.is_compiling():  # traced: nothing to reuse, no ids to keep
+    if compiling():  # traced: nothing to reuse, no ids to keep
         return _membership_of_ids(tuple(b.long() for b in batches), validate, extra)
     key = (tuple(id(b) for b in batches), num_dst, num_src, torch.is_inference_mode_enabled())
     entry = _batch_cache.get(key)
@@ -288,7 +289,7 @@ def read_host(parts: list[Tensor]) -> list[list[int]]:
     """The values of several 1-D integer (or bool) tensors on one device, in ONE host read."""
     if not parts:
         return []
-    if torch.compiler.is_compiling():
+    if compiling():
         # Traced, the values would be unbacked symbols that the next read's sizes depend on:
         # break the graph and read them eagerly (fullgraph=True refuses it as unsupported).
         torch._dynamo.graph_break()

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from gatattn.graph.layout import HeadMajorLayout
 
 #: Entries kept by each of the structure caches (plans here, batch memberships).
 CACHE_SIZE = 8
@@ -47,15 +51,17 @@ class SegmentPlan:
     Nodes are permuted so that graphs of equal size lie next to each other (keeping each graph's
     own node order); each group is then one ``(count, H, len, C)`` batch. ``order_*`` is ``None``
     when the nodes already lie in that order. ``graph_order`` lists the graph ids in that order.
-    ``derived`` holds what a route derives from the plan alone (index tensors), so that every
-    layer of a model derives it once per batch; the plan never changes, so neither can they.
+    ``head_major`` keeps the plan's head-major layouts (:mod:`gatattn.graph.layout`) by head
+    count and device, so that every layer of a model derives them once per batch; the plan
+    never changes, so neither can they.
     """
 
     groups: list[SegmentGroup]
     order_dst: Permutation | None = None
     order_src: Permutation | None = None
     graph_order: tuple[int, ...] = (0,)
-    derived: dict = field(default_factory=dict, compare=False, repr=False)
+    head_major: dict[tuple[int, str], HeadMajorLayout] = field(
+        default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

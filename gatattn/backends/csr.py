@@ -10,6 +10,12 @@ it was built from and is served only when the tensor still holds exactly those e
 comparison, far below the sort it saves). Version counters are not enough: a tensor that shares
 memory with a numpy array, or is written through ``.data``, changes without a version bump, and
 inference tensors have no counter at all.
+
+A sorted :class:`torch_geometric.EdgeIndex` keeps its own CSR and CSC, but in PyG's layout:
+turning them into this one (each edge's target, the inverse permutation, the transpose's
+positions) is O(E) index arithmetic on every call, measured no faster than this cache's hit
+(N = 100k, E = 1.6M, one thread: 2.8 against 2.9 ms sorted by target, 25 against 3.0 ms sorted
+by source), so an EdgeIndex is read as its plain tensor and cached here like any other.
 """
 
 from __future__ import annotations

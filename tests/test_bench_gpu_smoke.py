@@ -45,7 +45,7 @@ def run_smoke(out: Path, *args: str) -> dict:
     """The saved JSON after a smoke run into ``out``."""
     # Its measurements run in forked children: a timeout must not leave them running.
     done = run_process_tree([sys.executable, str(SCRIPT), "--smoke", "--out", str(out), *args],
-                            cwd=REPO, timeout=600)
+                            cwd=REPO, timeout=1800)  # a hang guard
     assert done.returncode == 0, done.stderr[-3000:]
     [saved] = out.glob("gpu-*.smoke.json")
     assert saved.with_suffix(".md").exists()

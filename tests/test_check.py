@@ -103,7 +103,7 @@ def test_combinations_left_out_are_named_with_their_reason():
                                        (["--routes", "flash"], 2)])
 def test_command_line(args, code):
     result = subprocess.run([sys.executable, "-m", "gatattn.check", "--device", "cpu", *args],
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=1800)
     assert result.returncode == code, result.stderr[-2000:]
     if code == 0:
         assert "| sparse | complete, 33 nodes | float32 |" in result.stdout

@@ -31,7 +31,7 @@ F64_TOL = 1e-9
 # Shard sizes per world size: uneven, empty, and (1, 0, 1) fewer nodes than the 2P chunks of
 # the causal zig-zag layout (some ranks compute on nothing).
 SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2), (1, 0, 1)]}
-SPAWN_TIMEOUT_S = 240
+SPAWN_TIMEOUT_S = 1800  # a hang guard, far above any loaded machine's run time
 # A group of ranks 1..P-1 (group rank = global rank - 1): peers are addressed by global rank.
 SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64, ptr=None,
                      form=None, load_balance=True)
@@ -136,7 +136,7 @@ def conv_inputs(sizes, out_channels: int):
 def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+                            world_size=world, timeout=timedelta(seconds=600))
     try:
         ring = [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))]
         results = {"ring": ring,

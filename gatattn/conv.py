@@ -19,7 +19,6 @@ from gatattn.bias import edge_bias
 from gatattn.explained_edges import check_explained_edges
 from gatattn.functional import attention, check_graph_call, logit_multiplier
 from gatattn.graph import AttentionGraph, check_graph_devices, describe_graph
-from gatattn.projection import project_qkv
 from gatattn.transforms import refuse_unread_graph, torchscript_refusal
 
 
@@ -378,8 +377,10 @@ class SelfAttentionConv(MessagePassing):
             Queries ``(N_dst, heads, C)``, keys and values ``(N_src, kv_heads, C)``, ready for
             :func:`gatattn.attention`.
         """
-        return project_qkv((self.lin_query, self.lin_key, self.lin_value), x_src, x_dst,
-                           self.heads, self.kv_heads, self.out_channels)
+        C = self.out_channels
+        return (self.lin_query(x_dst).view(-1, self.heads, C),
+                self.lin_key(x_src).view(-1, self.kv_heads, C),
+                self.lin_value(x_src).view(-1, self.kv_heads, C))
 
     def finish(self, out: Tensor, x_dst: Tensor) -> Tensor:
         """The second half of :meth:`forward`: the attention output to the layer's output.

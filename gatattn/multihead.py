@@ -92,7 +92,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         """As :meth:`torch.nn.MultiheadAttention.forward`; see the class docstring for what
         differs."""
         batched = self._validate_inputs(query, key, value, key_padding_mask, attn_mask)
-        self_attention = query is key and key is value  # before transposes make new tensors
         if not batched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
@@ -103,8 +102,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         self._validate_mask_shapes(N, L, S, key_padding_mask, attn_mask, batched)
         refuse_unread_sequences(query.device, key_padding_mask, attn_mask)
 
-        # (N, L, E), (N, S', E), (N, S', E)
-        q, k, v = self._project(query, key, value, self_attention)
+        q, k, v = self._project(query, key, value)  # (N, L, E), (N, S', E), (N, S', E)
         dropout = self.dropout if self.training else 0.0
         if routing.opaque_sequences_serve(key_padding_mask, attn_mask):
             # Turning masks into graphs reads them on the host: traced, one opaque operator.
@@ -135,16 +133,11 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     # -- projections ---------------------------------------------------------------------------
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor,
-                 self_attention: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``W_q x``, ``W_k y``, ``W_v z`` (batch first), with the virtual source nodes of
         ``add_bias_kv`` / ``add_zero_attn`` appended to every sequence's keys and values.
-        Self-attention with one packed weight is one product (x read once), as in PyTorch."""
-        bias = self.in_proj_bias
-        if (self_attention and self._qkv_same_embed_dim
-                and (bias is None or bias.dtype == query.dtype)):
-            q, k, v = F.linear(query, self.in_proj_weight, bias).chunk(3, dim=-1)
-            return self._with_virtual_keys(q, k, v)
+        Three products even for self-attention: one packed product measured slower on CPU
+        (its gradient is one more (N, 3E) buffer) and took more memory."""
         if self._qkv_same_embed_dim:
             weights = self.in_proj_weight.chunk(3)
         else:

@@ -145,11 +145,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         biases = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
         q, k, v = (_in_projection(x, w, b) for x, w, b in zip((query, key, value), weights,
                                                              biases, strict=True))
-        return self._with_virtual_keys(q, k, v)
-
-    def _with_virtual_keys(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The source nodes of ``add_bias_kv`` / ``add_zero_attn`` appended to every
-        sequence's keys and values."""
         N, E = k.size(0), self.embed_dim
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(N, 1, E)], dim=1)

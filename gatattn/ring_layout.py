@@ -92,7 +92,7 @@ def _sizes_of_graph(graph) -> tuple[bool, list[int]]:
         raise ValueError("ring_attention shards contiguous rows: each graph of the batch must "
                          "be a contiguous run of nodes (sort the batch vector, as PyG's Batch "
                          "is)")
-    return graph.causal, _sizes_from_ptr(membership.dst.ptr)
+    return graph.causal, graph.host_sizes()[0]  # known to the graph: no second read
 
 
 def _sizes_from_ptr(ptr) -> list[int]:

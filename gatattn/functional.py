@@ -23,6 +23,7 @@ from gatattn.graph import (
     graph_membership,
     validation_enabled,
 )
+from gatattn.graph.switches import window_mode
 from gatattn.transforms import (
     compiling,
     recorded,
@@ -41,6 +42,7 @@ def attention(
     batch: Tensor | tuple[Tensor, Tensor] | None = None,
     ptr: Tensor | tuple[Tensor, Tensor] | None = None,
     causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     temperature: float = 1.0,
     dropout: float = 0.0,
@@ -73,6 +75,13 @@ def attention(
     attending to cached keys; targets that see nothing get zeros). The two differ on bipartite
     graphs only.
 
+    ``window=(left, right)`` narrows each graph to a band around that diagonal, a sliding
+    window (FlashAttention's ``window_size``): target ``i`` keeps the sources ``pos(i) + d -
+    left <= pos(j) <= pos(i) + d + right`` (``None``: no bound on a side; with ``causal``,
+    ``right`` is 0). Routes never form the pairs outside the band: SDPA takes a banded mask
+    per size group, message passing builds the band's edges row by row, the Triton kernels
+    skip tiles outside it; an edge set keeps its edges inside the band.
+
     Args:
         q: ``(N_dst, H, C)`` queries.
         k: ``(N_src, H_kv, C)`` keys; ``H_kv`` divides ``H`` (grouped-query attention: query
@@ -80,7 +89,7 @@ def attention(
         v: ``(N_src, H_kv, C_v)`` values.
         graph: the graph as one object (:func:`gatattn.build_graph`), built once per batch:
             the call then reads nothing on the host and re-derives nothing; it excludes
-            ``edge_index``, ``batch``, ``ptr`` and ``causal``, which are the shorthand that
+            ``edge_index``, ``batch``, ``ptr``, ``causal`` and ``window``, the shorthand that
             builds one per call. (default: :obj:`None`)
         edge_index: ``(2, E)`` edges, row 0 sources, row 1 targets, or PyG's ``adj_t`` as a
             ``torch.sparse`` COO/CSR/CSC tensor or ``SparseTensor`` (row ``i`` lists the sources
@@ -92,6 +101,8 @@ def attention(
         causal: keep only ``pos(j) <= pos(i)`` inside each graph (``True`` or
             ``"top_left"``), or ``pos(j) <= pos(i) + n_src - n_dst`` (``"bottom_right"``).
             (default: :obj:`False`)
+        window: ``(left, right)`` sliding window around the diagonal (above); ``None`` for
+            a side without bound. (default: :obj:`None`)
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
         temperature: logits are divided by it, so the logit multiplier is
             ``scale / temperature``. (default: :obj:`1.0`)
@@ -104,10 +115,10 @@ def attention(
             dtype. With ``edge_index``: ``(E, H)``, one row per edge. On implicit graphs: each
             graph's full ``n_dst x n_src`` block, target-major, graphs in id order, stacked to
             ``(sum_b n_dst_b * n_src_b, H)`` (:mod:`gatattn.bias` builds it from a padded
-            ``(B, H, L, S)`` tensor); pairs a causal graph excludes are ignored. A ``-inf``
-            entry removes its pair, as in SDPA's float mask: a target left without pairs gets
-            zeros and zero gradients; NaN and ``+inf`` propagate (IEEE). Its gradient is
-            deterministic on every route. (default: :obj:`None`)
+            ``(B, H, L, S)`` tensor); pairs a causal graph or a window excludes are ignored.
+            A ``-inf`` entry removes its pair, as in SDPA's float mask: a target left without
+            pairs gets zeros and zero gradients; NaN and ``+inf`` propagate (IEEE). Its
+            gradient is deterministic on every route. (default: :obj:`None`)
         return_attention_weights: also return ``(edge_index, alpha)`` with ``alpha`` of shape
             ``(E, H)`` (before dropout, differentiable), in the adjacency's edge order and
             layout (a SparseTensor holding them for a SparseTensor); an implicit graph is
@@ -161,10 +172,10 @@ def attention(
     adjacency = None
     refuse_unread_graph(q.device, edge_index, batch, ptr, graph)
     if graph is not None:
-        check_graph_call(graph, q, k, edge_index, batch, ptr, causal)
+        check_graph_call(graph, q, k, edge_index, batch, ptr, causal, window)
         validate, inputs_finite = False, None  # checked when it was built; nothing is read
     else:
-        refuse_traced_causal(*causal_mode(causal), q.size(0), k.size(0), edge_index)
+        refuse_traced_causal(*causal_mode(causal), q.size(0), k.size(0), edge_index, window)
         adjacency = read_adjacency(edge_index) if edge_index is not None else None
         edge_index = adjacency.edge_index if adjacency is not None else None
         check_graph_devices(q.device, edge_index=edge_index, batch=batch, ptr=ptr)
@@ -178,8 +189,8 @@ def attention(
                     "torch.compile / torch.export: they run as the operator "
                     "gatattn::segment_attention, which returns no log-sum-exp; call "
                     "attention() outside the compiled region for the lse")
-            return _opaque_segments(q, k, v, batch, ptr, causal, bipartite, scale, attn_bias,
-                                    dropout)
+            return _opaque_segments(q, k, v, batch, ptr, causal, window, bipartite, scale,
+                                    attn_bias, dropout)
         # Meta tensors hold no values to check.
         validate = (validation_enabled() and not compiling()
                     and q.device.type != "meta")
@@ -189,7 +200,8 @@ def attention(
                   else None)
         graph, inputs_finite = describe_graph(q.size(0), k.size(0), edge_index=edge_index,
                                               batch=batch, ptr=ptr, causal=causal,
-                                              bipartite=bipartite, validate=validate,
+                                              window=window, bipartite=bipartite,
+                                              validate=validate,
                                               finite_flag=finite)
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
@@ -226,14 +238,15 @@ def attention(
 
 
 def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, batch, ptr,
-                      causal) -> None:
+                     causal, window=None) -> None:
     """What a ``graph=`` call can check for free: no second description, row counts, device."""
     if not isinstance(graph, AttentionGraph):
         raise TypeError(f"graph must be a gatattn.AttentionGraph (gatattn.build_graph(...)), "
                         f"got {type(graph).__name__}")
-    if edge_index is not None or batch is not None or ptr is not None or causal is not False:
+    if (edge_index is not None or batch is not None or ptr is not None or causal is not False
+            or window is not None):
         given = [name for name, value in (("edge_index", edge_index), ("batch", batch),
-                                          ("ptr", ptr)) if value is not None]
+                                          ("ptr", ptr), ("window", window)) if value is not None]
         given += ["causal"] if causal is not False else []
         raise ValueError(f"graph= already describes the graph; got {', '.join(given)} as well: "
                          "give them to gatattn.build_graph(...) instead, or drop graph=")
@@ -246,7 +259,7 @@ def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, ba
                          f"it with graph.to({str(q.device)!r})")
 
 
-def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
+def _opaque_segments(q, k, v, batch, ptr, causal, window, bipartite: bool, scale: float,
                      attn_bias: Tensor | None, dropout: float) -> Tensor:
     """Batched graphs under ``torch.compile`` / ``torch.export``: one opaque operator."""
     batch_dst, batch_src = graph_membership(q.size(0), k.size(0), batch=batch, ptr=ptr,
@@ -254,8 +267,10 @@ def _opaque_segments(q, k, v, batch, ptr, causal, bipartite: bool, scale: float,
     # The operator's ONNX decomposition computes equal heads: grouped kv heads expand.
     k, v = repeat_kv_heads(k, q.size(1)), repeat_kv_heads(v, q.size(1))
     causal, bottom_right = causal_mode(causal)
+    left, right = window_mode(window, causal) or (None, None)
     return traced_segment_attention(q, k, v, batch_dst, batch_src if bipartite else None, scale,
-                                    causal, attn_bias, bottom_right and bipartite, dropout)
+                                    causal, attn_bias, bottom_right and bipartite, dropout,
+                                    window=(left, right))
 
 
 def validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

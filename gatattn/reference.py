@@ -118,21 +118,32 @@ def _aggregate(weights: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
 
 
 def block_mask(
-    sizes_dst: list[int], sizes_src: list[int] | None = None, causal: bool | str = False
+    sizes_dst: list[int], sizes_src: list[int] | None = None, causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
 ) -> Tensor:
     """Mask of one complete graph per segment: segment ``g`` has ``sizes_dst[g]`` targets and
     ``sizes_src[g]`` sources (default: the same). ``causal`` keeps ``pos(j) <= pos(i)`` within a
     segment when ``True`` or ``"top_left"`` (as SDPA's ``is_causal``), ``pos(j) <= pos(i) +
-    n_src - n_dst`` when ``"bottom_right"`` (each segment's last target sees its last source)."""
+    n_src - n_dst`` when ``"bottom_right"`` (each segment's last target sees its last source).
+    ``window`` ``(left, right)`` keeps only ``pos(i) + d - left <= pos(j) <= pos(i) + d + right``
+    around that diagonal ``d`` (0 unless bottom-right; ``None``: no bound on a side; with
+    ``causal`` the right bound is the diagonal itself)."""
     if not isinstance(causal, bool) and causal not in ("top_left", "bottom_right"):
         raise ValueError(
             f"causal must be False, True, 'top_left' or 'bottom_right', got {causal!r}")
+    left, right = (None, None) if window is None else window
     sizes_src = sizes_dst if sizes_src is None else sizes_src
     blocks = []
     for n_dst, n_src in zip(sizes_dst, sizes_src, strict=True):
         block = torch.ones(n_dst, n_src, dtype=torch.bool)
         diagonal = n_src - n_dst if causal == "bottom_right" else 0
-        blocks.append(block.tril(diagonal) if causal else block)
+        if causal:
+            block = block.tril(diagonal)
+        elif right is not None:
+            block = block.tril(diagonal + right)
+        if left is not None:
+            block = block.triu(diagonal - left)
+        blocks.append(block)
     if not blocks:
         return torch.zeros(0, 0, dtype=torch.bool)
     return torch.block_diag(*blocks)

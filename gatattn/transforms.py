@@ -89,12 +89,17 @@ def refuse_unread_graph(device: torch.device, edge_index, batch, ptr, graph) -> 
 
 
 def refuse_traced_causal(causal, bottom_right: bool, num_dst: int, num_src: int,
-                         edge_index) -> None:
+                         edge_index, window=None) -> None:
     """Under ``torch.jit.trace``, causal attention records its mask's alignment for the traced
     sizes: only top-left causal self-attention (equal node counts, no edge_index) replays
-    correctly for other sizes, so the other causal calls are refused."""
-    if not causal or not torch.jit.is_tracing():
+    correctly for other sizes, so the other causal calls are refused, and windows (whose band
+    mask is built for the traced sizes) too."""
+    if not torch.jit.is_tracing() or not (causal or window is not None):
         return
+    if window is not None:
+        raise RuntimeError(
+            "torch.jit.trace records a window's band mask for the traced node counts, which "
+            f"would replay for other sizes; {EXPORT_HINT}")
     if bottom_right or edge_index is not None or bool(num_dst != num_src):
         raise RuntimeError(
             "torch.jit.trace records causal attention for the traced node counts: only "

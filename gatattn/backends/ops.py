@@ -36,14 +36,18 @@ from gatattn.graph import AttentionGraph, describe_graph, validation_enabled
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                       batch_src: Tensor | None, scale: float, causal: bool,
                       attn_bias: Tensor | None = None, bottom_right: bool = False,
-                      dropout: float = 0.0, seed: Tensor | None = None) -> Tensor:
+                      dropout: float = 0.0, seed: Tensor | None = None,
+                      window_left: int | None = None,
+                      window_right: int | None = None) -> Tensor:
     """``(N_dst, H, C_v)`` attention over one complete graph per graph id: ``batch_dst`` holds
     the targets' ids, ``batch_src`` the sources' (``None``: the same nodes, self-attention);
     ``attn_bias`` in the stacked layout of :mod:`gatattn.bias`; ``bottom_right`` aligns a
     causal graph bottom-right (:func:`gatattn.graph.causal_mode`). ``dropout`` falls on the
     attention weights under a generator seeded with ``seed`` (a 0-dim int64 CPU tensor;
-    required with dropout), which the backward seeds again to replay the mask."""
-    graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right)
+    required with dropout), which the backward seeds again to replay the mask.
+    ``window_left`` / ``window_right``: a sliding window's sides (``None``: no bound)."""
+    window = (window_left, window_right)
+    graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right, window)
     if attn_bias is not None:
         check_bias_rows(attn_bias, graph, q.size(1), validate=True)
     if dropout > 0 and seed is None:
@@ -66,7 +70,7 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
 
 @segment_attention.register_fake
 def _(q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None, bottom_right=False,
-      dropout=0.0, seed=None):
+      dropout=0.0, seed=None, window_left=None, window_right=None):
     return q.new_empty(q.size(0), q.size(1), v.size(2))
 
 
@@ -75,14 +79,16 @@ def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
                                batch_dst: Tensor, batch_src: Tensor | None, scale: float,
                                causal: bool, attn_bias: Tensor | None = None,
                                bottom_right: bool = False, dropout: float = 0.0,
-                               seed: Tensor | None = None,
+                               seed: Tensor | None = None, window_left: int | None = None,
+                               window_right: int | None = None,
                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(dq, dk, dv, dbias)`` of :func:`segment_attention` for ``grad_out``
     (``dbias`` is empty without a bias)."""
     with_bias = attn_bias is not None
     inputs = [t.detach().requires_grad_() for t in (q, k, v, *([attn_bias] if with_bias else []))]
     with autograd_recording(), seeded(seed if dropout > 0 else None, q.device):
-        graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right)
+        graph, finite = _graph(q, k, v, batch_dst, batch_src, causal, bottom_right,
+                               (window_left, window_right))
         out = sdpa_attention(*inputs[:3], graph, scale=scale, dropout=dropout,
                              bias=inputs[3] if with_bias else None, inputs_finite=finite)
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
@@ -92,24 +98,27 @@ def segment_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
 
 @segment_attention_backward.register_fake
 def _(grad_out, q, k, v, batch_dst, batch_src, scale, causal, attn_bias=None,
-      bottom_right=False, dropout=0.0, seed=None):
+      bottom_right=False, dropout=0.0, seed=None, window_left=None, window_right=None):
     dbias = q.new_empty(0) if attn_bias is None else torch.empty_like(attn_bias)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right, dropout, seed = inputs
+    (q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right, dropout, seed,
+     window_left, window_right) = inputs
     ctx.save_for_backward(q, k, v, batch_dst, batch_src, attn_bias, seed)
     ctx.scale, ctx.causal, ctx.bottom_right, ctx.dropout = scale, causal, bottom_right, dropout
+    ctx.window = (window_left, window_right)
 
 
 def _backward(ctx, grad_out):
     q, k, v, batch_dst, batch_src, attn_bias, seed = ctx.saved_tensors
     dq, dk, dv, dbias = segment_attention_backward(grad_out, q, k, v, batch_dst, batch_src,
                                                    ctx.scale, ctx.causal, attn_bias,
-                                                   ctx.bottom_right, ctx.dropout, seed)
+                                                   ctx.bottom_right, ctx.dropout, seed,
+                                                   *ctx.window)
     return (dq, dk, dv, None, None, None, None, None if attn_bias is None else dbias, None,
-            None, None)
+            None, None, None, None)
 
 
 def refuse_double_backward(backward_op, what: str) -> None:
@@ -167,21 +176,24 @@ def autograd_recording():
 
 
 def _graph(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor, batch_src: Tensor | None,
-           causal: bool, bottom_right: bool) -> tuple[AttentionGraph, bool | None]:
+           causal: bool, bottom_right: bool,
+           window=(None, None)) -> tuple[AttentionGraph, bool | None]:
     """The graph, and whether ``q, k, v`` are finite, read with it (``None`` with validation
     off: nothing is read for it)."""
     bipartite = batch_src is not None
     batch = (batch_dst, batch_src) if bipartite else batch_dst
     causal = "bottom_right" if causal and bottom_right else causal
     flag = finite_flag(q, k, v) if validation_enabled() else None
-    return describe_graph(q.size(0), k.size(0), batch=batch, causal=causal,
+    return describe_graph(q.size(0), k.size(0), batch=batch, causal=causal, window=window,
                           bipartite=bipartite, finite_flag=flag)
 
 
 def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                             batch_src: Tensor | None, scale: float, causal: bool,
                             attn_bias: Tensor | None = None, bottom_right: bool = False,
-                            dropout: float = 0.0, seed: Tensor | None = None) -> Tensor:
+                            dropout: float = 0.0, seed: Tensor | None = None,
+                            window_left: int | None = None,
+                            window_right: int | None = None) -> Tensor:
     """:func:`segment_attention` as dense attention under a mask built from the graph ids,
     tensor operations only (no host reads), for exporters that cannot run the grouping."""
     same_src = batch_src is None
@@ -189,14 +201,16 @@ def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
     same = batch_dst.unsqueeze(1) == batch_src.unsqueeze(0)  # (N_dst, N_src)
     pos_dst = _positions(batch_dst)
     pos_src = pos_dst if same_src else _positions(batch_src)
-    if causal:
-        last_seen = pos_dst
-        if bottom_right:  # + n_src - n_dst of the target's graph
-            n_dst = (batch_dst.unsqueeze(1) == batch_dst.unsqueeze(0)).sum(1)
-            last_seen = pos_dst + same.sum(1) - n_dst
-        allowed = same & (pos_src.unsqueeze(0) <= last_seen.unsqueeze(1))
-    else:
-        allowed = same
+    diagonal = pos_dst  # pos(i) + d: + n_src - n_dst of the target's graph bottom-right
+    if causal and bottom_right:
+        diagonal = pos_dst + same.sum(1) - (batch_dst.unsqueeze(1) == batch_dst.unsqueeze(0)).sum(1)
+    offset = pos_src.unsqueeze(0) - diagonal.unsqueeze(1)  # pos(j) - pos(i) - d
+    allowed = same
+    right = 0 if causal else window_right
+    if right is not None:
+        allowed = allowed & (offset <= right)
+    if window_left is not None:
+        allowed = allowed & (offset >= -window_left)
     logits = torch.einsum("ihc,jhc->hij", q, k) * scale
     if attn_bias is not None:
         logits = logits + _dense_bias(attn_bias, batch_dst, same, pos_dst, pos_src)
@@ -231,14 +245,15 @@ def _positions(batch: Tensor) -> Tensor:
 def traced_segment_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,
                              batch_src: Tensor | None, scale: float, causal: bool,
                              attn_bias: Tensor | None = None,
-                             bottom_right: bool = False, dropout: float = 0.0) -> Tensor:
+                             bottom_right: bool = False, dropout: float = 0.0,
+                             window=(None, None)) -> Tensor:
     """:func:`segment_attention` for tracers; while ``torch.onnx.export`` traces a model, its ONNX
     decomposition instead: torch.onnx has no function for the operator and does not apply
     :data:`ONNX_DECOMPOSITIONS` unless asked, so the dense form goes into the graph itself."""
     fn = _masked_dense_attention if torch.onnx.is_in_onnx_export() else segment_attention
     seed = draw_seed() if dropout > 0 and fn is segment_attention else None
     return fn(q, k, v, batch_dst, batch_src, scale, causal, attn_bias, bottom_right, dropout,
-              seed)
+              seed, *window)
 
 
 #: For ``ExportedProgram.run_decompositions`` before ``torch.onnx.export``: the operator as

@@ -23,6 +23,7 @@ from gatattn.backends.common import (
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.graph import AttentionGraph, SegmentGroup
+from gatattn.graph.edges import seeing_rows
 from gatattn.graph.layout import head_major_layout
 from gatattn.transforms import functorch_active
 
@@ -69,14 +70,14 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
     if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
         group = plan.groups[0]
-        return _group_attention(group, q, k, v, _diagonal(graph, group), scale, dropout, math)
+        return _group_attention(group, q, k, v, _band(graph, group), scale, dropout, math)
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)
     rows_dst = [g.count * g.len_dst for g in plan.groups]
     rows_src = [g.count * g.len_src for g in plan.groups]
     outs = [
-        _group_attention(g, q_g, k_g, v_g, _diagonal(graph, g), scale, dropout, math)
+        _group_attention(g, q_g, k_g, v_g, _band(graph, g), scale, dropout, math)
         for g, q_g, k_g, v_g in zip(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
     ]
@@ -84,48 +85,73 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
     return unpermute_rows(out, plan.order_dst)
 
 
-def _diagonal(graph: AttentionGraph, group: SegmentGroup) -> int | None:
-    """The group's causal diagonal (it keeps ``j <= i + d``), ``None`` if not causal or if it
-    keeps every pair (one query per graph aligned bottom-right: a decoding step)."""
-    if not graph.causal:
+Band = tuple[int | None, int | None]
+
+
+def _band(graph: AttentionGraph, group: SegmentGroup) -> Band | None:
+    """The group's band ``(low, high)``: target ``i`` keeps ``i + low <= j <= i + high``; a
+    bound that removes no pair is ``None``, and ``None`` keeps every pair (not causal, no
+    window, or one query per graph aligned bottom-right: a decoding step)."""
+    if not graph.banded:
         return None
-    diagonal = graph.diagonal(group.len_dst, group.len_src)
-    return None if diagonal >= group.len_src - 1 else diagonal
+    return _effective(*graph.band(group.len_dst, group.len_src), group.len_dst, group.len_src)
 
 
-def _causal_mask(group: SegmentGroup, diagonal: int | None, device) -> Tensor | None:
-    """A boolean ``(len_dst, len_src)`` mask where the causal diagonal is not SDPA's
-    (``is_causal`` is the top-left one, ``d = 0``)."""
-    if not diagonal:
+def _effective(low: int | None, high: int | None, len_dst: int, len_src: int) -> Band | None:
+    """``(low, high)`` without the bounds that remove no pair of a ``len_dst x len_src``
+    block; ``None`` if neither removes one."""
+    if high is not None and high >= len_src - 1:
+        high = None
+    if low is not None and low <= 1 - len_dst:
+        low = None
+    return None if low is None and high is None else (low, high)
+
+
+def _band_mask(band: Band | None, len_dst: int, len_src: int, device) -> Tensor | None:
+    """A boolean ``(len_dst, len_src)`` mask of the band (``None``: no band)."""
+    if band is None:
         return None
-    return torch.ones(group.len_dst, group.len_src, dtype=torch.bool, device=device).tril(
-        diagonal)
+    low, high = band
+    mask = torch.ones(len_dst, len_src, dtype=torch.bool, device=device)
+    mask = mask if high is None else mask.tril(high)
+    return mask if low is None else mask.triu(low)
 
 
-def _without_blind_rows(group: SegmentGroup, q: Tensor, blind: int, attend) -> Tensor:
-    """A bottom-right causal group with ``blind`` more targets than sources: each graph's first
-    ``blind`` targets see no source (zeros); the rest form a square top-left causal block,
-    which ``attend(group, q)`` computes. Nothing is computed for blind rows, so a fully masked
-    softmax row (NaN) never arises."""
-    seeing = SegmentGroup(group.count, group.len_dst - blind, group.len_src)
-    q = q.view(group.count, group.len_dst, *q.shape[1:])[:, blind:].reshape(-1, *q.shape[1:])
-    out = attend(seeing, q)  # (count * seeing.len_dst, H, C_v)
-    out = out.view(group.count, seeing.len_dst, *out.shape[1:])
-    out = torch.cat([out.new_zeros(group.count, blind, *out.shape[2:]), out], dim=1)
-    return out.flatten(0, 1)
+def _seeing_rows_only(group: SegmentGroup, q: Tensor, band: Band, attend) -> Tensor | None:
+    """A band whose first or last targets see no source (a bottom-right causal graph with more
+    targets than sources; a window past the end of the sources): the targets that see some
+    form one run of rows, computed by ``attend(group, q, band)`` for that run alone, and the
+    rest get zeros. Nothing is computed for blind rows, so a fully masked softmax row (NaN)
+    never arises. ``None`` when every target sees a source."""
+    rows = seeing_rows(group.len_dst, group.len_src, *band)
+    if len(rows) == group.len_dst:
+        return None
+    seeing = SegmentGroup(group.count, len(rows), group.len_src)
+    shifted = _effective(*(None if b is None else b + rows.start for b in band),
+                         seeing.len_dst, seeing.len_src)
+    q = q.view(group.count, group.len_dst, *q.shape[1:])[:, rows.start:rows.stop]
+    out = attend(seeing, q.reshape(-1, *q.shape[2:]), shifted)  # (count * len(rows), H, C_v)
+    out = out.view(group.count, len(rows), *out.shape[1:])
+    before = out.new_zeros(group.count, rows.start, *out.shape[2:])
+    after = out.new_zeros(group.count, group.len_dst - rows.stop, *out.shape[2:])
+    return torch.cat([before, out, after], dim=1).flatten(0, 1)
 
 
-def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout: float,
+def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: float,
                      math: bool) -> Tensor:
-    """One size group's attention; ``diagonal``: the causal one, ``None`` if not causal."""
+    """One size group's attention; ``band``: :func:`_band` (``None``: every pair)."""
     H, H_kv, C_v = q.size(1), k.size(1), v.size(2)
     gqa = bool(H_kv != H)  # sizes are tensors under torch.jit.trace; SDPA takes a bool
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
-    if diagonal is not None and diagonal < 0:
-        return _without_blind_rows(group, q, -diagonal, lambda g, q_g: _group_attention(
-            g, q_g, k, v, 0, scale, dropout, math))
-    mask = _causal_mask(group, diagonal, q.device)
+    if band is not None:
+        out = _seeing_rows_only(group, q, band, lambda g, q_g, b: _group_attention(
+            g, q_g, k, v, b, scale, dropout, math))
+        if out is not None:
+            return out
+    # SDPA's is_causal is the top-left causal band; any other band is a boolean mask.
+    mask = None if band == (None, 0) else _band_mask(band, group.len_dst, group.len_src,
+                                                     q.device)
     if scale <= 0:
         # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
         # backend): fold such a scale into the queries instead.
@@ -136,7 +162,7 @@ def _group_attention(group, q, k, v, diagonal: int | None, scale: float, dropout
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=bool(diagonal == 0), scale=scale,
+                                              is_causal=band == (None, 0), scale=scale,
                                               enable_gqa=gqa)
 
     def math_backend(q, k, v):
@@ -189,7 +215,7 @@ def implicit_lse(q: Tensor, k: Tensor, graph: AttentionGraph, scale: float,
         bias = permute_rows(bias, head_major_layout(graph, plan, H, bias.device).bias)
         biases = bias.to(dtype).split([g.count * g.len_dst * g.len_src for g in plan.groups])
     lses = [
-        _group_lse(g, q_g, k_g, b_g, _diagonal(graph, g), scale)
+        _group_lse(g, q_g, k_g, b_g, _band(graph, g), scale)
         for g, q_g, k_g, b_g in zip(
             plan.groups, q.split([g.count * g.len_dst for g in plan.groups]),
             k.split([g.count * g.len_src for g in plan.groups]), biases, strict=True)
@@ -198,7 +224,7 @@ def implicit_lse(q: Tensor, k: Tensor, graph: AttentionGraph, scale: float,
 
 
 def _group_lse(g: SegmentGroup, q: Tensor, k: Tensor, bias: Tensor | None,
-               diagonal: int | None, scale: float) -> Tensor:
+               band: Band | None, scale: float) -> Tensor:
     """One size group's ``(count * len_dst, H)`` log-sum-exp. Grouped kv heads are read as
     they are: query heads are laid out per kv head, ``(count, H_kv, group * len_dst, C)``."""
     H, H_kv, C = q.size(1), k.size(1), q.size(2)
@@ -209,9 +235,7 @@ def _group_lse(g: SegmentGroup, q: Tensor, k: Tensor, bias: Tensor | None,
     k = k.view(g.count, g.len_src, H_kv, C).permute(0, 2, 3, 1)  # (B, H_kv, C, S)
     if bias is not None:
         bias = bias.view(g.count, g.len_dst, g.len_src, H)
-    keep = None
-    if diagonal is not None:  # blind targets (diagonal < 0) keep nothing: -inf
-        keep = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device).tril(diagonal)
+    keep = _band_mask(band, g.len_dst, g.len_src, q.device)  # blind targets keep nothing: -inf
     rows = max(1, LSE_CHUNK_LOGITS // max(1, g.count * H * g.len_src))
     lses = []
     for start in range(0, g.len_dst, rows):
@@ -273,7 +297,7 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
         out = _biased_group_attention(
             g, q_g.view(batch, g.len_dst, q.size(2)), k_g.view(batch, g.len_src, k.size(2)),
             v_g.view(batch, g.len_src, C_v), bias_g.reshape(batch, g.len_dst, g.len_src),
-            _diagonal(graph, g), scale, dropout)
+            _band(graph, g), scale, dropout)
         outs.append(out.reshape(-1, C_v))
     return unpermute_rows(torch.cat(outs).to(q.dtype), layout.dst).view(-1, H, C_v)
 
@@ -286,24 +310,29 @@ def _computed(x: Tensor) -> Tensor:
 
 
 def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
-                            diagonal: int | None, scale: float, dropout: float) -> Tensor:
+                            band: Band | None, scale: float, dropout: float) -> Tensor:
     """One size group's ``(count * H, len_dst, C_v)`` attention from ``(count * H, len, C)``
-    batches and its ``(count * H, len_dst, len_src)`` bias (``-inf`` above the causal
-    ``diagonal``). Written out as SDPA's math backend computes it: a mask that needs a gradient
+    batches and its ``(count * H, len_dst, len_src)`` bias (``-inf`` outside the ``band``).
+    Written out as SDPA's math backend computes it: a mask that needs a gradient
     sends SDPA there anyway, and this form, twice differentiable as it stands, needs no
     recompute wrapper. The bias's gradient is the logits' gradient, one value per pair."""
     if g.len_dst == 0 or g.len_src == 0:  # no keys: the zero-output policy
         on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum() + bias[:0].sum()
         return v.new_zeros(q.size(0), g.len_dst, v.size(2)) + on_graph
-    if diagonal is not None and diagonal < 0:  # blind targets first, then a square block
-        blind = -diagonal
-        seeing = SegmentGroup(g.count, g.len_dst - blind, g.len_src)
-        out = _biased_group_attention(seeing, q[:, blind:], k, v, bias[:, blind:], 0, scale,
-                                      dropout)
-        return torch.cat([out.new_zeros(out.size(0), blind, out.size(2)), out], dim=1)
-    if diagonal is not None:
-        future = torch.ones(g.len_dst, g.len_src, dtype=torch.bool, device=q.device)
-        bias = bias.masked_fill(future.triu(diagonal + 1), float("-inf"))
+    if band is not None:
+        rows = seeing_rows(g.len_dst, g.len_src, *band)
+        if len(rows) < g.len_dst:  # blind targets get zeros, the rest are one run of rows
+            seeing = SegmentGroup(g.count, len(rows), g.len_src)
+            shifted = _effective(*(None if b is None else b + rows.start for b in band),
+                                 seeing.len_dst, seeing.len_src)
+            out = _biased_group_attention(seeing, q[:, rows.start:rows.stop], k, v,
+                                          bias[:, rows.start:rows.stop], shifted, scale,
+                                          dropout)
+            return torch.cat([out.new_zeros(out.size(0), rows.start, out.size(2)), out,
+                              out.new_zeros(out.size(0), g.len_dst - rows.stop, out.size(2))],
+                             dim=1)
+        bias = bias.masked_fill(~_band_mask(band, g.len_dst, g.len_src, q.device),
+                                float("-inf"))
     logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     weights = _safe_softmax(logits)
     if dropout > 0:

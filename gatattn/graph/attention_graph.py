@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 import gatattn.graph as limits  # the package: a caller sets its MAX_*_EDGES limits there
-from gatattn.graph.edges import causal_pair_count, complete_edges
+from gatattn.graph.edges import band_pair_count, complete_edges
 from gatattn.graph.membership import Membership
 from gatattn.graph.plan import PackedSegments, SegmentGroup, SegmentPlan
+from gatattn.graph.switches import Window
 
 if TYPE_CHECKING:
     from gatattn.backends.csr import CSR
@@ -35,7 +36,9 @@ class AttentionGraph:
     implicit: one complete graph per graph of ``membership`` (all nodes in one graph when it is
     ``None``), restricted to ``pos(j) <= pos(i) + d`` when ``causal``: ``d = 0``, or
     ``d = n_src - n_dst`` of the graph with ``bottom_right`` (set only where it differs: on
-    bipartite graphs).
+    bipartite graphs), and to ``pos(i) + d - left <= pos(j) <= pos(i) + d + right`` with a
+    ``window`` ``(left, right)`` (``None``: no bound on that side; causal: ``right = 0``). An
+    edge set keeps its edges inside that band.
 
     Immutable: what is derived from it (graph sizes, the grouping by size and its node
     permutations, the routes' layouts, materialised edges) is derived once and kept with it,
@@ -49,7 +52,10 @@ class AttentionGraph:
     causal: bool = False
     bipartite: bool = False
     bottom_right: bool = False
-    #: With ``causal`` and an explicit edge_index: the indices of the given edges kept.
+    #: ``(left, right)`` of a sliding window (:func:`~gatattn.graph.switches.window_mode`).
+    window: Window | None = None
+    #: With ``causal`` or ``window`` and an explicit edge_index: the indices of the given
+    #: edges kept.
     kept_edges: Tensor | None = None
     #: With ``kept_edges``: how many edges were given.
     given_edges: int = 0
@@ -73,7 +79,8 @@ class AttentionGraph:
         else:
             kind = "complete" if self.membership is None else "batched complete"
             body = f"{kind}, graphs={self.num_graphs}, nodes={nodes}, pairs={self.num_edges()}"
-        return f"AttentionGraph({body}, causal={causal}, device={self.device})"
+        window = "" if self.window is None else f", window={self.window}"
+        return f"AttentionGraph({body}, causal={causal}{window}, device={self.device})"
 
     @property
     def device(self) -> torch.device | None:
@@ -92,7 +99,7 @@ class AttentionGraph:
             self.num_dst, self.num_src,
             edge_index=None if self.edge_index is None else self.edge_index.to(device),
             membership=moved, causal=self.causal, bipartite=self.bipartite,
-            bottom_right=self.bottom_right,
+            bottom_right=self.bottom_right, window=self.window,
             kept_edges=None if self.kept_edges is None else self.kept_edges.to(device),
             given_edges=self.given_edges)
         # Sizes travel on the host, so what routes derive there needs no host read either.
@@ -104,8 +111,13 @@ class AttentionGraph:
         return self.edge_index is None
 
     @property
+    def banded(self) -> bool:
+        """Causal or windowed: not every pair of a graph is kept."""
+        return self.causal or self.window is not None
+
+    @property
     def num_given_edges(self) -> int:
-        """Edges of the given edge set, before a causal graph dropped any (rows of the
+        """Edges of the given edge set, before a causal graph or a window dropped any (rows of the
         ``edge_attr`` and ``attn_bias`` that come with it)."""
         if self.kept_edges is not None:
             return self.given_edges
@@ -156,6 +168,20 @@ class AttentionGraph:
         """The causal diagonal ``d`` of a graph with these sizes: it keeps ``j <= i + d``."""
         return len_src - len_dst if self.bottom_right else 0
 
+    def window_sides(self) -> Window:
+        """``(left, right)`` bounds around the diagonal, ``None`` where there is none (causal:
+        ``right`` 0)."""
+        left, right = (None, None) if self.window is None else self.window
+        return left, 0 if self.causal else right
+
+    def band(self, len_dst: int, len_src: int) -> tuple[int | None, int | None]:
+        """``(low, high)``: a graph with these sizes keeps ``pos(i) + low <= pos(j) <= pos(i) +
+        high`` (``None``: no bound on that side; ``(None, None)``: every pair)."""
+        left, right = self.window_sides()
+        diagonal = self.diagonal(len_dst, len_src)
+        return (None if left is None else diagonal - left,
+                None if right is None else diagonal + right)
+
     def target_diagonals(self, device) -> Tensor:
         """``(N_dst,)`` the causal diagonal of each target's graph (no host read)."""
         if not self.bottom_right:
@@ -169,9 +195,7 @@ class AttentionGraph:
         if self.edge_index is not None:
             return self.edge_index.size(1)
         sizes = zip(*self.host_sizes(), strict=True)
-        if not self.causal:
-            return sum(d * s for d, s in sizes)
-        return sum(causal_pair_count(d, s, self.diagonal(d, s)) for d, s in sizes)
+        return sum(band_pair_count(d, s, *self.band(d, s)) for d, s in sizes)
 
     def segment_plan(self) -> SegmentPlan:
         """The grouping of graphs by size used by the dense route (derived once per batch)."""

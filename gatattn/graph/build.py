@@ -3,7 +3,8 @@
 The caller says nothing (one complete graph), gives ``batch`` or ``ptr`` (one complete graph per
 graph of a PyG batch), asks for ``causal`` (a DAG ``j -> i`` iff ``pos(j) <= pos(i) + d`` inside
 a graph, see :func:`~gatattn.graph.causal_mode`), gives a bipartite pair of each
-(cross-attention), or gives an explicit ``edge_index``. :func:`build_graph` validates all of it
+(cross-attention), narrows each graph to a sliding ``window`` (a band around its diagonal), or
+gives an explicit ``edge_index``. :func:`build_graph` validates all of it
 once and returns an :class:`~gatattn.graph.AttentionGraph`; the backends read that and nothing
 else. :func:`describe_graph` is the same for one call's keyword description.
 
@@ -18,9 +19,9 @@ from torch import Tensor
 
 from gatattn.graph.attention_graph import AttentionGraph
 from gatattn.graph.checks import check_graph_devices
-from gatattn.graph.edges import causal_edges, check_edge_index
+from gatattn.graph.edges import band_edges, check_edge_index
 from gatattn.graph.membership import parse_membership
-from gatattn.graph.switches import causal_mode, validation_enabled
+from gatattn.graph.switches import causal_mode, validation_enabled, window_mode
 from gatattn.transforms import compiling
 
 
@@ -30,6 +31,7 @@ def build_graph(
     batch: Tensor | tuple[Tensor, Tensor] | None = None,
     ptr: Tensor | tuple[Tensor, Tensor] | None = None,
     causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
     num_nodes: int | tuple[int, int] | None = None,
 ) -> AttentionGraph:
     """The graph attention runs over, as one immutable object: build it once per batch and
@@ -51,6 +53,12 @@ def build_graph(
             (default: :obj:`None`)
         causal: :obj:`False`, :obj:`True` / ``"top_left"`` or ``"bottom_right"``
             (:data:`CAUSAL_ALIGNMENTS`). (default: :obj:`False`)
+        window: ``(left, right)``: each graph keeps only the sources ``pos(i) + d - left <=
+            pos(j) <= pos(i) + d + right`` of target ``i`` (``d``: the causal diagonal, 0 unless
+            ``causal="bottom_right"`` on a bipartite graph), FlashAttention's ``window_size``
+            with ``None`` for a side without bound. With ``causal`` the right side is the
+            diagonal: ``(left, 0)`` or ``(left, None)``. An edge set keeps its edges inside
+            the band. (default: :obj:`None`)
         num_nodes: the node count, or ``(n_dst, n_src)`` for cross-attention; needed only
             where nothing else gives it (a complete graph, a plain ``edge_index``).
             (default: :obj:`None`)
@@ -65,7 +73,7 @@ def build_graph(
     # tensor's structure is built from a private copy of its ids anyway.)
     edge_index, ptr = _private(edge_index), _private(ptr)
     graph, _ = describe_graph(num_dst, num_src, edge_index=edge_index, batch=batch, ptr=ptr,
-                              causal=causal, bipartite=bipartite,
+                              causal=causal, window=window, bipartite=bipartite,
                               validate=not compiling())
     return graph.prepare()
 
@@ -127,6 +135,7 @@ def describe_graph(
     batch: Tensor | tuple[Tensor, Tensor] | None = None,
     ptr: Tensor | tuple[Tensor, Tensor] | None = None,
     causal: bool | str = False,
+    window: tuple[int | None, int | None] | None = None,
     bipartite: bool = False,
     validate: bool | None = None,
     finite_flag: Tensor | None = None,
@@ -144,6 +153,7 @@ def describe_graph(
     validate = validation_enabled() if validate is None else validate
     causal, bottom_right = causal_mode(causal)
     bottom_right = bottom_right and bipartite  # self-attention: the same graph as top-left
+    window = window_mode(window, causal)
     extra = [] if finite_flag is None else [finite_flag.reshape(1)]
     membership, extra_values = parse_membership(num_dst, num_src, batch, ptr, bipartite,
                                                  validate, extra)
@@ -153,14 +163,16 @@ def describe_graph(
     if edge_index is not None:
         edge_index = check_edge_index(edge_index, num_dst, num_src, validate)
         kept, given = None, edge_index.size(1)
-        if causal:
-            kept = causal_edges(edge_index, AttentionGraph(
-                num_dst, num_src, membership=membership, bottom_right=bottom_right))
+        if causal or window is not None:
+            kept = band_edges(edge_index, AttentionGraph(
+                num_dst, num_src, membership=membership, causal=causal,
+                bottom_right=bottom_right, window=window))
             # Indices rather than the mask: selecting by them later reads nothing on the host.
             kept = kept.nonzero().squeeze(1)
             edge_index = edge_index.index_select(1, kept)
         return AttentionGraph(num_dst, num_src, edge_index=edge_index, causal=causal,
-                              bipartite=bipartite, bottom_right=bottom_right,
+                              bipartite=bipartite, bottom_right=bottom_right, window=window,
                               kept_edges=kept, given_edges=given), inputs_finite
     return AttentionGraph(num_dst, num_src, membership=membership, causal=causal,
-                          bipartite=bipartite, bottom_right=bottom_right), inputs_finite
+                          bipartite=bipartite, bottom_right=bottom_right,
+                          window=window), inputs_finite

@@ -1,5 +1,10 @@
-"""Edge sets: the checks of a given ``edge_index``, the causal filter of its edges, and the edges
-of an implicit graph materialised (for attention weights, edge features and message passing).
+"""Edge sets: the checks of a given ``edge_index``, the causal and window filter of its edges, and
+the edges of an implicit graph materialised (for attention weights, edge features and message
+passing).
+
+A causal graph, a window or both keep a band around each graph's diagonal: target ``i`` keeps the
+sources ``pos(i) + low <= pos(j) <= pos(i) + high`` (``None``: no bound on that side), see
+:meth:`~gatattn.graph.AttentionGraph.band`.
 """
 
 from __future__ import annotations
@@ -60,12 +65,49 @@ def check_edge_index(edge_index: Tensor, num_dst: int, num_src: int, validate: b
     return edge_index
 
 
-def causal_edges(edge_index: Tensor, graph: AttentionGraph) -> Tensor:
-    """Boolean mask of the edges ``j -> i`` with ``pos(j) <= pos(i) + d`` (``graph``: the
-    implicit graph with the edges' membership and alignment)."""
-    pos_dst, pos_src = graph.positions(edge_index.device)
-    limit = pos_dst + graph.target_diagonals(edge_index.device)
-    return pos_src[edge_index[0]] <= limit[edge_index[1]]
+def band_edges(edge_index: Tensor, graph: AttentionGraph) -> Tensor:
+    """Boolean mask of the edges ``j -> i`` inside the band of ``graph`` (the implicit graph
+    with the edges' membership, alignment and window): ``pos(j) - pos(i) - d`` within the
+    window's ``[-left, right]`` (causal: ``right = 0``)."""
+    device = edge_index.device
+    pos_dst, pos_src = graph.positions(device)
+    offset = pos_src[edge_index[0]] - (pos_dst + graph.target_diagonals(device))[edge_index[1]]
+    left, right = graph.window_sides()
+    keep = torch.ones_like(offset, dtype=torch.bool) if right is None else offset <= right
+    return keep if left is None else keep & (offset >= -left)
+
+
+def band_pair_count(len_dst: int, len_src: int, low: int | None, high: int | None) -> int:
+    """How many pairs ``0 <= i < len_dst``, ``0 <= j < len_src`` have ``i + low <= j <= i +
+    high`` (``None``: no bound)."""
+    kept = causal_pair_count(len_dst, len_src, len_src if high is None else high)
+    return kept if low is None else kept - causal_pair_count(len_dst, len_src, low - 1)
+
+
+def seeing_rows(len_dst: int, len_src: int, low: int | None, high: int | None) -> range:
+    """The targets of a band that see at least one source: one run of rows (the band's
+    interval moves right by one per row), the rows before and after it see nothing."""
+    if len_src == 0:
+        return range(0)
+    first = 0 if high is None else max(0, -high)
+    stop = len_dst if low is None else min(len_dst, len_src - low)
+    return range(first, max(first, stop))
+
+
+def band_indices(len_dst: int, len_src: int, low: int | None, high: int | None,
+                 device) -> tuple[Tensor, Tensor]:
+    """``(dst, src)`` positions of a band's pairs, row-major, built from its rows alone: never
+    the ``len_dst * len_src`` pairs of the whole block first. The pair count is known on the
+    host, so nothing is read."""
+    rows = torch.arange(len_dst, device=device)
+    start = torch.zeros_like(rows) if low is None else (rows + low).clamp(0, len_src)
+    stop = torch.full_like(rows, len_src) if high is None else (rows + high + 1).clamp(0, len_src)
+    counts = (stop - start).clamp(min=0)
+    total = band_pair_count(len_dst, len_src, low, high)
+    dst = torch.repeat_interleave(rows, counts, output_size=total)
+    first_of_row = torch.cumsum(counts, 0) - counts
+    src = start.index_select(0, dst) + torch.arange(total, device=device) - first_of_row[dst]
+    return dst, src
 
 
 def causal_pair_count(len_dst: int, len_src: int, diagonal: int) -> int:
@@ -85,9 +127,13 @@ def complete_edges(graph: AttentionGraph) -> Tensor:
     device = None if graph.membership is None else graph.membership.dst.ptr.device
     blocks, start_dst, start_src = [], 0, 0
     for g in plan.groups:
-        # Row-major (by target, then source); tril_indices knows its size without a read.
-        diagonal = graph.diagonal(g.len_dst, g.len_src) if graph.causal else g.len_src
-        dst, src = torch.tril_indices(g.len_dst, g.len_src, diagonal, device=device)
+        # Row-major (by target, then source); both know their size without a read.
+        low, high = graph.band(g.len_dst, g.len_src)
+        if low is None:
+            diagonal = g.len_src if high is None else high
+            dst, src = torch.tril_indices(g.len_dst, g.len_src, diagonal, device=device)
+        else:
+            dst, src = band_indices(g.len_dst, g.len_src, low, high, device)
         graph_ids = torch.arange(g.count, device=device).unsqueeze(1)
         dst = (start_dst + graph_ids * g.len_dst + dst).flatten()
         src = (start_src + graph_ids * g.len_src + src).flatten()

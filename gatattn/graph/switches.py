@@ -1,4 +1,5 @@
-"""The two switches a caller sets: ``causal`` (which alignment) and value validation (on or off).
+"""The switches a caller sets: ``causal`` (which alignment), ``window`` (a band around the
+diagonal) and value validation (on or off).
 """
 
 from __future__ import annotations
@@ -28,6 +29,37 @@ def causal_mode(causal) -> tuple[bool, bool]:
         return True, causal == "bottom_right"
     raise ValueError(
         f"causal must be one of {', '.join(map(repr, CAUSAL_ALIGNMENTS))}, got {causal!r}")
+
+
+Window = tuple[int | None, int | None]
+
+
+def window_mode(window, causal: bool) -> Window | None:
+    """A ``window`` argument as ``(left, right)``, or ``None`` where it keeps every pair.
+
+    A window keeps, inside each graph, the sources ``pos(i) + d - left <= pos(j) <= pos(i) + d +
+    right`` of target ``i``, with the graph's causal diagonal ``d`` (0 unless ``causal`` is
+    ``"bottom_right"`` on a bipartite graph): FlashAttention's ``window_size``, with ``None``
+    (not -1) for a side without bound. ``causal`` already bounds the right side at the
+    diagonal, so it takes ``right`` 0 or ``None`` only, and the window's ``right`` is then 0."""
+    if window is None:
+        return None
+    if not (isinstance(window, (tuple, list)) and len(window) == 2
+            and all(w is None or (isinstance(w, int) and not isinstance(w, bool) and w >= 0)
+                    for w in window)):
+        raise ValueError(
+            f"window must be None or a (left, right) pair of ints >= 0, None for a side without "
+            f"bound (FlashAttention's -1), got {window!r}")
+    left, right = window
+    if causal:
+        if right not in (None, 0):
+            raise ValueError(
+                f"causal attention already keeps j <= i (right = 0), got window={window!r}; "
+                "pass window=(left, 0) with causal, or a (left, right) window without it")
+        right = 0
+    if left is None and (right is None or causal):
+        return None  # every pair, or exactly the causal graph
+    return left, right
 
 
 def validation_enabled() -> bool:

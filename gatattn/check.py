@@ -2,10 +2,10 @@
 
 The test suite's equivalence checks, as a tool for any machine and device: each available route
 (``sdpa``, ``sparse``, ``triton``) runs each graph kind (complete, batched with awkward sizes,
-causal, bipartite, an edge set with duplicates and isolated targets; three of them with an
-``attn_bias``; one with grouped-query heads, ``k`` and ``v`` with a single head) in each dtype
-it computes in, forward and the gradients of ``q``, ``k``, ``v`` (and of the bias), and is
-compared with the reference in float64 under the project's tolerance rule:
+causal, bipartite, sliding windows, an edge set with duplicates and isolated targets; four of
+them with an ``attn_bias``; one with grouped-query heads, ``k`` and ``v`` with a single head) in
+each dtype it computes in, forward and the gradients of ``q``, ``k``, ``v`` (and of the bias),
+and is compared with the reference in float64 under the project's tolerance rule:
 
     |out - ref_hi| <= 2 |ref_lo - ref_hi| + floor
 
@@ -119,6 +119,14 @@ def cases() -> list[Case]:
                           duplicates=False)),
         replace(_implicit("grouped-query (one kv head), causal, ptr, sequences of 6, 1, 11",
                           [6, 1, 11], [6, 1, 11], causal=True), kv_heads=1),
+        _implicit("window (3, 2), ptr, sequences of 5, 17, 1", [5, 17, 1], [5, 17, 1],
+                  window=(3, 2)),
+        _implicit("causal window (4, 0), unsorted batch, graphs of 0, 1, 7, 20", [0, 1, 7, 20],
+                  [0, 1, 7, 20], causal=True, shuffle=True, window=(4, 0)),
+        _implicit("bipartite causal bottom-right window (2, 0), 9x4 and 2x7 per graph", [9, 2],
+                  [4, 7], causal="bottom_right", window=(2, 0)),
+        _with_bias(_implicit("attn_bias, window (None, 3), bipartite, 3x6 and 8x2 per graph",
+                             [3, 8], [6, 2], window=(None, 3))),
     ]
 
 
@@ -198,10 +206,12 @@ def _cast(tensors, dtype: torch.dtype, device) -> tuple[Tensor, ...]:
 
 
 def _implicit(name: str, sizes_dst: list[int], sizes_src: list[int], *,
-              causal: bool | str = False, shuffle: bool = False) -> Case:
+              causal: bool | str = False, shuffle: bool = False,
+              window: tuple[int | None, int | None] | None = None) -> Case:
     """One complete graph per entry of ``sizes_*``, given by ``batch`` (shuffled: nodes of a
     graph need not be contiguous) or ``ptr``; causal keeps ``pos(j) <= pos(i) + d`` per graph,
-    ``d = n_src - n_dst`` when ``"bottom_right"``, else 0."""
+    ``d = n_src - n_dst`` when ``"bottom_right"``, else 0; a window ``(left, right)`` keeps
+    ``-left <= pos(j) - pos(i) - d <= right``."""
     batch_dst = torch.repeat_interleave(torch.arange(len(sizes_dst)), torch.tensor(sizes_dst))
     batch_src = torch.repeat_interleave(torch.arange(len(sizes_src)), torch.tensor(sizes_src))
     if shuffle:
@@ -210,17 +220,23 @@ def _implicit(name: str, sizes_dst: list[int], sizes_src: list[int], *,
         batch_src = batch_dst if sizes_src == sizes_dst else batch_src
     pos_dst, pos_src = _positions(batch_dst), _positions(batch_src)
     mask = batch_dst[:, None] == batch_src[None, :]
-    if causal:
-        diagonal = torch.tensor(sizes_src) - torch.tensor(sizes_dst)
-        last_seen = pos_dst + (diagonal[batch_dst] if causal == "bottom_right" else 0)
-        mask &= pos_src[None, :] <= last_seen[:, None]
+    diagonal = torch.tensor(sizes_src) - torch.tensor(sizes_dst)
+    offset = pos_src[None, :] - pos_dst[:, None]  # pos(j) - pos(i) - d
+    offset = offset - (diagonal[batch_dst][:, None] if causal == "bottom_right" else 0)
+    left, right = window or (None, None)
+    right = 0 if causal else right
+    if right is not None:
+        mask &= offset <= right
+    if left is not None:
+        mask &= offset >= -left
     bipartite = sizes_dst != sizes_src
     if shuffle:
         graph = {"batch": (batch_dst, batch_src) if bipartite else batch_dst}
     else:
         ptr_dst, ptr_src = (torch.tensor([0, *sizes]).cumsum(0) for sizes in (sizes_dst, sizes_src))
         graph = {"ptr": (ptr_dst, ptr_src) if bipartite else ptr_dst}
-    return Case(name, sum(sizes_dst), sum(sizes_src), {**graph, "causal": causal}, mask)
+    return Case(name, sum(sizes_dst), sum(sizes_src),
+                {**graph, "causal": causal, "window": window}, mask)
 
 
 def _positions(batch: Tensor) -> Tensor:

@@ -190,6 +190,7 @@ class SelfAttentionConv(MessagePassing):
         batch: Tensor | tuple[Tensor, Tensor] | None = None,
         ptr: Tensor | tuple[Tensor, Tensor] | None = None,
         causal: bool | str = False,
+        window: tuple[int | None, int | None] | None = None,
         attn_bias: Tensor | None = None,
     ):
         r"""Runs the forward pass of the module.
@@ -211,7 +212,8 @@ class SelfAttentionConv(MessagePassing):
             graph (AttentionGraph, optional): The graph from :func:`gatattn.build_graph`,
                 built once per batch and shared by every layer (targets are ``x_dst``'s
                 nodes, sources ``x_src``'s); it replaces :obj:`edge_index`, :obj:`batch`,
-                :obj:`ptr` and :obj:`causal`, and the call reads nothing on the host.
+                :obj:`ptr`, :obj:`causal` and :obj:`window`, and the call reads nothing on
+                the host.
                 (default: :obj:`None`)
             batch (torch.Tensor or pair, optional): Graph id per node, or
                 ``(batch_src, batch_dst)`` for cross-attention. (default: :obj:`None`)
@@ -221,6 +223,9 @@ class SelfAttentionConv(MessagePassing):
                 inside each graph; for cross-attention aligned top-left (:obj:`True`, as SDPA's
                 ``is_causal``) or with :obj:`"bottom_right"` each graph's last query sees its
                 last key (see :func:`gatattn.attention`). (default: :obj:`False`)
+            window ((int, int), optional): A sliding window ``(left, right)`` around that
+                diagonal inside each graph (see :func:`gatattn.attention`).
+                (default: :obj:`None`)
             attn_bias (torch.Tensor, optional): Additive logit bias per head, laid out as
                 :func:`gatattn.attention` takes it: ``(E, heads)`` with edges, else each
                 graph's ``n_dst x n_src`` block, target-major, stacked. (default: :obj:`None`)
@@ -229,7 +234,7 @@ class SelfAttentionConv(MessagePassing):
         self._validate_features(x_src, x_dst)
         query, key, value = self.project(x_src, x_dst)
         if graph is not None:
-            check_graph_call(graph, query, key, edge_index, batch, ptr, causal)
+            check_graph_call(graph, query, key, edge_index, batch, ptr, causal, window)
             if self.flow != "source_to_target":
                 raise ValueError("graph= describes attention source -> target; a layer with "
                                  "flow='target_to_source' takes edge_index instead")
@@ -240,11 +245,12 @@ class SelfAttentionConv(MessagePassing):
         want_weights = isinstance(return_attention_weights, bool)
 
         if self.runs_propagate():
-            graph = graph or self._message_graph(query, key, adjacency, batch, ptr, causal)
+            graph = graph or self._message_graph(query, key, adjacency, batch, ptr, causal,
+                                                 window)
             out, edges, alpha = self._propagate(query, key, value, graph, edge_attr, attn_bias)
         else:
             out, edges, alpha = self._fused(query, key, value, graph, adjacency, edge_attr,
-                                            batch, ptr, causal, want_weights, attn_bias)
+                                            batch, ptr, causal, window, want_weights, attn_bias)
 
         out = self.finish(out, x_dst)
         if not want_weights:
@@ -289,13 +295,13 @@ class SelfAttentionConv(MessagePassing):
         return (bool(self.explain) or self._edge_mask is not None or any(hooks)
                 or self.aggr not in ("add", "sum") or self.flow != "source_to_target")
 
-    def _fused(self, query, key, value, graph, adjacency, edge_attr, batch, ptr, causal,
+    def _fused(self, query, key, value, graph, adjacency, edge_attr, batch, ptr, causal, window,
                want_weights, attn_bias):
         """Attention through :func:`gatattn.attention` (fused routes): ``(out, edges, alpha)``."""
         result = attention(
             query, key, value, graph=graph,
             edge_index=None if adjacency is None else adjacency.edge_index,
-            batch=_dst_src(batch), ptr=_dst_src(ptr), causal=causal,
+            batch=_dst_src(batch), ptr=_dst_src(ptr), causal=causal, window=window,
             temperature=self.temperature, dropout=self.dropout if self.training else 0.0,
             edge_attr=self._embed_edges(edge_attr), attn_bias=attn_bias,
             return_attention_weights=want_weights, backend=self.backend)
@@ -304,25 +310,25 @@ class SelfAttentionConv(MessagePassing):
         out, (edges, alpha) = result
         return out, edges, alpha
 
-    def _message_graph(self, query, key, adjacency, batch, ptr, causal) -> AttentionGraph:
-        """The graph :meth:`propagate` runs over, from the call's keywords; its ``edge_index``
-        source -> target whatever :obj:`flow` says."""
+    def _message_graph(self, query, key, adjacency, batch, ptr, causal, window):
+        """The graph :meth:`propagate` runs over, from the call's keywords (source -> target
+        whatever :obj:`flow` says)."""
         num_dst, num_src = query.size(0), key.size(0)
-        bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list)) or (
-            num_dst != num_src)
+        bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list))
+        bipartite = bipartite or num_dst != num_src
         given = None if adjacency is None else adjacency.edge_index
         if given is not None and self.flow != "source_to_target":
             given = given.flip(0)  # the graph module reads row 0 as sources
         check_graph_devices(query.device, edge_index=given, batch=batch, ptr=ptr)
         refuse_unread_graph(query.device, given, batch, ptr, None)
         graph, _ = describe_graph(num_dst, num_src, edge_index=given, batch=_dst_src(batch),
-                                  ptr=_dst_src(ptr), causal=causal, bipartite=bipartite)
+                                  ptr=_dst_src(ptr), causal=causal, window=window,
+                                  bipartite=bipartite)
         return graph
 
     def _propagate(self, query, key, value, graph: AttentionGraph, edge_attr, attn_bias):
-        """Attention through :meth:`propagate` and :meth:`message` over ``graph``: ``(out,
-        edges, alpha)``, ``edges`` oriented as :obj:`flow` says. Implicit graphs are built as
-        edges (size-checked, kept with the graph)."""
+        """Attention through :meth:`propagate` and :meth:`message` over ``graph``'s edges
+        (materialised if implicit): ``(out, edges, alpha)``, ``edges`` as :obj:`flow` says."""
         edges = graph.to_edge_index()
         if graph.kept_edges is not None and edge_attr is not None:
             edge_attr = edge_attr[graph.kept_edges]
@@ -411,11 +417,8 @@ class SelfAttentionConv(MessagePassing):
         return gate * x_root + (1 - gate) * out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # TransformerConv always has lin_skip, even with root_weight=False, where it never
-        # computes anything; such a state_dict loads here without it.
-        if self.lin_skip is None:
-            for key in [k for k in state_dict if k.startswith(prefix + "lin_skip.")]:
-                del state_dict[key]
+        if self.lin_skip is None:  # TransformerConv has one even where it computes nothing
+            from_peers.drop_root_weights(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
@@ -432,9 +435,8 @@ class SelfAttentionConv(MessagePassing):
 
 
 def _check_counts(**counts) -> None:
-    """Head and channel counts are ints: they size the projections, and nn.Linear's own error
-    for a float (``empty() takes 1 positional argument``) names neither the argument nor the
-    fix. ``None`` (kv_heads' default) passes."""
+    """Head and channel counts are ints (or ``None``): nn.Linear's error for a float names
+    neither the argument nor the fix."""
     for name, value in counts.items():
         if value is not None and (isinstance(value, bool)
                                   or not isinstance(value, numbers.Integral)):

@@ -56,3 +56,10 @@ def multihead_attention(cls: type, mha: nn.MultiheadAttention) -> nn.Module:
 def _like(layer: nn.Module, weight: Tensor) -> nn.Module:
     """``layer`` on the device and in the dtype of the module it was converted from."""
     return layer.to(device=weight.device, dtype=weight.dtype)
+
+
+def drop_root_weights(state_dict: dict, prefix: str) -> None:
+    """Removes ``lin_skip`` from a TransformerConv ``state_dict``: TransformerConv always has
+    it, even with ``root_weight=False``, where it never computes anything."""
+    for key in [k for k in state_dict if k.startswith(prefix + "lin_skip.")]:
+        del state_dict[key]

@@ -111,7 +111,10 @@ def _reached_from(bad: Tensor, graph: AttentionGraph) -> Tensor:
     """``(N_dst, H, C)``: an edge reads a source whose ``bad`` ``(N_src, H, C)`` is set. Sources
     are read by every target of their graph, or, causal, by targets ``i`` with
     ``pos(i) + d >= pos(j)`` (``d``: the graph's causal diagonal); so the first bad position of
-    each graph decides. No host read."""
+    each graph decides. A window bounds both sides: :func:`_reached_in_window`. No host
+    read."""
+    if graph.window is not None:
+        return _reached_in_window(bad, graph)
     never = max(graph.num_dst, graph.num_src)  # beyond every position
     ids_dst, ids_src = graph.graph_ids(bad.device)
     pos_dst, pos_src = graph.positions(bad.device)
@@ -126,9 +129,46 @@ def _reached_from(bad: Tensor, graph: AttentionGraph) -> Tensor:
     return last_seen.view(-1, 1, 1) >= first_bad
 
 
+def _reached_in_window(bad: Tensor, graph: AttentionGraph) -> Tensor:
+    """:func:`_reached_from` for a windowed graph: target ``i`` reads the sources at positions
+    ``[first_i, last_i]`` of its graph, so it is reached where the count of bad sources up to
+    ``last_i`` exceeds the count before ``first_i`` (prefix sums over the sources in graph
+    order)."""
+    first, last = _seen_positions(graph, bad.device)
+    if graph.membership is None:
+        in_order, starts = bad, torch.zeros_like(first)
+    else:
+        side = graph.membership.src
+        in_order = bad if side.order is None else bad.index_select(0, side.order.forward)
+        starts = side.ptr[:-1].index_select(0, graph.graph_ids(bad.device)[0])
+    counts = torch.cumsum(in_order.to(torch.int32), dim=0)
+    counts = torch.cat([counts.new_zeros(1, *bad.shape[1:]), counts])
+    seen = first <= last
+    upto = (starts + last + 1).where(seen, starts)
+    before = (starts + first).where(seen, starts)
+    return counts.index_select(0, upto) > counts.index_select(0, before)
+
+
+def _seen_positions(graph: AttentionGraph, device) -> tuple[Tensor, Tensor]:
+    """``(N_dst,)`` first and last source position each target sees in its graph (``first >
+    last``: none)."""
+    pos_dst, _ = graph.positions(device)
+    ids_dst, _ = graph.graph_ids(device)
+    diagonal = pos_dst + graph.target_diagonals(device)
+    left, right = graph.window_sides()
+    sources = graph.source_counts(device).index_select(0, ids_dst)
+    first = diagonal.new_zeros(()) if left is None else (diagonal - left).clamp(min=0)
+    last = sources - 1 if right is None else torch.minimum(diagonal + right, sources - 1)
+    return first.expand_as(pos_dst), last
+
+
 def _has_keys(graph: AttentionGraph, device) -> Tensor:
     """``(N_dst, 1, 1)``: the target has an in-edge (so an edge reads its query): its graph has
-    sources, and a bottom-right causal target is not before the first one it sees."""
+    sources, and a bottom-right causal target is not before the first one it sees (a window:
+    its band meets its graph's sources)."""
+    if graph.window is not None:
+        first, last = _seen_positions(graph, device)
+        return (first <= last).view(-1, 1, 1)
     ids_dst, _ = graph.graph_ids(device)
     has_keys = (graph.source_counts(device) > 0).index_select(0, ids_dst)
     if graph.causal and graph.bottom_right:

@@ -6,8 +6,13 @@ cut into segments by ``cu_seqlens_q`` / ``cu_seqlens_k`` (segment ``b`` holds qu
 of its own segment, or, with ``CAUSAL``, to key positions ``j <= i + d`` of query position
 ``i``: the diagonal ``d`` is 0 (top-left aligned, SDPA's ``is_causal``), or with
 ``BOTTOM_RIGHT`` ``k_len - q_len`` of the segment, read at run time (each segment's last query
-sees its last key). A query with no key, such as a bottom-right query with ``i + d < 0``, gets a
-zero output and an infinite log-sum-exp (so the backward pass gives it p = 0), never NaN.
+sees its last key). A sliding window narrows that to a band ``i + low <= j <= i + high``
+(``low = d - left``, ``high = d + right``, run-time ``left`` and ``right``; causal: ``right =
+0``): ``CAUSAL`` turns the right bound on, ``HAS_LEFT`` the left one. Each program visits only
+the tiles that meet the band (FlashAttention's tile skipping), and only tiles across a band edge
+or the segment's end pay for per-element masks. A query with no key, such as a bottom-right
+query with ``i + d < 0``, gets a zero output and an infinite log-sum-exp (so the backward pass
+gives it p = 0), never NaN.
 
 Softmax state is fp32 and kept in base 2: ``log2(e)`` is folded into the logit scale so that the
 inner loop uses ``exp2``. The forward pass stores ``LSE`` (base 2) for the backward pass, which
@@ -86,58 +91,88 @@ def _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh,
 
 
 @triton.jit
-def _causal_diagonal(q_len, k_len, BOTTOM_RIGHT: tl.constexpr):
-    """The segment's causal diagonal ``d``: query ``i`` sees keys ``j <= i + d``."""
+def _band(q_len, k_len, left, right, BOTTOM_RIGHT: tl.constexpr):
+    """``(low, high)`` of a segment: query ``i`` sees keys ``i + low <= j <= i + high`` around
+    its causal diagonal ``d`` (``low = d - left``, ``high = d + right``; each bound holds only
+    where its flag, ``HAS_LEFT`` or ``CAUSAL``, is set)."""
     diagonal = q_len * 0
     if BOTTOM_RIGHT:
         diagonal = k_len - q_len
-    return diagonal
+    return diagonal - left, diagonal + right
 
 
 @triton.jit
-def _key_tiles(m_block, k_len, diagonal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr):
-    """``(full_end, end)`` of a query tile: key tiles ``[0, full_end)`` lie inside the segment
-    and, if causal, wholly within the tile's first query's view (no masks); ``[full_end, end)``
-    are boundary or diagonal tiles. Causal bounds are clamped at 0 before dividing (Triton's
+def _key_tiles(m_block, k_len, low, high, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr):
+    """``(begin, full_begin, full_end, end)`` of a query tile, nested and aligned to key tiles
+    (but ``end``): it sees no key outside ``[begin, end)``; key tiles in ``[full_begin,
+    full_end)`` lie inside the segment and wholly within the view of each of its queries (no
+    masks); the others are boundary tiles. Bounds are clamped at 0 before dividing (Triton's
     integer division truncates toward zero): a tile of blind queries gets an empty range."""
+    first_row = m_block * BLOCK_M
+    last_row = first_row + BLOCK_M - 1
+    begin = first_row * 0
+    full_begin = begin
     end = k_len
     full_end = (k_len // BLOCK_N) * BLOCK_N
     if CAUSAL:
-        end = tl.minimum(k_len, tl.maximum((m_block + 1) * BLOCK_M + diagonal, 0))
-        seen_by_first = tl.maximum(m_block * BLOCK_M + 1 + diagonal, 0)
+        end = tl.minimum(k_len, tl.maximum(last_row + 1 + high, 0))
+        seen_by_first = tl.maximum(first_row + 1 + high, 0)
         full_end = tl.minimum(full_end, (seen_by_first // BLOCK_N) * BLOCK_N)
-    return full_end, end
+    if HAS_LEFT:
+        begin = (tl.maximum(first_row + low, 0) // BLOCK_N) * BLOCK_N
+        seen_by_last = tl.cdiv(tl.maximum(last_row + low, 0), BLOCK_N) * BLOCK_N
+        full_begin = tl.minimum(seen_by_last, end)
+        full_end = tl.maximum(full_end, full_begin)
+    return begin, full_begin, full_end, end
 
 
 @triton.jit
-def _query_tiles(n_block, diagonal, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CAUSAL: tl.constexpr):
-    """``(first, unmasked_from)`` of a key tile: causal queries before ``first`` see none of
-    it; from ``unmasked_from`` on, query tiles see all of it (clamped at 0 before dividing)."""
+def _query_tiles(n_block, q_len, low, high, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr):
+    """``(first, full_begin, full_end, end)`` of a key tile, nested and aligned to query tiles
+    (but ``end``): no query outside ``[first, end)`` sees it; query tiles in ``[full_begin,
+    full_end)`` see all of it (no masks). Bounds are clamped at 0 before dividing."""
+    first_key = n_block * BLOCK_N
+    last_key = first_key + BLOCK_N - 1
     first = n_block * 0
-    unmasked_from = n_block * 0
+    full_begin = first
+    end = q_len
+    full_end = q_len
     if CAUSAL:
-        first = (tl.maximum(n_block * BLOCK_N - diagonal, 0) // BLOCK_M) * BLOCK_M
-        last_key = n_block * BLOCK_N + BLOCK_N - 1
-        unmasked_from = tl.cdiv(tl.maximum(last_key - diagonal, 0), BLOCK_M) * BLOCK_M
-    return first, unmasked_from
+        first = (tl.maximum(first_key - high, 0) // BLOCK_M) * BLOCK_M
+        full_begin = tl.cdiv(tl.maximum(last_key - high, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        end = tl.minimum(q_len, tl.maximum(last_key - low + 1, 0))
+        full_end = (tl.maximum(first_key - low + 1, 0) // BLOCK_M) * BLOCK_M
+    full_begin = tl.minimum(full_begin, end)
+    full_end = tl.maximum(full_begin, tl.minimum(full_end, end))
+    return first, full_begin, full_end, end
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, diagonal, start_n, offs_m,
-               offs_n, offs_d, offs_dv, stride_km, stride_vm, stride_bm, k_head, v_head, qk_scale,
-               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
-               MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+def _in_band(keep, rows, cols, low, high, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr):
+    """``keep`` and the band's bounds on the pairs ``(rows, cols)`` of a boundary tile."""
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= rows[:, None] + high)
+    if HAS_LEFT:
+        keep = keep & (cols[None, :] >= rows[:, None] + low)
+    return keep
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, low, high, start_n,
+               offs_m, offs_n, offs_d, offs_dv, stride_km, stride_vm, stride_bm, k_head, v_head,
+               qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, MASKED: tl.constexpr,
+               HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     cols = start_n + offs_n
     k = _load_rows(K + k_start * stride_km, cols, stride_km, k_head, offs_d, k_len, HEAD_DIM)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if HAS_BIAS:
         s += _bias_tile(BiasSeg, offs_m, cols, q_len, k_len, stride_bm)
-    if MASKED:  # only boundary and diagonal tiles pay for per-element masks
-        keep = cols[None, :] < k_len
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + diagonal)
+    if MASKED:  # only boundary tiles (segment end, band edges) pay for per-element masks
+        keep = _in_band(cols[None, :] < k_len, offs_m, cols, low, high, CAUSAL, HAS_LEFT)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
@@ -152,13 +187,13 @@ def _fwd_inner(acc, m_i, l_i, q, K, V, BiasSeg, q_len, k_start, k_len, diagonal,
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock, Bias, BiasOffsets,
-    qk_scale,
+    qk_scale, left, right,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    GROUP: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP: tl.constexpr,
 ):
     tile, head = tl.program_id(0), tl.program_id(1)
     segment = tl.load(TileSegment + tile)
@@ -180,19 +215,29 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
-    full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
+    low, high = _band(q_len, k_len, left, right, BOTTOM_RIGHT)
+    begin, full_begin, full_end, end = _key_tiles(m_block, k_len, low, high, BLOCK_M, BLOCK_N,
+                                                  CAUSAL, HAS_LEFT)
     k_head, v_head = (head // GROUP) * stride_kh, (head // GROUP) * stride_vh
-    for start_n in range(0, full_end, BLOCK_N):
+    if HAS_LEFT:  # key tiles across the band's left edge
+        for start_n in range(begin, full_begin, BLOCK_N):
+            acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
+                                       low, high, start_n, offs_m, offs_n, offs_d, offs_dv,
+                                       stride_km, stride_vm, stride_bm, k_head, v_head, qk_scale,
+                                       HEAD_DIM, HEAD_DIM_V, CAUSAL, HAS_LEFT, True, HAS_BIAS,
+                                       PRECISION)
+    for start_n in range(full_begin, full_end, BLOCK_N):
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
-                                   diagonal, start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
-                                   stride_vm, stride_bm, k_head, v_head, qk_scale, HEAD_DIM,
-                                   HEAD_DIM_V, CAUSAL, False, HAS_BIAS, PRECISION)
+                                   low, high, start_n, offs_m, offs_n, offs_d, offs_dv,
+                                   stride_km, stride_vm, stride_bm, k_head, v_head, qk_scale,
+                                   HEAD_DIM, HEAD_DIM_V, CAUSAL, HAS_LEFT, False, HAS_BIAS,
+                                   PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K, V, bias_seg, q_len, k_start, k_len,
-                                   diagonal, start_n, offs_m, offs_n, offs_d, offs_dv, stride_km,
-                                   stride_vm, stride_bm, k_head, v_head, qk_scale, HEAD_DIM,
-                                   HEAD_DIM_V, CAUSAL, True, HAS_BIAS, PRECISION)
+                                   low, high, start_n, offs_m, offs_n, offs_d, offs_dv,
+                                   stride_km, stride_vm, stride_bm, k_head, v_head, qk_scale,
+                                   HEAD_DIM, HEAD_DIM_V, CAUSAL, HAS_LEFT, True, HAS_BIAS,
+                                   PRECISION)
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -205,9 +250,9 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, diagonal, stride_bm,
-                   qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, low, high, stride_bm,
+                   qk_scale, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr, MASKED: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """The forward pass's softmax tile, recomputed from the stored log-sum-exp. Unmasked tiles
     need no per-element test: rows past the segment read lse = inf, so their p is 0 (as is
     that of rows with no key, which the forward pass stored as lse = inf)."""
@@ -217,18 +262,16 @@ def _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, diagonal, str
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
         keep = (offs_m[:, None] < q_len) & (cols[None, :] < k_len)
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= offs_m[:, None] + diagonal)
-        p = tl.where(keep, p, 0.0)
+        p = tl.where(_in_band(keep, offs_m, cols, low, high, CAUSAL, HAS_LEFT), p, 0.0)
     return p
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len, diagonal,
+def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len, low, high,
                start_m, cols, offs_d, offs_dv, stride_qm, q_head, stride_dom, do_head, lse_head,
                stride_bm, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
-               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+               BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_LEFT: tl.constexpr,
+               MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile's contribution to a key tile's dK and dV (pointers at the segment), and
     the tile's bias gradient, written here and nowhere else."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -237,8 +280,8 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len,
     do = _load_rows(DO, offs_m, stride_dom, do_head, offs_dv, q_len, HEAD_DIM_V)
     lse = tl.load(LSE + lse_head + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + lse_head + offs_m, mask=row_ok, other=0.0)
-    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, diagonal, stride_bm,
-                       qk_scale, CAUSAL, MASKED, HAS_BIAS, PRECISION)
+    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, low, high, stride_bm,
+                       qk_scale, CAUSAL, HAS_LEFT, MASKED, HAS_BIAS, PRECISION)
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
@@ -252,44 +295,51 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, Delta, BiasSeg, DBiasSeg, q_len, k_len,
 
 @triton.jit
 def _dkdv_of_query_head(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, Bias, DBias, BiasOffsets,
-                        segment, head, q_len, k_len, diagonal, first, unmasked_from, cols,
-                        offs_d, offs_dv, stride_qm, stride_qh, stride_dom, stride_doh,
+                        segment, head, q_len, k_len, low, high, first, full_begin, full_end, end,
+                        cols, offs_d, offs_dv, stride_qm, stride_qh, stride_dom, stride_doh,
                         stride_lse_h, stride_bm, stride_bh, qk_scale, HEAD_DIM: tl.constexpr,
                         HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+                        HAS_LEFT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """The contribution of query head ``head``'s queries to a key tile's dK and dV, and that
     head's bias gradient on the tile. Key columns past the segment load as zeros and only reach
-    dK/dV rows that are never stored, so just the causal diagonal tiles
-    ``[first, unmasked_from)`` need masks. Query tiles before ``first`` are never visited:
-    their dBias stays the caller's zeros."""
+    dK/dV rows that are never stored, so just the query tiles across the band's edges, outside
+    ``[full_begin, full_end)``, need masks. Query tiles outside ``[first, end)`` are never
+    visited: their dBias stays the caller's zeros."""
     bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     dbias_seg = _bias_segment(DBias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
     q_head, do_head, lse_head = head * stride_qh, head * stride_doh, head * stride_lse_h
-    for start_m in range(first, tl.minimum(unmasked_from, q_len), BLOCK_M):
+    for start_m in range(first, full_begin, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
-                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
+                            dbias_seg, q_len, k_len, low, high, start_m, cols, offs_d, offs_dv,
                             stride_qm, q_head, stride_dom, do_head, lse_head, stride_bm,
-                            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, True, HAS_BIAS,
-                            PRECISION)
-    for start_m in range(unmasked_from, q_len, BLOCK_M):
+                            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, HAS_LEFT, True,
+                            HAS_BIAS, PRECISION)
+    for start_m in range(full_begin, full_end, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
-                            dbias_seg, q_len, k_len, diagonal, start_m, cols, offs_d, offs_dv,
+                            dbias_seg, q_len, k_len, low, high, start_m, cols, offs_d, offs_dv,
                             stride_qm, q_head, stride_dom, do_head, lse_head, stride_bm,
-                            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, False, HAS_BIAS,
-                            PRECISION)
+                            qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL, HAS_LEFT, False,
+                            HAS_BIAS, PRECISION)
+    if HAS_LEFT:  # query tiles across the band's left edge
+        for start_m in range(full_end, end, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, bias_seg,
+                                dbias_seg, q_len, k_len, low, high, start_m, cols, offs_d,
+                                offs_dv, stride_qm, q_head, stride_dom, do_head, lse_head,
+                                stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL,
+                                HAS_LEFT, True, HAS_BIAS, PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    Bias, DBias, BiasOffsets, qk_scale, scale,
+    Bias, DBias, BiasOffsets, qk_scale, scale, left, right,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dkm, stride_dkh, stride_dvm, stride_dvh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    GROUP: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Key-stationary: one program owns a key tile of one kv head and sweeps the queries that
     see it, head by head over the ``GROUP`` query heads that read that kv head (the same order
@@ -312,18 +362,19 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
-    first, unmasked_from = _query_tiles(n_block, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
+    low, high = _band(q_len, k_len, left, right, BOTTOM_RIGHT)
+    first, full_begin, full_end, end = _query_tiles(n_block, q_len, low, high, BLOCK_M, BLOCK_N,
+                                                    CAUSAL, HAS_LEFT)
     Q_seg, DO_seg = Q + q_start * stride_qm, DO + q_start * stride_dom
     LSE_seg, Delta_seg = LSE + q_start, Delta + q_start
     for member in tl.static_range(GROUP):  # unrolled: one head needs no loop at all
         head = kv_head * GROUP + member
         dk, dv = _dkdv_of_query_head(dk, dv, k, v, Q_seg, DO_seg, LSE_seg, Delta_seg, Bias,
-                                     DBias, BiasOffsets, segment, head, q_len, k_len, diagonal,
-                                     first, unmasked_from, cols, offs_d, offs_dv, stride_qm,
-                                     stride_qh, stride_dom, stride_doh, stride_lse_h, stride_bm,
-                                     stride_bh, qk_scale, HEAD_DIM, HEAD_DIM_V, BLOCK_M, CAUSAL,
-                                     HAS_BIAS, PRECISION)
+                                     DBias, BiasOffsets, segment, head, q_len, k_len, low, high,
+                                     first, full_begin, full_end, end, cols, offs_d, offs_dv,
+                                     stride_qm, stride_qh, stride_dom, stride_doh, stride_lse_h,
+                                     stride_bm, stride_bh, qk_scale, HEAD_DIM, HEAD_DIM_V,
+                                     BLOCK_M, CAUSAL, HAS_LEFT, HAS_BIAS, PRECISION)
 
     col_ok = cols < k_len
     dk_ptrs = (DK + (k_start + cols)[:, None] * stride_dkm + kv_head * stride_dkh
@@ -337,16 +388,17 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, diagonal, start_n, offs_m,
+def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, low, high, start_n, offs_m,
              offs_n, offs_d, offs_dv, stride_km, k_head, stride_vm, v_head, stride_bm, qk_scale,
              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, CAUSAL: tl.constexpr,
-             MASKED: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+             HAS_LEFT: tl.constexpr, MASKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+             PRECISION: tl.constexpr):
     """One key tile's contribution to a query tile's dQ (pointers at the segment)."""
     cols = start_n + offs_n
     k = _load_rows(K, cols, stride_km, k_head, offs_d, k_len, HEAD_DIM)
     v = _load_rows(V, cols, stride_vm, v_head, offs_dv, k_len, HEAD_DIM_V)
-    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, diagonal, stride_bm,
-                       qk_scale, CAUSAL, MASKED, HAS_BIAS, PRECISION)
+    p = _probabilities(q, k, lse, BiasSeg, offs_m, cols, q_len, k_len, low, high, stride_bm,
+                       qk_scale, CAUSAL, HAS_LEFT, MASKED, HAS_BIAS, PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -355,13 +407,13 @@ def _dq_step(dq, q, do, lse, delta, K, V, BiasSeg, q_len, k_len, diagonal, start
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, Delta, DQ, CuSeqlensQ, CuSeqlensK, TileSegment, TileBlock,
-    Bias, BiasOffsets, qk_scale, scale,
+    Bias, BiasOffsets, qk_scale, scale, left, right,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_lse_h, stride_bm, stride_bh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    GROUP: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Query-stationary: one program owns a query tile of one query head and sweeps the keys
     it sees, in the kv head ``head // GROUP``."""
@@ -386,23 +438,30 @@ def _bwd_dq_kernel(
     delta = tl.load(Delta + head * stride_lse_h + q_start + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # As in the forward pass: tiles [0, full_end) need no masks. A key column past the segment
-    # must be masked here, since its p (from a zero key) would meet k = 0 as inf * 0.
-    diagonal = _causal_diagonal(q_len, k_len, BOTTOM_RIGHT)
-    full_end, end = _key_tiles(m_block, k_len, diagonal, BLOCK_M, BLOCK_N, CAUSAL)
+    # As in the forward pass: tiles [full_begin, full_end) need no masks. A key column past the
+    # segment must be masked here, since its p (from a zero key) would meet k = 0 as inf * 0.
+    low, high = _band(q_len, k_len, left, right, BOTTOM_RIGHT)
+    begin, full_begin, full_end, end = _key_tiles(m_block, k_len, low, high, BLOCK_M, BLOCK_N,
+                                                  CAUSAL, HAS_LEFT)
     K_seg, V_seg = K + k_start * stride_km, V + k_start * stride_vm
     k_head, v_head = (head // GROUP) * stride_kh, (head // GROUP) * stride_vh
     bias_seg = _bias_segment(Bias, BiasOffsets, segment, head, stride_bm, stride_bh, HAS_BIAS)
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, diagonal,
+    if HAS_LEFT:  # key tiles across the band's left edge
+        for start_n in range(begin, full_begin, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, low, high,
+                          start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, k_head, stride_vm,
+                          v_head, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, HAS_LEFT,
+                          True, HAS_BIAS, PRECISION)
+    for start_n in range(full_begin, full_end, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, low, high,
                       start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, k_head, stride_vm,
-                      v_head, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                      CAUSAL, False, HAS_BIAS, PRECISION)
+                      v_head, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, HAS_LEFT,
+                      False, HAS_BIAS, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, diagonal,
+        dq = _dq_step(dq, q, do, lse, delta, K_seg, V_seg, bias_seg, q_len, k_len, low, high,
                       start_n, offs_m, offs_n, offs_d, offs_dv, stride_km, k_head, stride_vm,
-                      v_head, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V,
-                      CAUSAL, True, HAS_BIAS, PRECISION)
+                      v_head, stride_bm, qk_scale, HEAD_DIM, HEAD_DIM_V, CAUSAL, HAS_LEFT,
+                      True, HAS_BIAS, PRECISION)
 
     dq_ptrs = DQ + (q_start + offs_m)[:, None] * stride_dqm + head * stride_dqh + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
@@ -482,35 +541,64 @@ def tile_constants(head_dim: int, head_dim_v: int, dtype: torch.dtype, config: T
                    group: int = 1) -> dict:
     """The constexprs of the forward and backward kernels for one launch configuration and
     grouped-query group size (a constexpr: with one head per group, the dK/dV kernel has no
-    group loop, and the registers it would hold)."""
+    group loop, and the registers it would hold). ``HAS_LEFT`` is off: a launch with a left
+    bound turns it on (:func:`_launch_options`)."""
     # fp32 inputs get fp32 products (no TF32) so they match an fp32 reference.
     return kernel_constants(head_dim, head_dim_v, BLOCK_M=config.block_m,
-                            BLOCK_N=config.block_n, GROUP=group,
+                            BLOCK_N=config.block_n, GROUP=group, HAS_LEFT=False,
                             PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
-def _launch_options(q, k, v, causal, config: TileConfig, has_bias: bool = False,
+Sides = tuple[int | None, int | None]
+
+
+def band_sides(causal: bool, window: Sides | None, rows: int) -> Sides:
+    """``(left, right)`` of a launch: query ``i`` of a segment sees keys ``i + d - left <= j <=
+    i + d + right`` around its causal diagonal ``d``, ``None`` for a side without bound. Causal
+    launches bound the right side at 0. A side of at least ``rows`` (all query and key rows)
+    bounds no segment: it is dropped, so offsets stay far from int32's limit."""
+    left, right = (None, None) if window is None else window
+    if any(side is not None and side < 0 for side in (left, right)):
+        raise ValueError(f"window sides must be >= 0, or None for no bound, got {window!r}")
+    if causal and right not in (None, 0):
+        raise ValueError(f"a causal launch keeps j <= i + d (right = 0), got window={window!r}; "
+                         "pass window=(left, 0)")
+    left, right = (None if side is None or side >= rows else side for side in (left, right))
+    return left, 0 if causal else right
+
+
+def _launch_options(q, k, v, causal, sides: Sides, config: TileConfig, has_bias: bool = False,
                     bottom_right: bool = False) -> dict:
-    return dict(CAUSAL=causal, BOTTOM_RIGHT=causal and bottom_right, HAS_BIAS=has_bias,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-                **COMPILE_OPTIONS, **tile_constants(q.shape[2], v.shape[2], q.dtype, config,
-                                                    group_size(q, k, v)))
+    """Constexprs and launch options. ``CAUSAL`` is the band's right bound (causal or a
+    window's right side), ``HAS_LEFT`` its left bound."""
+    left, right = sides
+    return dict(tile_constants(q.shape[2], v.shape[2], q.dtype, config, group_size(q, k, v)),
+                CAUSAL=right is not None, HAS_LEFT=left is not None,
+                BOTTOM_RIGHT=causal and bottom_right, HAS_BIAS=has_bias,
+                num_warps=config.num_warps, num_stages=config.num_stages, **COMPILE_OPTIONS)
+
+
+def _tuning_window(causal: bool, sides: Sides) -> Sides | None:
+    """The tuning key's window: ``None`` where the band is plain causal or complete."""
+    return None if sides == (None, 0 if causal else None) else sides
 
 
 def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
                             config: TileConfig | None = None, bias=None, *,
-                            bottom_right: bool = False):
+                            bottom_right: bool = False, window: Sides | None = None):
     """Returns ``out`` (total_q, H, C_v) and the base-2 log-sum-exp ``lse`` (H, total_q), fp32.
     ``k`` and ``v`` have ``H_kv`` heads dividing ``H``: query head ``h`` reads kv head
     ``h // (H / H_kv)``. ``config`` overrides the tuned launch configuration. ``bias``:
     ``(rows, H)``, each segment's ``(len_q, len_k)`` block target-major, segments stacked in
     order. ``bottom_right`` (with ``causal``): query ``i`` of a segment sees keys
-    ``j <= i + k_len - q_len``; queries that see none get zeros."""
+    ``j <= i + k_len - q_len``; queries that see none get zeros. ``window``: ``(left, right)``
+    sliding window around that diagonal (:func:`band_sides`); key tiles outside a query tile's
+    band are never read."""
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k)
     _check_bias(q, bias)
     bias_args = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
     group_size(q, k, v)  # refuses a grouping H_kv does not divide, before any launch
+    sides = band_sides(causal, window, q.shape[0] + k.shape[0])
     total_q, heads = q.shape[0], q.shape[1]
     out = torch.empty(total_q, heads, v.shape[2], dtype=q.dtype, device=q.device)
     lse = torch.empty(heads, total_q, dtype=torch.float32, device=q.device)
@@ -521,25 +609,26 @@ def flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _fwd_kernel[(segment.numel(), heads)](
             q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, segment, tile, *bias_args[:2],
-            scale * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), out.stride(0), out.stride(1), lse.stride(0), *bias_args[2:],
-            **_launch_options(q, k, v, causal, config, bias is not None, bottom_right))
+            scale * LOG2E, sides[0] or 0, sides[1] or 0, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            *bias_args[2:],
+            **_launch_options(q, k, v, causal, sides, config, bias is not None, bottom_right))
 
     launch(config or TUNER.for_launch("forward", q, k, v, cu_seqlens_q, causal=causal,
                                       bottom_right=bottom_right, has_bias=bias is not None,
-                                      launch=launch))
+                                      window=_tuning_window(causal, sides), launch=launch))
     return out, lse
 
 
 def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, causal,
                              config: TileConfig | None = None, bias=None, dbias=None, *,
-                             bottom_right: bool = False, dlse=None):
+                             bottom_right: bool = False, dlse=None, window: Sides | None = None):
     """Returns ``dq, dk, dv`` for the forward pass that produced ``out`` and ``lse`` (with the
-    same ``causal`` and ``bottom_right``); ``dk`` and ``dv`` have ``k``'s and ``v``'s ``H_kv``
-    heads, each the sum over the query heads that read it. ``config`` overrides the tuned launch
-    configurations of both passes. With ``bias``, the bias gradient is written into ``dbias``
-    (zeros, shaped and strided as ``bias``; pairs a causal segment excludes stay 0). ``dlse``:
-    an ``(H, total_q)`` gradient of the natural-log log-sum-exp, whose logit gradient
+    same ``causal``, ``bottom_right`` and ``window``); ``dk`` and ``dv`` have ``k``'s and
+    ``v``'s ``H_kv`` heads, each the sum over the query heads that read it. ``config`` overrides
+    the tuned launch configurations of both passes. With ``bias``, the bias gradient is written
+    into ``dbias`` (zeros, shaped and strided as ``bias``; pairs outside a segment's band stay
+    0). ``dlse``: an ``(H, total_q)`` gradient of the natural-log log-sum-exp, whose logit gradient
     ``P * dlse`` joins ``dS = P (dP - Delta)`` as ``Delta - dlse``: no other change."""
     _check_bias(q, bias)
     assert (bias is None) == (dbias is None), "give bias and dbias together"
@@ -548,6 +637,7 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         f"grad_out must match out: {tuple(do.shape)} {do.dtype} vs {tuple(out.shape)} {out.dtype}")
     do = do if do.stride(-1) == 1 else do.contiguous()
     group_size(q, k, v)  # refuses a grouping H_kv does not divide, before any launch
+    sides = band_sides(causal, window, q.shape[0] + k.shape[0])
     total_q, heads = q.shape[0], q.shape[1]
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if heads == 0 or total_q == 0 or k.shape[0] == 0:
@@ -558,27 +648,28 @@ def flash_attention_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     bias_ptr, offsets, stride_bm, stride_bh = _bias_args(bias, q, cu_seqlens_q, cu_seqlens_k)
     dbias_ptr = bias_ptr if dbias is None else dbias
     has_bias = bias is not None
+    band_args = (sides[0] or 0, sides[1] or 0)
 
     def launch_dkdv(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_k, k.shape[0], config.block_n)
         _bwd_dkdv_kernel[(segment.numel(), k.shape[1])](
             q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, *strides, dk.stride(0),
-            dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), stride_bm, stride_bh,
-            **_launch_options(q, k, v, causal, config, has_bias, bottom_right))
+            bias_ptr, dbias_ptr, offsets, scale * LOG2E, scale, *band_args, *strides,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), stride_bm,
+            stride_bh, **_launch_options(q, k, v, causal, sides, config, has_bias, bottom_right))
 
     def launch_dq(config: TileConfig) -> None:
         segment, tile = tile_schedule(cu_seqlens_q, total_q, config.block_m)
         _bwd_dq_kernel[(segment.numel(), heads)](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, segment, tile,
-            bias_ptr, offsets, scale * LOG2E, scale, *strides, dq.stride(0), dq.stride(1),
-            lse.stride(0), stride_bm, stride_bh,
-            **_launch_options(q, k, v, causal, config, has_bias, bottom_right))
+            bias_ptr, offsets, scale * LOG2E, scale, *band_args, *strides, dq.stride(0),
+            dq.stride(1), lse.stride(0), stride_bm, stride_bh,
+            **_launch_options(q, k, v, causal, sides, config, has_bias, bottom_right))
 
     def tuned(kernel, launch):
         return config or TUNER.for_launch(kernel, q, k, v, cu_seqlens_q, causal=causal,
                                           bottom_right=bottom_right, has_bias=has_bias,
-                                          launch=launch)
+                                          window=_tuning_window(causal, sides), launch=launch)
 
     launch_dkdv(tuned("dkdv", launch_dkdv))
     launch_dq(tuned("dq", launch_dq))

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from gatattn.kernels.common import padded_dim
-from gatattn.kernels.race import Timer, autotune_enabled, do_bench_ms, fastest, length_bucket
+from gatattn.kernels.race import (
+    Timer,
+    autotune_enabled,
+    do_bench_ms,
+    fastest,
+    length_bucket,
+    power_of_two_bucket,
+)
 
 KERNELS = ("forward", "dkdv", "dq")
 
@@ -146,12 +153,21 @@ def gpu_limits(device: torch.device) -> DeviceLimits | None:
                         properties.shared_memory_per_block_optin)
 
 
+def window_bucket(window: tuple[int | None, int | None] | None):
+    """A window's sides rounded up to powers of two from 16 (tiles are at least 16 rows)."""
+    if window is None:
+        return None
+    return tuple(None if side is None else power_of_two_bucket(side, 16, 16384)
+                 for side in window)
+
+
 @dataclass(frozen=True)
 class TuningKey:
     """What the fastest configuration of a launch depends on. A bias tile takes shared memory
     and registers (other candidates); the bottom-right alignment adds no tile but is another
     build with other work per tile; the group size (H / H_kv) sets the dK/dV grid and its
-    work per program."""
+    work per program; a sliding window is another build whose band width (bucketed) sets the
+    tiles each program visits."""
 
     kernel: str
     lengths: tuple[int, int]  # mean query and key rows per segment, bucketed
@@ -162,13 +178,16 @@ class TuningKey:
     bias: bool
     group: int
     capability: tuple[int, int]
+    window: tuple[int | None, int | None] | None = None  # bucketed sides; None: no window
+
 
     def __str__(self) -> str:
         causal = "bottom_right" if self.bottom_right else self.causal
         return (f"{self.kernel}, lengths ~{self.lengths[0]}/~{self.lengths[1]}, "
                 f"C={self.head_dims[0]}/{self.head_dims[1]}, "
                 f"{str(self.dtype).removeprefix('torch.')}, causal={causal}, bias={self.bias}, "
-                f"group={self.group}, sm_{self.capability[0]}{self.capability[1]}")
+                f"group={self.group}, sm_{self.capability[0]}{self.capability[1]}"
+                + ("" if self.window is None else f", window={self.window}"))
 
 
 # triton.autotune with prune_configs_by does not fit: a configuration's tile sizes fix the tile
@@ -195,9 +214,11 @@ class Tuner:
 
     def for_launch(self, kernel: str, q, k, v, cu_seqlens_q, *, causal: bool,
                    bottom_right: bool, has_bias: bool,
-                   launch: Callable[[TileConfig], None]) -> TileConfig:
+                   launch: Callable[[TileConfig], None],
+                   window: tuple[int | None, int | None] | None = None) -> TileConfig:
         """The configuration of a dense-kernel launch on packed ``(total, H, C)`` inputs: the
-        interpreter's one, or the fastest kept candidate for this key on a GPU."""
+        interpreter's one, or the fastest kept candidate for this key on a GPU. ``window``:
+        the launch's ``(left, right)`` sides where it has a sliding window."""
         limits = self._limits(q.device)
         if limits is None:
             return self._interpreter_config
@@ -205,7 +226,8 @@ class Tuner:
         key = TuningKey(kernel, (length_bucket(q.shape[0], segments),
                                  length_bucket(k.shape[0], segments)),
                         (q.shape[2], v.shape[2]), q.dtype, causal, causal and bottom_right,
-                        has_bias, q.shape[1] // max(k.shape[1], 1), limits.capability)
+                        has_bias, q.shape[1] // max(k.shape[1], 1), limits.capability,
+                        window_bucket(window))
         configs = candidates(kernel, padded_dim(q.shape[2]), padded_dim(v.shape[2]),
                              q.element_size(), limits.shared_memory, has_bias)
         return self.choose(key, configs, launch)

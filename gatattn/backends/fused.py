@@ -62,13 +62,14 @@ def _dlse(grad_lse: Tensor | None) -> Tensor | None:
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bias, cu_seqlens_q, cu_seqlens_k, scale, causal, bottom_right,
-                want_lse=False):
+                window, want_lse=False):
         from gatattn.kernels.flash_attention import flash_attention_forward
 
         out, lse = flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                                           bias=bias, bottom_right=bottom_right)
+                                           bias=bias, bottom_right=bottom_right, window=window)
         ctx.save_for_backward(q, k, v, bias, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.scale, ctx.causal, ctx.bottom_right = scale, causal, bottom_right
+        ctx.window = window
         return (out, natural_lse(lse, out)) if want_lse else out
 
     @staticmethod
@@ -80,8 +81,8 @@ class _FlashAttention(torch.autograd.Function):
         dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q,
                                               cu_seqlens_k, ctx.scale, ctx.causal, bias=bias,
                                               dbias=dbias, bottom_right=ctx.bottom_right,
-                                              dlse=_dlse(grad_lse))
-        return dq, dk, dv, dbias, None, None, None, None, None, None
+                                              dlse=_dlse(grad_lse), window=ctx.window)
+        return dq, dk, dv, dbias, None, None, None, None, None, None, None
 
 
 class _CSRFlashAttention(torch.autograd.Function):
@@ -164,7 +165,7 @@ def _fused(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, graph: Attentio
     result = _FlashAttention.apply(
         permute_rows(q, segments.order_dst), permute_rows(k, segments.order_src),
         permute_rows(v, segments.order_src), bias, cu_seqlens_q, cu_seqlens_k, scale,
-        graph.causal, graph.bottom_right, want_lse)
+        graph.causal, graph.bottom_right, graph.window_sides(), want_lse)
     if not want_lse:
         return unpermute_rows(result, segments.order_dst)
     return tuple(unpermute_rows(t, segments.order_dst) for t in result)

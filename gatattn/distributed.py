@@ -4,9 +4,9 @@ When one graph's global attention is too slow or too large for one device (a poi
 sequence, a full-graph transformer), or a PyG batch holds a few such graphs, its nodes are cut
 into contiguous shards, one per rank, in rank order; graphs may straddle ranks.
 :func:`ring_attention` computes exact attention (each node attends to every node of its graph,
-or to earlier ones with ``causal``) while each rank holds only its own shard and one travelling
-block of keys and values: memory per rank is O(N/P * H * C), plus what one local call of
-:func:`gatattn.attention` takes.
+or to earlier ones with ``causal``, or to those in a sliding ``window``) while each rank holds
+only its own shard and one travelling block of keys and values: memory per rank is
+O(N/P * H * C), plus what one local call of :func:`gatattn.attention` takes.
 
 How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
 
@@ -35,6 +35,13 @@ How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
   rank changes, each sent once: at most about two ring steps of traffic in the forward and
   two in the backward, against the ring's own P - 1 (2(P - 1) with the accumulators).
   ``load_balance=False`` keeps the caller's layout (the plain ring).
+* Sliding windows (``window=(left, right)``, as :func:`gatattn.attention` takes it): node ``i``
+  sees the nodes ``j`` of its graph with ``-left <= j - i <= right`` (causal: ``right`` 0),
+  which in a (query interval, key interval) pair is a band shifted by the distance between
+  their first rows. Each such pair is one call over its band (trimmed to the queries that see
+  a key and the keys seen), and a pair with no node in the band makes none: blocks farther
+  than the window are never computed. They still travel round the ring (each rank forwards
+  what the next needs), so the transfers are those of full attention.
 
 Half precision travels and computes in its own dtype, merged and accumulated in float32.
 :class:`gatattn.sharded_conv.ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` on a
@@ -45,10 +52,10 @@ dropout, attention weights, explicit edges, second derivatives (a backward with
 ``create_graph=True`` raises). Not tested under ``torch.compile`` (its point-to-point calls and
 host loop are eager code).
 
-Every rank of the group must call, with the same graph, ``causal``, ``scale``, ``temperature``
-and ``load_balance``, and must backpropagate through the output when any does (the backward is
-collective, as DDP's). Tensors live on the process group's device: CPU with gloo, one GPU per
-rank with NCCL.
+Every rank of the group must call, with the same graph, ``causal``, ``window``, ``scale``,
+``temperature`` and ``load_balance``, and must backpropagate through the output when any does
+(the backward is collective, as DDP's). Tensors live on the process group's device: CPU with
+gloo, one GPU per rank with NCCL.
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ from torch import Tensor
 
 from gatattn.backends.second_order import recording_backward
 from gatattn.functional import attention, logit_multiplier, validate_qkv, validate_scalars
-from gatattn.graph import AttentionGraph
+from gatattn.graph import AttentionGraph, build_graph
+from gatattn.graph.switches import Window
 from gatattn.merge import merge_attention
 from gatattn.ring_layout import (
     BlockCall,
@@ -71,6 +79,7 @@ from gatattn.ring_layout import (
     contiguous_layout,
     graph_sizes,
     rows,
+    windowed_block_calls,
     zigzag_layout,
 )
 
@@ -79,13 +88,14 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # (the graph node count is -1 without a graph, ptr or batch).
 _FIELDS = ("nodes", "heads", "kv heads", "channels", "value channels", "dtype", "needs grad",
            "causal", "load_balance", "logit multiplier", "graph node count", "graph count",
-           "graph sizes fingerprint", "refused")
+           "graph sizes fingerprint", "window left", "window right", "refused")
 _FINGERPRINT_MODULUS = 2**50  # exact in float64
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | None = None,
                    ptr: Tensor | None = None, batch: Tensor | None = None,
                    group: dist.ProcessGroup | None = None, causal: bool = False,
+                   window: tuple[int | None, int | None] | None = None,
                    scale: float | None = None, temperature: float = 1.0,
                    load_balance: bool = True) -> Tensor:
     r"""Exact multi-head attention over complete graphs whose nodes are sharded over the ranks
@@ -95,7 +105,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | N
     .. math::
         o_i = \sum_{j} \operatorname{softmax}_j\left(\langle q_i, k_j \rangle \cdot
         \frac{\text{scale}}{\tau}\right) v_j, \qquad j \text{ over the nodes of } i
-        \text{'s graph (} j \le i \text{ with causal)}
+        \text{'s graph (} j \le i \text{ with causal; } i - \text{left} \le j \le i +
+        \text{right with a window)}
 
     Args:
         q: ``(n_r, H, C)`` queries of this rank's nodes.
@@ -115,6 +126,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | N
         group: the process group; ``None`` is the default group. (default: :obj:`None`)
         causal: node ``i`` attends to nodes ``j <= i`` of its graph only.
             (default: :obj:`False`)
+        window: ``(left, right)``: node ``i`` attends only to nodes ``j`` of its graph with
+            ``i - left <= j <= i + right`` (``None``: no bound on a side; with ``causal``,
+            ``right`` is 0 or ``None``), a sliding window (module docstring); with ``graph=``,
+            the graph's own window. (default: :obj:`None`)
         scale: logit scale; default ``1 / sqrt(C)``. (default: :obj:`None`)
         temperature: logits are divided by it. (default: :obj:`1.0`)
         load_balance: with ``causal``, compute in the zig-zag layout (module docstring): rank
@@ -133,7 +148,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | N
     dtypes, flags, graphs that differ between ranks) raise on every rank.
     """
     ring = _Ring.agree(q, k, v, graph=graph, ptr=ptr, batch=batch, group=group, causal=causal,
-                       scale=scale, temperature=temperature, load_balance=load_balance)
+                       window=window, scale=scale, temperature=temperature,
+                       load_balance=load_balance)
     q, k, v = (ring.to_compute_layout(t) for t in (q, k, v))
     return ring.to_caller_layout(_RingAttention.apply(q, k, v, ring))
 
@@ -149,6 +165,7 @@ class _Ring:
     graph_sizes: list[int] | None  # node count of each graph of a batch, None for one graph
     multiplier: float  # scale / temperature
     causal: bool
+    window: Window | None  # (left, right), causal: right 0; None keeps every (causal) pair
     calls: dict = field(default_factory=dict, compare=False)  # per key block, derived once
 
     @property
@@ -165,8 +182,10 @@ class _Ring:
     def block_calls(self, origin: int) -> list[BlockCall]:
         """The attention calls of this rank's queries against ``origin``'s block."""
         if origin not in self.calls:
-            self.calls[origin] = block_calls(self.layout[self.rank], self.layout[origin],
-                                             self.causal, self.graph_sizes)
+            mine, theirs = self.layout[self.rank], self.layout[origin]
+            self.calls[origin] = (
+                block_calls(mine, theirs, self.causal, self.graph_sizes) if self.window is None
+                else windowed_block_calls(mine, theirs, self.window, self.graph_sizes))
         return self.calls[origin]
 
     def to_compute_layout(self, t: Tensor) -> Tensor:
@@ -180,7 +199,7 @@ class _Ring:
         return MoveRows.apply(t, self.layout, self.caller, self.rank, self.group, self.peer)
 
     @classmethod
-    def agree(cls, q, k, v, *, graph, ptr, batch, group, causal, scale, temperature,
+    def agree(cls, q, k, v, *, graph, ptr, batch, group, causal, window, scale, temperature,
               load_balance) -> _Ring:
         """Validates locally, then exchanges every rank's statement in one ``all_gather``: a
         refusal on any rank raises on all of them instead of leaving them waiting."""
@@ -192,11 +211,12 @@ class _Ring:
         try:
             validate_qkv(q, k, v)
             validate_scalars(scale, dropout=0.0)  # before the multiplier blames temperature
-            causal, total, sizes = graph_sizes(graph, ptr, batch, causal)
+            causal, window, total, sizes = graph_sizes(graph, ptr, batch, causal, window)
             _validate_local(q, k, causal, load_balance)
             multiplier = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale,
                                           temperature)
-            statement = _statement(q, k, v, causal, load_balance, multiplier, total, sizes)
+            statement = _statement(q, k, v, causal, load_balance, multiplier, total, sizes,
+                                   window)
         except (TypeError, ValueError) as error:
             problem = error
         device = q.device if isinstance(q, Tensor) else torch.device("cpu")
@@ -219,7 +239,7 @@ class _Ring:
         caller = contiguous_layout(shards)
         balanced = causal and load_balance and len(shards) > 1
         layout = zigzag_layout(sum(shards), len(shards)) if balanced else caller
-        return cls(group, rank, caller, layout, sizes, multiplier, causal)
+        return cls(group, rank, caller, layout, sizes, multiplier, causal, window)
 
     def exchange(self, tensors: list[Tensor], origin: int) -> _Transfer:
         """Sends ``tensors`` (the block of ``origin``) to the next rank and receives the block
@@ -270,14 +290,15 @@ def _validate_local(q: Tensor, k: Tensor, causal, load_balance) -> None:
 
 
 def _statement(q: Tensor, k: Tensor, v: Tensor, causal: bool, load_balance: bool,
-               multiplier: float, total: int, sizes: list[int] | None) -> list[float]:
+               multiplier: float, total: int, sizes: list[int] | None,
+               window: Window | None) -> list[float]:
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fingerprint = (sum((g + 1) * n for g, n in enumerate(sizes)) % _FINGERPRINT_MODULUS
                    if sizes is not None else 0)
     return [q.size(0), q.size(1), k.size(1), q.size(2), v.size(2), _DTYPES.index(q.dtype),
             needs_grad, causal, load_balance, multiplier,
             total, 1 if sizes is None else len(sizes),
-            fingerprint, 0.0]
+            fingerprint, *(-1 if w is None else w for w in window or (None, None)), 0.0]
 
 
 def _check_agreement(table: Tensor) -> None:
@@ -291,7 +312,7 @@ def _check_agreement(table: Tensor) -> None:
             shown = [_DTYPES[int(x)] for x in values] if name == "dtype" else values.tolist()
             raise ValueError(
                 f"ring_attention: every rank must give the same {name}, got {shown} by rank; "
-                "pass the same shapes, dtype, graph, causal, scale, temperature and "
+                "pass the same shapes, dtype, graph, causal, window, scale, temperature and "
                 "load_balance on every rank, and inputs that require grad on all ranks or none")
 
 
@@ -321,11 +342,25 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _attend(call: BlockCall, q: Tensor, k: Tensor, v: Tensor, ring: _Ring):
     """``(out, lse)`` of one call of the library's attention (its routes)."""
+    q, k, v = q[call.rows], call.key_rows(k), call.key_rows(v)
+    if call.band is not None:
+        return attention(q, k, v, graph=_band_graph(call, q.size(0), k.size(0), q.device),
+                         scale=ring.multiplier, return_lse=True)
     ptr = None if call.ptr is None else tuple(
         torch.tensor(p, device=q.device) for p in call.ptr)
-    return attention(q[call.rows], call.key_rows(k), call.key_rows(v), ptr=ptr,
-                     causal="bottom_right" if call.diagonal else False,
+    return attention(q, k, v, ptr=ptr, causal="bottom_right" if call.diagonal else False,
                      scale=ring.multiplier, return_lse=True)
+
+
+def _band_graph(call: BlockCall, num_dst: int, num_src: int, device) -> AttentionGraph:
+    """The graph of a windowed call: its band, shifted off the diagonal for keys that start
+    elsewhere than the queries (a negative side, which build_graph's window refuses, so the
+    graph is stated directly); the same band in every graph of a batch."""
+    low, high = call.band
+    window = (None if low is None else -low, high)
+    if call.ptr is None:
+        return AttentionGraph(num_dst, num_src, bipartite=True, window=window)
+    return build_graph(ptr=torch.tensor(call.ptr[0], device=device), window=window)
 
 
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor, Tensor]:

@@ -10,14 +10,17 @@ diagonal, or empty.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from gatattn.graph import AttentionGraph
+from gatattn.graph.switches import Window, window_mode
 
 Interval = tuple[int, int]
 Layout = tuple[tuple[Interval, ...], ...]  # per rank
@@ -54,28 +57,34 @@ def _local_starts(holding: tuple[Interval, ...]) -> list[int]:
     return [0, *accumulate(stop - start for start, stop in holding)]
 
 
-def graph_sizes(graph, ptr, batch, causal) -> tuple[bool, int, list[int] | None]:
-    """``(causal, node count, node count of each graph)`` from ``graph=``, ``ptr`` or
-    ``batch``: the node count -1 where none is given, the sizes ``None`` for one graph."""
+def graph_sizes(graph, ptr, batch, causal, window=None) -> GraphSpec:
+    """What ``graph=``, or ``ptr`` / ``batch`` / ``causal`` / ``window``, describe."""
     if graph is not None:
-        given = [name for name, value in (("ptr", ptr), ("batch", batch), ("causal", causal))
+        given = [name for name, value in (("ptr", ptr), ("batch", batch), ("causal", causal),
+                                          ("window", window))
                  if value is not None and value is not False]
         if given:
             raise ValueError(f"graph= already describes the graph; got {', '.join(given)} as "
                              "well: give them to gatattn.build_graph(...) instead, or drop graph=")
-        causal, sizes = _sizes_of_graph(graph)
-    elif ptr is not None and batch is not None:
-        raise ValueError("give the batch as ptr or as batch, not both")
-    elif ptr is not None:
-        sizes = _sizes_from_ptr(ptr)
-    elif batch is not None:
-        sizes = _sizes_from_batch(batch)
+        causal, window, sizes = _sizes_of_graph(graph)
     else:
-        return causal, -1, None
-    return causal, sum(sizes), sizes if len(sizes) > 1 else None
+        window = window_mode(window, causal is True)  # (a causal not bool is refused later)
+        if ptr is not None and batch is not None:
+            raise ValueError("give the batch as ptr or as batch, not both")
+        if ptr is None and batch is None:
+            return GraphSpec(causal, window, -1, None)
+        sizes = _sizes_from_ptr(ptr) if ptr is not None else _sizes_from_batch(batch)
+    return GraphSpec(causal, window, sum(sizes), sizes if len(sizes) > 1 else None)
 
 
-def _sizes_of_graph(graph) -> tuple[bool, list[int]]:
+class GraphSpec(NamedTuple):
+    causal: bool
+    window: Window | None  # as window_mode states it: None keeps every (causal) pair
+    total: int  # node count, -1 where nothing gives it
+    sizes: list[int] | None  # node count of each graph of a batch, None for one graph
+
+
+def _sizes_of_graph(graph) -> tuple[bool, Window | None, list[int]]:
     if not isinstance(graph, AttentionGraph):
         raise TypeError(f"graph must be a gatattn.AttentionGraph (gatattn.build_graph(...)), "
                         f"got {type(graph).__name__}")
@@ -87,12 +96,12 @@ def _sizes_of_graph(graph) -> tuple[bool, list[int]]:
                          "gatattn.build_graph(num_nodes=N, causal=...) or build_graph(ptr=..., "
                          "causal=...), N the nodes of all ranks")
     if membership is None:
-        return graph.causal, [graph.num_dst]
+        return graph.causal, graph.window, [graph.num_dst]
     if membership.dst.order is not None:
         raise ValueError("ring_attention shards contiguous rows: each graph of the batch must "
                          "be a contiguous run of nodes (sort the batch vector, as PyG's Batch "
                          "is)")
-    return graph.causal, graph.host_sizes()[0]  # known to the graph: no second read
+    return graph.causal, graph.window, graph.host_sizes()[0]  # known to it: no second read
 
 
 def _sizes_from_ptr(ptr) -> list[int]:
@@ -172,14 +181,17 @@ class MoveRows(torch.autograd.Function):
 class BlockCall:
     """One ``gatattn.attention`` call of a (query shard, key block) pair: local query rows
     ``rows`` against the concatenated local key slices ``keys``, complete per graph, or causal
-    aligned bottom-right (the keys end with the queries' own interval) when ``diagonal``.
-    ``ptr`` is ``(ptr_dst, ptr_src)`` of the graphs the queries touch, ``None`` for one graph;
-    the keys are then trimmed to those graphs' rows."""
+    aligned bottom-right (the keys end with the queries' own interval) when ``diagonal``, or
+    inside ``band``. ``ptr`` is ``(ptr_dst, ptr_src)`` of the graphs the queries touch,
+    ``None`` for one graph; the keys are then trimmed to those graphs' rows."""
 
     rows: slice
     keys: tuple[slice, ...]
     diagonal: bool
     ptr: tuple[list[int], list[int]] | None
+    #: Windowed: local key ``b`` is seen by local query ``a`` iff ``low <= b - a <= high``
+    #: (``None``: no bound), in every graph of the call (:func:`windowed_block_calls`).
+    band: tuple[int | None, int | None] | None = None
 
     def key_rows(self, t: Tensor) -> Tensor:
         parts = [t[s] for s in self.keys]
@@ -251,3 +263,66 @@ def _sub_slices(slices: tuple[slice, ...], skip: int, keep: int) -> tuple[slice,
             out.append(slice(s.start + lo - offset, s.start + hi - offset))
         offset += length
     return tuple(out)
+
+
+def windowed_block_calls(queries: tuple[Interval, ...], keys: tuple[Interval, ...],
+                         window: Window, graph_sizes: list[int] | None) -> list[BlockCall]:
+    """The calls of a sliding window ``(left, right)`` (causal: ``right`` 0): global query
+    ``i`` sees global key ``j`` of its graph iff ``-left <= j - i <= right``. One call per
+    (query interval, key interval) pair, as positions matter: the same interval is one call
+    with the window's own band (every graph of a batch in it, each with as many keys as
+    queries); two different intervals share at most one graph (they are disjoint), whose part
+    is trimmed to the queries that see a key and the keys seen, the band shifted by the
+    distance between their first rows. Pairs with nothing in the band make no call: far
+    blocks are never computed."""
+    left, right = window
+    calls = []
+    for q_interval in queries:
+        for k_interval in keys:
+            if q_interval == k_interval:
+                call = _diagonal_window_call(q_interval, queries, keys, window, graph_sizes)
+            else:
+                overlap = _shared_graph(q_interval, k_interval, graph_sizes)
+                call = overlap and _shifted_window_call(*overlap, queries, keys, left, right)
+            if call:
+                calls.append(call)
+    return calls
+
+
+def _diagonal_window_call(interval, queries, keys, window, graph_sizes) -> BlockCall:
+    left, right = window
+    rows = _local_slice(queries, *interval)
+    key_slice = _local_slice(keys, *interval)
+    ptr = None if graph_sizes is None else _graph_pair([interval], [interval], graph_sizes)[0]
+    return BlockCall(rows, (key_slice,), False, ptr,
+                     (None if left is None else -left, right))
+
+
+def _shared_graph(q_interval, k_interval, graph_sizes):
+    """``(query rows, key rows)``: the global intervals of the one graph that holds rows of
+    both disjoint intervals, or ``None``."""
+    if graph_sizes is None:
+        return q_interval, k_interval
+    ends = list(accumulate(graph_sizes))
+    start, stop = min(q_interval[1], k_interval[1]) - 1, max(q_interval[0], k_interval[0])
+    graph = bisect_right(ends, start)  # holds the last row of the earlier interval
+    if graph == len(ends) or ends[graph] <= stop:
+        return None  # the later interval's first row is in another graph
+    first = ends[graph] - graph_sizes[graph]
+    return ((max(q_interval[0], first), min(q_interval[1], ends[graph])),
+            (max(k_interval[0], first), min(k_interval[1], ends[graph])))
+
+
+def _shifted_window_call(q_rows, k_rows, queries, keys, left, right) -> BlockCall | None:
+    """The call of global query rows ``q_rows`` against key rows ``k_rows`` of one graph,
+    trimmed to the queries that see a key (``j - left <= i <= j + right``) and the keys seen."""
+    q_start = max(q_rows[0], k_rows[0] - right if right is not None else q_rows[0])
+    q_stop = min(q_rows[1], k_rows[1] + left if left is not None else q_rows[1])
+    k_start = max(k_rows[0], q_start - left if left is not None else k_rows[0])
+    k_stop = min(k_rows[1], q_stop + right if right is not None else k_rows[1])
+    if q_start >= q_stop or k_start >= k_stop:
+        return None
+    shift = q_start - k_start  # key b - query a = (j - i) + shift
+    band = (None if left is None else shift - left, None if right is None else shift + right)
+    return BlockCall(_local_slice(queries, q_start, q_stop),
+                     (_local_slice(keys, k_start, k_stop),), False, None, band)

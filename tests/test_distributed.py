@@ -34,7 +34,7 @@ SHARDS = {1: [(9,)], 2: [(5, 11), (0, 9)], 3: [(7, 0, 13), (1, 4, 2), (1, 0, 1)]
 SPAWN_TIMEOUT_S = 1800  # a hang guard, far above any loaded machine's run time
 # A group of ranks 1..P-1 (group rank = global rank - 1): peers are addressed by global rank.
 SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64, ptr=None,
-                     form=None, load_balance=True)
+                     form=None, load_balance=True, window=None)
 SUBGROUP_SIZES = {2: (6,), 3: (4, 6)}
 CONVS = {  # name: (constructor kwargs, causal)
     "concat-root-out_proj": (dict(out_channels=4, heads=2, out_proj=True, temperature=0.8), False),
@@ -62,7 +62,7 @@ BATCH_FORMS = ("ptr", "batch", "graph")
 
 def ring_cases(world: int) -> list[dict]:
     base = dict(scale=None, temperature=1.0, dtype=torch.float64, ptr=None, form=None,
-                load_balance=True)
+                load_balance=True, window=None)
     cases = [{**base, "sizes": sizes, "causal": causal}
              for sizes in SHARDS[world] for causal in (False, True)]
     first = SHARDS[world][0]
@@ -73,7 +73,22 @@ def ring_cases(world: int) -> list[dict]:
     cases.append({**base, "sizes": first, "causal": True, "scale": 0.7, "temperature": 1.3})
     cases.append({**base, "sizes": first, "causal": False, "dtype": torch.bfloat16})
     cases.append({**base, "sizes": first, "causal": True, "dtype": torch.bfloat16})
-    return cases
+    return cases + window_cases(world, base)
+
+
+def window_cases(world: int, base: dict) -> list[dict]:
+    """Sliding windows narrower than a shard (far blocks make no call) and wider than one
+    (a window reaches past the next rank), zig-zag and plain, on one graph and on a batch
+    whose graphs straddle ranks, the window by keyword and from graph=."""
+    first, last = SHARDS[world][0], SHARDS[world][-1]
+    windowed = {**base, "sizes": first}
+    batch = {**windowed, "ptr": BATCHES[first], "form": "ptr"}
+    return [{**windowed, "causal": True, "window": (2, 0)},
+            {**windowed, "causal": True, "window": (6, 0), "load_balance": False},
+            {**windowed, "causal": False, "window": (1, 3), "form": "graph"},
+            {**windowed, "causal": False, "window": (None, 2), "sizes": last},
+            {**batch, "causal": True, "window": (3, 0), "form": "graph"},
+            {**batch, "causal": False, "window": (4, 1)}]
 
 
 def case_id(world: int, index: int) -> str:
@@ -81,6 +96,8 @@ def case_id(world: int, index: int) -> str:
     flags = "causal" if case["causal"] else "full"
     flags += "" if case["load_balance"] else "-plain_ring"
     flags += "" if case["ptr"] is None else f"-batch_by_{case['form']}"
+    flags += "" if case["window"] is None else f"-window{case['window'][0]}_{case['window'][1]}"
+    flags += "-by_graph" if case["ptr"] is None and case["form"] == "graph" else ""
     extra = "" if case["scale"] is None else f"-scale{case['scale']}-tau{case['temperature']}"
     dtype = str(case["dtype"]).removeprefix("torch.")
     return f"P{world}-{'+'.join(map(str, case['sizes']))}-{flags}{extra}-{dtype}"
@@ -88,15 +105,18 @@ def case_id(world: int, index: int) -> str:
 
 def graph_keywords(case: dict) -> dict:
     """How the case gives its graph to ring_attention."""
+    keywords = dict(causal=case["causal"], window=case["window"])
     if case["ptr"] is None:
-        return dict(causal=case["causal"])
+        if case["form"] == "graph":
+            return dict(graph=build_graph(num_nodes=sum(case["sizes"]), **keywords))
+        return keywords
     ptr = torch.tensor(case["ptr"])
     if case["form"] == "ptr":
-        return dict(ptr=ptr, causal=case["causal"])
+        return dict(ptr=ptr, **keywords)
     batch = torch.repeat_interleave(torch.arange(len(ptr) - 1), ptr.diff())
     if case["form"] == "batch":
-        return dict(batch=batch, causal=case["causal"])
-    return dict(graph=build_graph(batch=batch, causal=case["causal"]))
+        return dict(batch=batch, **keywords)
+    return dict(graph=build_graph(batch=batch, **keywords))
 
 
 def graph_sizes(case: dict) -> list[int]:
@@ -203,6 +223,7 @@ def _refusals(rank: int, world: int) -> dict:
                            requires_grad=True) for _ in range(3))
     checks = {
         "causal differs": lambda: ring_attention(q, k, v, causal=rank == 0),
+        "window differs": lambda: ring_attention(q, k, v, window=(rank, 1)),
         "bad shape on the last rank": lambda: ring_attention(
             q[:, 0] if rank == world - 1 else q, k, v),
         "heads differ": lambda: ring_attention(*(t[:, :1] if rank == 0 else t
@@ -258,7 +279,8 @@ def reference_ring(case: dict, seed: int, dtype: torch.dtype | None):
     q, k, v, grad = full_inputs(case, seed)
     cast = case["dtype"]
     q, k, v = (t.to(cast).requires_grad_() for t in (q, k, v))
-    mask = reference.block_mask(graph_sizes(case), causal=case["causal"])
+    mask = reference.block_mask(graph_sizes(case), causal=case["causal"],
+                                window=case.get("window"))
     out = reference.attention(q, k, v, mask, scale=case["scale"],
                               temperature=case["temperature"],
                               compute_dtype=torch.float64 if dtype is None else dtype)
@@ -352,6 +374,8 @@ def test_refusals_raise_on_every_rank(world):
     for rank, errors in enumerate(per_rank):
         assert errors["causal differs"][0] == "ValueError"
         assert "same causal" in errors["causal differs"][1]
+        assert errors["window differs"][0] == "ValueError"
+        assert "same window left" in errors["window differs"][1]
         assert errors["heads differ"][0] == "ValueError"
         assert "same heads" in errors["heads differ"][1]
         assert errors["needs grad differs"][0] == "ValueError"
@@ -425,6 +449,12 @@ def test_single_rank_graph_equals_keywords_and_bad_graphs_are_refused():
             ring_attention(q, k, v, graph=build_graph(num_nodes=9), ptr=torch.tensor([0, 9]))
         with pytest.raises(ValueError, match="graph= already describes the graph; got causal"):
             ring_attention(q, k, v, graph=build_graph(num_nodes=9), causal=True)
+        with pytest.raises(ValueError, match="graph= already describes the graph; got window"):
+            ring_attention(q, k, v, graph=build_graph(num_nodes=9), window=(2, 0))
+        with pytest.raises(ValueError, match="window must be None or a .left, right. pair"):
+            ring_attention(q, k, v, window=(-1, 0))
+        with pytest.raises(ValueError, match="causal attention already keeps j <= i"):
+            ring_attention(q, k, v, causal=True, window=(2, 1))
         with pytest.raises(TypeError, match="graph must be a gatattn.AttentionGraph"):
             ring_attention(q, k, v, graph={"causal": True})
     finally:

@@ -274,3 +274,35 @@ def test_windows_that_keep_every_pair_are_no_window():
     assert gatattn.build_graph(num_nodes=5, window=(None, None)).window is None
     assert gatattn.build_graph(num_nodes=5, causal=True, window=(None, 0)).window is None
     assert gatattn.build_graph(num_nodes=5, window=(None, 0)).window == (None, 0)
+
+
+@pytest.mark.parametrize("sizes_dst,sizes_src,causal,window", [
+    ([300, 170], [300, 170], False, (5, 3)),
+    ([300, 170], [300, 170], True, (70, 0)),
+    ([200, 40], [330, 170], "bottom_right", (9, 0)),
+])
+def test_narrow_bands_over_long_graphs_run_in_chunks(monkeypatch, sizes_dst, sizes_src, causal,
+                                                     window):
+    inputs = make_qkv(sum(sizes_dst), sum(sizes_src), 2, 4, dtype=torch.float64)
+    keywords = _graph_keywords(sizes_dst, sizes_src)
+    mask = reference.block_mask(sizes_dst, sizes_src, causal, window)
+    keys_seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        keys_seen.append(k.size(-2))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    check_against_reference(
+        lambda q, k, v: gatattn.attention(q, k, v, causal=causal, window=window, backend="sdpa",
+                                          **keywords),
+        inputs, masked_reference(mask))
+    # The longest graphs run in chunks, each call against its rows' keys only: max(width, 64)
+    # rows plus the window's width, never the whole graph.
+    width = sum(window) + 1
+    assert max(keys_seen) < max(sizes_src)
+    assert sum(keys <= max(width, 64) + width - 1 for keys in keys_seen) >= 2
+    out, lse = gatattn.attention(*inputs, causal=causal, window=window, backend="sdpa",
+                                 return_lse=True, **keywords)
+    torch.testing.assert_close(lse, reference.attention(*inputs, mask, return_lse=True)[1])

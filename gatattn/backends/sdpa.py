@@ -14,6 +14,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gatattn.backends.bands import (
+    Band,
+    Chunk,
+    band_chunks,
+    band_mask,
+    effective,
+    group_band,
+    sdpa_mask,
+    seeing_rows_only,
+)
 from gatattn.backends.common import (
     empty_output,
     permute_rows,
@@ -70,14 +80,14 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
     if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
         group = plan.groups[0]
-        return _group_attention(group, q, k, v, _band(graph, group), scale, dropout, math)
+        return _group_attention(group, q, k, v, group_band(graph, group), scale, dropout, math)
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)
     rows_dst = [g.count * g.len_dst for g in plan.groups]
     rows_src = [g.count * g.len_src for g in plan.groups]
     outs = [
-        _group_attention(g, q_g, k_g, v_g, _band(graph, g), scale, dropout, math)
+        _group_attention(g, q_g, k_g, v_g, group_band(graph, g), scale, dropout, math)
         for g, q_g, k_g, v_g in zip(
             plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
     ]
@@ -85,73 +95,24 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
     return unpermute_rows(out, plan.order_dst)
 
 
-Band = tuple[int | None, int | None]
-
-
-def _band(graph: AttentionGraph, group: SegmentGroup) -> Band | None:
-    """The group's band ``(low, high)``: target ``i`` keeps ``i + low <= j <= i + high``; a
-    bound that removes no pair is ``None``, and ``None`` keeps every pair (not causal, no
-    window, or one query per graph aligned bottom-right: a decoding step)."""
-    if not graph.banded:
-        return None
-    return _effective(*graph.band(group.len_dst, group.len_src), group.len_dst, group.len_src)
-
-
-def _effective(low: int | None, high: int | None, len_dst: int, len_src: int) -> Band | None:
-    """``(low, high)`` without the bounds that remove no pair of a ``len_dst x len_src``
-    block; ``None`` if neither removes one."""
-    if high is not None and high >= len_src - 1:
-        high = None
-    if low is not None and low <= 1 - len_dst:
-        low = None
-    return None if low is None and high is None else (low, high)
-
-
-def _band_mask(band: Band | None, len_dst: int, len_src: int, device) -> Tensor | None:
-    """A boolean ``(len_dst, len_src)`` mask of the band (``None``: no band)."""
-    if band is None:
-        return None
-    low, high = band
-    mask = torch.ones(len_dst, len_src, dtype=torch.bool, device=device)
-    mask = mask if high is None else mask.tril(high)
-    return mask if low is None else mask.triu(low)
-
-
-def _seeing_rows_only(group: SegmentGroup, q: Tensor, band: Band, attend) -> Tensor | None:
-    """A band whose first or last targets see no source (a bottom-right causal graph with more
-    targets than sources; a window past the end of the sources): the targets that see some
-    form one run of rows, computed by ``attend(group, q, band)`` for that run alone, and the
-    rest get zeros. Nothing is computed for blind rows, so a fully masked softmax row (NaN)
-    never arises. ``None`` when every target sees a source."""
-    rows = seeing_rows(group.len_dst, group.len_src, *band)
-    if len(rows) == group.len_dst:
-        return None
-    seeing = SegmentGroup(group.count, len(rows), group.len_src)
-    shifted = _effective(*(None if b is None else b + rows.start for b in band),
-                         seeing.len_dst, seeing.len_src)
-    q = q.view(group.count, group.len_dst, *q.shape[1:])[:, rows.start:rows.stop]
-    out = attend(seeing, q.reshape(-1, *q.shape[2:]), shifted)  # (count * len(rows), H, C_v)
-    out = out.view(group.count, len(rows), *out.shape[1:])
-    before = out.new_zeros(group.count, rows.start, *out.shape[2:])
-    after = out.new_zeros(group.count, group.len_dst - rows.stop, *out.shape[2:])
-    return torch.cat([before, out, after], dim=1).flatten(0, 1)
-
-
 def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: float,
                      math: bool) -> Tensor:
-    """One size group's attention; ``band``: :func:`_band` (``None``: every pair)."""
+    """One size group's attention; ``band``: :func:`~gatattn.backends.bands.group_band`
+    (``None``: every pair)."""
     H, H_kv, C_v = q.size(1), k.size(1), v.size(2)
     gqa = bool(H_kv != H)  # sizes are tensors under torch.jit.trace; SDPA takes a bool
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
     if band is not None:
-        out = _seeing_rows_only(group, q, band, lambda g, q_g, b: _group_attention(
+        out = seeing_rows_only(group, q, band, lambda g, q_g, b: _group_attention(
             g, q_g, k, v, b, scale, dropout, math))
         if out is not None:
             return out
-    # SDPA's is_causal is the top-left causal band; any other band is a boolean mask.
-    mask = None if band == (None, 0) else _band_mask(band, group.len_dst, group.len_src,
-                                                     q.device)
+        chunks = band_chunks(group.len_dst, group.len_src, band)
+        if chunks is not None:
+            return _chunked(group, chunks, q, k, v, lambda g, q_c, k_c, v_c, b: (
+                _group_attention(g, q_c, k_c, v_c, b, scale, dropout, math)))
+    mask, is_causal = sdpa_mask(band, group.len_dst, group.len_src, q.device)
     if scale <= 0:
         # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
         # backend): fold such a scale into the queries instead.
@@ -162,7 +123,7 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                              is_causal=band == (None, 0), scale=scale,
+                                              is_causal=is_causal, scale=scale,
                                               enable_gqa=gqa)
 
     def math_backend(q, k, v):
@@ -184,6 +145,24 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
             "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
         out = twice_differentiable(sdpa, recompute, q, k, v)
     return out.transpose(1, 2).reshape(-1, H, C_v)
+
+
+def _chunked(group: SegmentGroup, chunks, q: Tensor, k: Tensor, v: Tensor, attend) -> Tensor:
+    """A narrow band's attention chunk by chunk: each chunk's rows of every graph of the
+    group against the keys they can see, ``attend(chunk_group, q, k, v, band)``."""
+    def rows(x, length, start, stop):  # rows [start, stop) of every graph, graph-major
+        x = x.view(group.count, length, *x.shape[1:])[:, start:stop]
+        return x.reshape(-1, *x.shape[2:])
+
+    outs = []
+    for c in chunks:
+        chunk_group = SegmentGroup(group.count, c.row_stop - c.row_start,
+                                   c.key_stop - c.key_start)
+        out = attend(chunk_group, rows(q, group.len_dst, c.row_start, c.row_stop),
+                     rows(k, group.len_src, c.key_start, c.key_stop),
+                     rows(v, group.len_src, c.key_start, c.key_stop), c.band)
+        outs.append(out.view(group.count, chunk_group.len_dst, *out.shape[1:]))
+    return torch.cat(outs, dim=1).flatten(0, 1)
 
 
 # ------------------------------------------------------------------ the log-sum-exp
@@ -215,7 +194,7 @@ def implicit_lse(q: Tensor, k: Tensor, graph: AttentionGraph, scale: float,
         bias = permute_rows(bias, head_major_layout(graph, plan, H, bias.device).bias)
         biases = bias.to(dtype).split([g.count * g.len_dst * g.len_src for g in plan.groups])
     lses = [
-        _group_lse(g, q_g, k_g, b_g, _band(graph, g), scale)
+        _group_lse(g, q_g, k_g, b_g, group_band(graph, g), scale)
         for g, q_g, k_g, b_g in zip(
             plan.groups, q.split([g.count * g.len_dst for g in plan.groups]),
             k.split([g.count * g.len_src for g in plan.groups]), biases, strict=True)
@@ -235,19 +214,37 @@ def _group_lse(g: SegmentGroup, q: Tensor, k: Tensor, bias: Tensor | None,
     k = k.view(g.count, g.len_src, H_kv, C).permute(0, 2, 3, 1)  # (B, H_kv, C, S)
     if bias is not None:
         bias = bias.view(g.count, g.len_dst, g.len_src, H)
-    keep = _band_mask(band, g.len_dst, g.len_src, q.device)  # blind targets keep nothing: -inf
-    rows = max(1, LSE_CHUNK_LOGITS // max(1, g.count * H * g.len_src))
     lses = []
-    for start in range(0, g.len_dst, rows):
-        stop = min(start + rows, g.len_dst)
-        q_c = q[:, start:stop].permute(0, 2, 3, 1, 4).reshape(g.count, H_kv, -1, C)
-        logits = torch.matmul(q_c, k).mul(scale).view(g.count, H, stop - start, g.len_src)
+    for c in _lse_chunks(g, band, H):
+        rows, keys = c.row_stop - c.row_start, c.key_stop - c.key_start
+        q_c = q[:, c.row_start:c.row_stop].permute(0, 2, 3, 1, 4).reshape(g.count, H_kv, -1, C)
+        logits = torch.matmul(q_c, k[..., c.key_start:c.key_stop]).mul(scale)
+        logits = logits.view(g.count, H, rows, keys)
         if bias is not None:
-            logits = logits + bias[:, start:stop].permute(0, 3, 1, 2)
+            logits = logits + bias[:, c.row_start:c.row_stop, c.key_start:c.key_stop].permute(
+                0, 3, 1, 2)
+        keep = band_mask(c.band, rows, keys, q.device)  # blind targets keep nothing: -inf
         if keep is not None:
-            logits = logits.masked_fill(~keep[start:stop], float("-inf"))
+            logits = logits.masked_fill(~keep, float("-inf"))
         lses.append(safe_logsumexp(logits).transpose(1, 2))  # (B, rows, H)
     return torch.cat(lses, dim=1).reshape(-1, H)
+
+
+def _lse_chunks(g: SegmentGroup, band: Band | None, heads: int) -> list[Chunk]:
+    """The chunks :func:`_group_lse` forms logits in: a narrow band's
+    (:func:`~gatattn.backends.bands.band_chunks`, each against the keys its rows see), else
+    chunks of rows against every key, at most :data:`LSE_CHUNK_LOGITS` logits each."""
+    rows = seeing_rows(g.len_dst, g.len_src, *band) if band is not None else None
+    if rows is not None and len(rows) == g.len_dst:
+        chunks = band_chunks(g.len_dst, g.len_src, band)
+        if chunks is not None:
+            return chunks
+    step = max(1, LSE_CHUNK_LOGITS // max(1, g.count * heads * g.len_src))
+    low, high = band or (None, None)
+    return [Chunk(start, min(start + step, g.len_dst), 0, g.len_src,
+                  None if band is None else (None if low is None else low + start,
+                                             None if high is None else high + start))
+            for start in range(0, g.len_dst, step)]
 
 
 def safe_logsumexp(logits: Tensor) -> Tensor:
@@ -297,7 +294,7 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
         out = _biased_group_attention(
             g, q_g.view(batch, g.len_dst, q.size(2)), k_g.view(batch, g.len_src, k.size(2)),
             v_g.view(batch, g.len_src, C_v), bias_g.reshape(batch, g.len_dst, g.len_src),
-            _band(graph, g), scale, dropout)
+            group_band(graph, g), scale, dropout)
         outs.append(out.reshape(-1, C_v))
     return unpermute_rows(torch.cat(outs).to(q.dtype), layout.dst).view(-1, H, C_v)
 
@@ -323,7 +320,7 @@ def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bi
         rows = seeing_rows(g.len_dst, g.len_src, *band)
         if len(rows) < g.len_dst:  # blind targets get zeros, the rest are one run of rows
             seeing = SegmentGroup(g.count, len(rows), g.len_src)
-            shifted = _effective(*(None if b is None else b + rows.start for b in band),
+            shifted = effective(*(None if b is None else b + rows.start for b in band),
                                  seeing.len_dst, seeing.len_src)
             out = _biased_group_attention(seeing, q[:, rows.start:rows.stop], k, v,
                                           bias[:, rows.start:rows.stop], shifted, scale,
@@ -331,7 +328,7 @@ def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bi
             return torch.cat([out.new_zeros(out.size(0), rows.start, out.size(2)), out,
                               out.new_zeros(out.size(0), g.len_dst - rows.stop, out.size(2))],
                              dim=1)
-        bias = bias.masked_fill(~_band_mask(band, g.len_dst, g.len_src, q.device),
+        bias = bias.masked_fill(~band_mask(band, g.len_dst, g.len_src, q.device),
                                 float("-inf"))
     logits = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale)
     weights = _safe_softmax(logits)

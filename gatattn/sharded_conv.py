@@ -50,17 +50,21 @@ class ShardedSelfAttention(nn.Module):
         self.group = group
 
     def forward(self, x: Tensor, *, causal: bool = False, graph: AttentionGraph | None = None,
-                ptr: Tensor | None = None, batch: Tensor | None = None) -> Tensor:
+                ptr: Tensor | None = None, batch: Tensor | None = None,
+                window: tuple[int | None, int | None] | None = None) -> Tensor:
         """``x``: ``(n_r, F_in)`` features of this rank's nodes; returns ``(n_r, H * C)``, or
         ``(n_r, C)`` if the conv averages its heads. ``causal``: node ``i`` attends to nodes
-        ``j <= i`` of its graph only. ``graph``, ``ptr``, ``batch``: the graphs of the nodes of
-        all ranks, as :func:`~gatattn.distributed.ring_attention` takes them (default: one
-        complete graph)."""
+        ``j <= i`` of its graph only. ``window``: ``(left, right)``, node ``i`` attends to nodes
+        ``i - left <= j <= i + right`` of its graph only (a sliding window). ``graph``,
+        ``ptr``, ``batch``: the graphs of the nodes of all ranks, as
+        :func:`~gatattn.distributed.ring_attention` takes them (default: one complete
+        graph)."""
         conv = self.conv
         self._check_supported(x)
         query, key, value = conv.project(x, x)
         out = ring_attention(query, key, value, graph=graph, ptr=ptr, batch=batch,
-                             group=self.group, causal=causal, temperature=conv.temperature)
+                             group=self.group, causal=causal, window=window,
+                             temperature=conv.temperature)
         return conv.finish(out, x)
 
     def _check_supported(self, x) -> None:

@@ -43,9 +43,13 @@ CONVS = {  # name: (constructor kwargs, causal)
     "grouped-query-causal": (dict(out_channels=4, heads=4, kv_heads=2, out_proj=True), True),
     "grouped-query-causal-batch": (dict(out_channels=4, heads=4, kv_heads=2), True),
     "concat-root-batch": (dict(out_channels=4, heads=2, out_proj=True), False),
+    "concat-root-out_proj-causal-window": (dict(out_channels=4, heads=2, out_proj=True), True),
+    "grouped-query-batch-window": (dict(out_channels=4, heads=4, kv_heads=2), False),
 }
 # Layer cases on a PyG batch (BATCHES), whose graphs straddle ranks.
-BATCHED_CONVS = {"grouped-query-causal-batch", "concat-root-batch"}
+BATCHED_CONVS = {"grouped-query-causal-batch", "concat-root-batch", "grouped-query-batch-window"}
+# Layer cases with a sliding window.
+CONV_WINDOWS = {"concat-root-out_proj-causal-window": (3, 0), "grouped-query-batch-window": (2, 1)}
 
 
 def conv_ptr(name: str, sizes) -> torch.Tensor | None:
@@ -161,7 +165,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
         ring = [_ring_case(case, rank, i) for i, case in enumerate(ring_cases(world))]
         results = {"ring": ring,
                    "conv": {name: _conv_case(kwargs, causal, SHARDS[world][0], rank,
-                                             conv_ptr(name, SHARDS[world][0]))
+                                             conv_ptr(name, SHARDS[world][0]),
+                                             CONV_WINDOWS.get(name))
                             for name, (kwargs, causal) in CONVS.items()},
                    "refusals": _refusals(rank, world),
                    "subgroup": _subgroup_case(rank, world)}
@@ -189,9 +194,9 @@ def _subgroup_case(rank: int, world: int) -> dict | None:
     return _ring_case({**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world]}, rank - 1, 0, group)
 
 
-def _conv_case(kwargs: dict, causal: bool, sizes, rank: int, ptr) -> dict:
-    """The sharded layer's output and gradients, with ``causal=`` (and ``ptr=``) and with the
-    same graph as an object (``"by graph"``)."""
+def _conv_case(kwargs: dict, causal: bool, sizes, rank: int, ptr, window) -> dict:
+    """The sharded layer's output and gradients, with ``causal=`` (and ``ptr=``, ``window=``)
+    and with the same graph as an object (``"by graph"``)."""
     runs = {}
     for form in ("by keywords", "by graph"):
         conv = make_conv(kwargs)
@@ -199,11 +204,11 @@ def _conv_case(kwargs: dict, causal: bool, sizes, rank: int, ptr) -> dict:
         x = shard(x, sizes, rank).requires_grad_()
         layer = ShardedSelfAttention(conv)
         if form == "by graph":
-            graph = (build_graph(num_nodes=sum(sizes), causal=causal) if ptr is None
-                     else build_graph(ptr=ptr, causal=causal))
+            graph = (build_graph(num_nodes=sum(sizes), causal=causal, window=window)
+                     if ptr is None else build_graph(ptr=ptr, causal=causal, window=window))
             out = layer(x, graph=graph)
         else:
-            out = layer(x, causal=causal, ptr=ptr)
+            out = layer(x, causal=causal, ptr=ptr, window=window)
         out.backward(shard(grad, sizes, rank))
         for p in conv.parameters():  # each rank holds its share of every parameter's gradient
             dist.all_reduce(p.grad)
@@ -324,7 +329,7 @@ def test_sharded_layer_equals_conv(world, name):
     conv = make_conv(kwargs)
     x, grad = conv_inputs(sizes, _out_width(kwargs))
     x.requires_grad_()
-    out = conv(x, causal=causal, ptr=conv_ptr(name, sizes))
+    out = conv(x, causal=causal, ptr=conv_ptr(name, sizes), window=CONV_WINDOWS.get(name))
     out.backward(grad)
     runs = [r["conv"][name] for r in rank_results(world)]
     checks = {"out": (gathered(runs, lambda r: r["out"]), out),

@@ -65,7 +65,7 @@ class RouteRejectedWarning(RuntimeWarning):
 class RouteKey:
     """What the fastest route depends on. Lengths are bucketed as the kernels' tuner does."""
 
-    graph: str  # "segments", "causal segments", "bipartite segments", ... or "edges"
+    graph: str  # "segments", "causal segments", "window 16/16 segments", ... or "edges"
     lengths: tuple[int, int]  # mean targets and sources per graph (degree for edges), bucketed
     rows: int  # all targets, bucketed: few long graphs and many short ones may race apart
     heads: int
@@ -191,7 +191,8 @@ class Router:
 def route_key(q: Tensor, v: Tensor, graph: AttentionGraph, needs_grad: bool) -> RouteKey:
     """The key of this call, from sizes the host knows (no device sync)."""
     if graph.is_implicit:
-        kind = " ".join(filter(None, ["causal" if graph.causal else "",
+        kind = " ".join(filter(None, [_window_kind(graph),
+                                      "causal" if graph.causal else "",
                                       "bottom-right" if graph.bottom_right else "",
                                       "bipartite" if graph.bipartite else "", "segments"]))
         lengths = (length_bucket(graph.num_dst, graph.num_graphs),
@@ -203,6 +204,16 @@ def route_key(q: Tensor, v: Tensor, graph: AttentionGraph, needs_grad: bool) -> 
     return RouteKey(kind, lengths, power_of_two_bucket(graph.num_dst), q.size(1), v.size(1),
                     (q.size(-1), v.size(-1)), str(q.dtype).removeprefix("torch."), needs_grad,
                     _device_name(q.device), _versions())
+
+
+def _window_kind(graph: AttentionGraph) -> str:
+    """``"window L/R"``, the sides rounded up to powers of two from 16 (``none`` for a side
+    without bound), or ``""`` without a window: the band's width decides the race."""
+    if graph.window is None:
+        return ""
+    left, right = (power_of_two_bucket(side, 16, 16384) if side is not None else "none"
+                   for side in graph.window_sides())
+    return f"window {left}/{right}"
 
 
 def candidate_routes(q: Tensor, v: Tensor, graph: AttentionGraph,

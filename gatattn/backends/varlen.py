@@ -3,9 +3,9 @@ route that ``auto`` races against the Triton kernels on a GPU (not a ``backend=`
 
 It runs what the tiled kernels run, graphs laid end to end and cut by ``cu_seqlens``, and is
 maintained by PyTorch (torch >= 2.10): CUDA, float16 / bfloat16, equal query and value head dims
-that are multiples of 8 up to 256. Its causal mask is a window aligned bottom-right, which is
-our top-left alignment only when each graph has as many targets as sources: so it serves
-self-attention graphs (complete, batched, causal), not bipartite ones.
+that are multiples of 8 up to 256. Its causal mask and sliding window are aligned bottom-right,
+which is our top-left alignment only when each graph has as many targets as sources: so it
+serves self-attention graphs (complete, batched, causal, windowed), not bipartite ones.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def varlen_unavailable_reason(q: Tensor, v: Tensor, graph: AttentionGraph) -> st
     if _kernel() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
     if not graph.is_implicit or graph.bipartite:
-        return "varlen_attn serves self-attention graphs only (complete, batched, causal)"
+        return ("varlen_attn serves self-attention graphs only (complete, batched, causal, "
+                "windowed)")
     if q.dtype not in _DTYPES:
         return f"varlen_attn computes in float16 / bfloat16, got {q.dtype}"
     head_dim = q.size(-1)
@@ -69,8 +70,10 @@ def _packed(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: float
     longest = max(sizes)
     order = segments.order_dst
     q, k, v = (permute_rows(t, order).contiguous() for t in (q, k, v))
+    # The graph's (left, right) band around the diagonal, -1 for a side without bound.
+    window_size = tuple(-1 if side is None else side for side in graph.window_sides())
     out = _kernel()(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=scale,
-                    window_size=(-1, 0) if graph.causal else (-1, -1))
+                    window_size=window_size)
     return unpermute_rows(out, order)
 
 

@@ -21,6 +21,18 @@ copy but leave gaps that every attention call would have to skip, and in-place w
 break autograd through earlier steps. Out of place, gradients flow through a decode step
 (training through cached decoding works and is tested).
 
+Sliding windows: ``KVCache(num_layers, window=left)`` decodes sequences whose every row attends
+to itself and the ``left`` rows before it only (``window=(left, 0)`` with ``causal``: the prefill
+graph is ``build_graph(ptr=..., causal=True, window=(left, 0))``, a step's
+``build_graph(ptr=(ptr_dst, ptr_src), causal="bottom_right", window=(left, 0))``). The band is
+relative to the bottom-right diagonal, so a sequence's keys need not start at its first
+position: a step keeps only the last ``left`` cached rows of each sequence (no query of this
+step or a later one can see an older row) and appends its new rows after them. Between steps a
+sequence holds at most ``left + r`` rows (``r``: the previous step's rows), and a step's buffer
+at most ``left + r_b``, however long the sequences grow: the memory is bounded, and a step's
+copy and attention cost ``O((left + r_b) * H * C)`` per sequence. :attr:`KVCache.lengths` stays
+the sequences' lengths (positions); :attr:`KVCache.cached_rows` counts the rows held.
+
 Not supported: removing rows (rolling back rejected speculative tokens); start a new cache.
 """
 
@@ -40,25 +52,32 @@ from gatattn.graph import AttentionGraph, build_graph
 class CachedKV(NamedTuple):
     """What a layer attends with after :meth:`KVCache.append`:
     ``gatattn.attention(q_new, key, value, graph=graph)``, or in keywords
-    ``gatattn.attention(q_new, key, value, ptr=ptr, causal=causal)``."""
+    ``gatattn.attention(q_new, key, value, ptr=ptr, causal=causal, window=window)``."""
 
     key: Tensor  # (total, H_kv, C): every cached key, new rows included, packed by sequence
     value: Tensor  # (total, H_kv, C_v)
     ptr: Tensor | tuple[Tensor, Tensor]  # prefill: ptr; decoding: (ptr_dst, ptr_src)
     causal: bool | str  # True for the prefill, "bottom_right" for the steps after it
-    # ptr and causal as one object, built once per step and shared by its layers: a call
-    # given it reads nothing on the host.
+    # ptr, causal and window as one object, built once per step and shared by its layers: a
+    # call given it reads nothing on the host.
     graph: AttentionGraph
+    window: tuple[int, int] | None = None  # (left, 0) of a sliding-window cache
 
 
 class _Step:
     """Where one step's rows go, shared by every layer of the step (host ints and, once the
     first layer shows the device, index tensors and the step's graph there)."""
 
-    def __init__(self, old_lengths: list[int], new_rows: list[int], prefill: bool):
+    def __init__(self, old_lengths: list[int], held: list[int], new_rows: list[int],
+                 prefill: bool, window: int | None):
         self.old_lengths = old_lengths
         self.new_rows = new_rows
         self.lengths = [n + r for n, r in zip(old_lengths, new_rows, strict=True)]
+        self.held = held  # rows of each sequence in the layers' buffers before the step
+        # The rows kept: with a window, the last `window` (no later query sees an older one).
+        self.kept = held if window is None else [min(n, window) for n in held]
+        self.held_after = [n + r for n, r in zip(self.kept, new_rows, strict=True)]
+        self.window = None if window is None else (window, 0)
         self.prefill = prefill
         self.tensors: dict[str, Tensor] | None = None
         self.graph: AttentionGraph | None = None
@@ -72,21 +91,29 @@ class _Step:
                              f"this one is on {device}: keep every layer's cache on one device")
         if self.graph is None:  # validated once (one host read), then read by every layer
             ptr_dst, ptr_src = self.tensors["ptr_dst"], self.tensors["ptr_src"]
-            self.graph = (build_graph(ptr=ptr_src, causal=True) if self.prefill
-                          else build_graph(ptr=(ptr_dst, ptr_src), causal="bottom_right"))
+            self.graph = (build_graph(ptr=ptr_src, causal=True, window=self.window)
+                          if self.prefill else
+                          build_graph(ptr=(ptr_dst, ptr_src), causal="bottom_right",
+                                      window=self.window))
         return self.tensors
 
     def _host_tensors(self) -> dict[str, Tensor]:
-        old = torch.tensor(self.old_lengths, dtype=torch.long)
+        kept = torch.tensor(self.kept, dtype=torch.long)
         rows = torch.tensor(self.new_rows, dtype=torch.long)
-        ptr_dst, ptr_src = _offsets(rows), _offsets(old + rows)
-        # Old rows of sequence b move down by the new rows of the sequences before it; the new
-        # rows of b follow b's old rows.
-        old_to = torch.arange(sum(self.old_lengths)) + ptr_dst[:-1].repeat_interleave(old)
+        ptr_dst, ptr_src = _offsets(rows), _offsets(kept + rows)
+        # Kept old rows of sequence b move down by the new rows of the sequences before it;
+        # the new rows of b follow b's kept rows.
+        old_to = torch.arange(sum(self.kept)) + ptr_dst[:-1].repeat_interleave(kept)
         rank_in_sequence = (torch.arange(sum(self.new_rows))
                             - ptr_dst[:-1].repeat_interleave(rows))
-        new_to = (ptr_src[:-1] + old).repeat_interleave(rows) + rank_in_sequence
-        return {"ptr_dst": ptr_dst, "ptr_src": ptr_src, "old_to": old_to, "new_to": new_to}
+        new_to = (ptr_src[:-1] + kept).repeat_interleave(rows) + rank_in_sequence
+        tensors = {"ptr_dst": ptr_dst, "ptr_src": ptr_src, "old_to": old_to, "new_to": new_to}
+        if self.kept != self.held:  # the buffer rows kept: the last ones of each sequence
+            held = torch.tensor(self.held, dtype=torch.long)
+            ends = _offsets(held)[1:]
+            tensors["keep"] = ((ends - kept).repeat_interleave(kept) + torch.arange(sum(self.kept))
+                               - _offsets(kept)[:-1].repeat_interleave(kept))
+        return tensors
 
 
 class KVCache:
@@ -100,6 +127,10 @@ class KVCache:
 
     Args:
         num_layers (int): Attention layers that share the cache.
+        window (int, optional): A sliding window: each row attends to itself and the
+            ``window`` rows before it in its sequence only; the cache keeps no older rows
+            than the next step can see (module docstring). :obj:`None`: every earlier row.
+            (default: :obj:`None`)
 
     Example::
 
@@ -110,13 +141,22 @@ class KVCache:
         ...
         cache.start_step(active=[True, False])   # sequence 1 has finished
         kv = cache.append(0, k_new, v_new)       # k_new: (1, H, C)
+
+        cache = KVCache(num_layers=2, window=128)  # each row sees the 128 before it: the
+                                                   # cache holds at most 128 + 1 per sequence
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, *, window: int | None = None):
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                                   or window < 0):
+            raise ValueError(f"window must be None or an int >= 0 (the rows before each row "
+                             f"that it attends to), got {window!r}")
         self.num_layers = num_layers
+        self.window = window
         self._lengths: list[int] | None = None  # per sequence, after the last complete step
+        self._held: list[int] | None = None  # rows in the buffers per sequence, likewise
         self._keys: list[Tensor | None] = [None] * num_layers
         self._values: list[Tensor | None] = [None] * num_layers
         self._step: _Step | None = None
@@ -124,8 +164,15 @@ class KVCache:
 
     @property
     def lengths(self) -> list[int]:
-        """Cached rows per sequence (after the last complete step)."""
+        """Rows per sequence so far (after the last complete step): the cached rows without a
+        window, the sequence's length (the next row's position) with one."""
         return list(self._lengths or [])
+
+    @property
+    def cached_rows(self) -> list[int]:
+        """Rows held per sequence (after the last complete step): :attr:`lengths` without a
+        window, at most ``window`` plus the last step's rows with one."""
+        return list(self._held or [])
 
     @property
     def batch_size(self) -> int:
@@ -149,7 +196,7 @@ class KVCache:
         lengths = _host_ints(lengths, "lengths")
         if not lengths:
             raise ValueError("lengths is empty: give one prompt length per sequence")
-        self._lengths = [0] * len(lengths)
+        self._lengths, self._held = [0] * len(lengths), [0] * len(lengths)
         self._open(lengths, prefill=True)
 
     def start_step(self, active: Sequence[bool] | Tensor | None = None, *,
@@ -191,11 +238,12 @@ class KVCache:
         self._keys[layer], self._values[layer] = key, value
         self._next_layer += 1
         if self._next_layer == self.num_layers:
-            self._lengths, self._step, self._next_layer = step.lengths, None, 0
+            self._lengths, self._held = step.lengths, step.held_after
+            self._step, self._next_layer = None, 0
         if step.prefill:
-            return CachedKV(key, value, index["ptr_src"], True, step.graph)
+            return CachedKV(key, value, index["ptr_src"], True, step.graph, step.window)
         return CachedKV(key, value, (index["ptr_dst"], index["ptr_src"]), "bottom_right",
-                        step.graph)
+                        step.graph, step.window)
 
     def _open(self, rows: list[int], prefill: bool) -> None:
         if self._step is not None:
@@ -203,7 +251,7 @@ class KVCache:
                                f"{self.num_layers - 1}; append them before starting a new step")
         if any(r < 0 for r in rows):
             raise ValueError(f"row counts must be >= 0, got {rows}")
-        self._step = _Step(self._lengths, rows, prefill)
+        self._step = _Step(self._lengths, self._held, rows, prefill, self.window)
 
     def _open_step(self) -> _Step:
         if self._step is None:
@@ -230,11 +278,13 @@ class KVCache:
     @staticmethod
     def _insert(cached: Tensor | None, new: Tensor, step: _Step,
                 index: dict[str, Tensor]) -> Tensor:
-        """``cached`` with ``new``'s rows at the end of their sequences, in a new buffer."""
+        """``cached`` (its kept rows) with ``new``'s rows at the end of their sequences, in a new
+        buffer."""
         if step.prefill:  # the prompts are the whole cache
             return new
-        total = cached.size(0) + new.size(0)
-        out = new.new_empty((total, *new.shape[1:]))
+        if "keep" in index:
+            cached = cached.index_select(0, index["keep"])
+        out = new.new_empty((cached.size(0) + new.size(0), *new.shape[1:]))
         out = out.index_copy(0, index["old_to"], cached)
         return out.index_copy(0, index["new_to"], new)
 
@@ -245,7 +295,8 @@ def cached_self_attention(conv: SelfAttentionConv, x: Tensor, cache: KVCache,
     ``cache`` (layer ``layer``) instead of recomputing earlier rows.
 
     Over a prefill and the decoding steps that follow, the outputs equal
-    ``conv(x_all, ptr=ptr, causal=True)`` on the whole sequences at the same rows. The step's
+    ``conv(x_all, ptr=ptr, causal=True)`` on the whole sequences at the same rows
+    (``window=(cache.window, 0)`` as well with a sliding-window cache). The step's
     graph is built (one host read) by its first layer; later layers read nothing on the host.
 
     Args:

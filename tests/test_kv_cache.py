@@ -331,3 +331,116 @@ def test_unsupported_convs_are_refused(case):
         cached_self_attention(make(), torch.randn(2, 4), cache, 0)
     with pytest.raises(ValueError, match="5 features"):
         cached_self_attention(SelfAttentionConv(4, 4), torch.randn(2, 5), cache, 0)
+
+
+# --- sliding windows: the cache keeps the last `window` rows of each sequence ---
+
+LONG_PROMPTS, LONG_FINALS = [3, 0, 6, 1], [12, 4, 9, 15]  # longer than the windows tested
+
+
+def steps_of(prompts, finals, chunks):
+    return (schedule(prompts, finals) if chunks is None
+            else chunked_schedule(prompts, finals, chunks))
+
+
+def windowed_decode(q, k, v, window, chunks, backend="auto"):
+    """Decodes LONG_FINALS with a sliding-window cache (eviction on); returns the outputs of
+    every step's rows in the order of the packed full sequences, checking at each step that the
+    cache holds exactly the last rows the step can see."""
+    cache, ptr = KVCache(num_layers=1, window=window), offsets(LONG_FINALS).tolist()
+    out = q.new_zeros(q.size(0), q.size(1), v.size(2))
+    for active, rows in steps_of(LONG_PROMPTS, LONG_FINALS, chunks):
+        start(cache, active, LONG_PROMPTS, chunked=chunks is not None)
+        before = cache.lengths or [0] * len(LONG_FINALS)
+        kv = cache.append(0, k[rows], v[rows])
+        kept = [min(n, window) if active is not None else 0 for n in before]
+        held = [m - n + c for n, m, c in zip(before, cache.lengths, kept, strict=True)]
+        assert cache.cached_rows == held and max(held) <= window + max(chunks or [1]) + (
+            max(LONG_PROMPTS) if active is None else 0)
+        held_rows = torch.cat([torch.arange(ptr[b] + m - h, ptr[b] + m)
+                               for b, (m, h) in enumerate(zip(cache.lengths, held, strict=True))])
+        assert torch.equal(kv.key.detach(), k[held_rows].detach())
+        assert torch.equal(kv.value.detach(), v[held_rows].detach())
+        step_out = gatattn.attention(q[rows], kv.key, kv.value, graph=kv.graph, backend=backend)
+        out = out.index_copy(0, rows, step_out)
+    assert cache.lengths == LONG_FINALS
+    return out
+
+
+@pytest.mark.parametrize("backend", ["auto", "sparse"])
+@pytest.mark.parametrize("chunks", [None, [3, 0, 1, 4]], ids=["one-row", "chunked"])
+@pytest.mark.parametrize("window", [0, 2, 5])
+def test_windowed_decoding_equals_windowed_causal_attention(window, chunks, backend):
+    """Decoding with eviction equals one causal windowed attention over the whole sequences:
+    outputs, and q, k, v gradients through every step (the evicted rows get theirs from the
+    steps that saw them)."""
+    torch.manual_seed(0)
+    n = sum(LONG_FINALS)
+    q, k, v = (torch.randn(n, 2, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    weight = torch.randn(n, 2, 5, dtype=torch.float64)
+    mask = block_mask(LONG_FINALS, causal=True, window=(window, 0))
+    ref = gatattn.reference.attention(q, k, v, mask)
+    out = windowed_decode(q, k, v, window, chunks, backend)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    for got, expected in zip(torch.autograd.grad((out * weight).sum(), (q, k, v)),
+                             torch.autograd.grad((ref * weight).sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_windowed_step_keywords_equal_its_graph():
+    """``kv.ptr``, ``kv.causal`` and ``kv.window`` state ``kv.graph``."""
+    torch.manual_seed(0)
+    cache = KVCache(num_layers=1, window=2)
+    x = [torch.randn(r, 1, 3, dtype=torch.float64) for r in (7, 2)]
+    cache.start_prefill([4, 3])
+    kv = cache.append(0, x[0], x[0])
+    assert kv.window == (2, 0) and kv.causal is True
+    cache.start_step()
+    kv = cache.append(0, x[1], x[1])
+    assert kv.window == (2, 0) and kv.causal == "bottom_right" and cache.cached_rows == [3, 3]
+    q = torch.randn(2, 1, 3, dtype=torch.float64)
+    by_graph = gatattn.attention(q, kv.key, kv.value, graph=kv.graph)
+    by_keywords = gatattn.attention(q, kv.key, kv.value, ptr=kv.ptr, causal=kv.causal,
+                                    window=kv.window)
+    torch.testing.assert_close(by_graph, by_keywords, rtol=0, atol=0)
+
+
+def windowed_full_model(convs, x, ptr, window):
+    h = x
+    for conv in convs:
+        h = torch.tanh(conv(h, ptr=ptr, causal=True, window=(window, 0))) + h
+    return h
+
+
+def windowed_decoded_model(convs, x, window, chunks):
+    cache = KVCache(num_layers=len(convs), window=window)
+    out = torch.zeros_like(x)
+    for active, rows in steps_of(LONG_PROMPTS, LONG_FINALS, chunks):
+        start(cache, active, LONG_PROMPTS, chunked=chunks is not None)
+        h = x[rows]
+        for layer, conv in enumerate(convs):
+            h = torch.tanh(cached_self_attention(conv, h, cache, layer)) + h
+        out = out.index_copy(0, rows, h)
+    return out
+
+
+@pytest.mark.parametrize("chunks", [None, [2, 3]], ids=["one-row", "chunked"])
+def test_windowed_layers_decode_as_the_full_windowed_conv(chunks):
+    """cached_self_attention over a sliding-window cache equals SelfAttentionConv(window=) on
+    the whole sequences: outputs, and gradients of the input and every parameter."""
+    convs = stacked(CONFIGS["mean+beta"])
+    x = torch.randn(sum(LONG_FINALS), 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(sum(LONG_FINALS), 6, dtype=torch.float64)
+    params = [x, *(p for conv in convs for p in conv.parameters())]
+    full = windowed_full_model(convs, x, offsets(LONG_FINALS), 3)
+    decoded = windowed_decoded_model(convs, x, 3, chunks)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-10)
+    for g_full, g_dec in zip(torch.autograd.grad((full * weight).sum(), params),
+                             torch.autograd.grad((decoded * weight).sum(), params), strict=True):
+        torch.testing.assert_close(g_dec, g_full, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("window", [-1, True, 2.0, (2, 0)])
+def test_bad_windows_are_refused(window):
+    with pytest.raises(ValueError, match="window must be None or an int >= 0"):
+        KVCache(1, window=window)

@@ -7,15 +7,17 @@ A size group of ``len_dst x len_src`` graphs keeps, for target ``i``, the source
   the rest get zeros without being computed, so no softmax row is fully masked;
 - the top-left causal band is SDPA's ``is_causal``; any other band is a boolean mask;
 - a narrow band (a sliding window over long graphs) is computed in chunks of rows, each against
-  the keys its rows can see (:func:`band_chunks`): ``O(len * (chunk + width))`` pairs instead of
-  ``len_dst * len_src``, the dense route's form of skipping tiles outside the band.
+  the keys its rows can see, all chunks in one call (:class:`SlidingChunks`):
+  ``O(len * (chunk + width))`` pairs instead of ``len_dst * len_src``, the dense route's form of
+  skipping tiles outside the band.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from gatattn.graph import AttentionGraph, SegmentGroup
@@ -83,33 +85,72 @@ def seeing_rows_only(group: SegmentGroup, q: Tensor, band: Band, attend) -> Tens
     return torch.cat([before, out, after], dim=1).flatten(0, 1)
 
 
-class Chunk(NamedTuple):
-    """Rows ``[row_start, row_stop)`` of a band against keys ``[key_start, key_stop)``, whose
-    own band (in chunk coordinates) is ``band``."""
+@dataclass(frozen=True)
+class SlidingChunks:
+    """A narrow band (bounded on both sides, every target seeing a source) laid out as equal
+    chunks: the targets of each graph cut into ``count`` chunks of ``rows``, chunk ``c`` against
+    the ``keys = rows + high - low`` sources from position ``c * rows + low`` (zero rows pad
+    both ends). Every chunk then has the same band, so a whole size group is ONE SDPA call
+    over ``(graphs * chunks, H, rows, keys)``, and the sources are laid out by an unfold
+    (overlapping views, one copy), whose backward sums the overlaps without a scatter."""
 
-    row_start: int
-    row_stop: int
-    key_start: int
-    key_stop: int
-    band: Band | None
+    len_dst: int
+    len_src: int
+    low: int
+    high: int
+    rows: int
+    count: int
+
+    @property
+    def keys(self) -> int:
+        return self.rows + self.high - self.low
+
+    def queries(self, x: Tensor, graphs: int) -> Tensor:
+        """``(graphs * len_dst, H, C)`` targets as ``(graphs * count, H, rows, C)``."""
+        x = x.view(graphs, self.len_dst, *x.shape[1:])
+        x = F.pad(x, (0, 0, 0, 0, 0, self.count * self.rows - self.len_dst))
+        return x.view(graphs * self.count, self.rows, *x.shape[2:]).transpose(1, 2)
+
+    def sources(self, x: Tensor, graphs: int) -> Tensor:
+        """``(graphs * len_src, H, C)`` sources as ``(graphs * count, H, keys, C)``."""
+        x = x.view(graphs, self.len_src, *x.shape[1:])
+        before = max(0, -self.low)
+        after = max(0, self.count * self.rows + self.high - self.len_src)
+        x = F.pad(x, (0, 0, 0, 0, before, after))[:, before + self.low:]
+        chunks = x.unfold(1, self.keys, self.rows)[:, :self.count]  # (graphs, count, H, C, keys)
+        return chunks.permute(0, 1, 2, 4, 3).reshape(graphs * self.count, x.size(2), self.keys,
+                                                     x.size(3))
+
+    def outputs(self, out: Tensor, graphs: int) -> Tensor:
+        """``(graphs * count, H, rows, C)`` back to ``(graphs * len_dst, H, C)``."""
+        out = out.transpose(1, 2).reshape(graphs, self.count * self.rows, *out.shape[1:2],
+                                          out.size(-1))
+        return out[:, :self.len_dst].reshape(-1, out.size(2), out.size(3))
+
+    def mask(self, graphs: int, device) -> Tensor:
+        """``(graphs * count, 1, rows, keys)``: the band, without the padding sources. Padding
+        targets (after the last) see every key of their chunk: no row is fully masked, and
+        their outputs, which are dropped, send back zero gradients."""
+        row = torch.arange(self.rows, device=device).view(1, -1, 1)
+        key = torch.arange(self.keys, device=device).view(1, 1, -1)
+        start = torch.arange(self.count, device=device).view(-1, 1, 1) * self.rows
+        source = start + self.low + key  # the source position each key slot holds
+        keep = (key >= row) & (key <= row + self.high - self.low)
+        keep = keep & (source >= 0) & (source < self.len_src)
+        keep = keep | (start + row >= self.len_dst)  # padding targets
+        keep = keep.view(1, self.count, 1, self.rows, self.keys).expand(graphs, -1, -1, -1, -1)
+        return keep.reshape(graphs * self.count, 1, self.rows, self.keys)
 
 
-def band_chunks(len_dst: int, len_src: int, band: Band | None) -> list[Chunk] | None:
-    """The chunks a narrow band is computed in, or ``None`` where one call is cheaper: the
-    band is not bounded on both sides, or chunking would not halve the pairs computed. Chunks
-    hold ``max(width, MIN_CHUNK_ROWS)`` rows; every row of a chunk sees a source (call it on
-    the seeing rows only)."""
+def sliding_chunks(len_dst: int, len_src: int, band: Band | None) -> SlidingChunks | None:
+    """The chunk layout of a narrow band, or ``None`` where one call over the whole graphs is
+    cheaper: the band is not bounded on both sides, or chunks would not at least halve the
+    pairs computed. Chunks hold ``max(width, MIN_CHUNK_ROWS)`` rows. Call it on bands whose
+    every target sees a source (:func:`seeing_rows_only`)."""
     if band is None or None in band:
         return None
     low, high = band
     rows = max(high - low + 1, MIN_CHUNK_ROWS)
     if len_src < 2 * (rows + high - low):
         return None
-    chunks = []
-    for start in range(0, len_dst, rows):
-        stop = min(start + rows, len_dst)
-        first, last = max(0, start + low), min(len_src, stop + high)  # keys [first, last)
-        chunks.append(Chunk(start, stop, first, last,
-                            effective(start + low - first, start + high - first, stop - start,
-                                      last - first)))
-    return chunks
+    return SlidingChunks(len_dst, len_src, low, high, rows, -(-len_dst // rows))

@@ -16,13 +16,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gatattn.backends.bands import (
     Band,
-    Chunk,
-    band_chunks,
     band_mask,
     effective,
     group_band,
     sdpa_mask,
     seeing_rows_only,
+    sliding_chunks,
 )
 from gatattn.backends.common import (
     empty_output,
@@ -100,7 +99,6 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
     """One size group's attention; ``band``: :func:`~gatattn.backends.bands.group_band`
     (``None``: every pair)."""
     H, H_kv, C_v = q.size(1), k.size(1), v.size(2)
-    gqa = bool(H_kv != H)  # sizes are tensors under torch.jit.trace; SDPA takes a bool
     if group.len_dst == 0 or group.len_src == 0:  # no keys: the zero-output policy
         return empty_output(q, k, v, group.count * group.len_dst)
     if band is not None:
@@ -108,18 +106,28 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
             g, q_g, k, v, b, scale, dropout, math))
         if out is not None:
             return out
-        chunks = band_chunks(group.len_dst, group.len_src, band)
-        if chunks is not None:
-            return _chunked(group, chunks, q, k, v, lambda g, q_c, k_c, v_c, b: (
-                _group_attention(g, q_c, k_c, v_c, b, scale, dropout, math)))
-    mask, is_causal = sdpa_mask(band, group.len_dst, group.len_src, q.device)
     if scale <= 0:
         # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
         # backend): fold such a scale into the queries instead.
         q, scale = q * scale, 1.0
+    chunks = sliding_chunks(group.len_dst, group.len_src, band)
+    if chunks is not None:  # a narrow band: every chunk of rows against its keys, one call
+        out = _sdpa(chunks.queries(q, group.count), chunks.sources(k, group.count),
+                    chunks.sources(v, group.count), chunks.mask(group.count, q.device), False,
+                    scale, dropout, math)
+        return chunks.outputs(out, group.count)
+    mask, is_causal = sdpa_mask(band, group.len_dst, group.len_src, q.device)
     q = q.view(group.count, group.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
     k = k.view(group.count, group.len_src, H_kv, -1).transpose(1, 2)  # (B, H_kv, S, C)
     v = v.view(group.count, group.len_src, H_kv, C_v).transpose(1, 2)  # (B, H_kv, S, C_v)
+    out = _sdpa(q, k, v, mask, is_causal, scale, dropout, math)
+    return out.transpose(1, 2).reshape(-1, H, C_v)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float,
+          dropout: float, math: bool) -> Tensor:
+    """SDPA over ``(B, H, L, C)`` batches, twice differentiable (see :func:`sdpa_attention`)."""
+    gqa = bool(k.size(1) != q.size(1))  # sizes are tensors under torch.jit.trace
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
@@ -133,36 +141,16 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
     if math or (functorch_active() and dropout == 0):
         # The math backend is plain differentiable ops, which torch.func's transforms (vmap,
         # jacrev, jacfwd, hessian) compose with; the wrapper below is an autograd Function.
-        out = math_backend(q, k, v)
-    elif torch.jit.is_tracing():
+        return math_backend(q, k, v)
+    if torch.jit.is_tracing():
         # A trace records the SDPA op itself: the wrapper would be recorded as a Python object
         # holding this call's closures (its mask, its sizes), replayed for other sizes.
-        out = sdpa(q, k, v)
-    else:
-        # Wrapped around the SDPA call itself, whose inputs SDPA saves anyway: the wrapper's
-        # own saved inputs cost no memory (around the whole route they kept q, k, v alive).
-        recompute = math_backend if dropout == 0 else refuse_second_order(
-            "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
-        out = twice_differentiable(sdpa, recompute, q, k, v)
-    return out.transpose(1, 2).reshape(-1, H, C_v)
-
-
-def _chunked(group: SegmentGroup, chunks, q: Tensor, k: Tensor, v: Tensor, attend) -> Tensor:
-    """A narrow band's attention chunk by chunk: each chunk's rows of every graph of the
-    group against the keys they can see, ``attend(chunk_group, q, k, v, band)``."""
-    def rows(x, length, start, stop):  # rows [start, stop) of every graph, graph-major
-        x = x.view(group.count, length, *x.shape[1:])[:, start:stop]
-        return x.reshape(-1, *x.shape[2:])
-
-    outs = []
-    for c in chunks:
-        chunk_group = SegmentGroup(group.count, c.row_stop - c.row_start,
-                                   c.key_stop - c.key_start)
-        out = attend(chunk_group, rows(q, group.len_dst, c.row_start, c.row_stop),
-                     rows(k, group.len_src, c.key_start, c.key_stop),
-                     rows(v, group.len_src, c.key_start, c.key_stop), c.band)
-        outs.append(out.view(group.count, chunk_group.len_dst, *out.shape[1:]))
-    return torch.cat(outs, dim=1).flatten(0, 1)
+        return sdpa(q, k, v)
+    # Wrapped around the SDPA call itself, whose inputs SDPA saves anyway: the wrapper's own
+    # saved inputs cost no memory (around the whole route they kept q, k, v alive).
+    recompute = math_backend if dropout == 0 else refuse_second_order(
+        "SDPA's attention dropout cannot be replayed; use dropout=0 or backend='sparse'")
+    return twice_differentiable(sdpa, recompute, q, k, v)
 
 
 # ------------------------------------------------------------------ the log-sum-exp
@@ -205,46 +193,38 @@ def implicit_lse(q: Tensor, k: Tensor, graph: AttentionGraph, scale: float,
 def _group_lse(g: SegmentGroup, q: Tensor, k: Tensor, bias: Tensor | None,
                band: Band | None, scale: float) -> Tensor:
     """One size group's ``(count * len_dst, H)`` log-sum-exp. Grouped kv heads are read as
-    they are: query heads are laid out per kv head, ``(count, H_kv, group * len_dst, C)``."""
+    they are: query heads are laid out per kv head, ``(count, H_kv, group * len_dst, C)``. A
+    narrow band without a bias is computed in its sliding chunks."""
     H, H_kv, C = q.size(1), k.size(1), q.size(2)
     group = H // H_kv
     if g.len_dst == 0 or g.len_src == 0:  # no keys: -inf, still on q's and k's graph
         return q.new_full((g.count * g.len_dst, H), float("-inf")) + q[:0].sum() + k[:0].sum()
+    seeing = band is not None and len(seeing_rows(g.len_dst, g.len_src, *band)) == g.len_dst
+    chunks = sliding_chunks(g.len_dst, g.len_src, band) if seeing and bias is None else None
+    if chunks is not None:
+        q_c, k_c = chunks.queries(q, g.count), chunks.sources(k, g.count)  # (B', H, L, C)
+        logits = torch.matmul(q_c.unflatten(1, (H_kv, group)),
+                              k_c.unsqueeze(2).transpose(-1, -2)).flatten(1, 2).mul(scale)
+        logits = logits.masked_fill(~chunks.mask(g.count, q.device), float("-inf"))
+        lse = safe_logsumexp(logits).unsqueeze(-1)  # (B', H, rows, 1)
+        return chunks.outputs(lse, g.count).squeeze(-1)
     q = q.view(g.count, g.len_dst, H_kv, group, C)
     k = k.view(g.count, g.len_src, H_kv, C).permute(0, 2, 3, 1)  # (B, H_kv, C, S)
     if bias is not None:
         bias = bias.view(g.count, g.len_dst, g.len_src, H)
+    keep = band_mask(band, g.len_dst, g.len_src, q.device)  # blind targets keep nothing: -inf
+    rows = max(1, LSE_CHUNK_LOGITS // max(1, g.count * H * g.len_src))
     lses = []
-    for c in _lse_chunks(g, band, H):
-        rows, keys = c.row_stop - c.row_start, c.key_stop - c.key_start
-        q_c = q[:, c.row_start:c.row_stop].permute(0, 2, 3, 1, 4).reshape(g.count, H_kv, -1, C)
-        logits = torch.matmul(q_c, k[..., c.key_start:c.key_stop]).mul(scale)
-        logits = logits.view(g.count, H, rows, keys)
+    for start in range(0, g.len_dst, rows):
+        stop = min(start + rows, g.len_dst)
+        q_c = q[:, start:stop].permute(0, 2, 3, 1, 4).reshape(g.count, H_kv, -1, C)
+        logits = torch.matmul(q_c, k).mul(scale).view(g.count, H, stop - start, g.len_src)
         if bias is not None:
-            logits = logits + bias[:, c.row_start:c.row_stop, c.key_start:c.key_stop].permute(
-                0, 3, 1, 2)
-        keep = band_mask(c.band, rows, keys, q.device)  # blind targets keep nothing: -inf
+            logits = logits + bias[:, start:stop].permute(0, 3, 1, 2)
         if keep is not None:
-            logits = logits.masked_fill(~keep, float("-inf"))
+            logits = logits.masked_fill(~keep[start:stop], float("-inf"))
         lses.append(safe_logsumexp(logits).transpose(1, 2))  # (B, rows, H)
     return torch.cat(lses, dim=1).reshape(-1, H)
-
-
-def _lse_chunks(g: SegmentGroup, band: Band | None, heads: int) -> list[Chunk]:
-    """The chunks :func:`_group_lse` forms logits in: a narrow band's
-    (:func:`~gatattn.backends.bands.band_chunks`, each against the keys its rows see), else
-    chunks of rows against every key, at most :data:`LSE_CHUNK_LOGITS` logits each."""
-    rows = seeing_rows(g.len_dst, g.len_src, *band) if band is not None else None
-    if rows is not None and len(rows) == g.len_dst:
-        chunks = band_chunks(g.len_dst, g.len_src, band)
-        if chunks is not None:
-            return chunks
-    step = max(1, LSE_CHUNK_LOGITS // max(1, g.count * heads * g.len_src))
-    low, high = band or (None, None)
-    return [Chunk(start, min(start + step, g.len_dst), 0, g.len_src,
-                  None if band is None else (None if low is None else low + start,
-                                             None if high is None else high + start))
-            for start in range(0, g.len_dst, step)]
 
 
 def safe_logsumexp(logits: Tensor) -> Tensor:

@@ -2,10 +2,11 @@
 
 Implicit graphs reach the tiled dense kernels as packed segments: a sorted PyG batch already is
 one (its ``ptr`` is the kernel's ``cu_seqlens``); an unsorted one is first permuted into graph
-order. Explicit edge sets reach the CSR kernels in target-major order (cached per edge_index).
-An additive bias rides along: stacked per graph in id order (which is the segments' order) for
-the tiled kernels, per edge in target-major order for the CSR kernels; the kernels write its
-gradient once per element, so it is bitwise deterministic.
+order; a sliding window's sides ride along (the kernels visit only the tiles that meet each
+graph's band). Explicit edge sets reach the CSR kernels in target-major order (cached per
+edge_index). An additive bias rides along: stacked per graph in id order (which is the
+segments' order) for the tiled kernels, per edge in target-major order for the CSR kernels; the
+kernels write its gradient once per element, so it is bitwise deterministic.
 """
 
 from __future__ import annotations

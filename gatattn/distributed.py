@@ -40,8 +40,12 @@ How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
   which in a (query interval, key interval) pair is a band shifted by the distance between
   their first rows. Each such pair is one call over its band (trimmed to the queries that see
   a key and the keys seen), and a pair with no node in the band makes none: blocks farther
-  than the window are never computed. They still travel round the ring (each rank forwards
-  what the next needs), so the transfers are those of full attention.
+  than the window are never computed, nor sent. Every rank can tell which ranks' blocks each
+  rank computes on, so a windowed block does not travel round the ring: at step s rank r sends
+  its own block straight to rank r + s if that one computes on it (and in the backward gets
+  the gradient straight back), and steps at which no rank computes are skipped. With a window
+  narrower than a shard a rank receives the blocks of at most two ranks (its neighbours; in
+  the zig-zag layout the ranks that hold the chunks before its two).
 
 Half precision travels and computes in its own dtype, merged and accumulated in float32.
 :class:`gatattn.sharded_conv.ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` on a
@@ -71,6 +75,7 @@ from gatattn.functional import attention, logit_multiplier, validate_qkv, valida
 from gatattn.graph import AttentionGraph, build_graph
 from gatattn.graph.switches import Window
 from gatattn.merge import merge_attention
+from gatattn.ring_agreement import FIELDS, check_agreement, rank_statement, validate_local
 from gatattn.ring_layout import (
     BlockCall,
     Layout,
@@ -82,14 +87,6 @@ from gatattn.ring_layout import (
     windowed_block_calls,
     zigzag_layout,
 )
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# What each rank states in the one all_gather: its own node count, then values all must share
-# (the graph node count is -1 without a graph, ptr or batch).
-_FIELDS = ("nodes", "heads", "kv heads", "channels", "value channels", "dtype", "needs grad",
-           "causal", "load_balance", "logit multiplier", "graph node count", "graph count",
-           "graph sizes fingerprint", "window left", "window right", "refused")
-_FINGERPRINT_MODULUS = 2**50  # exact in float64
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, graph: AttentionGraph | None = None,
@@ -166,7 +163,7 @@ class _Ring:
     multiplier: float  # scale / temperature
     causal: bool
     window: Window | None  # (left, right), causal: right 0; None keeps every (causal) pair
-    calls: dict = field(default_factory=dict, compare=False)  # per key block, derived once
+    calls: dict = field(default_factory=dict, compare=False)  # per (rank, origin), derived once
 
     @property
     def world(self) -> int:
@@ -179,14 +176,46 @@ class _Ring:
         """The rank whose key/value block this rank holds at ``step``."""
         return (self.rank - step) % self.world
 
-    def block_calls(self, origin: int) -> list[BlockCall]:
-        """The attention calls of this rank's queries against ``origin``'s block."""
-        if origin not in self.calls:
-            mine, theirs = self.layout[self.rank], self.layout[origin]
-            self.calls[origin] = (
+    def block_calls(self, origin: int, rank: int | None = None) -> list[BlockCall]:
+        """The attention calls of the queries of ``rank`` (this one by default) against
+        ``origin``'s block. Every rank can tell what every other one computes."""
+        rank = self.rank if rank is None else rank
+        if (rank, origin) not in self.calls:
+            mine, theirs = self.layout[rank], self.layout[origin]
+            self.calls[rank, origin] = (
                 block_calls(mine, theirs, self.causal, self.graph_sizes) if self.window is None
                 else windowed_block_calls(mine, theirs, self.window, self.graph_sizes))
-        return self.calls[origin]
+        return self.calls[rank, origin]
+
+    def computes(self, rank: int, origin: int) -> bool:  # (ranks taken modulo P)
+        return bool(self.block_calls(origin % self.world, rank % self.world))
+
+    def windowed_blocks(self, own: list[Tensor]):
+        """``(step, origin, block)`` for steps 0, 1, ..., P - 1 of a windowed ring, ``block``
+        ``None`` where this rank computes nothing on it. A block is sent straight from its rank
+        to each rank that computes on it, posted a step ahead; the steps at which no rank
+        computes are skipped."""
+        steps = [s for s in range(self.world)
+                 if s == 0 or any(self.computes(r, r - s) for r in range(self.world))]
+        transfer = None
+        for i, step in enumerate(steps):
+            block = own if step == 0 else transfer.wait()
+            if i + 1 < len(steps):
+                to, source = self.rank + steps[i + 1], self.rank - steps[i + 1]
+                transfer = self.send_receive(own if self.computes(to, self.rank) else None, to,
+                                             own, source if self.computes(self.rank, source)
+                                             else None, self.size(source % self.world))
+            yield step, (self.rank - step) % self.world, block or None
+
+    def send_receive(self, send: list[Tensor] | None, to: int, like: list[Tensor],
+                     source: int | None, rows: int) -> _Transfer:
+        """Posts ``send`` (if any) to rank ``to``, and the receipt from rank ``source`` (if
+        any) of tensors shaped as ``like`` with ``rows`` rows."""
+        received = [] if source is None else [t.new_empty((rows, *t.shape[1:])) for t in like]
+        ops = [] if send is None else [dist.P2POp(dist.isend, t.contiguous(), self.peer(to),
+                                                  self.group) for t in send]
+        ops += [dist.P2POp(dist.irecv, t, self.peer(source), self.group) for t in received]
+        return _Transfer(dist.batch_isend_irecv(ops) if ops else [], received)
 
     def to_compute_layout(self, t: Tensor) -> Tensor:
         if self.layout == self.caller:
@@ -212,15 +241,15 @@ class _Ring:
             validate_qkv(q, k, v)
             validate_scalars(scale, dropout=0.0)  # before the multiplier blames temperature
             causal, window, total, sizes = graph_sizes(graph, ptr, batch, causal, window)
-            _validate_local(q, k, causal, load_balance)
+            validate_local(q, k, causal, load_balance)
             multiplier = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale,
                                           temperature)
-            statement = _statement(q, k, v, causal, load_balance, multiplier, total, sizes,
-                                   window)
+            statement = rank_statement(q, k, v, causal, load_balance, multiplier, total,
+                                       sizes, window)
         except (TypeError, ValueError) as error:
             problem = error
         device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-        mine = torch.tensor(statement or [0.0] * (len(_FIELDS) - 1) + [1.0],
+        mine = torch.tensor(statement or [0.0] * (len(FIELDS) - 1) + [1.0],
                             dtype=torch.float64, device=device)
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, mine, group=group)
@@ -228,9 +257,9 @@ class _Ring:
         rank = dist.get_rank(group)
         if problem is not None:
             raise problem
-        _check_agreement(table)
+        check_agreement(table)
         shards = [int(n) for n in table[:, 0]]
-        total = int(table[0, _FIELDS.index("graph node count")])
+        total = int(table[0, FIELDS.index("graph node count")])
         if total >= 0 and total != sum(shards):  # the same verdict on every rank
             raise ValueError(f"ring_attention: the graph has {total} nodes but the shards "
                              f"hold {sum(shards)} ({shards} by rank); describe the nodes of "
@@ -246,15 +275,11 @@ class _Ring:
         of the rank before ``origin`` from the previous rank, shaped from the agreed sizes.
         Empty blocks are not sent."""
         incoming = (origin - 1) % self.world
-        received = [t.new_empty((self.size(incoming), *t.shape[1:])) for t in tensors]
-        ops = []
-        if self.size(origin) > 0:
-            ops += [dist.P2POp(dist.isend, t.contiguous(), self.peer(self.rank + 1), self.group)
-                    for t in tensors]
-        if self.size(incoming) > 0:
-            ops += [dist.P2POp(dist.irecv, t, self.peer(self.rank - 1), self.group)
-                    for t in received]
-        return _Transfer(dist.batch_isend_irecv(ops) if ops else [], received)
+        transfer = self.send_receive(tensors if self.size(origin) else None, self.rank + 1,
+                                     tensors, self.rank - 1 if self.size(incoming) else None,
+                                     self.size(incoming))
+        transfer.received = transfer.received or [t[:0] for t in tensors]  # an empty block
+        return transfer
 
     def peer(self, group_rank: int) -> int:
         """The global rank (what P2POp's ``peer`` takes on every torch >= 2.4) of a rank of
@@ -272,48 +297,6 @@ class _Transfer:
         for work in self.works:
             work.wait()
         return self.received
-
-
-def _validate_local(q: Tensor, k: Tensor, causal, load_balance) -> None:
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be True or False (self-attention: both alignments are "
-                         f"the same), got {causal!r}")
-    if not isinstance(load_balance, bool):
-        raise ValueError(f"load_balance must be True or False, got {load_balance!r}")
-    if q.size(0) != k.size(0):
-        raise ValueError(
-            f"ring_attention shards one graph's nodes: q and k must have one row per node of "
-            f"this rank's shard, got {q.size(0)} and {k.size(0)} rows (cross-attention is not "
-            "supported)")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"ring_attention computes in {_DTYPES}, got {q.dtype}")
-
-
-def _statement(q: Tensor, k: Tensor, v: Tensor, causal: bool, load_balance: bool,
-               multiplier: float, total: int, sizes: list[int] | None,
-               window: Window | None) -> list[float]:
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    fingerprint = (sum((g + 1) * n for g, n in enumerate(sizes)) % _FINGERPRINT_MODULUS
-                   if sizes is not None else 0)
-    return [q.size(0), q.size(1), k.size(1), q.size(2), v.size(2), _DTYPES.index(q.dtype),
-            needs_grad, causal, load_balance, multiplier,
-            total, 1 if sizes is None else len(sizes),
-            fingerprint, *(-1 if w is None else w for w in window or (None, None)), 0.0]
-
-
-def _check_agreement(table: Tensor) -> None:
-    refused = table[:, -1].nonzero().flatten().tolist()
-    if refused:
-        raise ValueError(f"ring_attention: the inputs of rank(s) {refused} were refused there "
-                         "(see their error); every rank stops")
-    for column, name in enumerate(_FIELDS[1:-1], start=1):
-        values = table[:, column]
-        if not bool((values == values[0]).all()):
-            shown = [_DTYPES[int(x)] for x in values] if name == "dtype" else values.tolist()
-            raise ValueError(
-                f"ring_attention: every rank must give the same {name}, got {shown} by rank; "
-                "pass the same shapes, dtype, graph, causal, window, scale, temperature and "
-                "load_balance on every rank, and inputs that require grad on all ranks or none")
 
 
 class _RingAttention(torch.autograd.Function):
@@ -368,18 +351,28 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor,
     dtype = _compute_dtype(q)
     out = q.new_zeros((*q.shape[:2], v.size(-1)), dtype=dtype)
     lse = q.new_full(q.shape[:2], float("-inf"), dtype=dtype)
-    block = [k, v]
-    for step in range(ring.world):
-        origin = ring.origin(step)
-        transfer = ring.exchange(block, origin) if step < ring.world - 1 else None
-        for call in ring.block_calls(origin):
+    for origin, block in _blocks([k, v], ring):
+        for call in ring.block_calls(origin) if block is not None else []:
             part_out, part_lse = _attend(call, q, *block, ring)
             rows_ = call.rows
             out[rows_], lse[rows_] = merge_attention([out[rows_], part_out.to(dtype)],
                                                      [lse[rows_], part_lse.to(dtype)])
+    return out, lse
+
+
+def _blocks(own: list[Tensor], ring: _Ring):
+    """``(origin, block)`` at every step (the block ``None`` where a window skips it): the next
+    one is received while this one is computed on."""
+    if ring.window is not None:
+        yield from ((origin, block) for _, origin, block in ring.windowed_blocks(own))
+        return
+    block = own
+    for step in range(ring.world):
+        origin = ring.origin(step)
+        transfer = ring.exchange(block, origin) if step < ring.world - 1 else None
+        yield origin, block
         if transfer is not None:
             block = transfer.wait()
-    return out, lse
 
 
 def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Tensor, Tensor]:
@@ -389,6 +382,8 @@ def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Te
     dq = torch.zeros_like(q, dtype=dtype)
     block = [k, v]
     grads = [torch.zeros_like(k, dtype=dtype), torch.zeros_like(v, dtype=dtype)]
+    if ring.window is not None:
+        return dq, *_windowed_backward(q, k, v, dq, grads, grad_out, lse, delta, ring)
     for step in range(ring.world):
         origin = ring.origin(step)
         transfer = ring.exchange(block, origin) if step < ring.world - 1 else None
@@ -400,6 +395,26 @@ def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Te
         if transfer is not None:
             block = transfer.wait()
     return dq, grads[0], grads[1]
+
+
+def _windowed_backward(q, k, v, dq, grads, grad_out, lse, delta, ring) -> list[Tensor]:
+    """The windowed backward: the blocks come as in the forward, and the gradient of each
+    block goes straight back to its rank, which adds it to its own (the same ranks talk)."""
+    for step, origin, block in ring.windowed_blocks([k, v]):
+        part = grads if step == 0 or block is None else [
+            torch.zeros_like(t, dtype=grads[0].dtype) for t in block]  # the origin's rows
+        if block is not None:
+            _block_backward(ring.block_calls(origin), q, block, dq, part, grad_out, lse, delta,
+                            ring)
+        if step == 0:
+            continue
+        user = ring.rank + step  # computed on this rank's block at this step
+        sent = ring.send_receive(part if block is not None else None, origin, grads,
+                                 user if ring.computes(user, ring.rank) else None,
+                                 ring.size(ring.rank))
+        for total, users_part in zip(grads, sent.wait(), strict=False):  # none without a user
+            total += users_part
+    return grads
 
 
 def _block_backward(calls, q, block, dq, grads, grad_out, lse, delta, ring) -> None:

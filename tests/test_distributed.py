@@ -8,6 +8,7 @@ to 1e-9 in float64 (the tolerance rule in bfloat16).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -92,7 +93,8 @@ def window_cases(world: int, base: dict) -> list[dict]:
             {**windowed, "causal": False, "window": (1, 3), "form": "graph"},
             {**windowed, "causal": False, "window": (None, 2), "sizes": last},
             {**batch, "causal": True, "window": (3, 0), "form": "graph"},
-            {**batch, "causal": False, "window": (4, 1)}]
+            {**batch, "causal": False, "window": (4, 1)},
+            {**windowed, "causal": True, "window": (3, 0), "dtype": torch.bfloat16}]
 
 
 def case_id(world: int, index: int) -> str:
@@ -178,11 +180,28 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
 def _ring_case(case: dict, rank: int, seed: int, group=None) -> dict:
     q, k, v, grad = (shard(t, case["sizes"], rank) for t in full_inputs(case, seed))
     q, k, v = (t.to(case["dtype"]).requires_grad_() for t in (q, k, v))
-    out = ring_attention(q, k, v, group=group, scale=case["scale"],
-                         temperature=case["temperature"], load_balance=case["load_balance"],
-                         **graph_keywords(case))
-    out.backward(grad.to(case["dtype"]))
-    return {"out": out.detach(), "grads": [q.grad, k.grad, v.grad]}
+    with counting_sends() as sent:
+        out = ring_attention(q, k, v, group=group, scale=case["scale"],
+                             temperature=case["temperature"], load_balance=case["load_balance"],
+                             **graph_keywords(case))
+        out.backward(grad.to(case["dtype"]))
+    return {"out": out.detach(), "grads": [q.grad, k.grad, v.grad], "sent": sent[0]}
+
+
+@contextlib.contextmanager
+def counting_sends():
+    """Counts the elements this rank sends point to point (``[count]``)."""
+    sent, post = [0], dist.batch_isend_irecv
+
+    def counted(ops):
+        sent[0] += sum(op.tensor.numel() for op in ops if op.op is dist.isend)
+        return post(ops)
+
+    dist.batch_isend_irecv = counted
+    try:
+        yield sent
+    finally:
+        dist.batch_isend_irecv = post
 
 
 def _subgroup_case(rank: int, world: int) -> dict | None:
@@ -357,6 +376,28 @@ def test_sharded_layer_graph_equals_keywords(world, name):
         for pname, grad in keywords["param_grads"].items():
             torch.testing.assert_close(by_graph["param_grads"][pname], grad, rtol=0, atol=0,
                                        msg=lambda m, p=pname, r=rank: f"{p} on rank {r}: {m}")
+
+
+# Causal window (6, 0) on the plain ring: the last rank's queries reach back into the first
+# rank's block only (rank 1 of three is empty), so that block goes straight to it in the
+# forward and again in the backward, and its gradient straight back: 3 x rows x (HEADS x
+# CHANNELS + HEADS x VALUE_CHANNELS) elements.
+NARROW_RING_SENDS = {1: 0, 2: 3 * 5 * HEADS * (CHANNELS + VALUE_CHANNELS),
+                     3: 3 * 7 * HEADS * (CHANNELS + VALUE_CHANNELS)}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_windowed_ring_sends_only_the_blocks_a_window_reaches(world):
+    """A block no rank's window reaches is never sent (the unwindowed ring sends every block
+    round the ring, and its gradient with it)."""
+    cases = ring_cases(world)
+    index = next(i for i, c in enumerate(cases) if c["window"] == (6, 0))
+    full = next(i for i, c in enumerate(cases) if c["window"] is None and c["causal"]
+                and not c["load_balance"])
+    sent = [sum(r["ring"][i]["sent"] for r in rank_results(world)) for i in (index, full)]
+    print(f"elements sent: {sent[0]} windowed, {sent[1]} without a window")
+    assert sent[0] == NARROW_RING_SENDS[world]
+    assert world == 1 or sent[1] > sent[0]
 
 
 @pytest.mark.parametrize("world", [2, 3])

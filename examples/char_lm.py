@@ -5,7 +5,10 @@ licence applies). Its one hard rule is agreement across a relative clause: in "t
 the cats see runs", "runs" agrees with "dog", words away. Each training window of characters is
 one causal graph (node i attends to nodes j <= i); a batch of windows is a batch of graphs
 given by ``ptr``, built once per batch (``gatattn.build_graph``) and passed to every layer as
-``graph=``. Both models see the same windows for the same number of steps.
+``graph=``. A third model attends only to the last 8 characters (a sliding window,
+``window=(8, 0)``, as Mistral-style models do over longer spans): too short for the agreement,
+which spans more than 8 characters. All models see the same windows for the same number of
+steps.
 
 Generation then continues a batch of prompts of different lengths, greedily, each sequence
 stopping at its own length: once rerunning the model on every whole prefix at each step, once
@@ -65,11 +68,13 @@ def corpus(chars: int, seed: int) -> str:
 
 
 class CausalTransformer(nn.Module):
-    """Pre-norm blocks of causal self-attention (SelfAttentionConv) and a feed-forward."""
+    """Pre-norm blocks of causal self-attention (SelfAttentionConv) and a feed-forward;
+    ``window``: each position attends to that many earlier ones and itself only."""
 
     def __init__(self, vocab: int, dim: int = 64, layers: int = 2, heads: int = 4,
-                 context: int = 64):
+                 context: int = 64, window: int | None = None):
         super().__init__()
+        self.window = window
         self.embed = nn.Embedding(vocab, dim)
         self.register_buffer("positions", gatattn.sinusoidal_encoding(torch.arange(context), dim))
         self.attn = nn.ModuleList(
@@ -87,7 +92,8 @@ class CausalTransformer(nn.Module):
     def forward_packed(self, tokens, lengths):  # (sum L_b,) -> (sum L_b, vocab)
         """Sequences of their own lengths, packed: one causal graph each, no padding."""
         ptr = torch.tensor([0, *lengths]).cumsum(0)
-        graph = gatattn.build_graph(ptr=ptr, causal=True)  # once, for every layer
+        window = None if self.window is None else (self.window, 0)
+        graph = gatattn.build_graph(ptr=ptr, causal=True, window=window)  # once, every layer
         h = self.embed_tokens(tokens, torch.cat([torch.arange(n) for n in lengths]))
         for i, (attn, ff) in enumerate(zip(self.attn, self.ff, strict=True)):
             h = h + attn(self.norms[2 * i](h), graph=graph)
@@ -253,7 +259,9 @@ def main() -> None:
     train, valid = data[: int(0.9 * len(data))], data[int(0.9 * len(data)):]
 
     models = {"causal attention (gatattn)": CausalTransformer(len(itos), context=context),
-              "GRU": GRUModel(len(itos))}
+              "GRU": GRUModel(len(itos)),
+              "sliding window of 8 (gatattn)": CausalTransformer(len(itos), context=context,
+                                                                 window=8)}
     curves, rows = {}, []
     for name, model in models.items():
         torch.manual_seed(0)

@@ -37,9 +37,9 @@ How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
   ``load_balance=False`` keeps the caller's layout (the plain ring).
 * Sliding windows (``window=(left, right)``, as :func:`gatattn.attention` takes it): node ``i``
   sees the nodes ``j`` of its graph with ``-left <= j - i <= right`` (causal: ``right`` 0),
-  which in a (query interval, key interval) pair is a band shifted by the distance between
-  their first rows. Each such pair is one call over its band (trimmed to the queries that see
-  a key and the keys seen), and a pair with no node in the band makes none: blocks farther
+  which in a (query interval, key interval) pair is the window shifted by the distance between
+  their first rows. Each such pair is one call with its window (trimmed to the queries that
+  see a key and the keys seen), and a pair with no node in the band makes none: blocks farther
   than the window are never computed, nor sent. Every rank can tell which ranks' blocks each
   rank computes on, so a windowed block does not travel round the ring: at step s rank r sends
   its own block straight to rank r + s if that one computes on it (and in the backward gets
@@ -72,7 +72,7 @@ from torch import Tensor
 
 from gatattn.backends.second_order import recording_backward
 from gatattn.functional import attention, logit_multiplier, validate_qkv, validate_scalars
-from gatattn.graph import AttentionGraph, build_graph
+from gatattn.graph import AttentionGraph
 from gatattn.graph.switches import Window
 from gatattn.merge import merge_attention
 from gatattn.ring_agreement import FIELDS, check_agreement, rank_statement, validate_local
@@ -325,25 +325,11 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 def _attend(call: BlockCall, q: Tensor, k: Tensor, v: Tensor, ring: _Ring):
     """``(out, lse)`` of one call of the library's attention (its routes)."""
-    q, k, v = q[call.rows], call.key_rows(k), call.key_rows(v)
-    if call.band is not None:
-        return attention(q, k, v, graph=_band_graph(call, q.size(0), k.size(0), q.device),
-                         scale=ring.multiplier, return_lse=True)
     ptr = None if call.ptr is None else tuple(
         torch.tensor(p, device=q.device) for p in call.ptr)
-    return attention(q, k, v, ptr=ptr, causal="bottom_right" if call.diagonal else False,
+    return attention(q[call.rows], call.key_rows(k), call.key_rows(v), ptr=ptr,
+                     causal="bottom_right" if call.diagonal else False, window=call.window,
                      scale=ring.multiplier, return_lse=True)
-
-
-def _band_graph(call: BlockCall, num_dst: int, num_src: int, device) -> AttentionGraph:
-    """The graph of a windowed call: its band, shifted off the diagonal for keys that start
-    elsewhere than the queries (a negative side, which build_graph's window refuses, so the
-    graph is stated directly); the same band in every graph of a batch."""
-    low, high = call.band
-    window = (None if low is None else -low, high)
-    if call.ptr is None:
-        return AttentionGraph(num_dst, num_src, bipartite=True, window=window)
-    return build_graph(ptr=torch.tensor(call.ptr[0], device=device), window=window)
 
 
 def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor, Tensor]:

@@ -182,16 +182,16 @@ class BlockCall:
     """One ``gatattn.attention`` call of a (query shard, key block) pair: local query rows
     ``rows`` against the concatenated local key slices ``keys``, complete per graph, or causal
     aligned bottom-right (the keys end with the queries' own interval) when ``diagonal``, or
-    inside ``band``. ``ptr`` is ``(ptr_dst, ptr_src)`` of the graphs the queries touch,
+    inside ``window``. ``ptr`` is ``(ptr_dst, ptr_src)`` of the graphs the queries touch,
     ``None`` for one graph; the keys are then trimmed to those graphs' rows."""
 
     rows: slice
     keys: tuple[slice, ...]
     diagonal: bool
     ptr: tuple[list[int], list[int]] | None
-    #: Windowed: local key ``b`` is seen by local query ``a`` iff ``low <= b - a <= high``
-    #: (``None``: no bound), in every graph of the call (:func:`windowed_block_calls`).
-    band: tuple[int | None, int | None] | None = None
+    #: Windowed: the call's own ``window=(left, right)`` over its local rows, in every graph
+    #: of the call (:func:`windowed_block_calls`).
+    window: Window | None = None
 
     def key_rows(self, t: Tensor) -> Tensor:
         parts = [t[s] for s in self.keys]
@@ -272,7 +272,7 @@ def windowed_block_calls(queries: tuple[Interval, ...], keys: tuple[Interval, ..
     (query interval, key interval) pair, as positions matter: the same interval is one call
     with the window's own band (every graph of a batch in it, each with as many keys as
     queries); two different intervals share at most one graph (they are disjoint), whose part
-    is trimmed to the queries that see a key and the keys seen, the band shifted by the
+    is trimmed to the queries that see a key and the keys seen, the window shifted by the
     distance between their first rows. Pairs with nothing in the band make no call: far
     blocks are never computed."""
     left, right = window
@@ -294,8 +294,7 @@ def _diagonal_window_call(interval, queries, keys, window, graph_sizes) -> Block
     rows = _local_slice(queries, *interval)
     key_slice = _local_slice(keys, *interval)
     ptr = None if graph_sizes is None else _graph_pair([interval], [interval], graph_sizes)[0]
-    return BlockCall(rows, (key_slice,), False, ptr,
-                     (None if left is None else -left, right))
+    return BlockCall(rows, (key_slice,), False, ptr, (left, right))
 
 
 def _shared_graph(q_interval, k_interval, graph_sizes):
@@ -322,7 +321,10 @@ def _shifted_window_call(q_rows, k_rows, queries, keys, left, right) -> BlockCal
     k_stop = min(k_rows[1], q_stop + right if right is not None else k_rows[1])
     if q_start >= q_stop or k_start >= k_stop:
         return None
-    shift = q_start - k_start  # key b - query a = (j - i) + shift
-    band = (None if left is None else shift - left, None if right is None else shift + right)
+    # Local key b - local query a = (j - i) + shift. The first query sees the first key (the
+    # trim makes k_start >= q_start - left and q_start >= k_start - right), so both sides of
+    # the shifted window are >= 0: an ordinary window of the call's bipartite graph.
+    shift = q_start - k_start
+    window = (None if left is None else left - shift, None if right is None else right + shift)
     return BlockCall(_local_slice(queries, q_start, q_stop),
-                     (_local_slice(keys, k_start, k_stop),), False, None, band)
+                     (_local_slice(keys, k_start, k_stop),), False, None, window)

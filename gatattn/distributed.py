@@ -42,10 +42,11 @@ How it works (ring attention, Liu et al., https://arxiv.org/abs/2310.01889):
   see a key and the keys seen), and a pair with no node in the band makes none: blocks farther
   than the window are never computed, nor sent. Every rank can tell which ranks' blocks each
   rank computes on, so a windowed block does not travel round the ring: at step s rank r sends
-  its own block straight to rank r + s if that one computes on it (and in the backward gets
-  the gradient straight back), and steps at which no rank computes are skipped. With a window
-  narrower than a shard a rank receives the blocks of at most two ranks (its neighbours; in
-  the zig-zag layout the ranks that hold the chunks before its two).
+  the rows of its own block that rank r + s reads straight to it (and in the backward gets
+  their gradient straight back), and steps at which no rank computes are skipped. With a
+  causal window narrower than a shard (zig-zag: a chunk) a rank receives ``left`` rows from
+  its predecessor (zig-zag: from each of the two ranks that hold the chunks before its two),
+  instead of every block.
 
 Half precision travels and computes in its own dtype, merged and accumulated in float32.
 :class:`gatattn.sharded_conv.ShardedSelfAttention` runs a :class:`gatattn.SelfAttentionConv` on a
@@ -83,6 +84,8 @@ from gatattn.ring_layout import (
     block_calls,
     contiguous_layout,
     graph_sizes,
+    read_span,
+    rebased,
     rows,
     windowed_block_calls,
     zigzag_layout,
@@ -187,31 +190,37 @@ class _Ring:
                 else windowed_block_calls(mine, theirs, self.window, self.graph_sizes))
         return self.calls[rank, origin]
 
-    def computes(self, rank: int, origin: int) -> bool:  # (ranks taken modulo P)
-        return bool(self.block_calls(origin % self.world, rank % self.world))
+    def read_rows(self, rank: int, origin: int) -> slice | None:
+        """The rows of ``origin``'s block that the windowed calls of ``rank`` read, all of it
+        that is sent there (``None``: none; ranks taken modulo P)."""
+        return read_span(self.block_calls(origin % self.world, rank % self.world))
 
     def windowed_blocks(self, own: list[Tensor]):
-        """``(step, origin, block)`` for steps 0, 1, ..., P - 1 of a windowed ring, ``block``
-        ``None`` where this rank computes nothing on it. A block is sent straight from its rank
-        to each rank that computes on it, posted a step ahead; the steps at which no rank
-        computes are skipped."""
+        """``(step, origin, block, calls)`` for steps 0, 1, ..., P - 1 of a windowed ring,
+        ``block`` ``None`` where this rank computes nothing on it. Each rank sends the rows of
+        its own block that another reads straight to it, posted a step ahead; the steps at
+        which no rank computes are skipped."""
         steps = [s for s in range(self.world)
-                 if s == 0 or any(self.computes(r, r - s) for r in range(self.world))]
+                 if s == 0 or any(self.read_rows(r, r - s) for r in range(self.world))]
         transfer = None
         for i, step in enumerate(steps):
             block = own if step == 0 else transfer.wait()
             if i + 1 < len(steps):
                 to, source = self.rank + steps[i + 1], self.rank - steps[i + 1]
-                transfer = self.send_receive(own if self.computes(to, self.rank) else None, to,
-                                             own, source if self.computes(self.rank, source)
-                                             else None, self.size(source % self.world))
-            yield step, (self.rank - step) % self.world, block or None
+                sent, received = self.read_rows(to, self.rank), self.read_rows(self.rank, source)
+                transfer = self.send_receive(sent and [t[sent] for t in own], to, own,
+                                             received and source, received)
+            origin = (self.rank - step) % self.world
+            calls = self.block_calls(origin)
+            yield step, origin, block or None, (
+                calls if step == 0 else rebased(calls, self.read_rows(self.rank, origin)))
 
     def send_receive(self, send: list[Tensor] | None, to: int, like: list[Tensor],
-                     source: int | None, rows: int) -> _Transfer:
+                     source: int | None, rows: slice | None) -> _Transfer:
         """Posts ``send`` (if any) to rank ``to``, and the receipt from rank ``source`` (if
-        any) of tensors shaped as ``like`` with ``rows`` rows."""
-        received = [] if source is None else [t.new_empty((rows, *t.shape[1:])) for t in like]
+        any) of tensors shaped as ``like`` with ``rows``' row count."""
+        received = [] if source is None else [
+            t.new_empty((rows.stop - rows.start, *t.shape[1:])) for t in like]
         ops = [] if send is None else [dist.P2POp(dist.isend, t.contiguous(), self.peer(to),
                                                   self.group) for t in send]
         ops += [dist.P2POp(dist.irecv, t, self.peer(source), self.group) for t in received]
@@ -277,7 +286,7 @@ class _Ring:
         incoming = (origin - 1) % self.world
         transfer = self.send_receive(tensors if self.size(origin) else None, self.rank + 1,
                                      tensors, self.rank - 1 if self.size(incoming) else None,
-                                     self.size(incoming))
+                                     slice(0, self.size(incoming)))
         transfer.received = transfer.received or [t[:0] for t in tensors]  # an empty block
         return transfer
 
@@ -337,8 +346,8 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor,
     dtype = _compute_dtype(q)
     out = q.new_zeros((*q.shape[:2], v.size(-1)), dtype=dtype)
     lse = q.new_full(q.shape[:2], float("-inf"), dtype=dtype)
-    for origin, block in _blocks([k, v], ring):
-        for call in ring.block_calls(origin) if block is not None else []:
+    for block, calls in _blocks([k, v], ring):
+        for call in calls if block is not None else []:
             part_out, part_lse = _attend(call, q, *block, ring)
             rows_ = call.rows
             out[rows_], lse[rows_] = merge_attention([out[rows_], part_out.to(dtype)],
@@ -347,16 +356,16 @@ def _ring_forward(q: Tensor, k: Tensor, v: Tensor, ring: _Ring) -> tuple[Tensor,
 
 
 def _blocks(own: list[Tensor], ring: _Ring):
-    """``(origin, block)`` at every step (the block ``None`` where a window skips it): the next
+    """``(block, calls)`` at every step (the block ``None`` where a window skips it): the next
     one is received while this one is computed on."""
     if ring.window is not None:
-        yield from ((origin, block) for _, origin, block in ring.windowed_blocks(own))
+        yield from ((block, calls) for _, _, block, calls in ring.windowed_blocks(own))
         return
     block = own
     for step in range(ring.world):
         origin = ring.origin(step)
         transfer = ring.exchange(block, origin) if step < ring.world - 1 else None
-        yield origin, block
+        yield block, ring.block_calls(origin)
         if transfer is not None:
             block = transfer.wait()
 
@@ -386,20 +395,18 @@ def _ring_backward(q, k, v, out, lse, grad_out, ring: _Ring) -> tuple[Tensor, Te
 def _windowed_backward(q, k, v, dq, grads, grad_out, lse, delta, ring) -> list[Tensor]:
     """The windowed backward: the blocks come as in the forward, and the gradient of each
     block goes straight back to its rank, which adds it to its own (the same ranks talk)."""
-    for step, origin, block in ring.windowed_blocks([k, v]):
+    for step, origin, block, calls in ring.windowed_blocks([k, v]):
         part = grads if step == 0 or block is None else [
-            torch.zeros_like(t, dtype=grads[0].dtype) for t in block]  # the origin's rows
+            torch.zeros_like(t, dtype=grads[0].dtype) for t in block]  # the rows received
         if block is not None:
-            _block_backward(ring.block_calls(origin), q, block, dq, part, grad_out, lse, delta,
-                            ring)
+            _block_backward(calls, q, block, dq, part, grad_out, lse, delta, ring)
         if step == 0:
             continue
         user = ring.rank + step  # computed on this rank's block at this step
-        sent = ring.send_receive(part if block is not None else None, origin, grads,
-                                 user if ring.computes(user, ring.rank) else None,
-                                 ring.size(ring.rank))
+        read = ring.read_rows(user, ring.rank)
+        sent = ring.send_receive(block and part, origin, grads, read and user, read)
         for total, users_part in zip(grads, sent.wait(), strict=False):  # none without a user
-            total += users_part
+            total[read] += users_part
     return grads
 
 

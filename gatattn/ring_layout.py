@@ -11,7 +11,7 @@ diagonal, or empty.
 from __future__ import annotations
 
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -328,3 +328,17 @@ def _shifted_window_call(q_rows, k_rows, queries, keys, left, right) -> BlockCal
     window = (None if left is None else left - shift, None if right is None else right + shift)
     return BlockCall(_local_slice(queries, q_start, q_stop),
                      (_local_slice(keys, k_start, k_stop),), False, None, window)
+
+
+def read_span(calls: list[BlockCall]) -> slice | None:
+    """The key rows that windowed calls (one key slice each) read together, ``None`` for
+    none."""
+    if not calls:
+        return None
+    return slice(min(c.keys[0].start for c in calls), max(c.keys[0].stop for c in calls))
+
+
+def rebased(calls: list[BlockCall], span: slice) -> list[BlockCall]:
+    """``calls`` on the key rows ``span`` alone (what is sent of a block)."""
+    return [replace(c, keys=tuple(slice(k.start - span.start, k.stop - span.start)
+                                  for k in c.keys)) for c in calls]

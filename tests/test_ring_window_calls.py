@@ -7,15 +7,19 @@ for real on 1, 2 and 3 ranks; these cover more ranks and layouts in a fraction o
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from gatattn import reference
-from gatattn.distributed import _attend
+from gatattn.distributed import _attend, _Ring
 from gatattn.merge import merge_attention
-from gatattn.ring_layout import contiguous_layout, windowed_block_calls, zigzag_layout
+from gatattn.ring_layout import (
+    contiguous_layout,
+    rebased,
+    windowed_block_calls,
+    zigzag_layout,
+)
 
 
 def global_rows(holding) -> list[int]:
@@ -23,23 +27,18 @@ def global_rows(holding) -> list[int]:
     return [g for start, stop in holding for g in range(start, stop)]
 
 
-def call_mask(call, num_dst: int, num_src: int) -> torch.Tensor:
-    """The pairs a call computes, ``(num_dst, num_src)`` over its query and key rows: inside
-    its window by positions in the graphs of its ``ptr`` (one graph without)."""
-    ptr_dst, ptr_src = call.ptr or ([0, num_dst], [0, num_src])
-    graph_dst, pos_dst = _graphs_and_positions(ptr_dst)
-    graph_src, pos_src = _graphs_and_positions(ptr_src)
-    offset = pos_src[None, :] - pos_dst[:, None]
-    keep = graph_dst[:, None] == graph_src[None, :]
+def call_pairs(call, queries: list[int], keys: list[int]) -> list[tuple[int, int]]:
+    """The global ``(query, key)`` pairs a call computes: inside its window by positions in
+    the graphs of its ``ptr`` (one graph without)."""
+    ptr_dst, ptr_src = call.ptr or ([0, len(queries)], [0, len(keys)])
     left, right = call.window
-    keep &= True if left is None else offset >= -left
-    return keep & (True if right is None else offset <= right)
-
-
-def _graphs_and_positions(ptr):
-    sizes = torch.tensor(ptr).diff()
-    graph = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-    return graph, torch.arange(len(graph)) - torch.tensor(ptr[:-1])[graph]
+    pairs = []
+    for g in range(len(ptr_dst) - 1):
+        for a in range(ptr_dst[g + 1] - ptr_dst[g]):
+            for b in range(ptr_src[g + 1] - ptr_src[g]):
+                if (left is None or b - a >= -left) and (right is None or b - a <= right):
+                    pairs.append((queries[ptr_dst[g] + a], keys[ptr_src[g] + b]))
+    return pairs
 
 
 def random_setup(rng: random.Random):
@@ -58,13 +57,22 @@ def random_setup(rng: random.Random):
     return layout, (left, right), causal, sizes
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread (a loaded machine's thread pool costs ms per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_windowed_calls_hold_each_pair_once(seed):
     rng = random.Random(seed)
     for _ in range(60):
         layout, window, causal, sizes = random_setup(rng)
         n = sum(sizes)
-        counts = torch.zeros(n, n, dtype=torch.long)
+        counts = [[0] * n for _ in range(n)]
         for mine in layout:
             for theirs in layout:
                 q_rows, k_rows = global_rows(mine), global_rows(theirs)
@@ -72,14 +80,13 @@ def test_windowed_calls_hold_each_pair_once(seed):
                                                  sizes if len(sizes) > 1 else None):
                     # a window of the call's own rows: the library's ordinary window
                     assert all(side is None or side >= 0 for side in call.window)
-                    queries = q_rows[call.rows]
                     keys = [g for s in call.keys for g in k_rows[s]]
-                    keep = call_mask(call, len(queries), len(keys))
-                    assert keep.any(), "a call without a pair in its band"
-                    index = torch.tensor(queries)[:, None], torch.tensor(keys)[None, :]
-                    counts[index] += keep.long()
-        expected = reference.block_mask(sizes, causal=causal, window=window).long()
-        assert torch.equal(counts, expected), (layout, window, sizes)
+                    pairs = call_pairs(call, q_rows[call.rows], keys)
+                    assert pairs, "a call without a pair in its band"
+                    for i, j in pairs:
+                        counts[i][j] += 1
+        expected = reference.block_mask(sizes, causal=causal, window=window).long().tolist()
+        assert counts == expected, (layout, window, sizes)
 
 
 def test_far_blocks_make_no_call():
@@ -100,22 +107,26 @@ def test_far_blocks_make_no_call():
 @pytest.mark.parametrize("causal, window", [(True, (4, 0)), (False, (2, 5)),
                                             (False, (None, 1))])
 def test_emulated_ring_equals_the_reference(causal, window):
-    """The calls of every (rank, key block) pair of a 5-rank ring (zig-zag when causal) on a
-    batch, run by the ring's own ``_attend`` and merged by their lse, equal the windowed
-    reference: a ring larger than the gloo tests spawn, in one process."""
+    """Every rank of a 5-rank ring (zig-zag when causal) on a batch, emulated in one process:
+    the rows of each other rank's block that it would receive (``read_rows``), attended with
+    its calls on them (``rebased``) by the ring's own ``_attend`` and merged by lse,
+    equal the windowed reference: a ring larger than the gloo tests spawn."""
     torch.manual_seed(0)
     n, sizes = 31, [3, 11, 0, 12, 5]
     layout = zigzag_layout(n, 5) if causal else contiguous_layout([7, 0, 9, 6, 9])
     q, k, v = (torch.randn(n, 2, 3, dtype=torch.float64) for _ in range(3))
-    ring = SimpleNamespace(multiplier=3 ** -0.5)
     out = torch.zeros(n, 2, 3, dtype=torch.float64)
-    for mine in layout:
+    for rank, mine in enumerate(layout):
+        ring = _Ring(None, rank, layout, layout, sizes, 3 ** -0.5, causal, window)
         rows = torch.tensor(global_rows(mine), dtype=torch.long)
         o = torch.zeros(len(rows), 2, 3, dtype=torch.float64)
         lse = torch.full((len(rows), 2), float("-inf"), dtype=torch.float64)
-        for theirs in layout:
+        for origin, theirs in enumerate(layout):
             keys = torch.tensor(global_rows(theirs), dtype=torch.long)
-            for call in windowed_block_calls(mine, theirs, window, sizes):
+            calls, read = ring.block_calls(origin), ring.read_rows(rank, origin)
+            if origin != rank and read is not None:  # what it receives of the block
+                keys, calls = keys[read], rebased(calls, read)
+            for call in calls:
                 part, part_lse = _attend(call, q[rows], k[keys], v[keys], ring)
                 o[call.rows], lse[call.rows] = merge_attention([o[call.rows], part],
                                                                [lse[call.rows], part_lse])

@@ -37,6 +37,8 @@ SPAWN_TIMEOUT_S = 1800  # a hang guard, far above any loaded machine's run time
 SUBGROUP_CASE = dict(causal=True, scale=None, temperature=1.0, dtype=torch.float64, ptr=None,
                      form=None, load_balance=True, window=None)
 SUBGROUP_SIZES = {2: (6,), 3: (4, 6)}
+# The relay ring, and the windowed ring's direct transfers (peers named by global rank too).
+SUBGROUP_VARIANTS = {"ring": {}, "window": {"window": (2, 0), "load_balance": False}}
 CONVS = {  # name: (constructor kwargs, causal)
     "concat-root-out_proj": (dict(out_channels=4, heads=2, out_proj=True, temperature=0.8), False),
     "concat-root-out_proj-causal": (dict(out_channels=4, heads=2, out_proj=True), True),
@@ -210,7 +212,9 @@ def _subgroup_case(rank: int, world: int) -> dict | None:
     group = dist.new_group(list(range(1, world)))  # every rank must call new_group
     if rank == 0:
         return None
-    return _ring_case({**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world]}, rank - 1, 0, group)
+    return {name: _ring_case({**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world], **case},
+                             rank - 1, 0, group)
+            for name, case in SUBGROUP_VARIANTS.items()}
 
 
 def _conv_case(kwargs: dict, causal: bool, sizes, rank: int, ptr, window) -> dict:
@@ -400,11 +404,13 @@ def test_windowed_ring_sends_only_the_blocks_a_window_reaches(world):
     assert world == 1 or sent[1] > sent[0]
 
 
+@pytest.mark.parametrize("variant", list(SUBGROUP_VARIANTS))
 @pytest.mark.parametrize("world", [2, 3])
-def test_ring_attention_on_a_subgroup(world):
-    case = {**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world]}
+def test_ring_attention_on_a_subgroup(world, variant):
+    case = {**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world], **SUBGROUP_VARIANTS[variant]}
     runs = [r["subgroup"] for r in rank_results(world)]
     assert runs[0] is None
+    runs = [runs[0], *(r[variant] for r in runs[1:])]
     got = [gathered(runs[1:], lambda r: r["out"]),
            *(gathered(runs[1:], lambda r, i=i: r["grads"][i]) for i in range(3))]
     for name, g, expected in zip(("out", "dq", "dk", "dv"), got, reference_ring(case, 0, None),

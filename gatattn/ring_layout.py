@@ -5,7 +5,9 @@ A *layout* gives each rank a sorted tuple of global row intervals ``[start, stop
 intervals of all ranks partition ``[0, N)``, and a rank stores its intervals' rows one after
 the other. Two intervals of one layout are therefore either the same or disjoint, which is
 what lets every (query interval, key interval) pair be classified as complete, causal
-diagonal, or empty.
+diagonal, or empty; with a sliding window, as the window's own band (the same interval) or the
+window shifted onto the one graph two disjoint intervals share (:func:`windowed_block_calls`),
+of which only the rows the calls read travel (:func:`read_span`).
 """
 
 from __future__ import annotations

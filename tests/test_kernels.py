@@ -16,6 +16,11 @@ from tests.conftest import assert_close, check_against_reference, make_qkv, mask
 from tests.test_functional import batch_from_sizes, ptr_from_sizes, same_graph_mask
 
 pytest.importorskip("triton")
+# The kernels' full sweep in Triton's interpreter takes minutes of CPU: it runs in `make
+# test-heavy` (CI runs both). `make test` still sends every kernel feature through the
+# interpreter in smaller cases: test_window_kernels.py, test_lse.py, test_gqa.py,
+# test_racing.py and gatattn.check's triton rows (test_check.py).
+pytestmark = pytest.mark.heavy
 # On a GPU machine the interpreter is off (conftest.py), so the CPU cases give way to CUDA ones.
 INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="Triton's interpreter is off: kernels run on the GPU")

@@ -107,25 +107,30 @@ class SlidingChunks:
 
     def queries(self, x: Tensor, graphs: int) -> Tensor:
         """``(graphs * len_dst, H, C)`` targets as ``(graphs * count, H, rows, C)``."""
-        x = x.view(graphs, self.len_dst, *x.shape[1:])
-        x = F.pad(x, (0, 0, 0, 0, 0, self.count * self.rows - self.len_dst))
+        x = _padded(x.view(graphs, self.len_dst, *x.shape[1:]), 0,
+                    self.count * self.rows - self.len_dst)
         return x.view(graphs * self.count, self.rows, *x.shape[2:]).transpose(1, 2)
 
     def sources(self, x: Tensor, graphs: int) -> Tensor:
         """``(graphs * len_src, H, C)`` sources as ``(graphs * count, H, keys, C)``."""
         x = x.view(graphs, self.len_src, *x.shape[1:])
         before = max(0, -self.low)
-        after = max(0, self.count * self.rows + self.high - self.len_src)
-        x = F.pad(x, (0, 0, 0, 0, before, after))[:, before + self.low:]
-        chunks = x.unfold(1, self.keys, self.rows)[:, :self.count]  # (graphs, count, H, C, keys)
+        x = _padded(x, before, max(0, self.count * self.rows + self.high - self.len_src))
+        # From the first chunk's first source to the last chunk's last: count windows exactly.
+        start, length = before + self.low, self.count * self.rows + self.high - self.low
+        if start or x.size(1) != length:  # (a slice's backward is a full-size copy)
+            x = x.narrow(1, start, length)
+        chunks = x.unfold(1, self.keys, self.rows)  # (graphs, count, H, C, keys): views
         return chunks.permute(0, 1, 2, 4, 3).reshape(graphs * self.count, x.size(2), self.keys,
                                                      x.size(3))
 
     def outputs(self, out: Tensor, graphs: int) -> Tensor:
         """``(graphs * count, H, rows, C)`` back to ``(graphs * len_dst, H, C)``."""
-        out = out.transpose(1, 2).reshape(graphs, self.count * self.rows, *out.shape[1:2],
-                                          out.size(-1))
-        return out[:, :self.len_dst].reshape(-1, out.size(2), out.size(3))
+        heads, channels = out.size(1), out.size(-1)
+        out = out.transpose(1, 2).reshape(graphs, self.count * self.rows, heads, channels)
+        if self.count * self.rows != self.len_dst:
+            out = out[:, :self.len_dst]
+        return out.reshape(-1, heads, channels)
 
     def mask(self, graphs: int, device) -> Tensor:
         """``(graphs * count, 1, rows, keys)``: the band, without the padding sources. Padding
@@ -140,6 +145,11 @@ class SlidingChunks:
         keep = keep | (start + row >= self.len_dst)  # padding targets
         keep = keep.view(1, self.count, 1, self.rows, self.keys).expand(graphs, -1, -1, -1, -1)
         return keep.reshape(graphs * self.count, 1, self.rows, self.keys)
+
+
+def _padded(x: Tensor, before: int, after: int) -> Tensor:
+    """``(graphs, length, H, C)`` with zero rows before and after each graph's (none: ``x``)."""
+    return F.pad(x, (0, 0, 0, 0, before, after)) if before or after else x
 
 
 def sliding_chunks(len_dst: int, len_src: int, band: Band | None) -> SlidingChunks | None:

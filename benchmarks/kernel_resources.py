@@ -75,6 +75,7 @@ class Build:
     bias: bool = False  # an attn_bias tile read (and, backward, dBias written)
     bottom_right: bool = False  # causal, aligned bottom-right (a per-segment diagonal)
     group: int = 1  # grouped-query heads per kv head (the dK/dV kernel unrolls their loop)
+    window: bool = False  # a sliding window's left bound (HAS_LEFT: its tile loops and masks)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def measure(build: Build) -> Row:
                      register_estimate=register_tile_estimate(*shape))
     return _compiled(build, kept, estimates, DENSE_KERNEL_FUNCTIONS[build.kernel],
                      dict(constants, CAUSAL=build.causal, BOTTOM_RIGHT=build.bottom_right,
-                          HAS_BIAS=build.bias),
+                          HAS_BIAS=build.bias, HAS_LEFT=build.window),
                      build.config.num_warps,
                      build.config.num_stages)
 
@@ -161,8 +162,8 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
     estimate (if it fits, the estimate bounds the rest): causal (top-left) and not without a
     bias; with an attn_bias not causal and causal bottom-right (every constexpr branch of the
     dense kernels, the alignment adding code, not tiles), the latter also with grouped-query
-    heads (4 per kv head, the dK/dV kernel's group loop unrolled). And the CSR kernels, with and
-    without a bias."""
+    heads (4 per kv head, the dK/dV kernel's group loop unrolled) and with a sliding window (its
+    left-edge tile loops). And the CSR kernels, with and without a bias."""
     builds = []
     for capability in capabilities:
         for dtype in dtypes:
@@ -181,7 +182,8 @@ def tightest_builds(capabilities, dtypes, head_dims) -> list[Build]:
                                          bias, bottom_right)
                                    for causal, bottom_right in variants]
                         if bias:
-                            builds.append(replace(builds[-1], group=4))
+                            builds += [replace(builds[-1], group=4),
+                                       replace(builds[-1], window=True)]
     csr = csr_builds(capabilities, dtypes, head_dims)
     return builds + csr + [replace(build, bias=True) for build in csr]
 
@@ -199,7 +201,8 @@ def table(rows: list[Row]) -> list[str]:
                      [f"{row.shared_estimate / 1024:.0f}", f"{row.register_estimate:.0f}"])
         causal = " (causal, bottom-right)" if b.bottom_right else " (causal)" if b.causal else ""
         kernel = (b.kernel + causal + (" (bias)" if b.bias else "")
-                  + (f" (group {b.group})" if b.group > 1 else ""))
+                  + (f" (group {b.group})" if b.group > 1 else "")
+                  + (" (window)" if b.window else ""))
         lines.append(f"| sm_{b.capability[0]}{b.capability[1]} | {b.dtype} | {b.head_dim} | "
                      f"{kernel} | {config} | {estimates[0]} | {measured[0]} | "
                      f"{measured[1]} | {estimates[1]} | {measured[2]} | {row.verdict} |")

@@ -314,8 +314,7 @@ class SelfAttentionConv(MessagePassing):
         """The graph :meth:`propagate` runs over, from the call's keywords (source -> target
         whatever :obj:`flow` says)."""
         num_dst, num_src = query.size(0), key.size(0)
-        bipartite = isinstance(batch, (tuple, list)) or isinstance(ptr, (tuple, list))
-        bipartite = bipartite or num_dst != num_src
+        bipartite = num_dst != num_src or any(isinstance(t, (tuple, list)) for t in (batch, ptr))
         given = None if adjacency is None else adjacency.edge_index
         if given is not None and self.flow != "source_to_target":
             given = given.flip(0)  # the graph module reads row 0 as sources

@@ -2,10 +2,11 @@
 
 Triton compiles ahead of time for sm_80 and sm_90 with the ptxas it ships, so CI checks what
 the interpreter cannot: that every kernel (causal top-left or bottom-right and not, with and
-without an attn_bias) lowers to a cubin, that the largest kept launch configuration of each
-dense kernel fits the architecture's shared memory, and that keep()'s shared-memory estimate
-bounds the real figure (which is what makes its filter safe). Grouped-query heads are a
-constexpr group size (H / H_kv), so one grouped build per dense kernel is checked too.
+without an attn_bias, with a sliding window) lowers to a cubin, that the largest kept launch
+configuration of each dense kernel fits the architecture's shared memory, and that keep()'s
+shared-memory estimate bounds the real figure (which is what makes its filter safe).
+Grouped-query heads are a constexpr group size (H / H_kv), so one grouped build per dense
+kernel is checked too, and one with a sliding window's left bound (HAS_LEFT).
 """
 
 import json
@@ -46,12 +47,12 @@ def builds(tmp_path_factory):
 @pytest.mark.heavy
 def test_every_kernel_compiles_for_sm80_and_sm90(builds):
     kernels = {(tuple(row["build"]["capability"]), row["build"]["kernel"], row["build"]["causal"],
-                row["build"]["bottom_right"], row["build"]["bias"], row["build"]["group"])
-               for row in builds}
+                row["build"]["bottom_right"], row["build"]["bias"], row["build"]["group"],
+                row["build"]["window"]) for row in builds}
     # Per arch: 3 dense kernels not causal, causal, with a bias, with a bias causal
-    # bottom-right, and that with 4 query heads per kv head; 3 CSR kernels with and without a
-    # bias.
-    assert len(kernels) == 2 * (3 * 5 + 3 * 2), kernels
+    # bottom-right, and that with 4 query heads per kv head or with a sliding window; 3 CSR
+    # kernels with and without a bias.
+    assert len(kernels) == 2 * (3 * 6 + 3 * 2), kernels
     failed = [(row["build"], row["error"]) for row in builds if row["error"] is not None]
     assert not failed, failed
 

@@ -32,6 +32,18 @@ three modes. ``method_notes`` below, printed with every report, says how.
    docs/design.md has no GPU number for a bias (its CPU row: <= 0.5x padded SDPA's time); the
    targets set here are floors, in fwd+bwd and fwd: ours (triton) never slower than padded SDPA or
    Flex, and auto never slower than padded SDPA.
+5. Sliding windows (does a window cost its band, with the tiles outside it skipped?): 1's
+   segments of 4k and 16k rows (16k tokens in all) with a causal window (256, 0) at C=128 and
+   a two-sided (128, 128) at C=64. Peers: ours through ``gatattn.attention(..., ptr=, causal=,
+   window=, backend="triton")``; ``varlen_attn`` with ``window_size`` (bottom-right aligned,
+   the same band for self-attention); FlexAttention with a sliding-window ``mask_mod`` (and the
+   causal one where causal), its BlockMask built once; SDPA with the band as a dense boolean
+   mask (what a user without windows writes; the reference); ours without the window (what the
+   window saves). FLOPs count the band's pairs exactly. No GPU number in docs/design.md: the
+   targets (``window_targets``) are ours at least as fast as Flex's window, >= 1.0x (fwd) and
+   0.9x (fwd+bwd) varlen_attn's window as the segments' targets against SDPA flash, and faster
+   than the dense mask and the unwindowed graph by a quarter of their pairs over the band's.
+   These four cases come last: a budgeted run reaches them after the groups above.
 
 Not measured: FlexAttention's recompilation when graph sizes change between batches.
 
@@ -101,6 +113,7 @@ import gatattn
 from gatattn.backends.varlen import varlen_unavailable_reason
 from gatattn.bias import block_offsets, stacked_from_padded
 from gatattn.graph import describe_graph
+from gatattn.graph.edges import band_pair_count
 from gatattn.kernels import flash_attention as kernels
 
 try:
@@ -136,6 +149,8 @@ OURS, LAUNCHERS = "gatattn.attention (triton)", "kernel launchers"
 OURS_AUTO = "gatattn.attention (auto)"  # verified and raced against the torch routes it knows
 GATATTN_SDPA = "gatattn SDPA route (one SDPA call per graph size, no padding)"
 OURS_LAYER = "projections + gatattn.attention (triton)"
+DENSE_BAND, FLEX_WINDOW = "SDPA, band as a dense bool mask", "Flex sliding-window mask"
+OURS_UNWINDOWED = "gatattn.attention (triton), no window (more pairs)"
 
 
 # --- cases ---
@@ -149,17 +164,27 @@ class Shape:
     lengths: tuple[int, ...]  # rows of each segment (graph)
     causal: bool = False
     graphs: str = ""  # how the graph batch was drawn
+    window: tuple[int, int] | None = None  # (left, right) around the diagonal; causal: right 0
 
     @property
     def label(self) -> str:
-        if self.group == "segments":
+        if self.group in ("segments", "sliding windows"):
             kind = "causal" if self.causal else "non-causal"
+            if self.window is not None:
+                kind += f", window {self.window}"
             return f"C={self.channels}, {kind}, N={self.lengths[0]} x{len(self.lengths)}"
         return f"{self.graphs}, H={self.heads}, C={self.channels}"
 
+    def pairs(self, windowed: bool = True) -> float:
+        """(target, source) pairs of the graphs: causal counted as half of n^2, as the
+        FlashAttention papers count it; a window's band exactly."""
+        if windowed and self.window is not None:
+            left, right = self.window
+            return float(sum(band_pair_count(n, n, -left, right) for n in self.lengths))
+        return sum(n * n for n in self.lengths) * (0.5 if self.causal else 1.0)
+
     def flops(self, mode: str) -> float:
-        per_head = sum(4 * n * n * self.channels for n in self.lengths)
-        return per_head * self.heads * (0.5 if self.causal else 1.0) * FLOP_FACTOR[mode]
+        return 4 * self.channels * self.heads * self.pairs() * FLOP_FACTOR[mode]
 
 
 def segment_shapes(size: str) -> list[Shape]:
@@ -171,6 +196,23 @@ def segment_shapes(size: str) -> list[Shape]:
     }[size]
     return [Shape("segments", hidden // c, c, (n,) * (total // n), causal)
             for c in channels for causal in (False, True) for n in lengths]
+
+
+def window_shapes(size: str) -> list[Shape]:
+    """Sliding windows on equal segments, 16k tokens as above: a causal window as language
+    models use and a two-sided one, each at 4k and 16k rows per segment (the band's pairs per
+    token stay the same, the dense mask's grow with N)."""
+    windows = {  # (C, causal, window): the C of each kind chosen so that both C are measured
+        "full": ((128, True, (256, 0)), (64, False, (128, 128))),
+        "quick": ((128, True, (256, 0)),),
+        # two segments of three of the interpreter's 16-row tiles: tiles outside the band exist
+        "smoke": ((16, True, (8, 0)), (16, False, (4, 4))),
+    }[size]
+    hidden, lengths, total = {"full": (HIDDEN, (4096, 16384), TOTAL_TOKENS),
+                              "quick": (HIDDEN, (4096,), 8192),
+                              "smoke": (32, (48,), 96)}[size]
+    return [Shape("sliding windows", hidden // c, c, (n,) * (total // n), causal, window=window)
+            for c, causal, window in windows for n in lengths]
 
 
 def graph_shapes(size: str, groups: tuple[str, ...] = ("graphs", "layer"),
@@ -205,6 +247,8 @@ def targets(shape: Shape) -> tuple[Target, ...]:
         return tuple(target for ours in (OURS, LAUNCHERS) for target in (
             at_least(ours, "fwd", 1.0, SDPA_FLASH, " (C=128, N>=4k)"),
             at_least(ours, "fwd+bwd", 0.9, SDPA_FLASH, " (C=128, N>=4k)"))) + never_slower()
+    if shape.group == "sliding windows":
+        return window_targets(shape, at_least)
     if shape.group == "layer":
         return tuple(at_least(OURS_LAYER, mode, 3.0, PADDED_MHA) for mode in ("fwd+bwd", "fwd"))
     if shape.group == "biased graphs":  # no GPU number in docs/design.md: floors, never slower
@@ -215,6 +259,25 @@ def targets(shape: Shape) -> tuple[Target, ...]:
     return tuple(target for mode in ("fwd+bwd", "fwd") for target in (
         at_least(OURS, mode, 3.0, PADDED_SDPA), at_least(OURS, mode, 1.0, VARLEN),
         at_least(OURS, mode, 1.0, FLEX_DOC, " (mask prebuilt)"))) + never_slower()
+
+
+def window_targets(shape: Shape, at_least: Callable[..., Target]) -> tuple[Target, ...]:
+    """No GPU number in docs/design.md for windows. Ours skips the tiles outside the band, so it
+    should beat Flex's sliding-window BlockMask (which skips blocks too), stand to varlen_attn's
+    window as the segments' targets to SDPA flash, and gain on the dense band mask and on the
+    graph without the window a quarter of their pairs over the band's: tiles across a band's
+    edges compute masked pairs (a 257-wide band over 128-row tiles visits up to twice its
+    pairs)."""
+    band = shape.pairs()
+    dense = max(1, int(sum(n * n for n in shape.lengths) / band / 4))
+    unwindowed = max(1, int(shape.pairs(windowed=False) / band / 4))
+    return tuple(target for mode in ("fwd+bwd", "fwd") for target in (
+        at_least(OURS, mode, 1.0, FLEX_WINDOW, " (mask prebuilt)"),
+        at_least(OURS, mode, 0.9 if mode == "fwd+bwd" else 1.0, VARLEN,
+                 " (window_size; as the segments' SDPA flash targets)"),
+        at_least(OURS, mode, dense, DENSE_BAND, " (1/4 of its pairs / the band's)"),
+        at_least(OURS, mode, unwindowed, OURS_UNWINDOWED,
+                 " (1/4 of its pairs / the band's)")))
 
 
 def never_slower() -> tuple[Target, ...]:
@@ -238,7 +301,8 @@ def all_cases(size: str) -> list[Case]:
                  reference=REFERENCES[shape.group],
                  info={**dataclasses.asdict(shape), "label": shape.label,
                        "flops_fwd": shape.flops("fwd")})
-            for shape in segment_shapes(size) + graph_shapes(size) + biased_shapes(size)]
+            for shape in (segment_shapes(size) + graph_shapes(size) + biased_shapes(size)
+                          + window_shapes(size))]
 
 
 # --- inputs ---
@@ -314,15 +378,18 @@ def sdpa_segments(backend: SDPBackend | None) -> Callable[[Setup], Runner]:
 
 def varlen(setup: Setup) -> Runner:
     """torch's varlen_attn on the packed rows, offsets as int32, longest length as a host int;
-    window (-1, 0) is causal (bottom-right aligned: top-left, as ours, for self-attention).
+    window_size is the graph's (left, right) sides, -1 for a side without bound: (-1, 0) is
+    causal (bottom-right aligned: top-left, as ours, for self-attention; its windows too).
     Skipped where gatattn's own varlen route would not run it, with that route's reason."""
     q, _, v = setup.leaves
     if DEVICE.type != "cuda":
         raise RuntimeError(f"varlen_attn runs on CUDA only; this run is on {DEVICE.type}")
-    graph = describe_graph(q.size(0), q.size(0), ptr=setup.ptr, causal=setup.shape.causal)[0]
+    graph = describe_graph(q.size(0), q.size(0), ptr=setup.ptr, causal=setup.shape.causal,
+                           window=setup.shape.window)[0]
     if reason := varlen_unavailable_reason(q, v, graph):
         raise RuntimeError(reason)
-    longest, window = max(setup.shape.lengths), (-1, 0) if setup.shape.causal else (-1, -1)
+    longest = max(setup.shape.lengths)
+    window = tuple(-1 if side is None else side for side in graph.window_sides())
     return runner(setup, lambda: varlen_attn(*setup.leaves, setup.cu_seqlens, setup.cu_seqlens,
                                              longest, longest, scale=setup.scale,
                                              window_size=window))
@@ -348,6 +415,24 @@ def causal_mask(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
+def window_mask(left: int, right: int) -> Callable:
+    def in_band(b, h, q_idx, kv_idx):
+        return (kv_idx >= q_idx - left) & (kv_idx <= q_idx + right)
+
+    return in_band
+
+
+def segment_mask(shape: Shape) -> Callable | None:
+    """The mask_mod of one segment: causal, a sliding window (with the causal mask where
+    causal, as a Flex user writes it), both, or none."""
+    mods = []
+    if shape.causal:
+        mods.append(causal_mask)
+    if shape.window is not None:
+        mods.append(window_mask(*shape.window))
+    return and_masks(*mods) if len(mods) > 1 else mods[0] if mods else None
+
+
 def document_mask(batch: Tensor) -> Callable:
     def same_graph(b, h, q_idx, kv_idx):
         return batch[q_idx] == batch[kv_idx]
@@ -356,7 +441,8 @@ def document_mask(batch: Tensor) -> Callable:
 
 
 def flex_segments(setup: Setup) -> Runner:
-    mask = block_mask_of(causal_mask, setup.shape.lengths[0]) if setup.shape.causal else None
+    mask_mod = segment_mask(setup.shape)
+    mask = block_mask_of(mask_mod, setup.shape.lengths[0]) if mask_mod else None
 
     def forward():
         q, k, v = (as_batches(setup, t) for t in setup.leaves)
@@ -380,6 +466,23 @@ def flex_documents(rebuild: bool) -> Callable[[Setup], Runner]:
         return runner(setup, forward, lambda out: out[0].transpose(0, 1))
 
     return build
+
+
+def band_mask(setup: Setup) -> Tensor:
+    """``(N, N)`` booleans, True on one segment's band: the mask a user without windows gives
+    SDPA (every pair is computed, then masked)."""
+    (left, right), n = setup.shape.window, setup.shape.lengths[0]
+    return torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril(right).triu(-left)
+
+
+def sdpa_band(setup: Setup) -> Runner:
+    mask = band_mask(setup)
+
+    def forward():
+        q, k, v = (as_batches(setup, t) for t in setup.leaves)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=setup.scale)
+
+    return runner(setup, forward, from_batches)
 
 
 def padded_attention(setup: Setup, bias: Tensor | None = None) -> Tensor:
@@ -459,9 +562,10 @@ def flex_biased(setup: Setup) -> Runner:
     return runner(setup, forward, lambda out: out[0].transpose(0, 1))
 
 
-def ours_api(setup: Setup, backend: str = "triton") -> Runner:
+def ours_api(setup: Setup, backend: str = "triton", windowed: bool = True) -> Runner:
+    window = setup.shape.window if windowed else None
     return runner(setup, lambda: gatattn.attention(*setup.leaves[:3], ptr=setup.ptr,
-                                                   causal=setup.shape.causal,
+                                                   causal=setup.shape.causal, window=window,
                                                    attn_bias=setup.bias, backend=backend))
 
 
@@ -531,12 +635,18 @@ PEERS: dict[str, tuple[Peer, ...]] = {
         Peer(FLEX_BIAS, "(1, H, T, C), stacked bias", flex_biased),
         Peer(OURS, STACKED, ours_api),
         Peer(OURS_AUTO, STACKED, functools.partial(ours_api, backend="auto"))),
+    "sliding windows": (Peer(DENSE_BAND, BATCHED, sdpa_band), Peer(VARLEN, PACKED, varlen),
+                        Peer(FLEX_WINDOW, BATCHED, flex_segments),
+                        Peer(OURS, PACKED, ours_api),
+                        Peer(OURS_UNWINDOWED, PACKED,
+                             functools.partial(ours_api, windowed=False))),
 }
 REFERENCES = {
     "segments": Peer("SDPA, default dispatch", BATCHED, sdpa_segments(None)),
     "graphs": Peer(GATATTN_SDPA, PACKED, functools.partial(ours_api, backend="sdpa")),
     "layer": Peer(PADDED_MHA, PADDED, padded_mha),
     "biased graphs": Peer(PADDED_BIAS, PADDED_FLOAT, padded_sdpa_biased),
+    "sliding windows": Peer(DENSE_BAND, BATCHED, sdpa_band),
 }
 
 
@@ -557,6 +667,9 @@ TABLES = {  # group: heading, how a median is shown
     "biased graphs": ("Batched graphs with a learnable attn_bias, attention core (gradients into "
                       "q, k, v and the bias): ms (effective TFLOP/s)",
                       lambda r, mode, ms: f"{ms:.3f} ({show_tflops(r, mode, ms)})"),
+    "sliding windows": ("Sliding windows on equal-length segments: ms (TFLOP/s of the band's "
+                        "pairs, counted exactly: masked pairs a peer computes do not count)",
+                        lambda r, mode, ms: f"{ms:.3f} ({show_tflops(r, mode, ms)})"),
 }
 
 
@@ -580,10 +693,10 @@ def method_notes() -> list[str]:
         "segment plan. Target ratios: anchor time / our time (higher is better).",
         "SDPA backends are forced one at a time with torch.nn.attention.sdpa_kernel. varlen_attn "
         "takes the packed rows, cu_seqlens = ptr in int32 and the longest length as a host int; "
-        "window_size (-1, 0) when causal. FlexAttention is torch.compile(flex_attention, "
-        "dynamic=False, fullgraph=True), compiled once per shape outside the timing; its "
-        "BlockMask comes from a compiled create_block_mask (causal, or a document mask over "
-        "packed graphs).",
+        "window_size (-1, 0) when causal, (left, right) with a window. FlexAttention is "
+        "torch.compile(flex_attention, dynamic=False, fullgraph=True), compiled once per shape "
+        "outside the timing; its BlockMask comes from a compiled create_block_mask (causal, a "
+        "sliding window, or a document mask over packed graphs).",
         "Padded peers: to_dense_batch with batch size and largest graph given, a key padding "
         "mask, and unpadding; they are credited with the useful FLOPs only.",
         "Biased graphs: the bias is a (sum_b n_b^2, H) leaf in gatattn's stacked layout, and "
@@ -595,6 +708,13 @@ def method_notes() -> list[str]:
         "its entry here). Ours: backend='triton' (fused kernels, dBias without atomics) and "
         "auto (SDPA per size group with gathered float masks: with a bias it does not race "
         "the fused kernels).",
+        "Sliding windows: SDPA takes the band as one (N, N) boolean attn_mask (default "
+        "dispatch) and is the reference (torch only); varlen_attn gets window_size (left, "
+        "right); Flex a mask_mod keeping q_idx - left <= kv_idx <= q_idx + right "
+        "(and with the causal mask where causal), the BlockMask built once. Ours without the "
+        "window computes the whole (causal) segments: its max abs diff to the reference is "
+        "the window's effect, not an error (the same call is checked in the segment cases). "
+        "TFLOP/s count the band's pairs exactly, for every peer.",
         "Max abs diff: largest difference of the output and of all input gradients (one shared "
         f"upstream gradient) to the case's reference, in {str(DTYPE).removeprefix('torch.')}; "
         "on CUDA the JSON also records each peer's peak memory in that check (check_peak_mb).",

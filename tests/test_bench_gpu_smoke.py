@@ -7,7 +7,8 @@ case, then --resume, which measures them all; then, with one case taken out of t
 cut-off run would leave it, --resume again, which measures only that case.
 
 FlexAttention has no CPU backward, so the smoke run skips its peers; the biased graphs' Flex
-``score_mod`` (which indexes gatattn's stacked bias) is checked here in a forward on the CPU.
+``score_mod`` (which indexes gatattn's stacked bias) is checked here in a forward on the CPU, as
+are the sliding-window cases' Flex ``mask_mod`` and SDPA's dense band mask.
 """
 
 import importlib.util
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import gatattn
+from gatattn import reference
 from tests.conftest import run_process_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +29,9 @@ OURS, LAUNCHERS = "gatattn.attention (triton)", "kernel launchers"
 OURS_LAYER = "projections + gatattn.attention (triton)"
 AUTO = "gatattn.attention (auto)"
 SDPA_ROUTE = "gatattn SDPA route (one SDPA call per graph size, no padding)"
-OURS_ALL = (OURS, LAUNCHERS, OURS_LAYER, AUTO, SDPA_ROUTE)
+# Ours without the window computes more pairs than the windowed case's reference: it must differ.
+UNWINDOWED = "gatattn.attention (triton), no window (more pairs)"
+OURS_ALL = (OURS, LAUNCHERS, OURS_LAYER, AUTO, SDPA_ROUTE, UNWINDOWED)
 # Every peer of every group; the smoke run's case count per group.
 PEERS = {
     "segments": {"SDPA flash", "SDPA efficient", "SDPA cuDNN", "varlen_attn", "Flex", OURS,
@@ -36,8 +40,10 @@ PEERS = {
                OURS, LAUNCHERS, SDPA_ROUTE, AUTO},
     "layer": {"padded nn.MultiheadAttention", OURS_LAYER},
     "biased graphs": {"padded SDPA, float mask", "Flex score_mod + doc mask", OURS, AUTO},
+    "sliding windows": {"SDPA, band as a dense bool mask", "varlen_attn",
+                        "Flex sliding-window mask", OURS, UNWINDOWED},
 }
-CASES = {"segments": 2, "graphs": 1, "layer": 1, "biased graphs": 1}
+CASES = {"segments": 2, "graphs": 1, "layer": 1, "biased graphs": 1, "sliding windows": 2}
 MODES = {"fwd", "bwd", "fwd+bwd"}
 
 
@@ -74,7 +80,10 @@ def check_entry(case: str, name: str, entry: dict) -> None:
         assert set(entry["ms"]) == MODES and not entry["errors"], (case, name, entry)
     if "check" not in entry["errors"]:  # float32 on the CPU: every peer agrees closely
         diff = max(entry["max_abs_diff_out"], entry["max_abs_diff_grad"])
-        assert diff < 1e-4, (case, name, diff)
+        if name == UNWINDOWED:  # the window changes the output: the case's band is narrow
+            assert diff > 0.1, (case, name, diff)
+        else:
+            assert diff < 1e-4, (case, name, diff)
 
 
 @pytest.mark.heavy  # three runs of the whole benchmark, each in a fresh interpreter
@@ -95,7 +104,7 @@ def test_bench_gpu_smoke(tmp_path):
     assert payload["targets"]
 
     [saved] = tmp_path.glob("gpu-*.smoke.json")
-    cut = payload["results"][:-1]  # the last case (biased graphs), as a cut-off run leaves it
+    cut = payload["results"][:-1]  # the last case, as a cut-off run leaves it
     saved.write_text(json.dumps({**payload, "results": cut}))
     resumed = run_smoke(tmp_path, "--resume")
     check_complete(resumed)
@@ -126,3 +135,24 @@ def test_flex_bias_score_mod_reads_the_stacked_bias(monkeypatch):
                      block_mask=mask, scale=setup.scale)[0].transpose(0, 1)
     expected = gatattn.attention(q, k, v, ptr=setup.ptr, attn_bias=bias, backend="sdpa")
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal, window", [(True, (130, 0)), (False, (3, 140))])
+def test_flex_window_mask_and_dense_band_are_the_window(monkeypatch, causal, window):
+    """The windowed cases' Flex mask_mod (forward) and SDPA's dense band mask against gatattn's
+    SDPA route with the window; segments of 300 rows, bands wider than Flex's 128-row blocks."""
+    bench = load_smoke_module(monkeypatch)
+    shape = bench.Shape("sliding windows", 2, 16, (300, 300), causal, window=window)
+    setup = bench.make_setup(shape)
+    q, k, v = (t.detach() for t in setup.leaves)
+    expected = gatattn.attention(q, k, v, ptr=setup.ptr, causal=causal, window=window,
+                                 backend="sdpa")
+    batched = [bench.as_batches(setup, t) for t in (q, k, v)]
+    mask = bench.block_mask_of(bench.segment_mask(shape), 300)
+    flex_out = bench.flex(*batched, block_mask=mask, scale=setup.scale)
+    torch.testing.assert_close(bench.from_batches(flex_out), expected, atol=1e-5, rtol=1e-5)
+    band = bench.band_mask(setup)
+    assert torch.equal(band, reference.block_mask([300], causal=causal, window=window))
+    sdpa_out = torch.nn.functional.scaled_dot_product_attention(*batched, attn_mask=band,
+                                                                scale=setup.scale)
+    torch.testing.assert_close(bench.from_batches(sdpa_out), expected, atol=1e-5, rtol=1e-5)

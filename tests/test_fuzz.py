@@ -134,6 +134,50 @@ def test_every_torch_route_matches_the_reference(problem):
         _check(case, inputs, scalars, backend)
 
 
+@st.composite
+def windowed(draw, dtypes=(torch.float32, torch.float64)):
+    """A problem of :func:`problems` narrowed by a random sliding window (causal: right 0 or
+    None), its mask cut to the band ``-left <= pos(j) - pos(i) <= right`` (top-left)."""
+    case, inputs, scalars = draw(problems(dtypes=dtypes, max_nodes=8))
+    left, right = draw(st.tuples(*[st.one_of(st.none(), st.integers(0, 4))] * 2))
+    right = draw(st.sampled_from([None, 0])) if case.kwargs["causal"] else right
+    batch_dst, batch_src = case.kwargs.get("batch", (None, None)), None
+    if isinstance(batch_dst, torch.Tensor):  # self-attention: one batch for both sides
+        batch_src = batch_dst
+    elif batch_dst is not None:
+        batch_dst, batch_src = batch_dst
+    positions = [torch.arange(n) if b is None else _positions(b)
+                 for n, b in ((case.n_dst, batch_dst), (case.n_src, batch_src))]
+    if "ptr" in case.kwargs:  # nodes in graph order: a position counts from its graph's start
+        ptrs = case.kwargs["ptr"] if isinstance(case.kwargs["ptr"], tuple) else (
+            case.kwargs["ptr"],) * 2
+        positions = [torch.arange(int(p[-1])) - p[:-1].repeat_interleave(p.diff())
+                     for p in ptrs]
+    offset = positions[1].view(1, -1) - positions[0].view(-1, 1)
+    keep = torch.ones_like(offset, dtype=torch.bool)
+    keep = keep if left is None else keep & (offset >= -left)
+    keep = keep if right is None else keep & (offset <= right)
+    case = Case(case.n_dst, case.n_src, {**case.kwargs, "window": (left, right)},
+                case.mask * keep, case.implicit)
+    return case, inputs, scalars
+
+
+@FAST
+@given(windowed())
+def test_windows_on_every_torch_route_match_the_reference(problem):
+    case, inputs, scalars = problem
+    for backend in ("auto", "sparse", "sdpa") if case.implicit else ("auto", "sparse"):
+        _check(case, inputs, scalars, backend)
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="the kernels' CPU cases need Triton's interpreter")
+@settings(FAST, max_examples=examples(40))
+@given(windowed(dtypes=(torch.float32,)))
+def test_windows_in_the_kernels_match_the_reference(problem):
+    case, inputs, scalars = problem
+    _check(case, inputs, scalars, "triton")
+
+
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the kernels' CPU cases need Triton's interpreter")
 @settings(FAST, max_examples=examples(60))
 @given(problems(dtypes=(torch.float32,), max_nodes=6))

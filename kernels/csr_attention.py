@@ -202,6 +202,8 @@ def _check(q, k, v, row_ptr, col):
     assert all(t.stride(-1) == 1 for t in (q, k, v)), "the channel dim must be contiguous"
     assert row_ptr.numel() == q.shape[0] + 1, "row_ptr needs one entry per target, plus one"
     assert row_ptr.dtype == col.dtype, "row_ptr and col must share an integer dtype"
+    assert row_ptr.is_contiguous() and col.is_contiguous(), (
+        "row_ptr and col must be contiguous: the kernels read them as dense arrays")
 
 
 def csr_attention_forward(q, k, v, row_ptr, col, scale, block_n=BLOCK_N, bias=None):
@@ -236,6 +238,8 @@ def csr_attention_backward(do, q, k, v, out, lse, row_ptr, col, t_row_ptr, t_col
         "a bias needs dbias (strided as bias) and t_perm")
     dbias_ptr = bias_ptr if dbias is None else dbias
     t_perm = col if t_perm is None else t_perm
+    assert all(t.is_contiguous() for t in (row_ptr, col, t_row_ptr, t_col, t_perm)), (
+        "the CSR arrays must be contiguous: the kernels read them as dense arrays")
     assert do.shape == out.shape and do.dtype == out.dtype, "grad_out must match out"
     do = do if do.stride(-1) == 1 else do.contiguous()
     num_dst, heads = q.shape[0], q.shape[1]

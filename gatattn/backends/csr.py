@@ -133,7 +133,9 @@ def _build(edge_index: Tensor, num_dst: int, num_src: int, may_read: bool = True
     # target, a target-sorted edge_index) need no sort: an O(E) check instead of O(E log E),
     # but a host read, which a graph's own CSR does without.
     if may_read and not compiling() and _is_sorted(dst):
-        row, col, position = dst, src, None
+        # Contiguous: the rows of an (E, 2) tensor's transpose are strided views, and the
+        # kernels index col and row_ptr as dense arrays.
+        row, col, position = dst.contiguous(), src.contiguous(), None
     else:
         order = Permutation.of(torch.sort(dst, stable=True).indices)
         row, col, position = dst[order.forward], src[order.forward], order.inverse

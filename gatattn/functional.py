@@ -78,9 +78,9 @@ def attention(
     ``window=(left, right)`` narrows each graph to a band around that diagonal, a sliding
     window (FlashAttention's ``window_size``): target ``i`` keeps the sources ``pos(i) + d -
     left <= pos(j) <= pos(i) + d + right`` (``None``: no bound on a side; with ``causal``,
-    ``right`` is 0). Routes never form the pairs outside the band: SDPA takes a banded mask
-    per size group, message passing builds the band's edges row by row, the Triton kernels
-    skip tiles outside it; an edge set keeps its edges inside the band.
+    ``right`` is 0). SDPA computes a narrow band in chunks of rows against the keys they see
+    (other bands under a band mask), message passing builds only the band's edges, the Triton
+    kernels skip tiles outside it; an edge set keeps its edges inside the band.
 
     Args:
         q: ``(N_dst, H, C)`` queries.

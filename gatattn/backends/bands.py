@@ -65,18 +65,24 @@ def sdpa_mask(band: Band | None, len_dst: int, len_src: int, device) -> tuple[Te
     return band_mask(band, len_dst, len_src, device), False
 
 
+def seeing_part(len_dst: int, len_src: int, band: Band) -> tuple[range, Band | None]:
+    """The run of targets that see a source, and the band of those rows alone (shifted by the
+    rows left out before them)."""
+    rows = seeing_rows(len_dst, len_src, *band)
+    return rows, effective(*(None if b is None else b + rows.start for b in band), len(rows),
+                           len_src)
+
+
 def seeing_rows_only(group: SegmentGroup, q: Tensor, band: Band, attend) -> Tensor | None:
     """A band whose first or last targets see no source (a bottom-right causal graph with more
     targets than sources; a window past the end of the sources): the targets that see some
     form one run of rows, computed by ``attend(group, q, band)`` for that run alone, and the
     rest get zeros. ``q`` is ``(count * len_dst, H, C)``, graph-major. ``None`` when every
     target sees a source."""
-    rows = seeing_rows(group.len_dst, group.len_src, *band)
+    rows, shifted = seeing_part(group.len_dst, group.len_src, band)
     if len(rows) == group.len_dst:
         return None
     seeing = SegmentGroup(group.count, len(rows), group.len_src)
-    shifted = effective(*(None if b is None else b + rows.start for b in band),
-                        seeing.len_dst, seeing.len_src)
     q = q.view(group.count, group.len_dst, *q.shape[1:])[:, rows.start:rows.stop]
     out = attend(seeing, q.reshape(-1, *q.shape[2:]), shifted)  # (count * len(rows), H, C_v)
     out = out.view(group.count, len(rows), *out.shape[1:])

@@ -17,9 +17,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gatattn.backends.bands import (
     Band,
     band_mask,
-    effective,
     group_band,
     sdpa_mask,
+    seeing_part,
     seeing_rows_only,
     sliding_chunks,
 )
@@ -297,11 +297,9 @@ def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bi
         on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum() + bias[:0].sum()
         return v.new_zeros(q.size(0), g.len_dst, v.size(2)) + on_graph
     if band is not None:
-        rows = seeing_rows(g.len_dst, g.len_src, *band)
+        rows, shifted = seeing_part(g.len_dst, g.len_src, band)
         if len(rows) < g.len_dst:  # blind targets get zeros, the rest are one run of rows
             seeing = SegmentGroup(g.count, len(rows), g.len_src)
-            shifted = effective(*(None if b is None else b + rows.start for b in band),
-                                 seeing.len_dst, seeing.len_src)
             out = _biased_group_attention(seeing, q[:, rows.start:rows.stop], k, v,
                                           bias[:, rows.start:rows.stop], shifted, scale,
                                           dropout)

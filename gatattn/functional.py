@@ -13,6 +13,7 @@ from gatattn.backends import routing, sdpa_attention, sparse_attention, triton_a
 from gatattn.backends.common import repeat_kv_heads
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import traced_segment_attention
+from gatattn.backends.sdpa import logits_attention
 from gatattn.backends.varlen import varlen_attention
 from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
 from gatattn.graph import (
@@ -142,8 +143,9 @@ def attention(
             (default: :obj:`False`)
 
     Returns:
-        ``(N_dst, H, C_v)``; then ``(edge_index, alpha)`` and ``lse``, each if asked, in that
-        order: ``out, lse`` or ``out, (edge_index, alpha), lse``.
+        ``(N_dst, H, C_v)``, possibly a non-contiguous view (merge heads with ``reshape``);
+        then ``(edge_index, alpha)`` and ``lse``, each if asked, in that order: ``out, lse`` or
+        ``out, (edge_index, alpha), lse``.
 
     Every route is twice differentiable (SDPA with dropout refuses a recorded backward). A
     non-finite input reaches only the outputs that read it through an edge (README, Numerics).
@@ -217,6 +219,8 @@ def attention(
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias,
                               inputs_finite=inputs_finite, return_lse=return_lse)
+    if route == "logits":
+        return logits_attention(q, k, v, graph, scale=scale, return_lse=return_lse)
     if route == "triton":
         return triton_attention(q, k, v, graph, scale=scale, bias=attn_bias,
                                 inputs_finite=inputs_finite, return_lse=return_lse)

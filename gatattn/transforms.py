@@ -64,6 +64,10 @@ def refuse_unread_graph(device: torch.device, edge_index, batch, ptr, graph) -> 
     """Refuses graph descriptions that are read on the host where no value can be read or kept:
     ``batch`` / ``ptr`` / ``graph=`` under ``torch.jit.trace``, ``batch`` / ``ptr`` on meta,
     and graph tensors batched by ``vmap`` (one graph for all vmapped calls)."""
+    if edge_index is None and batch is None and ptr is None:  # (every call: the short way)
+        if graph is not None and torch.jit.is_tracing():
+            _refuse_traced_graph(["graph"])
+        return
     for name, value in (("edge_index", edge_index), ("batch", batch), ("ptr", ptr)):
         for t in value if isinstance(value, (tuple, list)) else (value,):
             if isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t):
@@ -76,16 +80,20 @@ def refuse_unread_graph(device: torch.device, edge_index, batch, ptr, graph) -> 
     if not given:
         return
     if torch.jit.is_tracing():
-        raise RuntimeError(
-            f"torch.jit.trace cannot record attention over {'/'.join(given)}=: the graph sizes "
-            "are read on the host, so the trace would replay this batch's sizes for every "
-            f"later batch; {EXPORT_HINT} (both take batched graphs of any sizes)")
+        _refuse_traced_graph(given)
     if device.type == "meta" and graph is None:
         raise ValueError(
             f"{'/'.join(given)}= on the meta device: the graph is built from the values of "
             f"{'/'.join(given)}, which meta tensors do not hold; build it from known sizes and "
             "move it there, "
             "graph=gatattn.build_graph(ptr=cpu_ptr).to('meta'), or run on a real device")
+
+
+def _refuse_traced_graph(given: list[str]) -> None:
+    raise RuntimeError(
+        f"torch.jit.trace cannot record attention over {'/'.join(given)}=: the graph sizes "
+        "are read on the host, so the trace would replay this batch's sizes for every "
+        f"later batch; {EXPORT_HINT} (both take batched graphs of any sizes)")
 
 
 def refuse_traced_causal(causal, bottom_right: bool, num_dst: int, num_src: int,

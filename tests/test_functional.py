@@ -7,6 +7,7 @@ import torch
 
 import gatattn
 from gatattn import reference
+from gatattn.backends import routing
 from tests.conftest import check_against_reference, make_qkv, masked_reference
 
 # (N, heads, channels): awkward sizes (0, 1, odd, just above a tile), head dims that are not
@@ -207,17 +208,24 @@ def test_empty_graph_and_no_keys_give_zeros_and_finite_gradients():
             assert all(t.grad is None or torch.isfinite(t.grad).all() for t in (q, k, v))
 
 
-def test_auto_picks_sdpa_for_implicit_and_sparse_for_edges(monkeypatch):
+def test_auto_picks_logits_for_small_graphs_sdpa_for_others_and_sparse_for_edges(monkeypatch):
     calls = []
     import gatattn.functional as functional
-    monkeypatch.setattr(functional, "sdpa_attention",
-                        lambda *a, **kw: calls.append("sdpa") or a[0])
+    for route in ("sdpa_attention", "logits_attention"):
+        monkeypatch.setattr(functional, route,
+                            lambda *a, route=route, **kw: calls.append(route) or a[0])
     monkeypatch.setattr(functional, "sparse_attention",
                         lambda q, *a, **kw: calls.append("sparse") or (q, None))
-    q, k, v = make_qkv(4, 4, 1, 2)
-    gatattn.attention(q, k, v)
-    gatattn.attention(q, k, v, edge_index=torch.tensor([[0], [1]]))
-    assert calls == ["sdpa", "sparse"]
+    small = make_qkv(4, 4, 1, 2)
+    large = make_qkv(routing.LOGITS_MAX_NODES + 1, routing.LOGITS_MAX_NODES + 1, 1, 2)
+    gatattn.attention(*small)
+    gatattn.attention(*large)
+    gatattn.attention(*small, causal=True)  # a mask: SDPA (see logits_route_serves)
+    gatattn.attention(*small, backend="sdpa")
+    gatattn.attention(*(t.half() for t in small))
+    gatattn.attention(*small, edge_index=torch.tensor([[0], [1]]))
+    assert calls == ["logits_attention", "sdpa_attention", "sdpa_attention", "sdpa_attention",
+                     "sdpa_attention", "sparse"]
 
 
 def test_auto_never_picks_the_kernels_on_cpu_even_in_the_interpreter(monkeypatch):

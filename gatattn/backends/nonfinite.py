@@ -16,6 +16,10 @@ input is hidden (a dense kernel can hide one: SDPA's CPU kernel returns finite r
 query, or for a row whose only key is NaN): one reduction on the device, no host read, turns the
 whole output NaN when any of ``q``, ``k``, ``v`` is not finite. With validation off nothing is
 checked: like SDPA itself, the route assumes finite inputs and costs what it costs.
+
+The written-out logits route (:func:`gatattn.backends.sdpa.logits_attention`) calls none of
+this: it computes complete graphs only, every pair an edge, so IEEE arithmetic alone carries a
+non-finite value exactly along the edges that read it.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The routes, by name:
 
 - ``"sdpa"``: implicit graphs, ``F.scaled_dot_product_attention`` per group of equal-size graphs
   (:mod:`gatattn.backends.sdpa`);
+- ``"logits"``: complete graphs of a few dozen nodes on CPU, their logits written out per group
+  of equal-size graphs (:func:`gatattn.backends.sdpa.logits_attention`; only ``auto`` picks
+  it, :func:`logits_route_serves`);
 - ``"triton"``: the fused kernels, tiled for implicit graphs, CSR for edge sets
   (:mod:`gatattn.backends.fused`);
 - ``"varlen"``: torch's ``varlen_attn`` (self-attention graphs on CUDA; only the race picks it);
@@ -13,7 +16,8 @@ The routes, by name:
   form that takes per-edge features, forms differentiable attention weights and traces under
   ``torch.compile`` (which cannot trace sparse CSR tensors).
 
-``backend="auto"`` takes SDPA for implicit graphs and message passing for edge sets, except
+``backend="auto"`` takes SDPA (or, for small graphs, written-out logits) for implicit graphs and
+message passing for edge sets, except
 where the fused kernels may serve (CUDA, see :func:`fused_kernels_serve`): there the race of
 :mod:`gatattn.backends.racing` decides, once per key. An explicit ``backend`` is honoured or
 refused with a message that says what to use instead. Under ``torch.compile`` batched implicit
@@ -32,6 +36,9 @@ from gatattn.transforms import compiling, plain_ops_only, recorded
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 MAX_KERNEL_HEAD_DIM = 256
+#: The ``"logits"`` route serves graphs up to this many targets and sources (its logits,
+#: saved for the backward, cost at most this many floats per node and head).
+LOGITS_MAX_NODES = 128
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -52,6 +59,9 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
     cannot compute it."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if graph.is_implicit and not need_weights and requested == "auto" and logits_route_serves(
+            graph, q, k, dropout, has_bias):
+        return "logits"  # (CPU: no kernel to race; below, each check costs a call's time)
     # Compiled, traced, transformed (torch.func) and meta calls need plain torch ops.
     message_passing = "gathered" if (has_edge_attr or need_weights
                                      or compiling()
@@ -86,6 +96,29 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
             raise BackendUnavailableError(f"backend='triton': {reason}")
         return "triton"
     return "sdpa" if requested == "sdpa" else message_passing
+
+
+def logits_route_serves(graph: AttentionGraph, q: Tensor, k: Tensor, dropout: float,
+                        has_bias: bool) -> bool:
+    """Whether ``auto`` writes an implicit graph's logits out (the ``"logits"`` route) instead
+    of calling SDPA: on CPU, where SDPA's fused kernel costs more than three batched products
+    on small graphs (benchmarks/bench_cpu.py case 4, bench_overhead.py); complete graphs only
+    (a mask would send the zero weights of removed pairs through the value product, and a
+    NaN with them), in float32 / float64 (SDPA accumulates half precision in float32), equal
+    heads, no dropout, no bias (which takes its own written-out form), and not under
+    ``torch.compile``, which traces SDPA into its own kernels. The graphs may be at most
+    :data:`LOGITS_MAX_NODES` nodes (larger ones cost more written out: logits are
+    ``O(len^2)`` memory traffic, SDPA's kernel keeps them in cache)."""
+    if not (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and not has_bias and dropout == 0 and k.size(1) == q.size(1)
+            and graph.window is None and not graph.causal and not compiling()):
+        return False
+    plan = graph.segment_plan()
+    # Equal-size graphs already in order are SDPA's (count, H, len, C) views as they lie;
+    # this route would gather them head-major first, which costs more than it saves.
+    in_order_batch = (len(plan.groups) == 1 and plan.groups[0].count > 1
+                      and plan.order_dst is None and plan.order_src is None)
+    return plan.longest <= LOGITS_MAX_NODES and not in_order_batch
 
 
 def kernel_refusal(dtype: torch.dtype, head_dim: int, dropout: float,

@@ -54,7 +54,7 @@ def sdpa_attention(
     come from SDPA's math backend (its fused kernels have no double backward; ``math=True``
     uses it throughout); with dropout, whose mask cannot be replayed, they are refused.
     ``bias`` (stacked layout, :mod:`gatattn.bias`) is added per size group as a float mask,
-    computed as SDPA's math backend would (:func:`_biased_group_attention`); with it, dropout's
+    computed as SDPA's math backend would (:func:`_written_out_group`); with it, dropout's
     second derivatives are exact too.
 
     Grouped-query heads (``k``, ``v`` with ``H_kv`` heads, ``H % H_kv == 0``) run natively
@@ -75,7 +75,7 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
                dropout: float, math: bool, bias: Tensor | None) -> Tensor:
     plan = graph.segment_plan()
     if bias is not None:
-        return _biased_attention(q, k, v, graph, plan, bias, scale, dropout)
+        return _written_out_attention(q, k, v, graph, plan, bias, scale, dropout)
     if len(plan.groups) == 1 and plan.order_dst is None and plan.order_src is None:
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
         group = plan.groups[0]
@@ -235,12 +235,44 @@ def safe_logsumexp(logits: Tensor) -> Tensor:
     return lse.masked_fill(removed.squeeze(-1), float("-inf"))
 
 
+# ------------------------------------------------------------------ logits written out
+
+
+def logits_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *, scale: float,
+                     return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """The ``"logits"`` route (:func:`gatattn.backends.routing.logits_route_serves`): complete
+    graphs of a few dozen nodes, their logits written out per size group (``baddbmm``,
+    softmax, ``bmm``) instead of an SDPA call. On CPU, SDPA's fused kernel costs more than
+    these three products on such graphs, forward and above all backward. No mask, no bias,
+    no dropout; twice differentiable as it stands.
+
+    Non-finite inputs need no repair here: every pair is an edge and IEEE arithmetic carries a
+    NaN or inf exactly along the edges that read it, as :mod:`gatattn.reference` does (one
+    corner differs: a target whose logits are all ``-inf``, which only infinite inputs give,
+    gets NaN where the reference gives zeros)."""
+    assert graph.is_implicit and graph.window is None and not graph.causal
+    plan = graph.segment_plan()
+    if len(plan.groups) == 1 and plan.groups[0].count == 1:
+        out = _one_graph(plan.groups[0], q, k, v, scale)
+    else:
+        out = _written_out_attention(q, k, v, graph, plan, None, scale, 0.0)
+    return (out, implicit_lse(q, k, graph, scale)) if return_lse else out
+
+
+def _one_graph(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """One complete graph: its ``(H, len, C)`` views, no gather."""
+    out = _written_out_group(g, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                  None, None, scale, 0.0)
+    return out.transpose(0, 1)
+
+
 # ------------------------------------------------------------------ with an additive bias
 
 
-def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, plan,
-                      bias: Tensor, scale: float, dropout: float) -> Tensor:
-    """Attention with the stacked ``bias`` added to the logits, one batch per size group.
+def _written_out_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, plan,
+                           bias: Tensor | None, scale: float, dropout: float) -> Tensor:
+    """Attention with the stacked ``bias`` (``None``: none) added to the logits, one batch per
+    size group.
 
     ``q``, ``k``, ``v`` are first gathered, by one permutation each, into a head-major layout in
     which every size group is a contiguous ``(count * H, len, C)`` batch, which the batched
@@ -255,26 +287,28 @@ def _biased_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, pl
     inputs are cast once per call, and the output cast back."""
     H, C_v = q.size(1), v.size(2)
     k, v = repeat_kv_heads(k, H), repeat_kv_heads(v, H)
+    on_bias = bias[:0].sum() if bias is not None else 0
     if not plan.groups:
-        return empty_output(q, k, v) + bias[:0].sum()
-    layout = head_major_layout(graph, plan, H, bias.device)
+        return empty_output(q, k, v) + on_bias
+    layout = head_major_layout(graph, plan, H, q.device)
     q_hm = _computed(permute_rows(q.reshape(-1, q.size(2)), layout.dst))
     k_hm = _computed(permute_rows(k.reshape(-1, k.size(2)), layout.src))
     v_hm = _computed(permute_rows(v.reshape(-1, C_v), layout.src))
-    bias = _computed(permute_rows(bias, layout.bias))
+    pairs = [g.count * g.len_dst * g.len_src for g in plan.groups]
+    biases = (_computed(permute_rows(bias, layout.bias)).split(pairs) if bias is not None
+              else [None] * len(pairs))
     outs = []
     for g, q_g, k_g, v_g, bias_g in zip(
             plan.groups, q_hm.split([g.count * H * g.len_dst for g in plan.groups]),
             k_hm.split([g.count * H * g.len_src for g in plan.groups]),
-            v_hm.split([g.count * H * g.len_src for g in plan.groups]),
-            bias.split([g.count * g.len_dst * g.len_src for g in plan.groups]),
-            strict=True):
+            v_hm.split([g.count * H * g.len_src for g in plan.groups]), biases, strict=True):
         batch = g.count * H
-        bias_g = bias_g.view(g.count, g.len_dst, g.len_src, H).permute(0, 3, 1, 2)
-        out = _biased_group_attention(
+        if bias_g is not None:
+            bias_g = bias_g.view(g.count, g.len_dst, g.len_src, H).permute(0, 3, 1, 2).reshape(
+                batch, g.len_dst, g.len_src)
+        out = _written_out_group(
             g, q_g.view(batch, g.len_dst, q.size(2)), k_g.view(batch, g.len_src, k.size(2)),
-            v_g.view(batch, g.len_src, C_v), bias_g.reshape(batch, g.len_dst, g.len_src),
-            group_band(graph, g), scale, dropout)
+            v_g.view(batch, g.len_src, C_v), bias_g, group_band(graph, g), scale, dropout)
         outs.append(out.reshape(-1, C_v))
     return unpermute_rows(torch.cat(outs).to(q.dtype), layout.dst).view(-1, H, C_v)
 
@@ -286,21 +320,28 @@ def _computed(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _biased_group_attention(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, bias: Tensor,
-                            band: Band | None, scale: float, dropout: float) -> Tensor:
+def _written_out_group(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor,
+                            bias: Tensor | None, band: Band | None, scale: float,
+                            dropout: float) -> Tensor:
     """One size group's ``(count * H, len_dst, C_v)`` attention from ``(count * H, len, C)``
-    batches and its ``(count * H, len_dst, len_src)`` bias (``-inf`` outside the ``band``).
+    batches and its ``(count * H, len_dst, len_src)`` bias (``-inf`` outside the ``band``;
+    ``None``: no bias and no band, then a plain softmax: no row is all ``-inf``).
     Written out as SDPA's math backend computes it: a mask that needs a gradient
     sends SDPA there anyway, and this form, twice differentiable as it stands, needs no
     recompute wrapper. The bias's gradient is the logits' gradient, one value per pair."""
     if g.len_dst == 0 or g.len_src == 0:  # no keys: the zero-output policy
-        on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum() + bias[:0].sum()
+        on_graph = q[:0].sum() + k[:0].sum() + v[:0].sum()
+        on_graph = on_graph + bias[:0].sum() if bias is not None else on_graph
         return v.new_zeros(q.size(0), g.len_dst, v.size(2)) + on_graph
+    if bias is None:
+        assert band is None and dropout == 0, "the unbiased form computes complete graphs"
+        logits = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=scale)
+        return torch.bmm(torch.softmax(logits, dim=-1), v)
     if band is not None:
         rows, shifted = seeing_part(g.len_dst, g.len_src, band)
         if len(rows) < g.len_dst:  # blind targets get zeros, the rest are one run of rows
             seeing = SegmentGroup(g.count, len(rows), g.len_src)
-            out = _biased_group_attention(seeing, q[:, rows.start:rows.stop], k, v,
+            out = _written_out_group(seeing, q[:, rows.start:rows.stop], k, v,
                                           bias[:, rows.start:rows.stop], shifted, scale,
                                           dropout)
             return torch.cat([out.new_zeros(out.size(0), rows.start, out.size(2)), out,

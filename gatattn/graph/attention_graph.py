@@ -18,6 +18,7 @@ from gatattn.graph.edges import band_pair_count, complete_edges
 from gatattn.graph.membership import Membership
 from gatattn.graph.plan import PackedSegments, SegmentGroup, SegmentPlan
 from gatattn.graph.switches import Window
+from gatattn.transforms import compiling
 
 if TYPE_CHECKING:
     from gatattn.backends.csr import CSR
@@ -200,7 +201,9 @@ class AttentionGraph:
     def segment_plan(self) -> SegmentPlan:
         """The grouping of graphs by size used by the dense route (derived once per batch)."""
         if self.membership is None:
-            return SegmentPlan([SegmentGroup(1, self.num_dst, self.num_src)])
+            if compiling():  # (traced sizes may be symbolic: no Python cache)
+                return SegmentPlan([SegmentGroup(1, self.num_dst, self.num_src)])
+            return _one_graph_plan(self.num_dst, self.num_src)
         return self.membership.segment_plan()
 
     def packed_segments(self) -> PackedSegments:
@@ -254,3 +257,17 @@ class AttentionGraph:
 
 
 _DERIVED = frozenset({"prepared", "materialized_edges", "csr"})
+
+
+_one_graph_plans: dict[tuple[int, int], SegmentPlan] = {}
+
+
+def _one_graph_plan(num_dst: int, num_src: int) -> SegmentPlan:
+    """The plan of one complete graph: it depends on the sizes alone, so graphs of equal sizes
+    share it (built once, not per call)."""
+    plan = _one_graph_plans.get((num_dst, num_src))
+    if plan is None:
+        plan = SegmentPlan([SegmentGroup(1, num_dst, num_src)])
+        if len(_one_graph_plans) < 64:  # (distinct sizes: a handful in a model)
+            _one_graph_plans[num_dst, num_src] = plan
+    return plan

@@ -63,6 +63,11 @@ class SegmentPlan:
     head_major: dict[tuple[int, str], HeadMajorLayout] = field(
         default_factory=dict, compare=False, repr=False)
 
+    @property
+    def longest(self) -> int:
+        """The most targets or sources of any graph (0 without graphs)."""
+        return max((max(g.len_dst, g.len_src) for g in self.groups), default=0)
+
 
 @dataclass(frozen=True)
 class PackedSegments:

@@ -40,6 +40,7 @@ MAX_KERNEL_HEAD_DIM = 256
 #: saved for the backward, cost at most this many floats per node and head).
 LOGITS_MAX_NODES = 128
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOGITS_DTYPES = (torch.float32, torch.float64)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -109,9 +110,9 @@ def logits_route_serves(graph: AttentionGraph, q: Tensor, k: Tensor, dropout: fl
     ``torch.compile``, which traces SDPA into its own kernels. The graphs may be at most
     :data:`LOGITS_MAX_NODES` nodes (larger ones cost more written out: logits are
     ``O(len^2)`` memory traffic, SDPA's kernel keeps them in cache)."""
-    if not (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and not has_bias and dropout == 0 and k.size(1) == q.size(1)
-            and graph.window is None and not graph.causal and not compiling()):
+    # Cheapest tests first: a graph= call on a small graph costs a few dozen microseconds.
+    if (graph.causal or graph.window is not None or has_bias or dropout != 0 or not q.is_cpu
+            or q.dtype not in _LOGITS_DTYPES or k.shape[1] != q.shape[1] or compiling()):
         return False
     plan = graph.segment_plan()
     # Equal-size graphs already in order are SDPA's (count, H, len, C) views as they lie;

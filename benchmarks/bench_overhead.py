@@ -198,8 +198,11 @@ def main() -> None:
              "them packed, with a graph built once by gatattn.build_graph (graph=) or with ptr "
              "(auto route). Host reads: per call, counted separately.",
              "",
-             "A graph= call reads nothing and re-derives nothing; on non-finite inputs it does "
-             "not repair but makes the whole output NaN (one reduction). With ptr= the call "
+             "Routes (auto): on CPU every case but the one of equal-size graphs in order runs "
+             "the written-out logits route (graphs up to 128 nodes), the exception SDPA. A "
+             "graph= call reads nothing and re-derives nothing; on non-finite inputs the "
+             "logits route contains them exactly by itself (every pair is an edge), and the "
+             "SDPA route makes the whole output NaN (one reduction). With ptr= the call "
              "reads ptr and whether q, k, v are finite in one host read, finds the cached "
              "grouping, and contains non-finite inputs along edges exactly. Validation off "
              "reads nothing for checks and guards as graph= does; the SDPA route still reads "

@@ -321,7 +321,9 @@ def _written_out_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGrap
             g, q_g.view(batch, g.len_dst, q.size(2)), k_g.view(batch, g.len_src, k.size(2)),
             v_g.view(batch, g.len_src, C_v), bias_g, group_band(graph, g), scale, dropout)
         outs.append(out.reshape(-1, C_v))
-    return unpermute_rows(torch.cat(outs).to(q.dtype), layout.dst).view(-1, H, C_v)
+    out = torch.cat(outs).to(q.dtype)
+    del outs  # (no backward saves the groups' outputs: freed before the next copy, not after)
+    return unpermute_rows(out, layout.dst).view(-1, H, C_v)
 
 
 def _computed(x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ its :class:`~gatattn.graph.SegmentPlan`, and kept with the plan (for every layer
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,15 +18,22 @@ if TYPE_CHECKING:
     from gatattn.graph.attention_graph import AttentionGraph
 
 
-@dataclass(frozen=True)
 class HeadMajorLayout:
     """Permutations of ``(N_dst * H, C)`` query rows and ``(N_src * H, C)`` key / value rows
     into (group, graph, head, position) order, and of the stacked bias rows into (group, graph,
-    pair) order."""
+    pair) order. The bias's, 16 bytes per pair, is built when a call with a bias first asks
+    for it (the logits route reads the node rows only)."""
 
-    dst: Permutation
-    src: Permutation
-    bias: Permutation
+    def __init__(self, dst: Permutation, src: Permutation,
+                 pair_rows: Callable[[], Permutation]) -> None:
+        self.dst, self.src = dst, src
+        self._pair_rows, self._bias = pair_rows, None
+
+    @property
+    def bias(self) -> Permutation:
+        if self._bias is None:
+            self._bias = self._pair_rows()
+        return self._bias
 
 
 #: A head-major layout is kept with its plan (for every layer of a model) up to this many
@@ -41,7 +48,8 @@ def head_major_layout(graph: AttentionGraph, plan: SegmentPlan, heads: int,
     layout = plan.head_major.get(key)
     if layout is None:
         layout = _build_head_major_layout(graph, plan, heads, device)
-        if layout.bias.forward.numel() <= MAX_KEPT_LAYOUT_PAIRS:
+        pairs = sum(d * s for d, s in zip(*graph.host_sizes(), strict=True))
+        if pairs <= MAX_KEPT_LAYOUT_PAIRS:
             plan.head_major[key] = layout
     return layout
 
@@ -57,7 +65,7 @@ def _build_head_major_layout(graph: AttentionGraph, plan: SegmentPlan, heads: in
     same_nodes = plan.order_src is plan.order_dst and sizes_src == sizes_dst  # self-attention
     src = dst if same_nodes else _head_major_rows(plan.order_src, [sizes_src[b] for b in order],
                                                   heads, device)
-    return HeadMajorLayout(dst, src, _pair_rows(order, sizes_dst, sizes_src, device))
+    return HeadMajorLayout(dst, src, lambda: _pair_rows(order, sizes_dst, sizes_src, device))
 
 
 def _head_major_rows(order: Permutation | None, lengths: list[int], heads: int,

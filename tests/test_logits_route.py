@@ -152,3 +152,22 @@ def test_taken_only_where_it_serves(change, taken):
     assert not taken
     gatattn.attention(*make_qkv(12, 12, HEADS, CHANNELS), ptr=_ptr([4, 3, 5]))  # the control
     assert taken
+
+
+def test_a_layout_it_built_serves_biased_calls_in_and_out_of_inference_mode(taken):
+    """The logits route builds the plan's head-major layout without the bias's pair order;
+    a biased call builds that later, here first under inference mode, and a training call
+    must still be able to save it for its backward."""
+    keywords, num_dst, num_src, mask = KINDS["batched unsorted"]
+    graph = gatattn.build_graph(**keywords)
+    q, k, v = make_qkv(num_dst, num_src, HEADS, CHANNELS, dtype=torch.float64)
+    gatattn.attention(q, k, v, graph=graph).sum().backward()
+    assert taken
+    pairs = int(mask.sum())
+    with torch.inference_mode():
+        gatattn.attention(q, k, v, graph=graph, attn_bias=torch.randn(pairs, HEADS))
+    bias = torch.zeros(pairs, HEADS, dtype=torch.float64, requires_grad=True)
+    out = gatattn.attention(q, k, v, graph=graph, attn_bias=bias)
+    out.sum().backward()
+    torch.testing.assert_close(out, reference.attention(q, k, v, mask))
+    assert bias.grad is not None and bias.grad.shape == (pairs, HEADS)

@@ -32,7 +32,10 @@ class HeadMajorLayout:
     @property
     def bias(self) -> Permutation:
         if self._bias is None:
-            self._bias = self._pair_rows()
+            # Normal tensors even when first asked under inference mode: the layout serves
+            # both (a biased call's backward saves these indices).
+            with torch.inference_mode(False):
+                self._bias = self._pair_rows()
         return self._bias
 
 

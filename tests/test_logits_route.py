@@ -171,3 +171,16 @@ def test_a_layout_it_built_serves_biased_calls_in_and_out_of_inference_mode(take
     out.sum().backward()
     torch.testing.assert_close(out, reference.attention(q, k, v, mask))
     assert bias.grad is not None and bias.grad.shape == (pairs, HEADS)
+
+
+def test_a_graph_first_used_under_inference_mode_then_trains(taken):
+    """The route derives the graph's head-major layout on first use and keeps it with the
+    graph: first used under inference mode, it must still serve a training call."""
+    keywords, num_dst, num_src, mask = KINDS["ptr with an empty graph"]
+    graph = gatattn.build_graph(**keywords)
+    q, k, v = make_qkv(num_dst, num_src, HEADS, CHANNELS, dtype=torch.float64)
+    with torch.inference_mode():
+        gatattn.attention(q, k, v, graph=graph)
+    check_against_reference(lambda q, k, v: gatattn.attention(q, k, v, graph=graph),
+                            (q, k, v), masked_reference(mask))
+    assert len(taken) > 1

@@ -50,7 +50,10 @@ def head_major_layout(graph: AttentionGraph, plan: SegmentPlan, heads: int,
     key = (heads, str(device))
     layout = plan.head_major.get(key)
     if layout is None:
-        layout = _build_head_major_layout(graph, plan, heads, device)
+        # Normal tensors even when first built under inference mode: the layout is kept for
+        # every later call, and a training call's backward saves these indices.
+        with torch.inference_mode(False):
+            layout = _build_head_major_layout(graph, plan, heads, device)
         pairs = sum(d * s for d, s in zip(*graph.host_sizes(), strict=True))
         if pairs <= MAX_KEPT_LAYOUT_PAIRS:
             plan.head_major[key] = layout

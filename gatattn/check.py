@@ -1,11 +1,11 @@
 """Every route on this machine against :mod:`gatattn.reference`: ``python -m gatattn.check``.
 
 The test suite's equivalence checks, as a tool for any machine and device: each available route
-(``sdpa``, ``sparse``, ``triton``) runs each graph kind (complete, batched with awkward sizes,
-causal, bipartite, sliding windows, an edge set with duplicates and isolated targets; four of
-them with an ``attn_bias``; one with grouped-query heads, ``k`` and ``v`` with a single head) in
-each dtype it computes in, forward and the gradients of ``q``, ``k``, ``v`` (and of the bias),
-and is compared with the reference in float64 under the project's tolerance rule:
+(``sdpa``, ``logits``, ``sparse``, ``triton``) runs each graph kind it takes (complete, batched
+with awkward sizes, causal, bipartite, sliding windows, an edge set with duplicates and isolated
+targets; four of them with an ``attn_bias``; one with grouped-query heads, ``k`` and ``v`` with a
+single head) in each dtype it computes in, forward and the gradients of ``q``, ``k``, ``v`` (and
+of the bias), and is compared with the reference in float64 under the project's tolerance rule:
 
     |out - ref_hi| <= 2 |ref_lo - ref_hi| + floor
 
@@ -32,10 +32,12 @@ from tqdm import tqdm
 
 from gatattn import reference
 from gatattn.backends.fused import triton_unavailable_reason
+from gatattn.backends.sdpa import logits_attention
 from gatattn.functional import attention
+from gatattn.graph import build_graph
 from gatattn.tolerance import LOW_PRECISION, compare
 
-ROUTES = ("sdpa", "sparse", "triton")
+ROUTES = ("sdpa", "logits", "sparse", "triton")
 DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 QUANTITIES = ("out", "dq", "dk", "dv", "dbias")  # dbias: cases with an attn_bias only
 
@@ -134,11 +136,37 @@ def _applies(route: str, case: Case, dtype: torch.dtype, device: torch.device) -
     """Why ``route`` does not run ``case`` in ``dtype`` here, or ``None`` if it does."""
     if route == "sdpa" and not case.implicit:
         return "sdpa runs implicit graphs only"
+    if route == "logits":
+        return _logits_refusal(case, dtype, device)
     if route == "triton":
         if dtype == torch.float64:
             return "the kernels refuse float64 (sdpa and sparse compute in it)"
         return triton_unavailable_reason(device, dtype, case.implicit)
     return None
+
+
+def _logits_refusal(case: Case, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why the written-out logits route (which only ``auto`` takes) does not run ``case``."""
+    if device.type != "cpu":
+        return "logits is a CPU route (auto takes it there for small complete graphs)"
+    if dtype not in (torch.float32, torch.float64):
+        return "logits computes in float32 and float64 (half precision goes to sdpa)"
+    if not case.implicit or case.graph.get("causal") or case.graph.get("window") is not None:
+        return "logits runs complete graphs only (no edge set, causal mask or window)"
+    if case.bias_rows is not None or case.kv_heads is not None:
+        return "logits takes no attn_bias and no grouped-query heads"
+    return None
+
+
+def _route(route: str, graph: dict):
+    """``(q, k, v, *bias) -> out`` through ``route``: a ``backend`` of :func:`attention`, or
+    the logits route's own function (``auto`` takes it only where it serves)."""
+    if route == "logits":
+        built = build_graph(**{key: value for key, value in graph.items()
+                               if key not in ("causal", "window")})
+        return lambda q, k, v: logits_attention(q, k, v, built, scale=q.size(-1) ** -0.5)
+    return lambda q, k, v, *bias: attention(q, k, v, backend=route,
+                                            attn_bias=bias[0] if bias else None, **graph)
 
 
 def _check(route: str, case: Case, dtype: torch.dtype, device: torch.device, heads: int,
@@ -162,10 +190,8 @@ def _check(route: str, case: Case, dtype: torch.dtype, device: torch.device, hea
     graph = {key: value.to(device) if isinstance(value, Tensor) else value
              for key, value in case.graph.items()}
     try:
-        got = _forward_and_grads(
-            lambda q, k, v, *bias: attention(q, k, v, backend=route,
-                                             attn_bias=bias[0] if bias else None, **graph),
-            _cast(inputs, dtype, device), grad_out.to(device, dtype))
+        got = _forward_and_grads(_route(route, graph), _cast(inputs, dtype, device),
+                                 grad_out.to(device, dtype))
     except Exception as error:  # a route that raises on a supported case fails the check
         note = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         return [Row(route, case.name, _name(dtype), "run", float("nan"), float("nan"), False,

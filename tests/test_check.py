@@ -22,7 +22,10 @@ def test_every_route_passes_on_this_machine():
     assert not failed, check.table(failed)
     covered = {(row.route, row.case) for row in rows}
     expected = ({("sdpa", c) for c in IMPLICIT_CASES} | {("sparse", c) for c in ALL_CASES}
-                | {("triton", c) for c in ALL_CASES})
+                | {("triton", c) for c in ALL_CASES}
+                | {("logits", c) for c in ("complete, 33 nodes",
+                                           "batched, unsorted batch, graphs of 0, 1, 7, 20 nodes",
+                                           "bipartite, 3x6 and 8x2 per graph")})
     assert covered == expected
     assert {row.dtype for row in rows if row.route == "sparse"} == {
         "float64", "float32", "float16", "bfloat16"}

@@ -196,15 +196,22 @@ def attention(
         # Meta tensors hold no values to check.
         validate = (validation_enabled() and not compiling()
                     and q.device.type != "meta")
-        # Whether q, k, v are finite is read in the graph's one host read (dense routes use
-        # it); a recorded call (trace, torch.func) must not branch on it: the repair is exact.
-        finite = (finite_flag(q, k, v) if validate and edge_index is None and not recorded()
-                  else None)
-        graph, inputs_finite = describe_graph(q.size(0), k.size(0), edge_index=edge_index,
-                                              batch=batch, ptr=ptr, causal=causal,
-                                              window=window, bipartite=bipartite,
-                                              validate=validate,
-                                              finite_flag=finite)
+        # Whether q, k, v are finite is read in the graph's one host read (dense routes but
+        # the logits route use it); a recorded call (trace, torch.func) must not branch on it:
+        # the repair is exact.
+        def flag_for(known: AttentionGraph | None) -> Tensor | None:
+            if known is not None and routing.takes_logits_route(
+                    backend, known, q, k, dropout=dropout, need_weights=return_attention_weights,
+                    has_bias=attn_bias is not None):
+                return None
+            return finite_flag(q, k, v)
+
+        graph, inputs_finite = describe_graph(
+            q.size(0), k.size(0), edge_index=edge_index, batch=batch, ptr=ptr, causal=causal,
+            window=window, bipartite=bipartite, validate=validate,
+            finite_flag=flag_for if validate and edge_index is None and not recorded() else None,
+            # Reusing a graph costs a read: not where an unvalidated ptr would read nothing.
+            reuse=validate or batch is not None or routing.reads_graph_sizes(backend, q.device))
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import gatattn
 import gatattn.graph.membership as membership_module
 import gatattn.graph.plan as plan_module
+import gatattn.graph.reuse as reuse_module
 from gatattn import reference
 from gatattn.graph import set_validation, validation, validation_enabled
 from tests.conftest import assert_close
@@ -89,7 +90,7 @@ def count_host_reads(monkeypatch, pause_launches=True):
 def fresh_caches(monkeypatch):
     """Empty structure caches, restored afterwards."""
     monkeypatch.setattr(plan_module, "_plan_cache", {})
-    monkeypatch.setattr(membership_module, "_batch_cache", {})
+    monkeypatch.setattr(reuse_module, "_cache", {})
 
 
 def inputs(n_dst=45, n_src=45, seed=0, requires_grad=False):
@@ -265,6 +266,81 @@ def test_ptr_written_between_calls_is_not_served_stale(fresh_caches, backend):
         batch = batch_from_sizes(sizes)
         out = gatattn.attention(q, k, v, ptr=ptr, backend=backend)
         torch.testing.assert_close(out, expected(q, k, v, batch, batch))
+
+
+def test_every_layer_given_one_ptr_gets_one_graph(fresh_caches):
+    """The graph of a keyword description is kept for the next call given the same tensor (as if
+    built once with build_graph); a new tensor, or one written since, gets its own."""
+    from gatattn.graph import describe_graph
+
+    ptr = ptr_from_sizes(SIZES)
+    first, _ = describe_graph(45, 45, ptr=ptr)
+    assert describe_graph(45, 45, ptr=ptr)[0] is first
+    assert describe_graph(45, 45, ptr=ptr, causal=True)[0] is not first  # another graph
+    assert describe_graph(45, 45, ptr=ptr.clone())[0] is not first
+    ptr.numpy()[1] += 1  # no version bump
+    rebuilt, _ = describe_graph(45, 45, ptr=ptr)
+    assert rebuilt is not first and rebuilt.host_sizes()[0] == [11, 14, 5, 15]
+
+
+def test_a_new_ptr_at_a_freed_ptrs_address_is_not_compared(monkeypatch, fresh_caches):
+    """An entry holds a weak reference to the tensor it describes: a new tensor (which Python
+    may place at the freed one's address) is derived at once, in one read, not first compared
+    with a dead tensor's values (a second read)."""
+    q, k, v = inputs()
+    gatattn.attention(q, k, v, ptr=ptr_from_sizes(SIZES), backend="sdpa")
+    for sizes in ([5, 15, 10, 15], [20, 5, 5, 15]):
+        ptr = ptr_from_sizes(sizes)
+        with count_host_reads(monkeypatch) as reads:
+            out = gatattn.attention(q, k, v, ptr=ptr, backend="sdpa")
+        assert reads.count == 1
+        batch = batch_from_sizes(sizes)
+        torch.testing.assert_close(out, expected(q, k, v, batch, batch))
+        del ptr
+
+
+@pytest.mark.parametrize("form", ["ptr", "none"])
+def test_the_logits_route_reads_no_finite_flag(monkeypatch, fresh_caches, form):
+    """The written-out logits route contains non-finite inputs by IEEE arithmetic alone, so a
+    call that knows its graph before reading (a kept ptr graph, one complete graph) reads no
+    finite flag: a reused ptr graph reads only the equality check, a complete graph nothing.
+    The SDPA route still reads the flag (its repair needs it)."""
+    import gatattn.functional as functional_module
+
+    flags = _count_calls(monkeypatch, functional_module, "finite_flag")
+    q, k, v = inputs()
+    graph = {"ptr": ptr_from_sizes(SIZES)} if form == "ptr" else {}
+    gatattn.attention(q, k, v, **graph)  # (a ptr graph is derived: the flag read with it)
+    flags.clear()
+    with count_host_reads(monkeypatch) as reads:
+        out = gatattn.attention(q, k, v, **graph)
+    assert (reads.count, len(flags)) == ((1, 0) if form == "ptr" else (0, 0))
+    batch = batch_from_sizes(SIZES if form == "ptr" else [45])
+    torch.testing.assert_close(out, expected(q, k, v, batch, batch))
+    for name in ("q", "k", "v"):  # IEEE arithmetic contains them: NaN along edges only
+        poisoned = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+        poisoned[name][3, 1, 2] = float("nan")
+        got = gatattn.attention(*poisoned.values(), **graph)
+        want = expected(*poisoned.values(), batch, batch)
+        assert bool(want.isnan().any()) and bool(want.isfinite().any())
+        torch.testing.assert_close(got, want, equal_nan=True)
+    assert not flags
+    gatattn.attention(q, k, v, **graph, backend="sdpa")
+    assert len(flags) == 1
+
+
+def test_unvalidated_ptr_graph_is_reused_where_the_route_reads_sizes(monkeypatch,
+                                                                    fresh_caches):
+    """With validation off, a ptr on a route that reads the graph sizes anyway is kept like a
+    validated one: later calls read only the equality check in place of the sizes."""
+    plans = _count_calls(monkeypatch, plan_module, "_plan_from_sizes")
+    ptr, (q, k, v) = ptr_from_sizes(SIZES), inputs()
+    with validation(False):
+        for _ in range(3):
+            with count_host_reads(monkeypatch) as reads:
+                gatattn.attention(q, k, v, ptr=ptr, backend="sdpa")
+            assert reads.count == 1
+    assert len(plans) == 1
 
 
 # --- the validation switch ------------------------------------------------------------------

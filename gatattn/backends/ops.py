@@ -183,9 +183,10 @@ def _graph(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor, batch_src: Tensor
     bipartite = batch_src is not None
     batch = (batch_dst, batch_src) if bipartite else batch_dst
     causal = "bottom_right" if causal and bottom_right else causal
-    flag = finite_flag(q, k, v) if validation_enabled() else None
     return describe_graph(q.size(0), k.size(0), batch=batch, causal=causal, window=window,
-                          bipartite=bipartite, finite_flag=flag)
+                          bipartite=bipartite,
+                          finite_flag=(lambda _: finite_flag(q, k, v)) if validation_enabled()
+                          else None)
 
 
 def _masked_dense_attention(q: Tensor, k: Tensor, v: Tensor, batch_dst: Tensor,

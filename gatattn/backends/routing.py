@@ -60,8 +60,8 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
     cannot compute it."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if graph.is_implicit and not need_weights and requested == "auto" and logits_route_serves(
-            graph, q, k, dropout, has_bias):
+    if takes_logits_route(requested, graph, q, k, dropout=dropout, need_weights=need_weights,
+                          has_bias=has_bias):
         return "logits"  # (CPU: no kernel to race; below, each check costs a call's time)
     # Compiled, traced, transformed (torch.func) and meta calls need plain torch ops.
     message_passing = "gathered" if (has_edge_attr or need_weights
@@ -97,6 +97,21 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
             raise BackendUnavailableError(f"backend='triton': {reason}")
         return "triton"
     return "sdpa" if requested == "sdpa" else message_passing
+
+
+def reads_graph_sizes(requested: str, device: torch.device) -> bool:
+    """Whether every route ``requested`` may take on ``device`` reads the graph sizes on the
+    host (all but the fused kernels, which take ``ptr`` as it lies: an unvalidated ``ptr``
+    call there reads nothing)."""
+    return requested != "triton" and not (requested == "auto" and races_on(device))
+
+
+def takes_logits_route(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, *,
+                       dropout: float, need_weights: bool, has_bias: bool) -> bool:
+    """Whether :func:`choose` takes the ``"logits"`` route, the one route that needs no
+    finite flag (:mod:`gatattn.backends.nonfinite`): a call can ask before reading the host."""
+    return (graph.is_implicit and not need_weights and requested == "auto"
+            and logits_route_serves(graph, q, k, dropout, has_bias))
 
 
 def logits_route_serves(graph: AttentionGraph, q: Tensor, k: Tensor, dropout: float,

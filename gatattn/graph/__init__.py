@@ -11,13 +11,14 @@ nothing else. The package's modules, one job each:
 - :mod:`~gatattn.graph.plan`: node orders and the grouping of graphs by size;
 - :mod:`~gatattn.graph.edges`: edge-set checks, the causal filter, materialised edges;
 - :mod:`~gatattn.graph.attention_graph`: the immutable graph and what is derived from it;
-- :mod:`~gatattn.graph.build`: :func:`build_graph` and a call's :func:`describe_graph`.
+- :mod:`~gatattn.graph.build`: :func:`build_graph` and a call's :func:`describe_graph`;
+- :mod:`~gatattn.graph.reuse`: the graphs of keyword descriptions, kept for the next layer.
 
-**Reuse across layers.** The structure derived from a graph description is cached so that every
-layer of a model derives it once per batch. The cache never answers for other contents: plans
-for ``ptr`` graphs are keyed by the graph sizes themselves, and an entry for a ``batch`` tensor
-keeps a private copy of the ids it was built from and serves only while the tensor still holds
-them (checked on the device, read with the rest).
+**Reuse across layers.** The graph a call's ``batch`` / ``ptr`` describes is kept
+(:mod:`~gatattn.graph.reuse`) so that every layer of a model derives it once per batch. The
+cache never answers for other contents: an entry keeps a private copy of the tensors it was
+built from and serves only while they still hold those values (checked on the device, read
+with the rest), and the grouping by size is keyed by the graph sizes themselves.
 """
 
 from gatattn.graph.attention_graph import AttentionGraph, GraphTooLargeError

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from gatattn.graph.attention_graph import AttentionGraph
-from gatattn.graph.checks import check_graph_devices
+from gatattn.graph.checks import check_graph_devices, check_node_counts
 from gatattn.graph.edges import band_edges, check_edge_index
-from gatattn.graph.membership import parse_membership
+from gatattn.graph.membership import Membership, parse_membership, read_host
+from gatattn.graph.reuse import FlagFor, keep_graph, private_copies, reused_graph
 from gatattn.graph.switches import causal_mode, validation_enabled, window_mode
 from gatattn.transforms import compiling
 
@@ -74,7 +75,7 @@ def build_graph(
     edge_index, ptr = _private(edge_index), _private(ptr)
     graph, _ = describe_graph(num_dst, num_src, edge_index=edge_index, batch=batch, ptr=ptr,
                               causal=causal, window=window, bipartite=bipartite,
-                              validate=not compiling())
+                              validate=not compiling(), reuse=False)
     return graph.prepare()
 
 
@@ -138,7 +139,8 @@ def describe_graph(
     window: tuple[int | None, int | None] | None = None,
     bipartite: bool = False,
     validate: bool | None = None,
-    finite_flag: Tensor | None = None,
+    finite_flag: FlagFor | None = None,
+    reuse: bool = True,
 ) -> tuple[AttentionGraph, bool | None]:
     """Validate a call's description of the graph and build its :class:`AttentionGraph` (the
     keyword forms of :func:`gatattn.attention`; :func:`build_graph` is the public form).
@@ -146,33 +148,78 @@ def describe_graph(
     ``batch`` / ``ptr`` are tensors, or ``(dst, src)`` pairs when ``bipartite``. ``batch`` need
     not be sorted: a graph's nodes are taken in the order they appear. ``validate`` says whether
     values are checked on the host (default: :func:`validation_enabled`; ``False`` under
-    ``torch.compile``). ``finite_flag``, a 0-dim bool tensor (whether the inputs are finite), is
-    read in the same host read as the graph; its value comes back second (``None``: not read).
-    ``num_dst`` / ``num_src`` ``None``: ``ptr``'s last values (validated ``ptr`` only).
+    ``torch.compile``). ``finite_flag(graph)`` gives a 0-dim bool tensor (whether the inputs
+    are finite) to read in the same host read as the graph, or ``None`` where the call has no
+    use for it; it is asked with the graph where that is known before the read (one complete
+    graph, a reused description), else with ``None``. The flag's value comes back second
+    (``None``: not read). ``num_dst`` / ``num_src`` ``None``: ``ptr``'s last values (validated
+    ``ptr`` only). ``reuse``: a ``batch`` / ``ptr`` description is served from, and kept in,
+    :mod:`gatattn.graph.reuse` (every layer given the same tensors gets the same graph), at the
+    cost of one host read (a call that reads nothing else, such as an unvalidated ``ptr`` on
+    the fused kernels, passes ``False``).
     """
     validate = validation_enabled() if validate is None else validate
     causal, bottom_right = causal_mode(causal)
     bottom_right = bottom_right and bipartite  # self-attention: the same graph as top-left
     window = window_mode(window, causal)
-    extra = [] if finite_flag is None else [finite_flag.reshape(1)]
-    membership, extra_values = parse_membership(num_dst, num_src, batch, ptr, bipartite,
-                                                 validate, extra)
-    if membership is not None:
-        num_dst, num_src = membership.dst.num_nodes, membership.src.num_nodes
-    inputs_finite = bool(extra_values[0][0]) if extra_values else None
+    pattern = {"causal": causal, "bottom_right": bottom_right, "window": window}
     if edge_index is not None:
-        edge_index = check_edge_index(edge_index, num_dst, num_src, validate)
-        kept, given = None, edge_index.size(1)
-        if causal or window is not None:
-            kept = band_edges(edge_index, AttentionGraph(
-                num_dst, num_src, membership=membership, causal=causal,
-                bottom_right=bottom_right, window=window))
-            # Indices rather than the mask: selecting by them later reads nothing on the host.
-            kept = kept.nonzero().squeeze(1)
-            edge_index = edge_index.index_select(1, kept)
-        return AttentionGraph(num_dst, num_src, edge_index=edge_index, causal=causal,
-                              bipartite=bipartite, bottom_right=bottom_right, window=window,
-                              kept_edges=kept, given_edges=given), inputs_finite
-    return AttentionGraph(num_dst, num_src, membership=membership, causal=causal,
-                          bipartite=bipartite, bottom_right=bottom_right,
-                          window=window), inputs_finite
+        membership, _ = parse_membership(num_dst, num_src, batch, ptr, bipartite, validate, [])
+        if membership is not None:
+            num_dst, num_src = membership.dst.num_nodes, membership.src.num_nodes
+        return _edge_set(num_dst, num_src, edge_index, membership, bipartite, validate,
+                         **pattern), None
+    if batch is None and ptr is None:
+        check_node_counts(num_dst, num_src, bipartite)
+        graph = AttentionGraph(num_dst, num_src, bipartite=bipartite, **pattern)
+        flag = finite_flag(graph) if finite_flag is not None else None
+        return graph, None if flag is None else bool(read_host([flag.reshape(1)])[0][0])
+    described = _described_tensors(batch if batch is not None else ptr)
+    reuse = (reuse and described is not None and not compiling()
+             and (batch is None or ptr is None))
+    if reuse:
+        key = ("batch" if batch is not None else "ptr", num_dst, num_src, bipartite,
+               causal, bottom_right, window)
+        graph, inputs_finite = reused_graph(key, described, finite_flag)
+        if graph is not None:
+            return graph, inputs_finite
+        copies = private_copies(described)  # (compared with at the next call)
+    flag = finite_flag(None) if finite_flag is not None else None
+    membership, extra_values = parse_membership(
+        num_dst, num_src, batch, ptr, bipartite, validate,
+        [] if flag is None else [flag.reshape(1)])
+    graph = AttentionGraph(membership.dst.num_nodes, membership.src.num_nodes,
+                           membership=membership, bipartite=bipartite, **pattern)
+    if reuse:
+        keep_graph(key, described, copies, graph)
+    return graph, bool(extra_values[0][0]) if extra_values else None
+
+
+def _edge_set(num_dst: int, num_src: int, edge_index: Tensor, membership: Membership | None,
+              bipartite: bool, validate: bool, causal: bool, bottom_right: bool,
+              window) -> AttentionGraph:
+    """An edge set's graph: the given edges, those inside the causal graph or window kept."""
+    edge_index = check_edge_index(edge_index, num_dst, num_src, validate)
+    kept, given = None, edge_index.size(1)
+    if causal or window is not None:
+        kept = band_edges(edge_index, AttentionGraph(
+            num_dst, num_src, membership=membership, causal=causal,
+            bottom_right=bottom_right, window=window))
+        # Indices rather than the mask: selecting by them later reads nothing on the host.
+        kept = kept.nonzero().squeeze(1)
+        edge_index = edge_index.index_select(1, kept)
+    return AttentionGraph(num_dst, num_src, edge_index=edge_index, causal=causal,
+                          bipartite=bipartite, bottom_right=bottom_right, window=window,
+                          kept_edges=kept, given_edges=given)
+
+
+def _described_tensors(value) -> tuple[Tensor, ...] | None:
+    """The distinct tensors of a ``batch`` / ``ptr`` tensor or ``(dst, src)`` pair; ``None``
+    for anything else (the parser then says what is wrong with it)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            return None
+        tensors = (value[0],) if value[1] is value[0] else tuple(value)
+    else:
+        tensors = (value,)
+    return tensors if all(isinstance(t, Tensor) for t in tensors) else None

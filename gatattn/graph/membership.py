@@ -11,15 +11,13 @@ therefore gathers everything the host needs (``ptr``'s values, a batch's graph c
 the caller's extra flags) into one :func:`read_host`, checks ``ptr`` on the host from those
 values, and derives the rest from them.
 
-**Reuse across layers.** The membership of a ``batch`` tensor is cached so that every layer of a
-model derives it once per batch. An entry keeps a private copy of the ids it was built from and
-serves only while the tensor still holds them (checked on the device, read with the rest).
+**Reuse across layers** is :mod:`gatattn.graph.reuse`'s: it keeps the graphs built from a
+call's ``batch`` / ``ptr``, so that every layer of a model derives them once per batch.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,7 +31,7 @@ from gatattn.graph.checks import (
     ptr_tensor,
     split_pair,
 )
-from gatattn.graph.plan import CACHE_SIZE, Permutation, SegmentPlan, segment_plan
+from gatattn.graph.plan import Permutation, SegmentPlan, segment_plan
 from gatattn.transforms import compiling
 
 
@@ -122,7 +120,7 @@ def parse_membership(num_dst: int | None, num_src: int | None, batch, ptr, bipar
 
     ``batch`` / ``ptr`` are tensors, or ``(dst, src)`` pairs when ``bipartite``; ``num_dst`` /
     ``num_src`` ``None``: ``ptr``'s last values (validated ``ptr`` only). ``traced`` is the
-    compile-safe mode: nothing is cached, a bipartite ``ptr`` pair is not padded to one length
+    compile-safe mode: a bipartite ``ptr`` pair is not padded to one length
     (a size comparison a tracer would guard on), a ``batch`` is not read, and the result is
     each node's graph id ``(batch_dst, batch_src)``; with ``validate=False`` it then reads
     nothing (``ptr`` is checked by a device-side assertion)."""
@@ -182,31 +180,11 @@ def _same_length(ptr_dst: Tensor, ptr_src: Tensor) -> tuple[Tensor, Tensor]:
     return ptr_dst, ptr_src
 
 
-@dataclass(frozen=True)
-class _BatchEntry:
-    """The membership derived from batch tensors, with private copies of the ids it came from."""
-
-    ids: tuple[Tensor, ...]
-    membership: Membership
-
-    def candidate_for(self, batches: tuple[Tensor, ...]) -> bool:
-        return len(self.ids) == len(batches) and all(
-            a.shape == b.shape and a.device == b.device
-            for a, b in zip(self.ids, batches, strict=True))
-
-    def still_equal(self, batches: tuple[Tensor, ...]) -> list[Tensor]:
-        """One device flag per tensor: it still holds the ids the entry was built from."""
-        return [(a == b).all().reshape(1) for a, b in zip(self.ids, batches, strict=True)]
-
-
-_batch_cache: dict[tuple, _BatchEntry] = {}
-
-
 def _from_batch(batch_dst: Tensor, batch_src: Tensor, num_dst: int, num_src: int,
                 validate: bool, extra: list[Tensor],
                 traced: bool) -> tuple[Parsed, list[list[int]]]:
-    """Derived once per batch tensor and reused while it holds the same ids: the equality check
-    is read together with ``extra``, so a reused batch costs one host read."""
+    """Derived from private copies of the ids (the membership keeps them; the caller may
+    write its tensors), in one host read with ``extra``."""
     same = batch_src is batch_dst
     check_batch("batch", batch_dst, num_dst, "queries (x_dst)")
     if not same:
@@ -214,24 +192,9 @@ def _from_batch(batch_dst: Tensor, batch_src: Tensor, num_dst: int, num_src: int
     if traced:
         return (batch_dst.long(), batch_src.long()), read_host(extra)
     batches = (batch_dst,) if same else (batch_dst, batch_src)
-    if compiling():  # traced: nothing to reuse, no ids to keep
+    if compiling():  # traced: no ids to keep
         return _membership_of_ids(tuple(b.long() for b in batches), validate, extra)
-    key = (tuple(id(b) for b in batches), num_dst, num_src, torch.is_inference_mode_enabled())
-    entry = _batch_cache.get(key)
-    read_already = None
-    if entry is not None and entry.candidate_for(batches):
-        values = read_host(entry.still_equal(batches) + extra)
-        read_already = values[len(batches):]
-        if all(flag == [1] for flag in values[:len(batches)]):
-            return entry.membership, read_already
-    # Built from private copies: the membership keeps them.
-    ids = tuple(b.long().clone() for b in batches)
-    membership, extra_values = _membership_of_ids(ids, validate,
-                                                  extra if read_already is None else [])
-    if len(_batch_cache) >= CACHE_SIZE and key not in _batch_cache:
-        _batch_cache.pop(next(iter(_batch_cache)))
-    _batch_cache[key] = _BatchEntry(ids, membership)
-    return membership, extra_values if read_already is None else read_already
+    return _membership_of_ids(tuple(b.long().clone() for b in batches), validate, extra)
 
 
 def _membership_of_ids(ids: tuple[Tensor, ...], validate: bool,

@@ -7,6 +7,7 @@ once per batch and a plan never answers for other sizes.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -63,7 +64,7 @@ class SegmentPlan:
     head_major: dict[tuple[int, str], HeadMajorLayout] = field(
         default_factory=dict, compare=False, repr=False)
 
-    @property
+    @functools.cached_property  # (asked on every call: the plan never changes)
     def longest(self) -> int:
         """The most targets or sources of any graph (0 without graphs)."""
         return max((max(g.len_dst, g.len_src) for g in self.groups), default=0)

@@ -260,18 +260,14 @@ def logits_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *, 
 
 
 def _one_graph(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """One complete graph: its ``(H, len, C)`` views, no gather. (Each op here costs about a
-    microsecond on top of the products: on graphs of a few dozen nodes that is the call's
-    overhead, so it is written as few ops as it can be.)"""
-    if g.len_dst == 0 or g.len_src == 0:
-        return empty_output(q, k, v, g.len_dst)
-    logits = torch.baddbmm(_IGNORED_INPUT[q.dtype], q.transpose(0, 1), k.permute(1, 2, 0),
-                           beta=0, alpha=scale)
-    return torch.bmm(torch.softmax(logits, dim=-1), v.transpose(0, 1)).transpose(0, 1)
+    """One complete graph: the group's form on its ``(H, len, C)`` views, no gather."""
+    out = _written_out_group(g, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None,
+                             None, scale, 0.0)
+    return out.transpose(0, 1)
 
 
-#: ``baddbmm``'s input where ``beta=0`` ignores it (never read, never written): the route's
-#: dtypes on CPU.
+#: ``baddbmm``'s input where ``beta=0`` ignores it (never read, never written), in the
+#: dtypes of the logits route, the unbiased form's one caller (on CPU).
 with torch.inference_mode(False):  # (imported under inference mode, still a normal tensor)
     _IGNORED_INPUT = {dtype: torch.empty(1, 1, 1, dtype=dtype)
                       for dtype in (torch.float32, torch.float64)}
@@ -348,7 +344,8 @@ def _written_out_group(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor,
         return v.new_zeros(q.size(0), g.len_dst, v.size(2)) + on_graph
     if bias is None:
         assert band is None and dropout == 0, "the unbiased form computes complete graphs"
-        logits = torch.baddbmm(q.new_empty(1, 1, 1), q, k.transpose(1, 2), beta=0, alpha=scale)
+        logits = torch.baddbmm(_IGNORED_INPUT[q.dtype], q, k.transpose(1, 2), beta=0,
+                               alpha=scale)
         return torch.bmm(torch.softmax(logits, dim=-1), v)
     if band is not None:
         rows, shifted = seeing_part(g.len_dst, g.len_src, band)

@@ -123,6 +123,7 @@ def load_smoke_module(monkeypatch):
     return module
 
 
+@pytest.mark.heavy  # FlexAttention compiled on CPU: ~15 s
 def test_flex_bias_score_mod_reads_the_stacked_bias(monkeypatch):
     """The Flex peer's score_mod and document mask, forward only, against gatattn's SDPA route
     with the same stacked bias; graphs cross Flex's 128-row blocks and end in a partial one."""
@@ -138,6 +139,7 @@ def test_flex_bias_score_mod_reads_the_stacked_bias(monkeypatch):
 
 
 @pytest.mark.parametrize("causal, window", [(True, (130, 0)), (False, (3, 140))])
+@pytest.mark.heavy  # FlexAttention compiled on CPU: ~12 s
 def test_flex_window_mask_and_dense_band_are_the_window(monkeypatch, causal, window):
     """The windowed cases' Flex mask_mod (forward) and SDPA's dense band mask against gatattn's
     SDPA route with the window; segments of 300 rows, bands wider than Flex's 128-row blocks."""

@@ -104,6 +104,7 @@ def test_combinations_left_out_are_named_with_their_reason():
 
 @pytest.mark.parametrize("args,code", [(["--routes", "sparse", "--dtypes", "float32"], 0),
                                        (["--routes", "flash"], 2)])
+@pytest.mark.heavy  # fresh interpreters run the check tool: ~17 s
 def test_command_line(args, code):
     result = subprocess.run([sys.executable, "-m", "gatattn.check", "--device", "cpu", *args],
                             capture_output=True, text=True, timeout=1800)

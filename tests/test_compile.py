@@ -66,6 +66,7 @@ def forward_and_grads(model, x, kwargs):
 
 
 @pytest.mark.parametrize("form,causal", [("batch", False), ("ptr", True)])
+@pytest.mark.heavy  # torch.compile and eight batches: ~10 s
 def test_layer_compiles_once_for_eight_new_batches(form, causal):
     torch.manual_seed(0)
     model = TwoLayers(causal)
@@ -237,6 +238,7 @@ def test_decomposed_program_runs_batches_of_other_sizes(exported):
         torch.testing.assert_close(decomposed(x, batch=batch), model(x, batch=batch))
 
 
+@pytest.mark.heavy  # an onnxruntime session of the exported model: ~10 s
 def test_onnx_export_runs_in_onnxruntime(exported):
     pytest.importorskip("onnxscript")
     ort = pytest.importorskip("onnxruntime")
@@ -253,6 +255,7 @@ def test_onnx_export_runs_in_onnxruntime(exported):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("form", ["batch", "ptr"])
+@pytest.mark.heavy  # exports and runs onnxruntime sessions: ~40 s
 def test_plain_onnx_export_of_the_model_runs_in_onnxruntime(form, causal):
     """torch.onnx.export(model, dynamo=True) without ONNX_DECOMPOSITIONS: torch.onnx has no
     function for the operator, so the model must not hand it one."""
@@ -347,6 +350,7 @@ def test_multihead_attention_with_masks_has_no_graph_breaks(case):
 
 @pytest.mark.parametrize("need_weights", [False, True])
 @pytest.mark.parametrize("case", MASKS)
+@pytest.mark.heavy  # a torch.compile per mask kind: ~25 s
 def test_multihead_attention_with_masks_compiles_once_for_new_lengths(case, need_weights):
     """fullgraph=True, dynamic=True: batches of other sizes and lengths reuse the one graph;
     outputs, weights and gradients equal eager mode's exactly (the operator runs the same code)

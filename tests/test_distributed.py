@@ -324,6 +324,7 @@ RING_PARAMS = [pytest.param(world, i, id=case_id(world, i))
 
 
 @pytest.mark.parametrize("world, index", RING_PARAMS)
+@pytest.mark.heavy  # spawns gloo ranks (once per world size): ~60 s in all
 def test_ring_attention_equals_single_process(world, index):
     case = ring_cases(world)[index]
     runs = [r["ring"][index] for r in rank_results(world)]
@@ -346,6 +347,7 @@ def test_ring_attention_equals_single_process(world, index):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.heavy  # spawns gloo ranks (once per world size): ~60 s in all
 def test_sharded_layer_equals_conv(world, name):
     kwargs, causal = CONVS[name]
     sizes = SHARDS[world][0]
@@ -368,6 +370,7 @@ def test_sharded_layer_equals_conv(world, name):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.heavy  # spawns gloo ranks (once per world size): ~60 s in all
 def test_sharded_layer_graph_equals_keywords(world, name):
     """``layer(x, graph=build_graph(num_nodes=N, causal=c))`` is ``layer(x, causal=c)`` (with
     ``ptr``: ``build_graph(ptr=ptr, causal=c)`` is ``ptr=ptr, causal=c``): the same output and
@@ -391,6 +394,7 @@ NARROW_RING_SENDS = {1: 0, 2: 3 * 5 * HEADS * (CHANNELS + VALUE_CHANNELS),
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.heavy  # spawns gloo ranks (once per world size): ~60 s in all
 def test_windowed_ring_sends_only_the_blocks_a_window_reaches(world):
     """A block no rank's window reaches is never sent, nor the rows of a block that no window
     reaches (the unwindowed ring sends every block round the ring, and its gradient)."""
@@ -406,6 +410,7 @@ def test_windowed_ring_sends_only_the_blocks_a_window_reaches(world):
 
 @pytest.mark.parametrize("variant", list(SUBGROUP_VARIANTS))
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.heavy  # spawns gloo ranks (once per world size): ~60 s in all
 def test_ring_attention_on_a_subgroup(world, variant):
     case = {**SUBGROUP_CASE, "sizes": SUBGROUP_SIZES[world], **SUBGROUP_VARIANTS[variant]}
     runs = [r["subgroup"] for r in rank_results(world)]
@@ -421,6 +426,7 @@ def test_ring_attention_on_a_subgroup(world, variant):
 
 
 @pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.heavy  # spawns gloo ranks (once per world size): ~60 s in all
 def test_refusals_raise_on_every_rank(world):
     per_rank = [r["refusals"] for r in rank_results(world)]
     for rank, errors in enumerate(per_rank):

@@ -75,6 +75,7 @@ def test_equals_the_reference_forward_and_gradients(kind, form, dtype, taken):
 
 
 @pytest.mark.parametrize("kind", ["one bipartite graph", "batched unsorted"])
+@pytest.mark.heavy  # gradgradcheck: ~10 s
 def test_second_derivatives(kind, taken):
     keywords, num_dst, num_src, _ = KINDS[kind]
     graph = gatattn.build_graph(**keywords)

@@ -296,6 +296,7 @@ def test_with_attention_weights():
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "sparse"])
+@pytest.mark.heavy  # gradgradcheck: ~11 s
 def test_second_derivatives_through_the_lse(backend):
     """The lse is twice differentiable where the output is (SDPA, CSR message passing)."""
     if backend == "sdpa":

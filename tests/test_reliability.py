@@ -75,6 +75,7 @@ def test_double_backward_on_edge_index(causal):
 
 @pytest.mark.parametrize("graph", ["complete", "batch", "unsorted", "cross"])
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.heavy  # gradgradcheck on every implicit kind: ~30 s
 def test_double_backward_on_implicit_graphs(graph, causal):
     n_dst, n_src, kwargs = 6, 6, {}
     if graph in ("batch", "unsorted"):

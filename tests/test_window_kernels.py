@@ -41,6 +41,7 @@ def test_single_segment(device, n, window, causal):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("window,causal", [((6, 3), False), ((9, 0), True)], ids=str)
+@pytest.mark.heavy  # kernels in the interpreter: ~13 s
 def test_varlen_segments(device, window, causal):
     sizes = [1, 5, 40, 0, 17, 33]
     ptr = ptr_from_sizes(sizes)
@@ -92,6 +93,7 @@ def test_bipartite_segments_with_bias(device, causal, window):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 1), (4, 2)])
+@pytest.mark.heavy  # kernels in the interpreter: ~12 s
 def test_grouped_heads(device, heads, kv_heads):
     run, inputs, ref, _ = bipartite_case("bottom_right", (4, 0), heads, kv_heads, device)
     check_against_reference(run, inputs, ref, names=("q", "k", "v", "bias"))

@@ -59,7 +59,7 @@ def reused_graph(key: tuple, tensors: tuple[Tensor, ...],
     flag = flag_for(entry.graph) if flag_for is not None else None
     flags = entry.still_equal(tensors) + ([] if flag is None else [flag])
     # The one host read (one tensor, the common case: no stack).
-    values = flags[0].reshape(1).tolist() if len(flags) == 1 else torch.stack(flags).tolist()
+    values = [flags[0].item()] if len(flags) == 1 else torch.stack(flags).tolist()
     if not all(values[:len(tensors)]):
         return None, None  # written in place since: derived again
     return entry.graph, None if flag is None else bool(values[-1])

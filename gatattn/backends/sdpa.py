@@ -386,7 +386,8 @@ class _SafeSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
         removed = logits.amax(dim=-1, keepdim=True) == float("-inf")
-        weights = torch.where(removed, 0.0, torch.softmax(logits, dim=-1))
+        # In place: the softmax's output is this function's own (one pass less than where).
+        weights = torch.softmax(logits, dim=-1).masked_fill_(removed, 0.0)
         ctx.save_for_backward(weights)
         return weights
 

@@ -4,8 +4,9 @@ The peer is the least work possible for the same attention: the nodes already gr
 size into ``(count, H, len, C)`` tensors outside the timed region, then one
 ``F.scaled_dot_product_attention`` call per size group. gatattn gets the packed ``(N, H, C)``
 nodes and either a graph built once outside the timed region (``graph=``, as every layer of a
-model gets it) or ``ptr`` (the keyword form: reading and checking ``ptr``, finding the cached
-grouping, the non-finite check), the latter with validation on and off (``gatattn.validation``).
+model gets it) or ``ptr`` (the keyword form: the first call reads and checks ``ptr`` and builds
+its graph, every later call given the same tensor checks that it still holds those values and
+gets that graph), the latter with validation on and off (``gatattn.validation``).
 Forward only, no autograd. The table also gives the host reads per call (device-to-host reads:
 ``.item()``, ``.tolist()``, ``int()``, ...), counted in a separate call.
 
@@ -203,10 +204,12 @@ def main() -> None:
              "graph= call reads nothing and re-derives nothing; on non-finite inputs the "
              "logits route contains them exactly by itself (every pair is an edge), and the "
              "SDPA route makes the whole output NaN (one reduction). With ptr= the call "
-             "reads ptr and whether q, k, v are finite in one host read, finds the cached "
-             "grouping, and contains non-finite inputs along edges exactly. Validation off "
-             "reads nothing for checks and guards as graph= does; the SDPA route still reads "
-             "the graph sizes, which grouping by size needs."]
+             "gets the graph the warm-up call built from this ptr after checking on the "
+             "device that ptr still holds the same values; that check and, on the SDPA route, "
+             "whether q, k, v are finite are its one host read (the logits route needs no "
+             "flag), and non-finite inputs are contained along edges exactly. Validation off "
+             "checks nothing else and guards nothing (the ptr comparison stays: it decides "
+             "which graph is served)."]
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or RESULTS / f"overhead-{device.type}.md"

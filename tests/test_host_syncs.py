@@ -278,6 +278,7 @@ def test_every_layer_given_one_ptr_gets_one_graph(fresh_caches):
     assert describe_graph(45, 45, ptr=ptr)[0] is first
     assert describe_graph(45, 45, ptr=ptr, causal=True)[0] is not first  # another graph
     assert describe_graph(45, 45, ptr=ptr.clone())[0] is not first
+    assert describe_graph(45, 45, ptr=ptr, validate=False)[0] is not first  # derived unchecked
     ptr.numpy()[1] += 1  # no version bump
     rebuilt, _ = describe_graph(45, 45, ptr=ptr)
     assert rebuilt is not first and rebuilt.host_sizes()[0] == [11, 14, 5, 15]

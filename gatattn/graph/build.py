@@ -178,8 +178,9 @@ def describe_graph(
     reuse = (reuse and described is not None and not compiling()
              and (batch is None or ptr is None))
     if reuse:
+        # (validate: a graph derived unchecked is not served to a call that checks)
         key = ("batch" if batch is not None else "ptr", num_dst, num_src, bipartite,
-               causal, bottom_right, window)
+               causal, bottom_right, window, validate)
         graph, inputs_finite = reused_graph(key, described, finite_flag)
         if graph is not None:
             return graph, inputs_finite

@@ -388,6 +388,7 @@ def test_float_attn_mask_gets_its_gradient_compiled():
     torch.testing.assert_close(grads[0], grads[2])
 
 
+@pytest.mark.heavy  # torch.compile of an encoder: ~9 s
 def test_transformer_encoder_with_padding_compiles_without_breaks():
     """TransformerEncoder hands its layers a float key_padding_mask."""
     torch.manual_seed(0)
@@ -491,6 +492,7 @@ def test_gps_with_attention_dropout_has_no_graph_breaks():
     assert explanation.graph_count == 1
 
 
+@pytest.mark.heavy  # torch.compile of a GPS block: ~8 s
 def test_gps_with_attention_dropout_compiles_once_and_equals_eager_under_its_seed():
     layer = gps_layer(0.5)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)

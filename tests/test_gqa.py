@@ -329,6 +329,7 @@ def test_kv_cache_decodes_a_grouped_query_layer():
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.heavy  # races the kernels in the interpreter: ~7 s
 def test_races_on_cpu_through_the_public_api(monkeypatch):
     """``auto`` with the race widened to the CPU (the kernels in Triton's interpreter)."""
     monkeypatch.setattr(routing, "races_on", lambda device: True)

@@ -250,6 +250,7 @@ def test_varlen_states_why_it_does_not_apply():
     assert "CUDA" in varlen.varlen_unavailable_reason(q, v, graph)
 
 
+@pytest.mark.heavy  # races every route, kernels in the interpreter: ~9 s
 def test_auto_through_the_public_api_serves_only_verified_routes(monkeypatch):
     """``gatattn.attention(backend="auto")`` as on a GPU (the kernels in the interpreter): a
     verified kernel serves; a wrong one is reported and torch serves, with the right result."""

@@ -32,6 +32,7 @@ SINGLE = [(50, (3, 5), False), (50, (20, 36), False), (50, (0, 0), False),
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,window,causal", SINGLE, ids=str)
+@pytest.mark.heavy  # kernels in the interpreter: ~6 s
 def test_single_segment(device, n, window, causal):
     inputs = on(device, make_qkv(n, n, 2, 16))
     mask = reference.block_mask([n], causal=causal, window=window)
@@ -84,6 +85,7 @@ def bipartite_case(causal, window, heads=2, kv_heads=2, device="cpu"):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal,window", BIPARTITE, ids=str)
+@pytest.mark.heavy  # kernels in the interpreter: ~9 s
 def test_bipartite_segments_with_bias(device, causal, window):
     # Out, dq, dk, dv and dbias; targets whose band misses every source get zeros, never NaN.
     run, inputs, ref, mask = bipartite_case(causal, window, device=device)
@@ -111,6 +113,7 @@ def test_log_sum_exp(device, causal, window):
 
 @pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=lambda t: f"M{t[0]}xN{t[1]}")
 @INTERPRETER
+@pytest.mark.heavy  # kernels in the interpreter: ~9 s
 def test_unequal_query_and_key_tiles(monkeypatch, tiles):
     # The band's tile bounds (left edge, right edge, full tiles between) must hold for any pair
     # of tile heights.

@@ -284,6 +284,20 @@ def test_every_layer_given_one_ptr_gets_one_graph(fresh_caches):
     assert rebuilt is not first and rebuilt.host_sizes()[0] == [11, 14, 5, 15]
 
 
+def test_a_kept_batch_graph_is_compared_with_its_own_private_ids(fresh_caches):
+    """A batch's membership holds a private copy of its ids; the kept entry compares with that
+    copy (no second copy of N ids), which a write to the caller's tensor does not reach."""
+    from gatattn.graph import describe_graph
+
+    batch = batch_from_sizes(SIZES)
+    graph, _ = describe_graph(45, 45, batch=batch)
+    [entry] = reuse_module._cache.values()
+    assert entry.copies[0] is graph.batch_dst and graph.batch_dst is not batch
+    batch.numpy()[0] = 3  # no version bump; the graph's ids keep the old values
+    assert int(graph.batch_dst[0]) == 0
+    assert describe_graph(45, 45, batch=batch)[0] is not graph
+
+
 def test_a_new_ptr_at_a_freed_ptrs_address_is_not_compared(monkeypatch, fresh_caches):
     """An entry holds a weak reference to the tensor it describes: a new tensor (which Python
     may place at the freed one's address) is derived at once, in one read, not first compared

@@ -184,7 +184,8 @@ def describe_graph(
         graph, inputs_finite = reused_graph(key, described, finite_flag)
         if graph is not None:
             return graph, inputs_finite
-        copies = private_copies(described)  # (compared with at the next call)
+        # Compared with at the next call (a batch's membership keeps private copies anyway).
+        copies = private_copies(described) if ptr is not None else None
     flag = finite_flag(None) if finite_flag is not None else None
     membership, extra_values = parse_membership(
         num_dst, num_src, batch, ptr, bipartite, validate,
@@ -192,6 +193,7 @@ def describe_graph(
     graph = AttentionGraph(membership.dst.num_nodes, membership.src.num_nodes,
                            membership=membership, bipartite=bipartite, **pattern)
     if reuse:
+        copies = copies or tuple(side.batch for side in membership.sides)
         keep_graph(key, described, copies, graph)
     return graph, bool(extra_values[0][0]) if extra_values else None
 

@@ -21,7 +21,7 @@ from gatattn.graph.attention_graph import AttentionGraph
 from gatattn.graph.checks import check_graph_devices, check_node_counts
 from gatattn.graph.edges import band_edges, check_edge_index
 from gatattn.graph.membership import Membership, parse_membership, read_host
-from gatattn.graph.reuse import FlagFor, keep_graph, private_copies, reused_graph
+from gatattn.graph.reuse import FlagFor, keep_graph, reused_graph
 from gatattn.graph.switches import causal_mode, validation_enabled, window_mode
 from gatattn.transforms import compiling
 
@@ -185,7 +185,7 @@ def describe_graph(
         if graph is not None:
             return graph, inputs_finite
         # Compared with at the next call (a batch's membership keeps private copies anyway).
-        copies = private_copies(described) if ptr is not None else None
+        copies = tuple(t.clone() for t in described) if ptr is not None else None
     flag = finite_flag(None) if finite_flag is not None else None
     membership, extra_values = parse_membership(
         num_dst, num_src, batch, ptr, bipartite, validate,

@@ -65,10 +65,6 @@ def reused_graph(key: tuple, tensors: tuple[Tensor, ...],
     return entry.graph, None if flag is None else bool(values[-1])
 
 
-def private_copies(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    return tuple(t.clone() for t in tensors)
-
-
 def keep_graph(key: tuple, tensors: tuple[Tensor, ...], copies: tuple[Tensor, ...],
                graph: AttentionGraph) -> None:
     """Keeps ``graph``, built from ``tensors`` while they held ``copies``' values, for the next

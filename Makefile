@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test,examples,dev]"
+	# The CPU kernels of gatattn/csrc, built once here rather than inside the first test.
+	$(PY) -c "from gatattn.backends.native import csr_kernels; csr_kernels()"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -75,10 +75,27 @@ def test_wrong_gradients_with_a_right_forward_fail(monkeypatch):
     assert all(row.passed for row in rows if not calls_torch_sdpa(row))
 
 
-def test_a_wrong_message_passing_route_fails(monkeypatch):
-    spmm = gatattn.backends.sparse._spmm
-    monkeypatch.setattr(gatattn.backends.sparse, "_spmm",
-                        lambda *args: spmm(*args) * 1.01)
+@pytest.mark.parametrize("form", ["torch ops", "compiled"])
+def test_a_wrong_message_passing_route_fails(monkeypatch, form):
+    sparse = gatattn.backends.sparse
+    if form == "torch ops":
+        spmm = sparse._spmm
+        monkeypatch.setattr(sparse, "csr_kernels", lambda: None)
+        monkeypatch.setattr(sparse, "_spmm", lambda *args: spmm(*args) * 1.01)
+    else:
+        kernels = sparse.csr_kernels()
+        if kernels is None:
+            pytest.skip("the CPU kernels are not built here (tests/test_native_kernels.py)")
+
+        class Wrong:
+            backward = kernels.backward
+
+            @staticmethod
+            def forward(*args):
+                out, alpha, lse = kernels.forward(*args)
+                return out * 1.01, alpha, lse
+
+        monkeypatch.setattr(sparse, "csr_kernels", lambda: Wrong)
     rows = check.run("cpu", routes=("sparse",), dtypes=(torch.float64,))
     assert not any(row.passed for row in rows if row.quantity == "out")
 

@@ -67,10 +67,18 @@ class CSR:
         """Sparse ``(num_dst, num_src)`` matrix with ``values`` in target-major order."""
         return _sparse_csr(self.row_ptr, self.col, values, (self.num_dst, self.num_src))
 
-    def transposed(self, values: Tensor) -> Tensor:
-        """Sparse ``(num_src, num_dst)`` transpose; ``values`` in target-major order."""
-        return _sparse_csr(self.t_row_ptr, self.t_col, values[self.t_perm],
-                           (self.num_src, self.num_dst))
+    def head_matrices(self, weights: Tensor, transposed: bool = False) -> list[Tensor]:
+        """Per head ``h``, the sparse ``(num_dst, num_src)`` matrix with values ``weights[:,
+        h]`` (``(E, H)``, target-major order), or with ``transposed`` its ``(num_src,
+        num_dst)`` transpose. The transpose's values are gathered once for all heads, rows of
+        ``H`` values, not once per head (a random gather: its cost is per row)."""
+        if transposed:
+            weights = weights.index_select(0, self.t_perm)
+            row_ptr, col, size = self.t_row_ptr, self.t_col, (self.num_src, self.num_dst)
+        else:
+            row_ptr, col, size = self.row_ptr, self.col, (self.num_dst, self.num_src)
+        by_head = weights.t().contiguous()  # (H, E): each head's values contiguous, one copy
+        return [_sparse_csr(row_ptr, col, values, size) for values in by_head]
 
 
 def _sparse_csr(row_ptr: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:

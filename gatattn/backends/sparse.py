@@ -26,6 +26,7 @@ from torch_geometric.utils import scatter
 
 from gatattn.backends.common import repeat_kv_heads
 from gatattn.backends.csr import CSR, csr_of, graph_csr
+from gatattn.backends.native import csr_kernels
 from gatattn.backends.second_order import recorded_grads, recording_backward
 from gatattn.graph import AttentionGraph
 
@@ -82,15 +83,22 @@ class _CSRAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, bias: Tensor | None, csr: CSR, scale: float, keep: Tensor | None,
                 dropout: float, want_lse: bool = False):
         dtype = _compute_dtype(q)
-        q_h, k_h, v_h = (_by_head(t, dtype) for t in (q, k, v))  # (H, N, C)
-        logits = _sddmm(csr, q_h, k_h) * scale  # (E, H)
-        if bias is not None:  # target-major, as the logits
-            logits = logits + bias.to(dtype)
-        alpha = edge_softmax(logits, csr.row, csr.num_dst, return_lse=want_lse)
-        alpha, *lse = alpha if want_lse else (alpha,)
-        out = _spmm(csr.matrix, _dropped(alpha, keep, dropout), v_h)  # (N_dst, H, C_v)
+        kernels = _native_kernels(q, keep)
+        if kernels is not None:  # one pass over each target's edges (gatattn/csrc)
+            out, alpha, lse = kernels.forward(
+                *(_node_major(t, dtype) for t in (q, k, v)),
+                None if bias is None else _node_major(bias, dtype), csr.row_ptr, csr.col, scale)
+            lse = [lse] if want_lse else []
+        else:
+            q_h, k_h, v_h = (_by_head(t, dtype) for t in (q, k, v))  # (H, N, C)
+            logits = _sddmm(csr, q_h, k_h) * scale  # (E, H)
+            if bias is not None:  # target-major, as the logits
+                logits = logits + bias.to(dtype)
+            alpha = edge_softmax(logits, csr.row, csr.num_dst, return_lse=want_lse)
+            alpha, *lse = alpha if want_lse else (alpha,)
+            out = _spmm(csr.head_matrices(_dropped(alpha, keep, dropout)), v_h)  # (N_dst, H, C_v)
         ctx.save_for_backward(q, k, v, bias, alpha, keep)
-        ctx.csr, ctx.scale, ctx.dropout = csr, scale, dropout
+        ctx.csr, ctx.scale, ctx.dropout, ctx.kernels = csr, scale, dropout, kernels
         alpha_out = alpha.to(q.dtype)
         ctx.mark_non_differentiable(alpha_out)
         return out.to(q.dtype), alpha_out, *lse
@@ -111,12 +119,16 @@ class _CSRAttention(torch.autograd.Function):
                                    (grad_out, grad_lse))
             grad_bias = grads[3] if bias is not None else None
             return *grads[:3], grad_bias, None, None, None, None, None
+        if ctx.kernels is not None:
+            return (*_native_backward(ctx, q, k, v, bias, alpha, grad_out, grad_lse), None,
+                    None, None, None, None)
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         # Head-major views, not copies: the saved q, k, v are alive anyway, and the products
         # below copy one head at a time at most.
         q_h, k_h, v_h = (t.to(alpha.dtype).transpose(0, 1) for t in (q, k, v))
         grad_h = _by_head(grad_out, alpha.dtype)  # (H, N_dst, C_v)
-        dv = _spmm(csr.transposed, _dropped(alpha, keep, dropout), grad_h) if need_v else None
+        dv = (_spmm(csr.head_matrices(_dropped(alpha, keep, dropout), transposed=True), grad_h)
+              if need_v else None)
         dq = dk = dbias = None
         if need_q or need_k or need_bias:
             grad_alpha = _dropped(_sddmm(csr, grad_h, v_h), keep, dropout)  # (E, H)
@@ -126,8 +138,9 @@ class _CSRAttention(torch.autograd.Function):
             grad_s = alpha * (grad_alpha - row_sum.index_select(0, csr.row))  # dLoss/dLogits
             dbias = grad_s.to(bias.dtype) if need_bias else None
             grad_logits = grad_s * scale
-            dq = _spmm(csr.matrix, grad_logits, k_h) if need_q else None
-            dk = _spmm(csr.transposed, grad_logits, q_h) if need_k else None
+            dq = _spmm(csr.head_matrices(grad_logits), k_h) if need_q else None
+            dk = (_spmm(csr.head_matrices(grad_logits, transposed=True), q_h) if need_k
+                  else None)
         dtype = grad_out.dtype
         return (*(None if g is None else g.to(dtype) for g in (dq, dk, dv)), dbias, None, None,
                 None, None, None)
@@ -168,6 +181,29 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _native_kernels(q: Tensor, keep: Tensor | None):
+    """The compiled kernels where they compute this call (CPU, no dropout), else ``None``."""
+    return csr_kernels() if q.device.type == "cpu" and keep is None else None
+
+
+def _native_backward(ctx, q, k, v, bias, alpha, grad_out, grad_lse):
+    """``dq, dk, dv, dbias`` from the compiled kernels: per target the logits' gradient and
+    ``dq``, per source (along the transpose) ``dk`` and ``dv``."""
+    need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
+    csr, dtype = ctx.csr, alpha.dtype
+    dq, dk, dv, grad_s = ctx.kernels.backward(
+        *(_node_major(t, dtype) for t in (q, k, v)), alpha, _node_major(grad_out, dtype),
+        None if grad_lse is None else _node_major(grad_lse, dtype), csr.row_ptr, csr.col,
+        csr.t_row_ptr, csr.t_col, csr.t_perm, ctx.scale, need_q, need_k, need_v)
+    grads = (g.to(grad_out.dtype) if need else None
+             for g, need in ((dq, need_q), (dk, need_k), (dv, need_v)))
+    return *grads, grad_s.to(bias.dtype) if need_bias else None
+
+
+def _node_major(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).contiguous()
+
+
 def _by_head(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).transpose(0, 1).contiguous()
 
@@ -188,10 +224,9 @@ def _sddmm(csr: CSR, a: Tensor, b: Tensor) -> Tensor:
         for h in range(a.size(0))], dim=1)
 
 
-def _spmm(matrix, weights: Tensor, x: Tensor) -> Tensor:
-    """``(rows, H, C)``: per head, the sparse matrix with ``weights[:, h]`` times ``x[h]``."""
-    return torch.stack([matrix(weights[:, h].contiguous()) @ x[h] for h in range(x.size(0))],
-                       dim=1)
+def _spmm(matrices: list[Tensor], x: Tensor) -> Tensor:
+    """``(rows, H, C)``: per head, the head's sparse matrix times ``x[h]``."""
+    return torch.stack([matrix @ x[h] for h, matrix in enumerate(matrices)], dim=1)
 
 
 def gathered_attention(q, k, v, src, dst, scale, keep, dropout, edge_attr=None, bias=None,

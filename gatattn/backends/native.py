@@ -1,0 +1,43 @@
+"""gatattn's compiled CPU kernels (``gatattn/csrc``), built on first use.
+
+The message-passing route's CSR form gathers every source's keys and values once per head and
+per product when it is written in torch ops (an SDDMM and SpMMs per head): on CPU those gathers
+of scattered rows, not the arithmetic, take its time. ``csr_attention.cpp`` runs each target's
+in-edges in one loop that reads a source's keys and values once for all heads, forward and
+backward (:func:`csr_kernels`). It is compiled with :func:`torch.utils.cpp_extension.load` the
+first time a call needs it (a C++ compiler and ``ninja``, a dependency, are needed; about a
+minute, once per machine: the build is kept in torch's extensions directory). Where it cannot be
+built, a warning says why and the torch-ops form runs: the same function, slower.
+``GATATTN_NATIVE_KERNELS=0`` in the environment keeps the torch-ops form (to compare them).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "csr_attention.cpp"
+ENVIRONMENT_SWITCH = "GATATTN_NATIVE_KERNELS"
+
+
+@functools.cache
+def csr_kernels() -> ModuleType | None:
+    """The compiled module (``forward``, ``backward``), or ``None`` where it is switched off or
+    cannot be built (then after one warning)."""
+    if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        # -fopenmp: at::parallel_for runs its tasks on torch's OpenMP threads.
+        return load(name="gatattn_csr_attention", sources=[str(SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    except Exception as error:  # no compiler, no ninja, a failed build: the torch-ops form
+        warnings.warn(
+            f"gatattn could not build its CPU kernels ({type(error).__name__}: {error}); the "
+            f"message-passing route runs in torch ops instead (same results, slower). Set "
+            f"{ENVIRONMENT_SWITCH}=0 to silence this.", RuntimeWarning, stacklevel=2)
+        return None

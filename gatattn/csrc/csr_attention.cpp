@@ -1,0 +1,258 @@
+// Attention over an edge set in CSR order, fused per target on the CPU: one pass over each
+// target's in-edges reads a source's keys and values once for all heads, where the SDDMM and
+// SpMM of the torch-ops form gather them once per head and product. The arithmetic is the
+// torch-ops form's, step for step (gatattn/backends/sparse.py, edge_softmax): the row maximum
+// propagates NaN, a row whose maximum is -inf shifts by 0, a sum that is not > 0 divides by 1,
+// so non-finite inputs reach exactly the same outputs.
+//
+// Layouts: q (N_dst, H, C), k (N_src, H, C), v (N_src, H, C_v), contiguous; per-edge tensors
+// (E, H) in target-major (CSR) order; row_ptr (N_dst + 1,) and col (E,) the CSR, t_row_ptr
+// (N_src + 1,), t_col (E,) (each edge's target) and t_perm (E,) (its target-major position)
+// the transpose.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 64;  // rows per task: a few microseconds of work each
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+template <typename T>
+inline void axpy(T alpha, const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+}
+
+// The rows of sources a few edges ahead are requested early: the loops wait on memory (rows
+// scattered over arrays far larger than the caches), not on arithmetic.
+constexpr int64_t kAhead = 4;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n) {
+  for (int64_t c = 0; c < n; c += 64 / sizeof(T)) __builtin_prefetch(row + c);
+}
+
+template <typename T>
+void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64_t* row_ptr,
+                  const int64_t* col, T scale, int64_t H, int64_t C, int64_t Cv, T* out,
+                  T* alpha, T* lse, int64_t begin, int64_t end) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  std::vector<T> divisor(H);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t first = row_ptr[i], last = row_ptr[i + 1];
+    const T* q_i = q + i * H * C;
+    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
+      prefetch_row(k + col[e] * H * C, H * C);
+    for (int64_t e = first; e < last; ++e) {  // logits, written where the weights go
+      if (e + kAhead < last) prefetch_row(k + col[e + kAhead] * H * C, H * C);
+      const T* k_j = k + col[e] * H * C;
+      for (int64_t h = 0; h < H; ++h) {
+        const T s = dot(q_i + h * C, k_j + h * C, C) * scale;
+        alpha[e * H + h] = bias ? s + bias[e * H + h] : s;
+      }
+    }
+    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
+      prefetch_row(v + col[e] * H * Cv, H * Cv);
+    for (int64_t h = 0; h < H; ++h) {
+      T m = -inf;
+      bool has_nan = false;
+      for (int64_t e = first; e < last; ++e) {
+        const T s = alpha[e * H + h];
+        if (std::isnan(s)) has_nan = true;
+        else if (s > m) m = s;
+      }
+      if (has_nan) m = nan;
+      if (m == -inf) m = 0;  // no edge, or every edge removed
+      T total = 0;
+      for (int64_t e = first; e < last; ++e) {
+        const T u = std::exp(alpha[e * H + h] - m);
+        alpha[e * H + h] = u;
+        total += u;
+      }
+      divisor[h] = total > 0 ? total : T(1);
+      lse[i * H + h] = total == 0 ? -inf : m + std::log(total);
+    }
+    T* out_i = out + i * H * Cv;
+    for (int64_t c = 0; c < H * Cv; ++c) out_i[c] = 0;
+    for (int64_t e = first; e < last; ++e) {
+      if (e + kAhead < last) prefetch_row(v + col[e + kAhead] * H * Cv, H * Cv);
+      const T* v_j = v + col[e] * H * Cv;
+      for (int64_t h = 0; h < H; ++h) {
+        const T a = alpha[e * H + h] / divisor[h];
+        alpha[e * H + h] = a;
+        axpy(a, v_j + h * Cv, out_i + h * Cv, Cv);
+      }
+    }
+  }
+}
+
+// Per target: dS = alpha * (dO.v - sum_e alpha dO.v - grad_lse), dq = scale * sum_e dS k.
+template <typename T>
+void target_grads(const T* q, const T* k, const T* v, const T* alpha, const T* grad_out,
+                  const T* grad_lse, const int64_t* row_ptr, const int64_t* col, T scale,
+                  int64_t H, int64_t C, int64_t Cv, T* grad_s, T* grad_q, int64_t begin,
+                  int64_t end) {
+  std::vector<T> shift(H);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t first = row_ptr[i], last = row_ptr[i + 1];
+    const T* g_i = grad_out + i * H * Cv;
+    for (int64_t h = 0; h < H; ++h) shift[h] = grad_lse ? -grad_lse[i * H + h] : T(0);
+    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
+      prefetch_row(v + col[e] * H * Cv, H * Cv);
+    for (int64_t e = first; e < last; ++e) {
+      if (e + kAhead < last) prefetch_row(v + col[e + kAhead] * H * Cv, H * Cv);
+      const T* v_j = v + col[e] * H * Cv;
+      for (int64_t h = 0; h < H; ++h) {
+        const T d = dot(g_i + h * Cv, v_j + h * Cv, Cv);
+        grad_s[e * H + h] = d;
+        shift[h] += alpha[e * H + h] * d;
+      }
+    }
+    if (grad_q == nullptr) {
+      for (int64_t e = first; e < last; ++e)
+        for (int64_t h = 0; h < H; ++h)
+          grad_s[e * H + h] = alpha[e * H + h] * (grad_s[e * H + h] - shift[h]);
+      continue;
+    }
+    T* dq_i = grad_q + i * H * C;
+    for (int64_t c = 0; c < H * C; ++c) dq_i[c] = 0;
+    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
+      prefetch_row(k + col[e] * H * C, H * C);
+    for (int64_t e = first; e < last; ++e) {
+      if (e + kAhead < last) prefetch_row(k + col[e + kAhead] * H * C, H * C);
+      const T* k_j = k + col[e] * H * C;
+      for (int64_t h = 0; h < H; ++h) {
+        const T s = alpha[e * H + h] * (grad_s[e * H + h] - shift[h]);
+        grad_s[e * H + h] = s;
+        axpy(s * scale, k_j + h * C, dq_i + h * C, C);
+      }
+    }
+  }
+}
+
+// Per source, along the transpose: dv = sum_e alpha dO, dk = scale * sum_e dS q.
+template <typename T>
+void source_grads(const T* q, const T* alpha, const T* grad_s, const T* grad_out,
+                  const int64_t* t_row_ptr, const int64_t* t_col, const int64_t* t_perm,
+                  T scale, int64_t H, int64_t C, int64_t Cv, T* grad_k, T* grad_v,
+                  int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) {
+    T* dk_j = grad_k ? grad_k + j * H * C : nullptr;
+    T* dv_j = grad_v ? grad_v + j * H * Cv : nullptr;
+    if (dk_j) for (int64_t c = 0; c < H * C; ++c) dk_j[c] = 0;
+    if (dv_j) for (int64_t c = 0; c < H * Cv; ++c) dv_j[c] = 0;
+    const int64_t first = t_row_ptr[j], last = t_row_ptr[j + 1];
+    for (int64_t p = first; p < std::min(first + kAhead, last); ++p) {
+      if (dv_j) prefetch_row(grad_out + t_col[p] * H * Cv, H * Cv);
+      if (dk_j) prefetch_row(q + t_col[p] * H * C, H * C);
+    }
+    for (int64_t p = first; p < last; ++p) {
+      if (p + kAhead < last) {
+        if (dv_j) prefetch_row(grad_out + t_col[p + kAhead] * H * Cv, H * Cv);
+        if (dk_j) prefetch_row(q + t_col[p + kAhead] * H * C, H * C);
+      }
+      const int64_t e = t_perm[p], i = t_col[p];
+      for (int64_t h = 0; h < H; ++h) {
+        if (dv_j) axpy(alpha[e * H + h], grad_out + (i * H + h) * Cv, dv_j + h * Cv, Cv);
+        if (dk_j) axpy(grad_s[e * H + h] * scale, q + (i * H + h) * C, dk_j + h * C, C);
+      }
+    }
+  }
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu(), "csr_attention runs on the CPU");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "csr_attention needs contiguous q, k, v");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "csr_attention needs one dtype for q, k, v");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(1) == k.size(1) &&
+                  k.size(1) == v.size(1) && q.size(2) == k.size(2) && k.size(0) == v.size(0),
+              "csr_attention needs q (N_dst, H, C), k (N_src, H, C), v (N_src, H, C_v)");
+}
+
+}  // namespace
+
+// Returns out (N_dst, H, C_v), alpha (E, H) and lse (N_dst, H).
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& row_ptr, const at::Tensor& col, double scale) {
+  check_inputs(q, k, v);
+  const int64_t N = q.size(0), H = q.size(1), C = q.size(2), Cv = v.size(2);
+  const int64_t E = col.numel();
+  auto out = at::empty({N, H, Cv}, q.options());
+  auto alpha = at::empty({E, H}, q.options());
+  auto lse = at::empty({N, H}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "csr_attention_forward", [&] {
+    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+      forward_rows<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                             v.data_ptr<scalar_t>(), b, row_ptr.data_ptr<int64_t>(),
+                             col.data_ptr<int64_t>(), static_cast<scalar_t>(scale), H, C, Cv,
+                             out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                             lse.data_ptr<scalar_t>(), begin, end);
+    });
+  });
+  return {out, alpha, lse};
+}
+
+// Returns dq, dk, dv (undefined where not needed) and dS (E, H), the logits' gradient.
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& alpha, const at::Tensor& grad_out,
+                                 const c10::optional<at::Tensor>& grad_lse,
+                                 const at::Tensor& row_ptr, const at::Tensor& col,
+                                 const at::Tensor& t_row_ptr, const at::Tensor& t_col,
+                                 const at::Tensor& t_perm, double scale, bool need_q,
+                                 bool need_k, bool need_v) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(grad_out.is_contiguous() && alpha.is_contiguous(),
+              "csr_attention's backward needs contiguous gradients and weights");
+  const int64_t N_dst = q.size(0), N_src = k.size(0), H = q.size(1), C = q.size(2);
+  const int64_t Cv = v.size(2), E = col.numel();
+  auto grad_s = at::empty({E, H}, q.options());
+  at::Tensor dq = need_q ? at::empty_like(q) : at::Tensor();
+  at::Tensor dk = need_k ? at::empty_like(k) : at::Tensor();
+  at::Tensor dv = need_v ? at::empty_like(v) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "csr_attention_backward", [&] {
+    const scalar_t s = static_cast<scalar_t>(scale);
+    const scalar_t* g_lse = grad_lse.has_value() ? grad_lse->data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N_dst, kGrain, [&](int64_t begin, int64_t end) {
+      target_grads<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                             v.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                             grad_out.data_ptr<scalar_t>(), g_lse, row_ptr.data_ptr<int64_t>(),
+                             col.data_ptr<int64_t>(), s, H, C, Cv, grad_s.data_ptr<scalar_t>(),
+                             need_q ? dq.data_ptr<scalar_t>() : nullptr, begin, end);
+    });
+    if (need_k || need_v) {
+      at::parallel_for(0, N_src, kGrain, [&](int64_t begin, int64_t end) {
+        source_grads<scalar_t>(q.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+                               grad_s.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                               t_row_ptr.data_ptr<int64_t>(), t_col.data_ptr<int64_t>(),
+                               t_perm.data_ptr<int64_t>(), s, H, C, Cv,
+                               need_k ? dk.data_ptr<scalar_t>() : nullptr,
+                               need_v ? dv.data_ptr<scalar_t>() : nullptr, begin, end);
+      });
+    }
+  });
+  return {dq, dk, dv, grad_s};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "CSR attention forward (CPU)");
+  m.def("backward", &backward, "CSR attention backward (CPU)");
+}

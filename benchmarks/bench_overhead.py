@@ -73,16 +73,20 @@ def grouped(q: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return groups
 
 
+_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default)
+
+
 class _HostReads(TorchDispatchMode):
-    """``_local_scalar_dense`` (``item``, ``int()``, ``bool()``) plus ``tolist`` / ``cpu`` /
-    ``numpy``, which do not dispatch it (tests/test_host_syncs.py counts the same way)."""
+    """``_local_scalar_dense`` (``item``, ``int()``, ``bool()``) and ``equal`` (``torch.equal``
+    returns a Python bool), plus ``tolist`` / ``cpu`` / ``numpy``, which dispatch neither
+    (tests/test_host_syncs.py counts the same way)."""
 
     def __init__(self):
         super().__init__()
         self.count, self.inside = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and not self.inside:
+        if func in _READS and not self.inside:
             self.count += 1
         return func(*args, **(kwargs or {}))
 

@@ -29,10 +29,11 @@ class HostReads(TorchDispatchMode):
     """Counts reads of tensor values on the host, each of which waits for the device on a GPU.
 
     ``int()``, ``bool()``, ``float()`` and ``.item()`` dispatch ``aten._local_scalar_dense``,
-    which this mode sees; ``.tolist()``, ``.cpu()`` and ``.numpy()`` do not dispatch it, so
-    :func:`count_host_reads` patches them (and ``.item()``) to count themselves. ``depth`` is
-    set while a patched method or a kernel launch runs, so nothing is counted twice and
-    nothing inside a launch is counted."""
+    which this mode sees, as it sees ``aten.equal`` (``torch.equal``, whose answer is a Python
+    bool: on a GPU it waits for the device too); ``.tolist()``, ``.cpu()`` and ``.numpy()``
+    dispatch neither, so :func:`count_host_reads` patches them (and ``.item()``) to count
+    themselves. ``depth`` is set while a patched method or a kernel launch runs, so nothing is
+    counted twice and nothing inside a launch is counted."""
 
     def __init__(self):
         super().__init__()
@@ -40,7 +41,8 @@ class HostReads(TorchDispatchMode):
         self.depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and self.depth == 0:
+        if func in (torch.ops.aten._local_scalar_dense.default,
+                    torch.ops.aten.equal.default) and self.depth == 0:
             self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -108,7 +110,8 @@ def expected(q, k, v, batch_dst, batch_src, causal=False):
 
 @pytest.mark.parametrize("read", [
     lambda t: t.tolist(), lambda t: t.item(), lambda t: int(t), lambda t: bool(t),
-    lambda t: float(t), lambda t: t.cpu(), lambda t: t.numpy(), lambda t: t[0].tolist()])
+    lambda t: float(t), lambda t: t.cpu(), lambda t: t.numpy(), lambda t: t[0].tolist(),
+    lambda t: torch.equal(t, t.clone())])
 def test_counter_sees_each_kind_of_read_once(monkeypatch, read):
     t = torch.tensor([3])
     with count_host_reads(monkeypatch) as reads:

@@ -165,6 +165,8 @@ void source_grads(const T* q, const T* alpha, const T* grad_s, const T* grad_out
       if (p + kAhead < last) {
         if (dv_j) prefetch_row(grad_out + t_col[p + kAhead] * H * Cv, H * Cv);
         if (dk_j) prefetch_row(q + t_col[p + kAhead] * H * C, H * C);
+        __builtin_prefetch(alpha + t_perm[p + kAhead] * H);  // the edge's H weights, H dS
+        __builtin_prefetch(grad_s + t_perm[p + kAhead] * H);
       }
       const int64_t e = t_perm[p], i = t_col[p];
       for (int64_t h = 0; h < H; ++h) {

@@ -147,3 +147,18 @@ def test_the_environment_switch_keeps_the_torch_ops_form():
             "assert n.csr_kernels() is None, 'switched off, yet built'")
     environment = {**os.environ, native.ENVIRONMENT_SWITCH: "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=environment)
+
+
+def test_the_kernels_refuse_arrays_they_cannot_read(kernels):
+    q = torch.randn(3, 2, 4)
+    row_ptr, col = torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1])
+    kernels.forward(q, q, q, None, row_ptr, col, 0.5)  # well formed: runs
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.forward(q, q, q, None, row_ptr, col.int(), 0.5)
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.forward(q, q, q, None, row_ptr[:-1], col, 0.5)  # one row pointer short
+    with pytest.raises(RuntimeError, match="per-edge"):
+        kernels.forward(q, q, q, torch.randn(3, 2), row_ptr, col, 0.5)  # 3 rows for 2 edges
+    with pytest.raises(RuntimeError, match="contiguous"):
+        kernels.forward(q.transpose(0, 1).contiguous().transpose(0, 1), q, q, None, row_ptr,
+                        col, 0.5)

@@ -46,6 +46,21 @@ inline void prefetch_row(const T* row, int64_t n) {
   for (int64_t c = 0; c < n; c += 64 / sizeof(T)) __builtin_prefetch(row + c);
 }
 
+// Before a loop over positions [first, last): the rows (n values each) of its first kAhead
+// indices; inside it, at position p, the row kAhead positions on.
+template <typename T>
+inline void prefetch_first(const T* rows, const int64_t* index, int64_t first, int64_t last,
+                           int64_t n) {
+  for (int64_t p = first; p < std::min(first + kAhead, last); ++p)
+    prefetch_row(rows + index[p] * n, n);
+}
+
+template <typename T>
+inline void prefetch_next(const T* rows, const int64_t* index, int64_t p, int64_t last,
+                          int64_t n) {
+  if (p + kAhead < last) prefetch_row(rows + index[p + kAhead] * n, n);
+}
+
 template <typename T>
 void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64_t* row_ptr,
                   const int64_t* col, T scale, int64_t H, int64_t C, int64_t Cv, T* out,
@@ -56,18 +71,16 @@ void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64
   for (int64_t i = begin; i < end; ++i) {
     const int64_t first = row_ptr[i], last = row_ptr[i + 1];
     const T* q_i = q + i * H * C;
-    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
-      prefetch_row(k + col[e] * H * C, H * C);
+    prefetch_first(k, col, first, last, H * C);
     for (int64_t e = first; e < last; ++e) {  // logits, written where the weights go
-      if (e + kAhead < last) prefetch_row(k + col[e + kAhead] * H * C, H * C);
+      prefetch_next(k, col, e, last, H * C);
       const T* k_j = k + col[e] * H * C;
       for (int64_t h = 0; h < H; ++h) {
         const T s = dot(q_i + h * C, k_j + h * C, C) * scale;
         alpha[e * H + h] = bias ? s + bias[e * H + h] : s;
       }
     }
-    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
-      prefetch_row(v + col[e] * H * Cv, H * Cv);
+    prefetch_first(v, col, first, last, H * Cv);
     for (int64_t h = 0; h < H; ++h) {
       T m = -inf;
       bool has_nan = false;
@@ -90,7 +103,7 @@ void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64
     T* out_i = out + i * H * Cv;
     for (int64_t c = 0; c < H * Cv; ++c) out_i[c] = 0;
     for (int64_t e = first; e < last; ++e) {
-      if (e + kAhead < last) prefetch_row(v + col[e + kAhead] * H * Cv, H * Cv);
+      prefetch_next(v, col, e, last, H * Cv);
       const T* v_j = v + col[e] * H * Cv;
       for (int64_t h = 0; h < H; ++h) {
         const T a = alpha[e * H + h] / divisor[h];
@@ -112,10 +125,9 @@ void target_grads(const T* q, const T* k, const T* v, const T* alpha, const T* g
     const int64_t first = row_ptr[i], last = row_ptr[i + 1];
     const T* g_i = grad_out + i * H * Cv;
     for (int64_t h = 0; h < H; ++h) shift[h] = grad_lse ? -grad_lse[i * H + h] : T(0);
-    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
-      prefetch_row(v + col[e] * H * Cv, H * Cv);
+    prefetch_first(v, col, first, last, H * Cv);
     for (int64_t e = first; e < last; ++e) {
-      if (e + kAhead < last) prefetch_row(v + col[e + kAhead] * H * Cv, H * Cv);
+      prefetch_next(v, col, e, last, H * Cv);
       const T* v_j = v + col[e] * H * Cv;
       for (int64_t h = 0; h < H; ++h) {
         const T d = dot(g_i + h * Cv, v_j + h * Cv, Cv);
@@ -131,10 +143,9 @@ void target_grads(const T* q, const T* k, const T* v, const T* alpha, const T* g
     }
     T* dq_i = grad_q + i * H * C;
     for (int64_t c = 0; c < H * C; ++c) dq_i[c] = 0;
-    for (int64_t e = first; e < std::min(first + kAhead, last); ++e)
-      prefetch_row(k + col[e] * H * C, H * C);
+    prefetch_first(k, col, first, last, H * C);
     for (int64_t e = first; e < last; ++e) {
-      if (e + kAhead < last) prefetch_row(k + col[e + kAhead] * H * C, H * C);
+      prefetch_next(k, col, e, last, H * C);
       const T* k_j = k + col[e] * H * C;
       for (int64_t h = 0; h < H; ++h) {
         const T s = alpha[e * H + h] * (grad_s[e * H + h] - shift[h]);
@@ -157,17 +168,13 @@ void source_grads(const T* q, const T* alpha, const T* grad_s, const T* grad_out
     if (dk_j) for (int64_t c = 0; c < H * C; ++c) dk_j[c] = 0;
     if (dv_j) for (int64_t c = 0; c < H * Cv; ++c) dv_j[c] = 0;
     const int64_t first = t_row_ptr[j], last = t_row_ptr[j + 1];
-    for (int64_t p = first; p < std::min(first + kAhead, last); ++p) {
-      if (dv_j) prefetch_row(grad_out + t_col[p] * H * Cv, H * Cv);
-      if (dk_j) prefetch_row(q + t_col[p] * H * C, H * C);
-    }
+    if (dv_j) prefetch_first(grad_out, t_col, first, last, H * Cv);
+    if (dk_j) prefetch_first(q, t_col, first, last, H * C);
     for (int64_t p = first; p < last; ++p) {
-      if (p + kAhead < last) {
-        if (dv_j) prefetch_row(grad_out + t_col[p + kAhead] * H * Cv, H * Cv);
-        if (dk_j) prefetch_row(q + t_col[p + kAhead] * H * C, H * C);
-        __builtin_prefetch(alpha + t_perm[p + kAhead] * H);  // the edge's H weights, H dS
-        __builtin_prefetch(grad_s + t_perm[p + kAhead] * H);
-      }
+      if (dv_j) prefetch_next(grad_out, t_col, p, last, H * Cv);
+      if (dk_j) prefetch_next(q, t_col, p, last, H * C);
+      prefetch_next(alpha, t_perm, p, last, H);  // the edge's H weights and H dS
+      prefetch_next(grad_s, t_perm, p, last, H);
       const int64_t e = t_perm[p], i = t_col[p];
       for (int64_t h = 0; h < H; ++h) {
         if (dv_j) axpy(alpha[e * H + h], grad_out + (i * H + h) * Cv, dv_j + h * Cv, Cv);
@@ -188,6 +195,25 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "csr_attention needs q (N_dst, H, C), k (N_src, H, C), v (N_src, H, C_v)");
 }
 
+// The CSR arrays are read as contiguous int64 (out-of-range values are the caller's to avoid:
+// gatattn builds them from validated edges).
+void check_rows(const at::Tensor& row_ptr, const at::Tensor& index, int64_t rows,
+                int64_t edges) {
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && index.scalar_type() == at::kLong &&
+                  row_ptr.is_contiguous() && index.is_contiguous() &&
+                  row_ptr.numel() == rows + 1 && index.numel() == edges,
+              "csr_attention needs contiguous int64 row pointers (rows + 1) and indices (E)");
+}
+
+void check_per_edge(const c10::optional<at::Tensor>& values, const at::Tensor& q,
+                    int64_t rows) {
+  TORCH_CHECK(!values.has_value() || (values->is_contiguous() &&
+                                      values->scalar_type() == q.scalar_type() &&
+                                      values->numel() == rows * q.size(1)),
+              "csr_attention needs per-edge (or per-target) values of shape (rows, H), "
+              "contiguous, in q's dtype");
+}
+
 }  // namespace
 
 // Returns out (N_dst, H, C_v), alpha (E, H) and lse (N_dst, H).
@@ -197,6 +223,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   check_inputs(q, k, v);
   const int64_t N = q.size(0), H = q.size(1), C = q.size(2), Cv = v.size(2);
   const int64_t E = col.numel();
+  check_rows(row_ptr, col, N, E);
+  check_per_edge(bias, q, E);
   auto out = at::empty({N, H, Cv}, q.options());
   auto alpha = at::empty({E, H}, q.options());
   auto lse = at::empty({N, H}, q.options());
@@ -226,6 +254,14 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
               "csr_attention's backward needs contiguous gradients and weights");
   const int64_t N_dst = q.size(0), N_src = k.size(0), H = q.size(1), C = q.size(2);
   const int64_t Cv = v.size(2), E = col.numel();
+  check_rows(row_ptr, col, N_dst, E);
+  check_rows(t_row_ptr, t_col, N_src, E);
+  check_rows(t_row_ptr, t_perm, N_src, E);
+  check_per_edge(alpha, q, E);
+  check_per_edge(grad_lse, q, N_dst);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N_dst, H, Cv}) &&
+                  grad_out.scalar_type() == q.scalar_type(),
+              "csr_attention's backward needs grad_out (N_dst, H, C_v) in q's dtype");
   auto grad_s = at::empty({E, H}, q.options());
   at::Tensor dq = need_q ? at::empty_like(q) : at::Tensor();
   at::Tensor dk = need_k ? at::empty_like(k) : at::Tensor();

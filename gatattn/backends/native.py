@@ -7,9 +7,9 @@ in-edges in one loop that reads a source's keys and values once for all heads, f
 backward (:func:`csr_kernels`). It is compiled with :func:`torch.utils.cpp_extension.load` the
 first time a call needs it (a C++ compiler and ``ninja``, a dependency, are needed; about a
 minute, once per machine: the build is kept in torch's extensions directory, with AVX2 and FMA
-where the CPU has them). Where it cannot be
-built, a warning says why and the torch-ops form runs: the same function, slower.
-``GATATTN_NATIVE_KERNELS=0`` in the environment keeps the torch-ops form (to compare them).
+where the CPU has them). Where it cannot be built, a warning says why and the torch-ops form
+runs: the same function, slower. ``GATATTN_NATIVE_KERNELS=0`` in the environment keeps the
+torch-ops form (to compare them).
 """
 
 from __future__ import annotations

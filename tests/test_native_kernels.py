@@ -64,9 +64,11 @@ def random_graph(n_dst, n_src, num_edges, seed=0):
 @pytest.mark.parametrize("bipartite", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("lse", [False, True])
+# (8, 5): any width; the kernels are also compiled for C = C_v of 16, 32 and 64
+@pytest.mark.parametrize("channels, value_channels", [(8, 5), (16, 16), (32, 32), (64, 64)])
 def test_kernels_agree_with_the_torch_ops_form(kernels, monkeypatch, dtype, bipartite,
-                                              with_bias, lse):
-    n_dst, n_src, heads, channels, value_channels = 40, 30 if bipartite else 40, 3, 8, 5
+                                              with_bias, lse, channels, value_channels):
+    n_dst, n_src, heads = 40, 30 if bipartite else 40, 3
     edge_index, gen = random_graph(n_dst, n_src, 300)
     edge_index = torch.cat([edge_index, edge_index[:, :20]], dim=1)  # duplicate edges
     q = torch.randn(n_dst, heads, channels, generator=gen, dtype=dtype)
@@ -83,9 +85,10 @@ def test_kernels_agree_with_the_torch_ops_form(kernels, monkeypatch, dtype, bipa
         torch.testing.assert_close(g, e, atol=tolerance, rtol=tolerance, equal_nan=True)
 
 
-def test_non_finite_inputs_reach_the_same_outputs(kernels, monkeypatch):
+@pytest.mark.parametrize("channels", [4, 16])  # any width; one compiled for
+def test_non_finite_inputs_reach_the_same_outputs(kernels, monkeypatch, channels):
     edge_index, gen = random_graph(30, 30, 200, seed=1)
-    q, k, v = (torch.randn(30, 2, 4, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(30, 2, channels, generator=gen) for _ in range(3))
     bias = torch.randn(200, 2, generator=gen)
     q[3, 1, 2] = float("nan")
     k[7, 0, 0] = float("inf")

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -35,6 +36,26 @@ template <typename T>
 inline void axpy(T alpha, const T* x, T* y, int64_t n) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) y[c] += alpha * x[c];
+}
+
+// A head width known at compile time lets the compiler unroll the dot products and updates
+// and keep them in registers: C = C_v = 32 took a quarter to a half off the loops' time. The
+// kernels are compiled for the common widths and once for any width (kWidth = 0).
+template <int64_t kWidth>
+inline void fix_widths(int64_t& C, int64_t& Cv) {
+  if constexpr (kWidth > 0) C = Cv = kWidth;
+}
+
+template <typename F>
+void with_head_width(int64_t C, int64_t Cv, const F& run) {
+  if (C == Cv) {
+    switch (C) {
+      case 16: return run(std::integral_constant<int64_t, 16>{});
+      case 32: return run(std::integral_constant<int64_t, 32>{});
+      case 64: return run(std::integral_constant<int64_t, 64>{});
+    }
+  }
+  run(std::integral_constant<int64_t, 0>{});
 }
 
 // The rows of sources a few edges ahead are requested early: the loops wait on memory (rows
@@ -61,10 +82,11 @@ inline void prefetch_next(const T* rows, const int64_t* index, int64_t p, int64_
   if (p + kAhead < last) prefetch_row(rows + index[p + kAhead] * n, n);
 }
 
-template <typename T>
+template <typename T, int64_t kWidth>
 void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64_t* row_ptr,
                   const int64_t* col, T scale, int64_t H, int64_t C, int64_t Cv, T* out,
                   T* alpha, T* lse, int64_t begin, int64_t end) {
+  fix_widths<kWidth>(C, Cv);
   const T inf = std::numeric_limits<T>::infinity();
   const T nan = std::numeric_limits<T>::quiet_NaN();
   std::vector<T> divisor(H);
@@ -115,11 +137,12 @@ void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64
 }
 
 // Per target: dS = alpha * (dO.v - sum_e alpha dO.v - grad_lse), dq = scale * sum_e dS k.
-template <typename T>
+template <typename T, int64_t kWidth>
 void target_grads(const T* q, const T* k, const T* v, const T* alpha, const T* grad_out,
                   const T* grad_lse, const int64_t* row_ptr, const int64_t* col, T scale,
                   int64_t H, int64_t C, int64_t Cv, T* grad_s, T* grad_q, int64_t begin,
                   int64_t end) {
+  fix_widths<kWidth>(C, Cv);
   std::vector<T> shift(H);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t first = row_ptr[i], last = row_ptr[i + 1];
@@ -157,11 +180,12 @@ void target_grads(const T* q, const T* k, const T* v, const T* alpha, const T* g
 }
 
 // Per source, along the transpose: dv = sum_e alpha dO, dk = scale * sum_e dS q.
-template <typename T>
+template <typename T, int64_t kWidth>
 void source_grads(const T* q, const T* alpha, const T* grad_s, const T* grad_out,
                   const int64_t* t_row_ptr, const int64_t* t_col, const int64_t* t_perm,
                   T scale, int64_t H, int64_t C, int64_t Cv, T* grad_k, T* grad_v,
                   int64_t begin, int64_t end) {
+  fix_widths<kWidth>(C, Cv);
   for (int64_t j = begin; j < end; ++j) {
     T* dk_j = grad_k ? grad_k + j * H * C : nullptr;
     T* dv_j = grad_v ? grad_v + j * H * Cv : nullptr;
@@ -230,12 +254,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   auto lse = at::empty({N, H}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "csr_attention_forward", [&] {
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-      forward_rows<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                             v.data_ptr<scalar_t>(), b, row_ptr.data_ptr<int64_t>(),
-                             col.data_ptr<int64_t>(), static_cast<scalar_t>(scale), H, C, Cv,
-                             out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
-                             lse.data_ptr<scalar_t>(), begin, end);
+    with_head_width(C, Cv, [&](auto width) {
+      at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+        forward_rows<scalar_t, decltype(width)::value>(
+            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), b,
+            row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), static_cast<scalar_t>(scale),
+            H, C, Cv, out.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+            lse.data_ptr<scalar_t>(), begin, end);
+      });
     });
   });
   return {out, alpha, lse};
@@ -269,23 +295,25 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "csr_attention_backward", [&] {
     const scalar_t s = static_cast<scalar_t>(scale);
     const scalar_t* g_lse = grad_lse.has_value() ? grad_lse->data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N_dst, kGrain, [&](int64_t begin, int64_t end) {
-      target_grads<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                             v.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
-                             grad_out.data_ptr<scalar_t>(), g_lse, row_ptr.data_ptr<int64_t>(),
-                             col.data_ptr<int64_t>(), s, H, C, Cv, grad_s.data_ptr<scalar_t>(),
-                             need_q ? dq.data_ptr<scalar_t>() : nullptr, begin, end);
-    });
-    if (need_k || need_v) {
-      at::parallel_for(0, N_src, kGrain, [&](int64_t begin, int64_t end) {
-        source_grads<scalar_t>(q.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
-                               grad_s.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
-                               t_row_ptr.data_ptr<int64_t>(), t_col.data_ptr<int64_t>(),
-                               t_perm.data_ptr<int64_t>(), s, H, C, Cv,
-                               need_k ? dk.data_ptr<scalar_t>() : nullptr,
-                               need_v ? dv.data_ptr<scalar_t>() : nullptr, begin, end);
+    with_head_width(C, Cv, [&](auto width) {
+      constexpr int64_t kWidth = decltype(width)::value;
+      at::parallel_for(0, N_dst, kGrain, [&](int64_t begin, int64_t end) {
+        target_grads<scalar_t, kWidth>(
+            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+            alpha.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), g_lse,
+            row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), s, H, C, Cv,
+            grad_s.data_ptr<scalar_t>(), need_q ? dq.data_ptr<scalar_t>() : nullptr, begin, end);
       });
-    }
+      if (!need_k && !need_v) return;
+      at::parallel_for(0, N_src, kGrain, [&](int64_t begin, int64_t end) {
+        source_grads<scalar_t, kWidth>(
+            q.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(),
+            grad_out.data_ptr<scalar_t>(), t_row_ptr.data_ptr<int64_t>(),
+            t_col.data_ptr<int64_t>(), t_perm.data_ptr<int64_t>(), s, H, C, Cv,
+            need_k ? dk.data_ptr<scalar_t>() : nullptr,
+            need_v ? dv.data_ptr<scalar_t>() : nullptr, begin, end);
+      });
+    });
   });
   return {dq, dk, dv, grad_s};
 }

@@ -106,8 +106,19 @@ def edge_bias(attn_bias: Tensor | None, graph: AttentionGraph, edges: Tensor,
     if graph.kept_edges is not None:
         return attn_bias[graph.kept_edges]
     if graph.is_implicit:
-        return attn_bias.index_select(0, stacked_rows(graph, edges[1], edges[0]))
+        return materialized_bias(attn_bias, graph, edges)
     return attn_bias
+
+
+def materialized_bias(attn_bias: Tensor, graph: AttentionGraph, edges: Tensor) -> Tensor:
+    """An implicit ``graph``'s stacked bias in the order of its materialised ``edges``
+    (:meth:`AttentionGraph.to_edge_index`): the stacked rows as they are where the graphs lie
+    in order and keep every pair (the edges are materialised by target, then source position:
+    the stacked order), else gathered."""
+    sides = () if graph.membership is None else graph.membership.sides
+    if not graph.banded and all(side.order is None for side in sides):
+        return attn_bias
+    return attn_bias.index_select(0, stacked_rows(graph, edges[1], edges[0]))
 
 
 def stacked_from_padded(bias: Tensor, sizes_dst: Tensor | list[int],

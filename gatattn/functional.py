@@ -15,7 +15,7 @@ from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import traced_segment_attention
 from gatattn.backends.sdpa import logits_attention
 from gatattn.backends.varlen import varlen_attention
-from gatattn.bias import check_bias_rows, check_bias_tensor, stacked_rows
+from gatattn.bias import check_bias_rows, check_bias_tensor, materialized_bias
 from gatattn.graph import (
     AttentionGraph,
     causal_mode,
@@ -200,9 +200,9 @@ def attention(
         # the logits route use it); a recorded call (trace, torch.func) must not branch on it:
         # the repair is exact.
         def flag_for(known: AttentionGraph | None) -> Tensor | None:
-            if known is not None and routing.takes_logits_route(
-                    backend, known, q, k, dropout=dropout, need_weights=return_attention_weights,
-                    has_bias=attn_bias is not None):
+            if known is not None and routing.flagless_route(
+                    backend, known, q, k, v, dropout=dropout, need_weights=return_attention_weights,
+                    has_bias=attn_bias is not None) is not None:
                 return None
             return finite_flag(q, k, v)
 
@@ -236,7 +236,7 @@ def attention(
                                 return_lse=return_lse)
     edge_index = graph.to_edge_index()
     if attn_bias is not None and graph.is_implicit:
-        attn_bias = attn_bias.index_select(0, stacked_rows(graph, edge_index[1], edge_index[0]))
+        attn_bias = materialized_bias(attn_bias, graph, edge_index)
     out, alpha, *lse = sparse_attention(q, k, v, edge_index, scale=scale, dropout=dropout,
                                         edge_attr=edge_attr, bias=attn_bias,
                                         differentiable_weights=return_attention_weights,

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import (
+    _get_current_dispatch_mode_stack,
+    is_in_torch_dispatch_mode,
+)
 
 EXPORT_HINT = "use torch.compile(model) or torch.export.export(model, args) instead"
 
@@ -46,6 +50,15 @@ def values_steer_python() -> bool:
     sortedness, finiteness) or serve them from a Python cache: not while ``torch.compile``
     traces, nor while a trace or a ``torch.func`` transform records."""
     return not compiling() and not recorded()
+
+
+def ops_watched() -> bool:
+    """Whether a user's ``TorchDispatchMode`` (``FlopCounterMode``, an op logger) watches the
+    ops: the compiled CPU kernels are no torch ops, so such calls run the torch-ops forms it can
+    see. torch's own modes (fake tensors, functionalization, tracing: "infra" modes) do not
+    count: they run inside compiled programs, whose results must equal eager mode's."""
+    return is_in_torch_dispatch_mode() and any(
+        not mode.is_infra_mode() for mode in _get_current_dispatch_mode_stack())
 
 
 def plain_ops_only(device: torch.device) -> bool:

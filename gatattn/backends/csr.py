@@ -127,20 +127,24 @@ def graph_csr(graph: AttentionGraph, edge_index: Tensor) -> CSR:
     csr = graph.csr
     if csr is not None:
         return csr
-    if not graph.prepared:
+    if not graph.prepared and not graph.is_implicit:
         return csr_of(edge_index, graph.num_dst, graph.num_src)
-    csr = _build(edge_index, graph.num_dst, graph.num_src, may_read=False)
+    # An implicit graph's edges are its own (materialised sorted by target), so it keeps their
+    # CSR whether or not it was built by build_graph.
+    csr = _build(edge_index, graph.num_dst, graph.num_src, may_read=False,
+                 target_sorted=graph.is_implicit)
     if csr.num_edges <= MAX_KEPT_EDGES:
         graph.keep(csr=csr)
     return csr
 
 
-def _build(edge_index: Tensor, num_dst: int, num_src: int, may_read: bool = True) -> CSR:
+def _build(edge_index: Tensor, num_dst: int, num_src: int, may_read: bool = True,
+           target_sorted: bool = False) -> CSR:
     src, dst = edge_index
     # Edges already in target-major order (a CSR adj_t, an EdgeIndex or SparseTensor sorted by
     # target, a target-sorted edge_index) need no sort: an O(E) check instead of O(E log E),
-    # but a host read, which a graph's own CSR does without.
-    if may_read and not compiling() and _is_sorted(dst):
+    # but a host read, which a graph's own CSR does without (``target_sorted``: known sorted).
+    if target_sorted or (may_read and not compiling() and _is_sorted(dst)):
         # Contiguous: the rows of an (E, 2) tensor's transpose are strided views, and the
         # kernels index col and row_ptr as dense arrays.
         row, col, position = dst.contiguous(), src.contiguous(), None

@@ -10,14 +10,16 @@ The routes, by name:
 - ``"triton"``: the fused kernels, tiled for implicit graphs, CSR for edge sets
   (:mod:`gatattn.backends.fused`);
 - ``"varlen"``: torch's ``varlen_attn`` (self-attention graphs on CUDA; only the race picks it);
-- ``"csr"``: message passing over the edges in CSR order, SDDMM and SpMM
-  (:mod:`gatattn.backends.sparse`);
+- ``"csr"``: message passing over the edges in CSR order (:mod:`gatattn.backends.sparse`): on
+  CPU the compiled kernels of :mod:`gatattn.backends.native`, elsewhere SDDMM and SpMM. ``auto``
+  also runs implicit graphs of up to :data:`NATIVE_MAX_NODES` nodes there, their edges
+  materialised once per graph (:func:`native_message_passing_serves`);
 - ``"gathered"``: message passing written with per-edge gathers, as TransformerConv is: the
   form that takes per-edge features, forms differentiable attention weights and traces under
   ``torch.compile`` (which cannot trace sparse CSR tensors).
 
-``backend="auto"`` takes SDPA (or, for small graphs, written-out logits) for implicit graphs and
-message passing for edge sets, except
+``backend="auto"`` takes SDPA (or, for small graphs on CPU, the compiled message passing or
+written-out logits) for implicit graphs and message passing for edge sets, except
 where the fused kernels may serve (CUDA, see :func:`fused_kernels_serve`): there the race of
 :mod:`gatattn.backends.racing` decides, once per key. An explicit ``backend`` is honoured or
 refused with a message that says what to use instead. Under ``torch.compile`` batched implicit
@@ -31,14 +33,18 @@ from torch import Tensor
 
 from gatattn.backends import racing
 from gatattn.backends.fused import triton_unavailable_reason
-from gatattn.graph import AttentionGraph
-from gatattn.transforms import compiling, plain_ops_only, recorded
+from gatattn.backends.native import csr_kernels
+from gatattn.graph import MAX_KEPT_EDGES, AttentionGraph
+from gatattn.transforms import compiling, ops_watched, plain_ops_only, recorded
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 MAX_KERNEL_HEAD_DIM = 256
 #: The ``"logits"`` route serves graphs up to this many targets and sources (its logits,
 #: saved for the backward, cost at most this many floats per node and head).
 LOGITS_MAX_NODES = 128
+#: ``auto`` runs implicit graphs up to this many targets and sources through the compiled
+#: message-passing kernels on CPU (:func:`native_message_passing_serves`).
+NATIVE_MAX_NODES = 64
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOGITS_DTYPES = (torch.float32, torch.float64)
 
@@ -60,9 +66,10 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
     cannot compute it."""
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
-    if takes_logits_route(requested, graph, q, k, dropout=dropout, need_weights=need_weights,
-                          has_bias=has_bias):
-        return "logits"  # (CPU: no kernel to race; below, each check costs a call's time)
+    route = flagless_route(requested, graph, q, k, v, dropout=dropout,
+                           need_weights=need_weights, has_bias=has_bias)
+    if route is not None:
+        return route  # (CPU: no kernel to race; below, each check costs a call's time)
     # Compiled, traced, transformed (torch.func) and meta calls need plain torch ops.
     message_passing = "gathered" if (has_edge_attr or need_weights
                                      or compiling()
@@ -106,12 +113,41 @@ def reads_graph_sizes(requested: str, device: torch.device) -> bool:
     return requested != "triton" and not (requested == "auto" and races_on(device))
 
 
-def takes_logits_route(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, *,
-                       dropout: float, need_weights: bool, has_bias: bool) -> bool:
-    """Whether :func:`choose` takes the ``"logits"`` route, the one route that needs no
-    finite flag (:mod:`gatattn.backends.nonfinite`): a call can ask before reading the host."""
-    return (graph.is_implicit and not need_weights and requested == "auto"
-            and logits_route_serves(graph, q, k, dropout, has_bias))
+def flagless_route(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tensor, *,
+                   dropout: float, need_weights: bool, has_bias: bool) -> str | None:
+    """The route :func:`choose` takes for an implicit graph where that route needs no finite
+    flag (:mod:`gatattn.backends.nonfinite`): ``"csr"`` (message passing carries a non-finite
+    value along edges by itself) or ``"logits"``; else ``None``. A call can ask before reading
+    the host."""
+    if not graph.is_implicit or need_weights or requested != "auto":
+        return None
+    if native_message_passing_serves(graph, q, k, v, dropout, has_bias):
+        return "csr"
+    return "logits" if logits_route_serves(graph, q, k, dropout, has_bias) else None
+
+
+def native_message_passing_serves(graph: AttentionGraph, q: Tensor, k: Tensor, v: Tensor,
+                                  dropout: float, has_bias: bool) -> bool:
+    """Whether ``auto`` runs an implicit graph as message passing over its materialised edges
+    in the compiled CPU kernels (:mod:`gatattn.backends.native`): batches of graphs of up to
+    :data:`NATIVE_MAX_NODES` nodes with a bias, which the other routes gather per size group
+    (forward 0.57x their time, forward and backward 0.63x, 0.81x with one thread), or with more
+    than one thread, which the loops share out where per-size-group products do not (forward
+    and backward 0.76-0.81x on batches of 10-60 nodes; the forward alone 0.98-1.17x, the price
+    of one choice for both, so that a recomputing backward, as under ``torch.compile``, takes
+    the forward's route; 1.2-1.7x on graphs of 60-300 nodes: benchmarks/bench_cpu.py case 4,
+    bench_bias.py). Not one graph (its products are few and large). float32 / float64, equal
+    heads, no dropout, not traced or compiled nor watched by a dispatch mode, and a batch whose
+    edges the graph keeps (:data:`~gatattn.graph.MAX_KEPT_EDGES`). A stacked bias needs no
+    gather there when the graphs lie in order (its rows are the edges' order)."""
+    if compiling() or graph.membership is None or dropout != 0 or not q.is_cpu:
+        return False
+    if (not (has_bias or torch.get_num_threads() > 1) or q.dtype not in _LOGITS_DTYPES
+            or k.shape[1] != q.shape[1] or plain_ops_only(q.device) or ops_watched()):
+        return False
+    plan = graph.segment_plan()
+    return (plan.longest <= NATIVE_MAX_NODES and graph.num_edges() <= MAX_KEPT_EDGES
+            and csr_kernels() is not None)
 
 
 def logits_route_serves(graph: AttentionGraph, q: Tensor, k: Tensor, dropout: float,

@@ -29,6 +29,7 @@ from gatattn.backends.csr import CSR, csr_of, graph_csr
 from gatattn.backends.native import csr_kernels
 from gatattn.backends.second_order import recorded_grads, recording_backward
 from gatattn.graph import AttentionGraph
+from gatattn.transforms import ops_watched
 
 
 def sparse_attention(
@@ -182,8 +183,10 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _native_kernels(q: Tensor, keep: Tensor | None):
-    """The compiled kernels where they compute this call (CPU, no dropout), else ``None``."""
-    return csr_kernels() if q.device.type == "cpu" and keep is None else None
+    """The compiled kernels where they compute this call (CPU, no dropout, no dispatch mode
+    watching the ops), else ``None``."""
+    return (csr_kernels() if q.device.type == "cpu" and keep is None and not ops_watched()
+            else None)
 
 
 def _native_backward(ctx, q, k, v, bias, alpha, grad_out, grad_lse):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,6 +59,17 @@ def _kill_group(pgid):
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:  # the group is empty: every process in it has exited
         pass
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's CPU thread count set to ``count`` inside the block, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_qkv(n_dst, n_src, heads, channels, value_channels=None, dtype=torch.float32, seed=0):

@@ -17,7 +17,7 @@ from gatattn import reference
 from gatattn.backends import routing
 from gatattn.backends.native import csr_kernels
 from gatattn.bias import stacked_rows, stacked_to_dense
-from tests.conftest import check_against_reference, make_qkv
+from tests.conftest import check_against_reference, make_qkv, torch_threads
 
 pytestmark = pytest.mark.skipif(csr_kernels() is None,
                                 reason="the compiled kernels could not be built here")
@@ -50,10 +50,8 @@ def _mask(graph):
 @pytest.fixture(autouse=True)
 def two_threads():
     """The route serves calls with more than one thread (or a bias): the tests pin two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture

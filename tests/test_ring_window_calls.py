@@ -20,6 +20,7 @@ from gatattn.ring_layout import (
     windowed_block_calls,
     zigzag_layout,
 )
+from tests.conftest import torch_threads
 
 
 def global_rows(holding) -> list[int]:
@@ -60,10 +61,8 @@ def random_setup(rng: random.Random):
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors: one thread (a loaded machine's thread pool costs ms per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.mark.parametrize("seed", range(4))

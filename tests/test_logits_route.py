@@ -48,7 +48,7 @@ KINDS = {
 
 @pytest.fixture(autouse=True)
 def no_compiled_message_passing(monkeypatch):
-    """Differentiated small graphs take the compiled message passing where it is built
+    """Batches of small graphs take the compiled message passing where it is built
     (tests/test_native_route.py); here the logits route is the subject."""
     monkeypatch.setattr(routing, "native_message_passing_serves", lambda *args: False)
 

@@ -64,11 +64,13 @@ def random_graph(n_dst, n_src, num_edges, seed=0):
 @pytest.mark.parametrize("bipartite", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("lse", [False, True])
-# (8, 5): any width; the kernels are also compiled for C = C_v of 16, 32 and 64
+# (8, 5): any width; the kernels are also compiled for C = C_v of 16, 32 and 64, where float32
+# sums four heads' products together (5 heads: one group of four and one head alone)
 @pytest.mark.parametrize("channels, value_channels", [(8, 5), (16, 16), (32, 32), (64, 64)])
+@pytest.mark.parametrize("heads", [3, 5])
 def test_kernels_agree_with_the_torch_ops_form(kernels, monkeypatch, dtype, bipartite,
-                                              with_bias, lse, channels, value_channels):
-    n_dst, n_src, heads = 40, 30 if bipartite else 40, 3
+                                              with_bias, lse, channels, value_channels, heads):
+    n_dst, n_src = 40, 30 if bipartite else 40
     edge_index, gen = random_graph(n_dst, n_src, 300)
     edge_index = torch.cat([edge_index, edge_index[:, :20]], dim=1)  # duplicate edges
     q = torch.randn(n_dst, heads, channels, generator=gen, dtype=dtype)

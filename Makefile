@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test,examples,dev]"
 	# The CPU kernels of gatattn/csrc, built once here rather than inside the first test.
-	$(PY) -c "from gatattn.backends.native import csr_kernels; csr_kernels()"
+	$(PY) -c "from gatattn.backends.native import cpu_kernels; cpu_kernels()"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -80,10 +80,10 @@ def test_a_wrong_message_passing_route_fails(monkeypatch, form):
     sparse = gatattn.backends.sparse
     if form == "torch ops":
         spmm = sparse._spmm
-        monkeypatch.setattr(sparse, "csr_kernels", lambda: None)
+        monkeypatch.setattr(sparse, "cpu_kernels", lambda: None)
         monkeypatch.setattr(sparse, "_spmm", lambda *args: spmm(*args) * 1.01)
     else:
-        kernels = sparse.csr_kernels()
+        kernels = sparse.cpu_kernels()
         if kernels is None:
             pytest.skip("the CPU kernels are not built here (tests/test_native_kernels.py)")
 
@@ -95,7 +95,7 @@ def test_a_wrong_message_passing_route_fails(monkeypatch, form):
                 out, alpha, lse = kernels.forward(*args)
                 return out * 1.01, alpha, lse
 
-        monkeypatch.setattr(sparse, "csr_kernels", lambda: Wrong)
+        monkeypatch.setattr(sparse, "cpu_kernels", lambda: Wrong)
     rows = check.run("cpu", routes=("sparse",), dtypes=(torch.float64,))
     assert not any(row.passed for row in rows if row.quantity == "out")
 

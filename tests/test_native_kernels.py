@@ -6,7 +6,6 @@ rounding they put NaN and inf in exactly the same places. Every other test of th
 (tests/test_sparse.py, test_bias.py, test_lse.py, ...) runs them too where they build."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,23 +18,11 @@ from gatattn.backends import native, sparse
 from tests.conftest import check_against_reference, masked_reference
 
 
-@pytest.fixture
-def kernels():
-    """The compiled module: required wherever a C++ compiler is installed (a failed build
-    there is a defect, not a skip)."""
-    module = native.csr_kernels()
-    if module is None:
-        if shutil.which("c++") and os.environ.get(native.ENVIRONMENT_SWITCH, "1") != "0":
-            pytest.fail("a C++ compiler is installed but gatattn's CPU kernels did not build")
-        pytest.skip("no C++ compiler here: the torch-ops form serves")
-    return module
-
-
 def run_route(use_kernels, monkeypatch, q, k, v, edge_index, bias=None, lse=False):
     """Output, lse (if asked) and the gradients of q, k, v, bias, through the CSR route with
     or without the compiled kernels."""
     if not use_kernels:
-        monkeypatch.setattr(sparse, "csr_kernels", lambda: None)
+        monkeypatch.setattr(sparse, "cpu_kernels", lambda: None)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     if bias is not None:
         leaves.append(bias.detach().clone().requires_grad_())
@@ -149,7 +136,7 @@ def test_no_edges(kernels, monkeypatch):
 
 def test_the_environment_switch_keeps_the_torch_ops_form():
     code = ("import os, gatattn.backends.native as n; "
-            "assert n.csr_kernels() is None, 'switched off, yet built'")
+            "assert n.cpu_kernels() is None, 'switched off, yet built'")
     environment = {**os.environ, native.ENVIRONMENT_SWITCH: "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=environment)
 

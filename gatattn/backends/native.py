@@ -4,12 +4,16 @@ The message-passing route's CSR form gathers every source's keys and values once
 per product when it is written in torch ops (an SDDMM and SpMMs per head): on CPU those gathers
 of scattered rows, not the arithmetic, take its time. ``csr_attention.cpp`` runs each target's
 in-edges in one loop that reads a source's keys and values once for all heads, forward and
-backward (:func:`csr_kernels`). It is compiled with :func:`torch.utils.cpp_extension.load` the
-first time a call needs it (a C++ compiler and ``ninja``, a dependency, are needed; about a
-minute, once per machine: the build is kept in torch's extensions directory, with AVX2 and FMA
-where the CPU has them). Where it cannot be built, a warning says why and the torch-ops form
-runs: the same function, slower. ``GATATTN_NATIVE_KERNELS=0`` in the environment keeps the
-torch-ops form (to compare them).
+backward. Two more cut the per-call cost of small graphs: ``packed_sdpa.cpp``, the SDPA route's
+views and call for one size group in one step, for calls that nothing records
+(:mod:`gatattn.backends.sdpa`), and ``nonfinite.cpp``, one pass over ``q``, ``k``, ``v`` for a keyword call's finite flag or a ``graph=`` call's guard
+(:mod:`gatattn.backends.nonfinite`): on graphs of a few dozen nodes each torch op they replace
+costs about what the attention does. :func:`cpu_kernels` compiles them with
+:func:`torch.utils.cpp_extension.load` the first time a call needs them (a C++ compiler and
+``ninja``, a dependency, are needed; about a minute, once per machine: the build is kept in
+torch's extensions directory, with AVX2 and FMA where the CPU has them). Where they cannot be
+built, a warning says why and the torch-ops forms run: the same functions, slower.
+``GATATTN_NATIVE_KERNELS=0`` in the environment keeps the torch-ops forms (to compare them).
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "csr_attention.cpp"
+SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name
+           for name in ("csr_attention.cpp", "packed_sdpa.cpp", "nonfinite.cpp", "module.cpp")]
 ENVIRONMENT_SWITCH = "GATATTN_NATIVE_KERNELS"
 
 
 @functools.cache
-def csr_kernels() -> ModuleType | None:
-    """The compiled module (``forward``, ``backward``), or ``None`` where it is switched off or
-    cannot be built (then after one warning)."""
+def cpu_kernels() -> ModuleType | None:
+    """The compiled module (``forward``, ``backward``, ``poison_if_nonfinite_``), or ``None``
+    where it is switched off or cannot be built (then after one warning)."""
     if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
         return None
     try:
@@ -37,12 +42,13 @@ def csr_kernels() -> ModuleType | None:
 
         tag, vector_flags = _vector_flags()
         # -fopenmp: at::parallel_for runs its tasks on torch's OpenMP threads.
-        return load(name=f"gatattn_csr_attention_{tag}", sources=[str(SOURCE)],
+        return load(name=f"gatattn_cpu_kernels_{tag}", sources=[str(s) for s in SOURCES],
                     extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"])
     except Exception as error:  # no compiler, no ninja, a failed build: the torch-ops form
         warnings.warn(
             f"gatattn could not build its CPU kernels ({type(error).__name__}: {error}); the "
-            f"message-passing route runs in torch ops instead (same results, slower). Set "
+            f"message-passing route and the non-finite guard run in torch ops instead (same "
+            f"results, slower). Set "
             f"{ENVIRONMENT_SWITCH}=0 to silence this.", RuntimeWarning, stacklevel=2)
         return None
 

@@ -29,8 +29,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from gatattn.backends.native import cpu_kernels
 from gatattn.graph import AttentionGraph, validation_enabled
-from gatattn.transforms import values_steer_python
+from gatattn.transforms import ops_watched, values_steer_python
 
 Inputs = tuple[Tensor, Tensor, Tensor]
 
@@ -39,7 +40,10 @@ def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """0-dim bool tensor, on the device: ``q``, ``k`` and ``v`` are all finite. One reduction: a
     non-finite entry makes the sum non-finite (a sum that overflows only sends finite inputs
     down the exact repair path). Left on the device so the caller can read it along with
-    whatever else it reads."""
+    whatever else it reads. On CPU one pass of the compiled kernel computes it
+    (:func:`_scanned_natively`)."""
+    if _scanned_natively(q, k, v):
+        return cpu_kernels().all_finite([q, k, v])
     with torch.no_grad():
         return torch.isfinite(sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v)))
 
@@ -95,16 +99,41 @@ class Repair:
 
 
 def _poisoned_if_nonfinite(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """``out``, all NaN if any entry of ``q``, ``k``, ``v`` is not finite: the sum of all
+    """``out``, all NaN if any entry of ``q``, ``k``, ``v`` is not finite. Where no autograd
+    graph holds ``out`` (inference) on CPU, one pass of the compiled kernel over the inputs
+    fills it in place (:func:`_poisoned_in_place`). Otherwise in torch ops: the sum of all
     entries is NaN or inf then, and adding it times 0 adds NaN (finite inputs add 0; half
     precision sums in float32, so only entries near float32's limit could overflow it). Its
-    gradient is zero. Four operations: on tiny graphs each costs about what SDPA's call does."""
+    gradient is zero. Five calls: on tiny graphs each costs about what SDPA's call does."""
+    if _poisoned_in_place(out, q, k, v):
+        return out
     if q.dtype in (torch.float16, torch.bfloat16):
         total = q.sum(dtype=torch.float32) + k.sum(dtype=torch.float32) + v.sum(
             dtype=torch.float32)
     else:
         total = q.sum() + k.sum() + v.sum()
     return out.add(total, alpha=0)  # a 0-dim float32 keeps out's half dtype
+
+
+def _poisoned_in_place(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether :func:`_poisoned_if_nonfinite`'s check ran in the compiled kernel, which writes
+    ``out`` in place: only for an output that autograd does not record (so no backward saved
+    it)."""
+    if out.requires_grad or out.dtype != q.dtype or not _scanned_natively(q, k, v):
+        return False
+    cpu_kernels().poison_if_nonfinite_(out, [q, k, v])
+    return True
+
+
+def _scanned_natively(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the compiled kernels (``nonfinite.cpp``) scan ``q``, ``k``, ``v``: float32 /
+    float64 CPU tensors of one dtype whose last dimension is contiguous, no user's dispatch
+    mode watching (it could not see the kernel), and the kernels built."""
+    if not q.is_cpu or q.dtype not in (torch.float32, torch.float64):
+        return False
+    if any(t.stride(-1) != 1 or t.dtype != q.dtype for t in (q, k, v)) or ops_watched():
+        return False
+    return cpu_kernels() is not None
 
 
 def _unchanged(out: Tensor) -> Tensor:

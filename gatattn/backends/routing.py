@@ -33,7 +33,7 @@ from torch import Tensor
 
 from gatattn.backends import racing
 from gatattn.backends.fused import triton_unavailable_reason
-from gatattn.backends.native import csr_kernels
+from gatattn.backends.native import cpu_kernels
 from gatattn.graph import MAX_KEPT_EDGES, AttentionGraph
 from gatattn.transforms import compiling, ops_watched, plain_ops_only, recorded
 
@@ -147,7 +147,7 @@ def native_message_passing_serves(graph: AttentionGraph, q: Tensor, k: Tensor, v
         return False
     plan = graph.segment_plan()
     return (plan.longest <= NATIVE_MAX_NODES and graph.num_edges() <= MAX_KEPT_EDGES
-            and csr_kernels() is not None)
+            and cpu_kernels() is not None)
 
 
 def logits_route_serves(graph: AttentionGraph, q: Tensor, k: Tensor, dropout: float,

@@ -29,12 +29,13 @@ from gatattn.backends.common import (
     repeat_kv_heads,
     unpermute_rows,
 )
+from gatattn.backends.native import cpu_kernels
 from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.graph import AttentionGraph, SegmentGroup
 from gatattn.graph.edges import seeing_rows
 from gatattn.graph.layout import head_major_layout
-from gatattn.transforms import functorch_active
+from gatattn.transforms import compiling, functorch_active, recorded
 
 
 def sdpa_attention(
@@ -117,11 +118,26 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
                     scale, dropout, math)
         return chunks.outputs(out, group.count)
     mask, is_causal = sdpa_mask(band, group.len_dst, group.len_src, q.device)
+    if mask is None and dropout == 0 and not math and _packed_call_serves(q, k, v):
+        return cpu_kernels().packed_sdpa(q, k, v, group.count, group.len_dst, group.len_src,
+                                         scale, is_causal)
     q = q.view(group.count, group.len_dst, H, -1).transpose(1, 2)  # (B, H, L, C)
     k = k.view(group.count, group.len_src, H_kv, -1).transpose(1, 2)  # (B, H_kv, S, C)
     v = v.view(group.count, group.len_src, H_kv, C_v).transpose(1, 2)  # (B, H_kv, S, C_v)
     out = _sdpa(q, k, v, mask, is_causal, scale, dropout, math)
     return out.transpose(1, 2).reshape(-1, H, C_v)
+
+
+def _packed_call_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether a group's views and SDPA call run as one compiled call
+    (``packed_sdpa.cpp``): on CPU, where nothing records the call (no gradient is taken, no
+    trace, no ``torch.func`` transform, not compiling), which then needs none of
+    :func:`_sdpa`'s Python around it; its ops stay visible to dispatch modes."""
+    if not q.is_cpu or compiling() or recorded():
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return cpu_kernels() is not None
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, scale: float,

@@ -26,7 +26,7 @@ from torch_geometric.utils import scatter
 
 from gatattn.backends.common import repeat_kv_heads
 from gatattn.backends.csr import CSR, csr_of, graph_csr
-from gatattn.backends.native import csr_kernels
+from gatattn.backends.native import cpu_kernels
 from gatattn.backends.second_order import recorded_grads, recording_backward
 from gatattn.graph import AttentionGraph
 from gatattn.transforms import ops_watched
@@ -185,7 +185,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _native_kernels(q: Tensor, keep: Tensor | None):
     """The compiled kernels where they compute this call (CPU, no dropout, no dispatch mode
     watching the ops), else ``None``."""
-    return (csr_kernels() if q.device.type == "cpu" and keep is None and not ops_watched()
+    return (cpu_kernels() if q.device.type == "cpu" and keep is None and not ops_watched()
             else None)
 
 

@@ -342,8 +342,3 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   });
   return {dq, dk, dv, grad_s};
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "CSR attention forward (CPU)");
-  m.def("backward", &backward, "CSR attention backward (CPU)");
-}

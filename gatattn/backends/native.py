@@ -6,12 +6,13 @@ of scattered rows, not the arithmetic, take its time. ``csr_attention.cpp`` runs
 in-edges in one loop that reads a source's keys and values once for all heads, forward and
 backward. Two more cut the per-call cost of small graphs: ``packed_sdpa.cpp``, the SDPA route's
 views and call for one size group in one step, for calls that nothing records
-(:mod:`gatattn.backends.sdpa`), and ``nonfinite.cpp``, one pass over ``q``, ``k``, ``v`` for a keyword call's finite flag or a ``graph=`` call's guard
-(:mod:`gatattn.backends.nonfinite`): on graphs of a few dozen nodes each torch op they replace
-costs about what the attention does. :func:`cpu_kernels` compiles them with
-:func:`torch.utils.cpp_extension.load` the first time a call needs them (a C++ compiler and
-``ninja``, a dependency, are needed; about a minute, once per machine: the build is kept in
-torch's extensions directory, with AVX2 and FMA where the CPU has them). Where they cannot be
+(:mod:`gatattn.backends.sdpa`), and ``nonfinite.cpp``, one pass over ``q``, ``k``, ``v`` for a
+keyword call's finite flag or a ``graph=`` call's guard (:mod:`gatattn.backends.nonfinite`): on
+graphs of a few dozen nodes each torch op they replace costs about what the attention does.
+:func:`cpu_kernels` compiles them with :func:`torch.utils.cpp_extension.load` the first time a
+call needs them (a C++ compiler and ``ninja``, a dependency, are needed; about a minute, once per
+machine: the build is kept in torch's extensions directory, with AVX2 and FMA where the CPU has
+them). Where they cannot be
 built, a warning says why and the torch-ops forms run: the same functions, slower.
 ``GATATTN_NATIVE_KERNELS=0`` in the environment keeps the torch-ops forms (to compare them).
 """

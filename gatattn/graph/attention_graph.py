@@ -195,8 +195,9 @@ class AttentionGraph:
     def num_edges(self) -> int:
         if self.edge_index is not None:
             return self.edge_index.size(1)
-        sizes = zip(*self.host_sizes(), strict=True)
-        return sum(band_pair_count(d, s, *self.band(d, s)) for d, s in sizes)
+        # Per size group, not per graph: a route asks on every call.
+        return sum(g.count * band_pair_count(g.len_dst, g.len_src, *self.band(g.len_dst, g.len_src))
+                   for g in self.segment_plan().groups)
 
     def segment_plan(self) -> SegmentPlan:
         """The grouping of graphs by size used by the dense route (derived once per batch)."""

@@ -19,6 +19,7 @@ from gatattn.bias import edge_bias
 from gatattn.explained_edges import check_explained_edges
 from gatattn.functional import attention, check_graph_call, logit_multiplier
 from gatattn.graph import AttentionGraph, check_graph_devices, describe_graph
+from gatattn.projections import shared_input_linears
 from gatattn.transforms import refuse_unread_graph, torchscript_refusal
 
 
@@ -383,9 +384,14 @@ class SelfAttentionConv(MessagePassing):
             :func:`gatattn.attention`.
         """
         C = self.out_channels
-        return (self.lin_query(x_dst).view(-1, self.heads, C),
-                self.lin_key(x_src).view(-1, self.kv_heads, C),
-                self.lin_value(x_src).view(-1, self.kv_heads, C))
+        if x_src is x_dst:  # self-attention: one input for the three (one autograd node)
+            query, key, value = shared_input_linears(
+                x_src, (self.lin_query, self.lin_key, self.lin_value))
+        else:
+            query, (key, value) = self.lin_query(x_dst), shared_input_linears(
+                x_src, (self.lin_key, self.lin_value))
+        return (query.view(-1, self.heads, C), key.view(-1, self.kv_heads, C),
+                value.view(-1, self.kv_heads, C))
 
     def finish(self, out: Tensor, x_dst: Tensor) -> Tensor:
         """The second half of :meth:`forward`: the attention output to the layer's output.

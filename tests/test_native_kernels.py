@@ -154,3 +154,23 @@ def test_the_kernels_refuse_arrays_they_cannot_read(kernels):
     with pytest.raises(RuntimeError, match="contiguous"):
         kernels.forward(q.transpose(0, 1).contiguous().transpose(0, 1), q, q, None, row_ptr,
                         col, 0.5)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_gradients_through_the_lse_alone(monkeypatch, use_kernels):
+    """A loss of the log-sum-exp alone gives the CSR route no output gradient (its weights'
+    and output's zeros are not materialised): the gradients equal the gathered form's."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(12, 2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    edge_index, _ = random_graph(12, 12, 40)
+    if not use_kernels:
+        monkeypatch.setattr(sparse, "cpu_kernels", lambda: None)
+    _, lse = gatattn.attention(q, k, v, edge_index=edge_index, backend="sparse", return_lse=True)
+    *got, got_v = torch.autograd.grad(lse.sum(), [q, k, v], allow_unused=True)
+    _, _, expected_lse = sparse.sparse_attention(q, k, v, edge_index, scale=0.5,
+                                                 form="gathered", return_lse=True)
+    expected = torch.autograd.grad(expected_lse.sum(), [q, k])  # (the lse reads no value)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert got_v is None or not got_v.any()

@@ -100,6 +100,8 @@ class _CSRAttention(torch.autograd.Function):
             out = _spmm(csr.head_matrices(_dropped(alpha, keep, dropout)), v_h)  # (N_dst, H, C_v)
         ctx.save_for_backward(q, k, v, bias, alpha, keep)
         ctx.csr, ctx.scale, ctx.dropout, ctx.kernels = csr, scale, dropout, kernels
+        # The weights take no gradient: not materialised, their zeros would cost an (E, H) fill.
+        ctx.set_materialize_grads(False)
         alpha_out = alpha.to(q.dtype)
         ctx.mark_non_differentiable(alpha_out)
         return out.to(q.dtype), alpha_out, *lse
@@ -107,6 +109,8 @@ class _CSRAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_alpha, grad_lse=None):
         q, k, v, bias, alpha, keep = ctx.saved_tensors
+        if grad_out is None:  # only the lse was used
+            grad_out = q.new_zeros(q.size(0), q.size(1), v.size(2))
         csr, scale, dropout = ctx.csr, ctx.scale, ctx.dropout
         if recording_backward():  # create_graph=True: differentiable gradients, same function
             inputs = (q, k, v) if bias is None else (q, k, v, bias)

@@ -19,6 +19,7 @@ built, a warning says why and the torch-ops forms run: the same functions, slowe
 
 from __future__ import annotations
 
+import ctypes.util
 import functools
 import os
 import warnings
@@ -41,10 +42,11 @@ def cpu_kernels() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        tag, vector_flags = _vector_flags()
+        tag, vector_flags, vector_libraries = _vector_flags()
         # -fopenmp: at::parallel_for runs its tasks on torch's OpenMP threads.
         return load(name=f"gatattn_cpu_kernels_{tag}", sources=[str(s) for s in SOURCES],
-                    extra_cflags=["-O3", "-fopenmp", *vector_flags], extra_ldflags=["-fopenmp"])
+                    extra_cflags=["-O3", "-fopenmp", *vector_flags],
+                    extra_ldflags=["-fopenmp", *vector_libraries])
     except Exception as error:  # no compiler, no ninja, a failed build: the torch-ops form
         warnings.warn(
             f"gatattn could not build its CPU kernels ({type(error).__name__}: {error}); the "
@@ -54,13 +56,17 @@ def cpu_kernels() -> ModuleType | None:
         return None
 
 
-def _vector_flags() -> tuple[str, list[str]]:
-    """The build's name tag and instruction-set flags, from the CPU capability torch detects:
-    AVX2 with FMA where the CPU has it (an AVX-512 CPU too), else the compiler's default. The
+def _vector_flags() -> tuple[str, list[str], list[str]]:
+    """The build's name tag, instruction-set flags and libraries, from the CPU capability torch
+    detects: AVX2 with FMA where the CPU has it (an AVX-512 CPU too), else the compiler's
+    default; with AVX2, glibc's vector math library (libmvec) where it is installed, whose
+    vector ``expf`` took 7% off the forward loop of 1024 complete graphs of 10-40 nodes. The
     tag keeps builds for different CPUs apart in torch's extensions directory, which a build
     for a newer CPU would otherwise serve to an older one. (AVX2 took 12-40% off the loops'
     time against the default SSE2 code on an AVX2 machine.)"""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability.startswith(("AVX2", "AVX512")):
-        return "avx2", ["-mavx2", "-mfma"]
-    return "default", []
+    if not capability.startswith(("AVX2", "AVX512")):
+        return "default", [], []
+    if ctypes.util.find_library("mvec") is None:
+        return "avx2", ["-mavx2", "-mfma"], []
+    return "avx2_mvec", ["-mavx2", "-mfma", "-DGATATTN_LIBMVEC"], ["-lmvec"]

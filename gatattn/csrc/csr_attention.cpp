@@ -3,7 +3,8 @@
 // SpMM of the torch-ops form gather them once per head and product. The arithmetic is the
 // torch-ops form's, step for step (gatattn/backends/sparse.py, edge_softmax): the row maximum
 // propagates NaN, a row whose maximum is -inf shifts by 0, a sum that is not > 0 divides by 1,
-// so non-finite inputs reach exactly the same outputs.
+// so non-finite inputs reach exactly the same outputs (float32's exponentials, vectorised, may
+// differ from expf's by a few ulp).
 //
 // Layouts: q (N_dst, H, C), k (N_src, H, C), v (N_src, H, C_v), contiguous; per-edge tensors
 // (E, H) in target-major (CSR) order; row_ptr (N_dst + 1,) and col (E,) the CSR, t_row_ptr
@@ -63,6 +64,23 @@ inline void head_dots(const T* a, const T* b, int64_t H, int64_t n, T* out) {
   for (; h < H; ++h) out[h] = dot(a + h * n, b + h * n, n);
 }
 
+// The forward's exponentials, eight at a time through glibc's vector expf (libmvec, which the
+// build links where it finds it: GATATTN_LIBMVEC) for float, else one by one. -inf gives 0 and
+// NaN stays NaN, as expf; results agree with expf to a few ulp (float32 rounding's order).
+#if defined(__AVX2__) && defined(GATATTN_LIBMVEC)
+extern "C" __m256 _ZGVdN8v_expf(__m256 x);
+#endif
+
+template <typename T>
+inline void exp_in_place(T* x, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(GATATTN_LIBMVEC)
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _ZGVdN8v_expf(_mm256_loadu_ps(x + i)));
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i]);
+}
+
 template <typename T>
 inline void axpy(T alpha, const T* x, T* y, int64_t n) {
 #pragma omp simd
@@ -120,7 +138,8 @@ void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64
   fix_widths<kWidth>(C, Cv);
   const T inf = std::numeric_limits<T>::infinity();
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  std::vector<T> divisor(H);
+  std::vector<T> divisor(H), maxima(H);
+  std::vector<char> has_nan(H);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t first = row_ptr[i], last = row_ptr[i + 1];
     const T* q_i = q + i * H * C;
@@ -132,24 +151,30 @@ void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64
       for (int64_t h = 0; h < H; ++h) s[h] = bias ? s[h] * scale + bias[e * H + h] : s[h] * scale;
     }
     prefetch_first(v, col, first, last, H * Cv);
-    for (int64_t h = 0; h < H; ++h) {
-      T m = -inf;
-      bool has_nan = false;
-      for (int64_t e = first; e < last; ++e) {
+    // Maxima per head in one pass over the block, exponentials over the block as one array.
+    for (int64_t h = 0; h < H; ++h) { maxima[h] = -inf; has_nan[h] = 0; }
+    for (int64_t e = first; e < last; ++e)
+      for (int64_t h = 0; h < H; ++h) {
         const T s = alpha[e * H + h];
-        if (std::isnan(s)) has_nan = true;
-        else if (s > m) m = s;
+        if (std::isnan(s)) has_nan[h] = 1;
+        else if (s > maxima[h]) maxima[h] = s;
       }
-      if (has_nan) m = nan;
-      if (m == -inf) m = 0;  // no edge, or every edge removed
-      T total = 0;
-      for (int64_t e = first; e < last; ++e) {
-        const T u = std::exp(alpha[e * H + h] - m);
-        alpha[e * H + h] = u;
-        total += u;
-      }
+    for (int64_t h = 0; h < H; ++h) {
+      if (has_nan[h]) maxima[h] = nan;
+      if (maxima[h] == -inf) maxima[h] = 0;
+    }
+    T* block = alpha + first * H;
+    const int64_t n = (last - first) * H;
+    for (int64_t e = 0; e < last - first; ++e)
+      for (int64_t h = 0; h < H; ++h) block[e * H + h] -= maxima[h];
+    exp_in_place(block, n);
+    for (int64_t h = 0; h < H; ++h) divisor[h] = 0;
+    for (int64_t e = 0; e < last - first; ++e)
+      for (int64_t h = 0; h < H; ++h) divisor[h] += block[e * H + h];
+    for (int64_t h = 0; h < H; ++h) {
+      const T total = divisor[h];
       divisor[h] = total > 0 ? total : T(1);
-      lse[i * H + h] = total == 0 ? -inf : m + std::log(total);
+      lse[i * H + h] = total == 0 ? -inf : maxima[h] + std::log(total);
     }
     T* out_i = out + i * H * Cv;
     for (int64_t c = 0; c < H * Cv; ++c) out_i[c] = 0;

@@ -13,6 +13,8 @@
 
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #ifdef __AVX2__

@@ -5,6 +5,8 @@
 // attention costs). The guard is only for an output that no autograd graph holds.
 
 #include <ATen/ATen.h>
+
+#include "kernels.h"
 #include <ATen/core/grad_mode.h>
 
 #include <limits>

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "kernels.h"
+
 #include <optional>
 
 at::Tensor packed_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

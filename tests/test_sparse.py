@@ -42,9 +42,11 @@ def test_saved_state_is_per_node_and_per_edge_head_not_per_edge_channel():
         gatattn.attention(q, k, v, edge_index=edge_index)
     num_edges = edge_index.size(1)
     assert saved, "the route saved nothing for backward"
-    # q, k, v themselves (N * H * C each) and (E, H) weights; never E * H * C.
+    # q, k, v and the output (N * H * C each: the compiled backward reads each target's
+    # softmax shift off the output instead of gathering the values again) and (E, H) weights;
+    # never E * H * C.
     assert max(saved) < num_edges * heads * channels
-    assert sum(saved) <= 3 * n * heads * channels + 2 * num_edges * heads
+    assert sum(saved) <= 4 * n * heads * channels + 2 * num_edges * heads
 
 
 @pytest.mark.parametrize("make_graph", [

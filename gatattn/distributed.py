@@ -72,7 +72,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gatattn.backends.second_order import recording_backward
-from gatattn.functional import attention, logit_multiplier, validate_qkv, validate_scalars
+from gatattn.functional import (
+    attention,
+    default_scale,
+    logit_multiplier,
+    validate_qkv,
+    validate_scalars,
+)
 from gatattn.graph import AttentionGraph
 from gatattn.graph.switches import Window
 from gatattn.merge import merge_attention
@@ -251,7 +257,7 @@ class _Ring:
             validate_scalars(scale, dropout=0.0)  # before the multiplier blames temperature
             causal, window, total, sizes = graph_sizes(graph, ptr, batch, causal, window)
             validate_local(q, k, causal, load_balance)
-            multiplier = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale,
+            multiplier = logit_multiplier(default_scale(q) if scale is None else scale,
                                           temperature)
             statement = rank_statement(q, k, v, causal, load_balance, multiplier, total,
                                        sizes, window)

@@ -167,7 +167,7 @@ def attention(
     """
     validate_qkv(q, k, v)
     validate_scalars(scale, dropout)
-    scale = logit_multiplier(q.size(-1) ** -0.5 if scale is None else scale, temperature)
+    scale = logit_multiplier(default_scale(q) if scale is None else scale, temperature)
     if attn_bias is not None:
         check_bias_tensor(attn_bias, q)
         attn_bias = attn_bias.to(q.dtype)
@@ -332,6 +332,14 @@ def validate_scalars(scale: float | None, dropout: float) -> None:
         raise ValueError(f"scale must be a finite number (or None for 1/sqrt(C)), got {scale}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+def default_scale(q: Tensor) -> float | Tensor:
+    """``1 / sqrt(C)``. Under ``torch.jit.trace`` the head width is a traced 0-dim integer
+    tensor whose power would be float32 (a float64 call traced would lose its scale's last 29
+    bits): it is raised in float64."""
+    channels = q.size(-1)
+    return channels.double() ** -0.5 if isinstance(channels, Tensor) else channels ** -0.5
 
 
 def logit_multiplier(scale: float, temperature: float) -> float:

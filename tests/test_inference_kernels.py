@@ -136,3 +136,56 @@ def test_inference_graph_calls_never_hide_a_nonfinite_input(monkeypatch, with_ke
     expected = reference.attention(q, k, v, _dense_mask(graph))
     assert torch.equal(exact.isnan(), expected.isnan())
     assert not exact.isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_complete_graph_in_one_step_equals_its_torch_ops(kernels, monkeypatch, dtype):
+    """The logits route on one complete graph (``auto`` on CPU) runs as one compiled step of
+    the same torch ops: outputs and gradients bitwise equal to the ops called from Python,
+    first and second derivatives recorded by autograd, and against the reference. Traces and
+    torch.func transforms get the Python form."""
+    graph = gatattn.build_graph(num_nodes=20)
+    q, k, v = make_qkv(20, 20, HEADS, CHANNELS, dtype=dtype)
+    steps = []
+    monkeypatch.setattr(sdpa, "cpu_kernels", lambda: _Recording(kernels, steps))
+    out = gatattn.attention(q, k, v, graph=graph)
+    assert steps == ["complete_graph_logits"]
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    second = torch.autograd.grad(sum(g.sum() for g in grads), (q, k, v))
+    monkeypatch.setattr(sdpa, "cpu_kernels", lambda: None)
+    python_out = gatattn.attention(q, k, v, graph=graph)
+    python_grads = torch.autograd.grad(python_out.square().sum(), (q, k, v), create_graph=True)
+    python_second = torch.autograd.grad(sum(g.sum() for g in python_grads), (q, k, v))
+    assert torch.equal(out, python_out)
+    for ours, theirs in zip((*grads, *second), (*python_grads, *python_second), strict=True):
+        assert torch.equal(ours, theirs)
+    expected = reference.attention(q, k, v, torch.ones(20, 20, dtype=torch.bool))
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
+    steps.clear()
+    monkeypatch.setattr(sdpa, "cpu_kernels", lambda: _Recording(kernels, steps))
+    torch.func.vmap(lambda q: gatattn.attention(q, k.detach(), v.detach(), graph=graph))(
+        q.detach().unsqueeze(0))
+    traced = torch.jit.trace(lambda q, k, v: gatattn.attention(q, k, v),
+                             (q.detach(), k.detach(), v.detach()), check_trace=False)
+    assert steps == [], "a trace or torch.func transform must see the ops from Python"
+    torch.testing.assert_close(traced(q.detach(), k.detach(), v.detach()), expected,
+                               rtol=tolerance, atol=tolerance)
+
+
+class _Recording:
+    """The kernels module, recording the names of the steps called."""
+
+    def __init__(self, module, steps: list):
+        self.module, self.steps = module, steps
+
+    def __getattr__(self, name):
+        attribute = getattr(self.module, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args):
+            self.steps.append(name)
+            return attribute(*args)
+
+        return call

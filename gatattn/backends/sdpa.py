@@ -276,7 +276,12 @@ def logits_attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, *, 
 
 
 def _one_graph(g: SegmentGroup, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """One complete graph: the group's form on its ``(H, len, C)`` views, no gather."""
+    """One complete graph: the group's form on its ``(H, len, C)`` views, no gather; on CPU
+    the same ops in one compiled step (``packed_sdpa.cpp``: the views and calls from Python
+    cost a fifth of a 64-node graph's attention), except where a trace, ``torch.func`` or
+    ``torch.compile`` must see the ops from Python."""
+    if q.is_cpu and not compiling() and not recorded() and cpu_kernels() is not None:
+        return cpu_kernels().complete_graph_logits(q, k, v, _IGNORED_INPUT[q.dtype], scale)
     out = _written_out_group(g, q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), None,
                              None, scale, 0.0)
     return out.transpose(0, 1)

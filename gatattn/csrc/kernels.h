@@ -21,6 +21,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 at::Tensor packed_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        int64_t count, int64_t len_dst, int64_t len_src, double scale,
                        bool is_causal);
+at::Tensor complete_graph_logits(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& ignored, double scale);
 // nonfinite.cpp
 at::Tensor all_finite(const std::vector<at::Tensor>& inputs);
 void poison_if_nonfinite_(at::Tensor out, const std::vector<at::Tensor>& inputs);

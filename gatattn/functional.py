@@ -14,6 +14,7 @@ from gatattn.backends.common import repeat_kv_heads
 from gatattn.backends.nonfinite import finite_flag
 from gatattn.backends.ops import traced_segment_attention
 from gatattn.backends.sdpa import logits_attention
+from gatattn.backends.sdpa import planned_step as planned_sdpa_step
 from gatattn.backends.varlen import varlen_attention
 from gatattn.bias import check_bias_rows, check_bias_tensor, materialized_bias
 from gatattn.graph import (
@@ -165,6 +166,20 @@ def attention(
     With ``attn_bias``, ``auto`` does not race the fused kernels (it takes SDPA or message
     passing); ``backend="triton"`` runs them.
     """
+    # A graph= call with nothing else to do than attend: the step planned by an earlier call
+    # with this graph for these shapes, if any (on small graphs the checks and the route
+    # choice cost a fifth of the attention, more right after it streamed the caches).
+    plain = (graph is not None and edge_index is None and batch is None and ptr is None
+             and causal is False and window is None and dropout == 0 and edge_attr is None
+             and attn_bias is None and not return_attention_weights and not return_lse
+             and isinstance(graph, AttentionGraph))
+    if plain:
+        planned = routing.planned_step(q, k, v, graph, scale, temperature, backend)
+        if planned is not None:
+            out = planned_sdpa_step(planned[0], q, k, v, graph, planned[1])
+            if out is not None:
+                return out
+    given_scale = scale
     validate_qkv(q, k, v)
     validate_scalars(scale, dropout)
     scale = logit_multiplier(default_scale(q) if scale is None else scale, temperature)
@@ -223,6 +238,8 @@ def attention(
     route = routing.choose(backend, graph, q, k, v, scale=scale, dropout=dropout,
                            need_weights=return_attention_weights,
                            has_edge_attr=edge_attr is not None, has_bias=attn_bias is not None)
+    if plain:
+        routing.plan_step(q, k, v, graph, given_scale, temperature, backend, route, scale)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias,
                               inputs_finite=inputs_finite, return_lse=return_lse)

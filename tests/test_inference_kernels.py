@@ -5,9 +5,10 @@ call's guard. Each against the form written in torch ops that serves where they 
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import gatattn
-from gatattn import reference
+from gatattn import functional, reference
 from gatattn.backends import native, nonfinite, sdpa
 from tests.conftest import make_qkv
 
@@ -189,3 +190,112 @@ class _Recording:
             return attribute(*args)
 
         return call
+
+
+# ------------------------------------------------------------------ planned graph= calls
+
+PLANNED = {  # name: (keywords of build_graph, rows, the planned step)
+    "one complete graph": ({"ptr": torch.tensor([0, 24])}, 24, "one graph"),
+    "equal graphs in order": ({"ptr": torch.tensor([0, 10, 20, 30])}, 30, "packed sdpa"),
+}
+
+
+def _planned_calls(monkeypatch) -> list:
+    """Records the planned steps that serve calls (the full call plans them)."""
+    served, step = [], sdpa.planned_step
+
+    def recording(name, *args):
+        out = step(name, *args)
+        served.append(name if out is not None else None)
+        return out
+
+    monkeypatch.setattr(functional, "planned_sdpa_step", recording)
+    return served
+
+
+@pytest.mark.parametrize("kind", list(PLANNED))
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_graph_plans_its_calls_and_the_planned_step_equals_the_full_call(
+        kernels, monkeypatch, kind, validate):
+    """The first ``graph=`` call checks everything and plans; the next with the same shapes,
+    dtypes and settings runs the planned step alone: bitwise the full call's output (the
+    full call here: the same graph's twin, which plans nothing yet), non-finite inputs
+    included, with validation on and off."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # (2 threads: another route)
+    keywords, rows, step = PLANNED[kind]
+    graph, twin = gatattn.build_graph(**keywords), gatattn.build_graph(**keywords)
+    q, k, v = (t.detach() for t in make_qkv(rows, rows, HEADS, CHANNELS))
+    q0 = q
+    served = _planned_calls(monkeypatch)
+    with torch.no_grad(), gatattn.validation(validate):
+        first = gatattn.attention(q, k, v, graph=graph)
+        assert served == [] and len(graph.planned_steps) == 1
+        for nonfinite in (False, True):
+            if nonfinite:
+                q = q.clone()
+                q[3, 1, 2] = float("nan")
+            planned = gatattn.attention(q, k, v, graph=graph)
+            full = gatattn.attention(q, k, v, graph=twin)
+            twin.planned_steps.clear()
+            assert torch.equal(planned.isnan(), full.isnan())
+            assert torch.equal(planned.nan_to_num(), full.nan_to_num())
+            if validate or step == "one graph":  # (SDPA alone may hide a NaN query)
+                assert bool(planned.isnan().any()) == nonfinite
+    assert served == [step, step]
+    expected = reference.attention(q0, k, v, _dense_mask(graph))
+    torch.testing.assert_close(first, expected)
+
+
+def test_planned_calls_with_gradients_are_the_full_calls(kernels, monkeypatch):
+    """One complete graph's planned step is recorded by autograd (first and second
+    derivatives bitwise the full call's); SDPA's planned step serves inference only."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    served = _planned_calls(monkeypatch)
+    graph, twin = gatattn.build_graph(num_nodes=20), gatattn.build_graph(num_nodes=20)
+    q, k, v = make_qkv(20, 20, HEADS, CHANNELS)
+    gatattn.attention(q, k, v, graph=graph)
+    outs = []
+    for g in (graph, twin):
+        out = gatattn.attention(q, k, v, graph=g)
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+        outs.append((out, *grads, *torch.autograd.grad(sum(x.sum() for x in grads), (q, k, v))))
+    assert served == ["one graph"]
+    for ours, theirs in zip(*outs, strict=True):
+        assert torch.equal(ours, theirs)
+    served.clear()
+    batched = gatattn.build_graph(ptr=torch.tensor([0, 10, 20]))
+    gatattn.attention(q, k, v, graph=batched)
+    gatattn.attention(q, k, v, graph=batched).sum().backward()
+    assert served == [None], "SDPA's planned step must leave recorded calls to the full call"
+
+
+def test_a_plan_serves_only_calls_like_the_one_that_made_it(kernels, monkeypatch):
+    """Other dtypes, head shapes, scales, thread counts and route limits plan anew; traces,
+    torch.func, user dispatch modes, tensor subclasses and rows that do not match the graph
+    never take a plan (the last are refused by the full call's checks)."""
+    served = _planned_calls(monkeypatch)
+    graph = gatattn.build_graph(num_nodes=12)
+    q, k, v = (t.detach() for t in make_qkv(12, 12, HEADS, CHANNELS))
+    gatattn.attention(q, k, v, graph=graph)
+    for call in (lambda: gatattn.attention(q.double(), k.double(), v.double(), graph=graph),
+                 lambda: gatattn.attention(q, k[:, :2], v[:, :2], graph=graph),
+                 lambda: gatattn.attention(q, k, v, graph=graph, scale=0.5),
+                 lambda: gatattn.attention(q, k, v, graph=graph, temperature=2.0)):
+        call()
+    assert served == [] and len(graph.planned_steps) == 5
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "get_num_threads", lambda: 7)
+        gatattn.attention(q, k, v, graph=graph)
+    with monkeypatch.context() as patch:
+        patch.setattr(gatattn.graph, "MAX_KEPT_EDGES", 5)
+        gatattn.attention(q, k, v, graph=graph)
+    assert served == [] and len(graph.planned_steps) == 7
+    torch.func.vmap(lambda q: gatattn.attention(q, k, v, graph=graph))(q.unsqueeze(0))
+    with FlopCounterMode(display=False):
+        gatattn.attention(q, k, v, graph=graph)
+    gatattn.attention(torch.nn.Parameter(q), k, v, graph=graph)
+    assert served == []
+    with pytest.raises(ValueError, match="12 targets and 12 sources, but q has 11 rows"):
+        gatattn.attention(q[:11], k, v, graph=graph)
+    gatattn.attention(q, k, v, graph=graph)
+    assert served == ["one graph"]

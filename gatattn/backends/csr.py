@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gatattn.graph import MAX_KEPT_EDGES, AttentionGraph, Permutation
+import gatattn.graph as limits  # the package: a caller sets its MAX_*_EDGES limits there
+from gatattn.graph import AttentionGraph, Permutation
 from gatattn.transforms import compiling
 
 _CACHE_SIZE = 8
@@ -133,7 +134,7 @@ def graph_csr(graph: AttentionGraph, edge_index: Tensor) -> CSR:
     # CSR whether or not it was built by build_graph.
     csr = _build(edge_index, graph.num_dst, graph.num_src, may_read=False,
                  target_sorted=graph.is_implicit)
-    if csr.num_edges <= MAX_KEPT_EDGES:
+    if csr.num_edges <= limits.MAX_KEPT_EDGES:
         graph.keep(csr=csr)
     return csr
 

@@ -41,8 +41,8 @@ def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     non-finite entry makes the sum non-finite (a sum that overflows only sends finite inputs
     down the exact repair path). Left on the device so the caller can read it along with
     whatever else it reads. On CPU one pass of the compiled kernel computes it
-    (:func:`_scanned_natively`)."""
-    if _scanned_natively(q, k, v):
+    (:func:`scanned_natively`)."""
+    if scanned_natively(q, k, v):
         return cpu_kernels().all_finite([q, k, v])
     with torch.no_grad():
         return torch.isfinite(sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v)))
@@ -119,13 +119,13 @@ def _poisoned_in_place(out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether :func:`_poisoned_if_nonfinite`'s check ran in the compiled kernel, which writes
     ``out`` in place: only for an output that autograd does not record (so no backward saved
     it)."""
-    if out.requires_grad or out.dtype != q.dtype or not _scanned_natively(q, k, v):
+    if out.requires_grad or out.dtype != q.dtype or not scanned_natively(q, k, v):
         return False
     cpu_kernels().poison_if_nonfinite_(out, [q, k, v])
     return True
 
 
-def _scanned_natively(q: Tensor, k: Tensor, v: Tensor) -> bool:
+def scanned_natively(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the compiled kernels (``nonfinite.cpp``) scan ``q``, ``k``, ``v``: float32 /
     float64 CPU tensors of one dtype whose last dimension is contiguous, no user's dispatch
     mode watching (it could not see the kernel), and the kernels built."""

@@ -31,10 +31,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+import gatattn.graph as limits  # the package: a caller sets its MAX_*_EDGES limits there
 from gatattn.backends import racing
 from gatattn.backends.fused import triton_unavailable_reason
 from gatattn.backends.native import cpu_kernels
-from gatattn.graph import MAX_KEPT_EDGES, AttentionGraph
+from gatattn.graph import AttentionGraph
 from gatattn.transforms import compiling, ops_watched, plain_ops_only, recorded
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
@@ -106,6 +107,68 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
     return "sdpa" if requested == "sdpa" else message_passing
 
 
+# ------------------------------------------------------------------ planned graph= calls
+
+
+def planned_step(q, k, v, graph: AttentionGraph, scale, temperature: float,
+                 requested: str) -> tuple[str, float] | None:
+    """The step (``"one graph"``: the logits route on one complete graph; ``"packed sdpa"``:
+    SDPA over one group of equal-size graphs in order) and the logit multiplier that an
+    earlier ``graph=`` call with this graph planned for calls like this one, or ``None``.
+
+    A plan is kept by :func:`plan_step` after a call that checked everything, under a key of
+    everything the checks and :func:`choose` read that a later call could change: the
+    backend asked, ``scale`` and ``temperature``, the dtypes and per-row shapes of ``q``,
+    ``k``, ``v``, the thread count and the routes' size limits; the graph itself never
+    changes. What the key does not
+    hold is checked here on every call: plain CPU tensors with the graph's row counts, and
+    eager mode with nothing watching (not compiling, no trace, no ``torch.func`` transform,
+    no user's dispatch mode, no race of the fused kernels)."""
+    if not graph.planned_steps or not _plannable(q, k, v, graph):
+        return None
+    return graph.planned_steps.get(_call_key(q, k, v, scale, temperature, requested))
+
+
+def plan_step(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale, temperature: float,
+              requested: str, route: str, multiplier: float) -> None:
+    """Keep the step that :func:`planned_step` serves later, after a ``graph=`` call with no
+    other option (no bias, dropout, weights, edge features, lse, causal band or window) took
+    ``route``: one complete graph on the logits route, or one group of equal-size graphs in
+    order on the SDPA route (a positive scale, nonempty graphs)."""
+    if not _plannable(q, k, v, graph) or graph.banded or not graph.is_implicit:
+        return
+    plan = graph.segment_plan()
+    if len(plan.groups) != 1 or plan.order_dst is not None or plan.order_src is not None:
+        return
+    group = plan.groups[0]
+    if route == "logits" and group.count == 1:
+        step = "one graph"
+    elif route == "sdpa" and group.len_dst > 0 and group.len_src > 0 and multiplier > 0:
+        step = "packed sdpa"
+    else:
+        return
+    graph.planned_steps[_call_key(q, k, v, scale, temperature, requested)] = (step, multiplier)
+
+
+def _call_key(q: Tensor, k: Tensor, v: Tensor, scale, temperature: float,
+              requested: str) -> tuple:
+    return (requested, scale, temperature, q.dtype, k.dtype, v.dtype, q.shape[1:], k.shape[1:],
+            v.shape[1:], torch.get_num_threads(), limits.MAX_KEPT_EDGES, LOGITS_MAX_NODES,
+            NATIVE_MAX_NODES)
+
+
+def _plannable(q, k, v, graph: AttentionGraph) -> bool:
+    """Plain 3-D CPU tensors with the graph's row counts, in eager mode, nothing watching."""
+    if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):  # noqa: E721
+        return False  # (subclasses may watch their ops through __torch_function__)
+    if not (q.dim() == 3 and k.dim() == 3 and v.dim() == 3 and q.is_cpu and k.is_cpu
+            and v.is_cpu):
+        return False
+    if q.size(0) != graph.num_dst or k.size(0) != graph.num_src or v.size(0) != graph.num_src:
+        return False
+    return not (compiling() or recorded() or ops_watched() or races_on(q.device))
+
+
 def reads_graph_sizes(requested: str, device: torch.device) -> bool:
     """Whether every route ``requested`` may take on ``device`` reads the graph sizes on the
     host (all but the fused kernels, which take ``ptr`` as it lies: an unvalidated ``ptr``
@@ -146,7 +209,7 @@ def native_message_passing_serves(graph: AttentionGraph, q: Tensor, k: Tensor, v
             or k.shape[1] != q.shape[1] or plain_ops_only(q.device) or ops_watched()):
         return False
     plan = graph.segment_plan()
-    return (plan.longest <= NATIVE_MAX_NODES and graph.num_edges() <= MAX_KEPT_EDGES
+    return (plan.longest <= NATIVE_MAX_NODES and graph.num_edges() <= limits.MAX_KEPT_EDGES
             and cpu_kernels() is not None)
 
 

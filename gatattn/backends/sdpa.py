@@ -30,9 +30,9 @@ from gatattn.backends.common import (
     unpermute_rows,
 )
 from gatattn.backends.native import cpu_kernels
-from gatattn.backends.nonfinite import contain_nonfinite
+from gatattn.backends.nonfinite import contain_nonfinite, scanned_natively
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
-from gatattn.graph import AttentionGraph, SegmentGroup
+from gatattn.graph import AttentionGraph, SegmentGroup, validation_enabled
 from gatattn.graph.edges import seeing_rows
 from gatattn.graph.layout import head_major_layout
 from gatattn.transforms import compiling, functorch_active, recorded
@@ -111,13 +111,15 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
         # SDPA scales after masking with -inf (0 * -inf = NaN) or by sqrt(scale) (math
         # backend): fold such a scale into the queries instead.
         q, scale = q * scale, 1.0
-    chunks = sliding_chunks(group.len_dst, group.len_src, band)
-    if chunks is not None:  # a narrow band: every chunk of rows against its keys, one call
-        out = _sdpa(chunks.queries(q, group.count), chunks.sources(k, group.count),
-                    chunks.sources(v, group.count), chunks.mask(group.count, q.device), False,
-                    scale, dropout, math)
-        return chunks.outputs(out, group.count)
-    mask, is_causal = sdpa_mask(band, group.len_dst, group.len_src, q.device)
+    mask, is_causal = None, False  # (every pair: nothing more to ask, the common case)
+    if band is not None:
+        chunks = sliding_chunks(group.len_dst, group.len_src, band)
+        if chunks is not None:  # a narrow band: every chunk of rows against its keys, one call
+            out = _sdpa(chunks.queries(q, group.count), chunks.sources(k, group.count),
+                        chunks.sources(v, group.count), chunks.mask(group.count, q.device),
+                        False, scale, dropout, math)
+            return chunks.outputs(out, group.count)
+        mask, is_causal = sdpa_mask(band, group.len_dst, group.len_src, q.device)
     if mask is None and dropout == 0 and not math and _packed_call_serves(q, k, v):
         return cpu_kernels().packed_sdpa(q, k, v, group.count, group.len_dst, group.len_src,
                                          scale, is_causal)
@@ -126,6 +128,30 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
     v = v.view(group.count, group.len_src, H_kv, C_v).transpose(1, 2)  # (B, H_kv, S, C_v)
     out = _sdpa(q, k, v, mask, is_causal, scale, dropout, math)
     return out.transpose(1, 2).reshape(-1, H, C_v)
+
+
+def planned_step(step: str, q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
+                 scale: float) -> Tensor | None:
+    """A step :func:`gatattn.backends.routing.planned_step` planned, computing what the full
+    call computes, bitwise: ``"one graph"`` is :func:`_one_graph`'s compiled step (any grad
+    mode), ``"packed sdpa"`` the one-step SDPA call of one group of equal-size graphs in order
+    and, with validation on, the compiled guard (inference only). ``None`` where it cannot:
+    the full call runs."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        return None
+    if step == "one graph":
+        return kernels.complete_graph_logits(q, k, v, _IGNORED_INPUT[q.dtype], scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    guard = validation_enabled()
+    if guard and not scanned_natively(q, k, v):
+        return None
+    group = graph.segment_plan().groups[0]
+    out = kernels.packed_sdpa(q, k, v, group.count, group.len_dst, group.len_src, scale, False)
+    if guard:
+        kernels.poison_if_nonfinite_(out, [q, k, v])
+    return out
 
 
 def _packed_call_serves(q: Tensor, k: Tensor, v: Tensor) -> bool:

@@ -69,6 +69,9 @@ class AttentionGraph:
     materialized_edges: Tensor | None = field(default=None, init=False, compare=False)
     #: The CSR of an edge set (:func:`gatattn.backends.csr.graph_csr`).
     csr: CSR | None = field(default=None, init=False, compare=False)
+    #: The steps planned for ``graph=`` calls, keyed by everything the route choice reads
+    #: (:func:`gatattn.backends.routing.planned_step`).
+    planned_steps: dict = field(default_factory=dict, init=False, compare=False)
 
     def __repr__(self) -> str:
         causal = {(False, False): "no", (True, False): "top_left",

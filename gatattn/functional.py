@@ -166,20 +166,19 @@ def attention(
     With ``attn_bias``, ``auto`` does not race the fused kernels (it takes SDPA or message
     passing); ``backend="triton"`` runs them.
     """
-    # A graph= call with nothing else to do than attend: the step planned by an earlier call
-    # with this graph for these shapes, if any (on small graphs the checks and the route
-    # choice cost a fifth of the attention, more right after it streamed the caches).
-    plain = (graph is not None and edge_index is None and batch is None and ptr is None
-             and causal is False and window is None and dropout == 0 and edge_attr is None
-             and attn_bias is None and not return_attention_weights and not return_lse
-             and isinstance(graph, AttentionGraph))
-    if plain:
-        planned = routing.planned_step(q, k, v, graph, scale, temperature, backend)
-        if planned is not None:
-            out = planned_sdpa_step(planned[0], q, k, v, graph, planned[1])
-            if out is not None:
-                return out
-    given_scale = scale
+    # A call with nothing else to do than attend over complete graphs takes the step planned by
+    # an earlier call with its graph for these shapes, if any (on small graphs the checks and
+    # the route choice cost a fifth of the attention, more right after it streamed the
+    # caches): a graph= call at once, a keyword call once it has its graph.
+    plain = (edge_index is None and causal is False and window is None and dropout == 0
+             and edge_attr is None and attn_bias is None and not return_attention_weights
+             and not return_lse)
+    if plain and graph is not None and batch is None and ptr is None and isinstance(
+            graph, AttentionGraph):
+        out = _planned(q, k, v, graph, scale, temperature, backend, validation_enabled())
+        if out is not None:
+            return out
+    given_scale, described = scale, graph is not None or batch is not None or ptr is not None
     validate_qkv(q, k, v)
     validate_scalars(scale, dropout)
     scale = logit_multiplier(default_scale(q) if scale is None else scale, temperature)
@@ -227,6 +226,11 @@ def attention(
             finite_flag=flag_for if validate and edge_index is None and not recorded() else None,
             # Reusing a graph costs a read: not where an unvalidated ptr would read nothing.
             reuse=validate or batch is not None or routing.reads_graph_sizes(backend, q.device))
+        if plain and inputs_finite is not False:  # (non-finite inputs: the exact repair)
+            out = _planned(q, k, v, graph, given_scale, temperature, backend,
+                           inputs_finite is None and validation_enabled())
+            if out is not None:
+                return out
     _validate_edge_attr(edge_attr, graph, q, v)
     if edge_attr is not None and graph.kept_edges is not None:
         edge_attr = edge_attr[graph.kept_edges]
@@ -238,7 +242,7 @@ def attention(
     route = routing.choose(backend, graph, q, k, v, scale=scale, dropout=dropout,
                            need_weights=return_attention_weights,
                            has_edge_attr=edge_attr is not None, has_bias=attn_bias is not None)
-    if plain:
+    if plain and described:  # (a graph that later calls get again: given, or reused)
         routing.plan_step(q, k, v, graph, given_scale, temperature, backend, route, scale)
     if route == "sdpa":
         return sdpa_attention(q, k, v, graph, scale=scale, dropout=dropout, bias=attn_bias,
@@ -263,6 +267,17 @@ def attention(
     if adjacency is None or graph.kept_edges is not None:
         return out, (edge_index, alpha), *lse
     return out, adjacency.with_weights(alpha), *lse
+
+
+def _planned(q, k, v, graph: AttentionGraph, scale, temperature: float, backend: str,
+             guard: bool) -> Tensor | None:
+    """The planned step's output (:func:`gatattn.backends.routing.planned_step`), or ``None``
+    where there is no plan for this call or the step cannot serve it. ``guard``: the whole
+    output turns NaN if an input is not finite (a ``graph=`` call with validation on)."""
+    planned = routing.planned_step(q, k, v, graph, scale, temperature, backend)
+    if planned is None:
+        return None
+    return planned_sdpa_step(planned[0], q, k, v, graph, planned[1], guard)
 
 
 def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, batch, ptr,

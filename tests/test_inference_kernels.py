@@ -299,3 +299,23 @@ def test_a_plan_serves_only_calls_like_the_one_that_made_it(kernels, monkeypatch
         gatattn.attention(q[:11], k, v, graph=graph)
     gatattn.attention(q, k, v, graph=graph)
     assert served == ["one graph"]
+
+
+def test_keyword_calls_take_the_plan_of_their_reused_graph(kernels, monkeypatch):
+    """``ptr=`` calls get the graph the first call built (one host read) and then its plan;
+    inputs that the call finds not finite take the exact repair, not the plan: NaN only
+    where an edge reads it, as the reference."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    served = _planned_calls(monkeypatch)
+    ptr = torch.tensor([0, 10, 20, 30])
+    graph = gatattn.build_graph(ptr=ptr)
+    q, k, v = (t.detach() for t in make_qkv(30, 30, HEADS, CHANNELS))
+    with torch.no_grad():
+        first = gatattn.attention(q, k, v, ptr=ptr)
+        again = gatattn.attention(q, k, v, ptr=ptr)
+        assert served == ["packed sdpa"] and torch.equal(first, again)
+        q[12, 1, 0] = float("nan")
+        exact = gatattn.attention(q, k, v, ptr=ptr)
+    assert served == ["packed sdpa"]
+    expected = reference.attention(q, k, v, _dense_mask(graph))
+    assert torch.equal(exact.isnan(), expected.isnan()) and not exact.isnan().all()

@@ -32,7 +32,7 @@ from gatattn.backends.common import (
 from gatattn.backends.native import cpu_kernels
 from gatattn.backends.nonfinite import contain_nonfinite, scanned_natively
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
-from gatattn.graph import AttentionGraph, SegmentGroup, validation_enabled
+from gatattn.graph import AttentionGraph, SegmentGroup
 from gatattn.graph.edges import seeing_rows
 from gatattn.graph.layout import head_major_layout
 from gatattn.transforms import compiling, functorch_active, recorded
@@ -131,12 +131,12 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
 
 
 def planned_step(step: str, q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
-                 scale: float) -> Tensor | None:
+                 scale: float, guard: bool) -> Tensor | None:
     """A step :func:`gatattn.backends.routing.planned_step` planned, computing what the full
     call computes, bitwise: ``"one graph"`` is :func:`_one_graph`'s compiled step (any grad
-    mode), ``"packed sdpa"`` the one-step SDPA call of one group of equal-size graphs in order
-    and, with validation on, the compiled guard (inference only). ``None`` where it cannot:
-    the full call runs."""
+    mode; the logits route needs no guard), ``"packed sdpa"`` the one-step SDPA call of one
+    group of equal-size graphs in order and, with ``guard``, the compiled guard (inference
+    only). ``None`` where it cannot: the full call runs."""
     kernels = cpu_kernels()
     if kernels is None:
         return None
@@ -144,7 +144,6 @@ def planned_step(step: str, q: Tensor, k: Tensor, v: Tensor, graph: AttentionGra
         return kernels.complete_graph_logits(q, k, v, _IGNORED_INPUT[q.dtype], scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    guard = validation_enabled()
     if guard and not scanned_natively(q, k, v):
         return None
     group = graph.segment_plan().groups[0]

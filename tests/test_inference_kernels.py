@@ -265,6 +265,9 @@ def test_planned_calls_with_gradients_are_the_full_calls(kernels, monkeypatch):
     served.clear()
     batched = gatattn.build_graph(ptr=torch.tensor([0, 10, 20]))
     gatattn.attention(q, k, v, graph=batched)
+    assert not batched.planned_steps, "a training call plans no step that serves inference only"
+    with torch.no_grad():
+        gatattn.attention(q, k, v, graph=batched)  # (plans it)
     gatattn.attention(q, k, v, graph=batched).sum().backward()
     assert served == [None], "SDPA's planned step must leave recorded calls to the full call"
 

@@ -120,8 +120,8 @@ def planned_step(q, k, v, graph: AttentionGraph, scale, temperature: float,
     everything the checks and :func:`choose` read that a later call could change: the
     backend asked, ``scale`` and ``temperature``, the dtypes and per-row shapes of ``q``,
     ``k``, ``v``, the thread count and the routes' size limits; the graph itself never
-    changes. What the key does not
-    hold is checked here on every call: plain CPU tensors with the graph's row counts, and
+    changes. What the key does not hold is checked here on every call: plain CPU tensors with
+    the graph's row counts, and
     eager mode with nothing watching (not compiling, no trace, no ``torch.func`` transform,
     no user's dispatch mode, no race of the fused kernels)."""
     if not graph.planned_steps or not _plannable(q, k, v, graph):
@@ -134,7 +134,8 @@ def plan_step(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale, tem
     """Keep the step that :func:`planned_step` serves later, after a ``graph=`` call with no
     other option (no bias, dropout, weights, edge features, lse, causal band or window) took
     ``route``: one complete graph on the logits route, or one group of equal-size graphs in
-    order on the SDPA route (a positive scale, nonempty graphs)."""
+    order on the SDPA route (a positive scale, nonempty graphs; planned by an inference call
+    only, the only kind it serves: a training call would plan again on every call)."""
     if not _plannable(q, k, v, graph) or graph.banded or not graph.is_implicit:
         return
     plan = graph.segment_plan()
@@ -143,7 +144,9 @@ def plan_step(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale, tem
     group = plan.groups[0]
     if route == "logits" and group.count == 1:
         step = "one graph"
-    elif route == "sdpa" and group.len_dst > 0 and group.len_src > 0 and multiplier > 0:
+    elif (route == "sdpa" and group.len_dst > 0 and group.len_src > 0 and multiplier > 0
+          and not (torch.is_grad_enabled()
+                   and (q.requires_grad or k.requires_grad or v.requires_grad))):
         step = "packed sdpa"
     else:
         return

@@ -25,6 +25,11 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=10
 settings.register_profile("fuzz", deadline=None, max_examples=1000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+#: Marks a Triton case that repeats, in Triton's interpreter (seconds per case), what a quick case
+#: of the same test already sends through it (another head layout, dtype, graph form or size):
+#: `make test` leaves it to `make test-heavy` (CI runs both; on a GPU the interpreter is off).
+INTERPRETER_REPEAT = pytest.mark.heavy
+
 # The tolerance rule's floors, shared with the check tool users run (python -m gatattn.check).
 from gatattn.tolerance import FLOOR, LOW_PRECISION  # noqa: E402
 

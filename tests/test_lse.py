@@ -11,7 +11,7 @@ import gatattn
 from gatattn import reference
 from gatattn.backends import sdpa as sdpa_backend
 from gatattn.bias import stacked_from_padded, stacked_to_dense
-from tests.conftest import LOW_PRECISION, assert_close
+from tests.conftest import INTERPRETER_REPEAT, LOW_PRECISION, assert_close
 
 NEG_INF = float("-inf")
 HEADS, CHANNELS = 2, 4
@@ -56,6 +56,9 @@ ROUTES = {  # name: (backend, extra keywords, dtypes)
     "triton": ("triton", {}, (torch.float32, torch.float16)),
 }
 ROUTE_DTYPES = [(name, dtype) for name, (_, _, dtypes) in ROUTES.items() for dtype in dtypes]
+# (the kernels in float32 repeat their float16 cases in the interpreter: make test-heavy)
+ROUTE_DTYPE_CASES = [pytest.param(name, dtype, marks=[INTERPRETER_REPEAT] if (
+    name, dtype) == ("triton", torch.float32) else []) for name, dtype in ROUTE_DTYPES]
 
 IMPLICIT = {  # name: (sizes_dst, sizes_src or None for self-attention, causal)
     "complete": ([7], None, False),
@@ -184,7 +187,7 @@ def _lse_only(route):
     return keywords, pick
 
 
-@pytest.mark.parametrize("route,dtype", ROUTE_DTYPES)
+@pytest.mark.parametrize("route,dtype", ROUTE_DTYPE_CASES)
 @pytest.mark.parametrize("kind", list(IMPLICIT))
 def test_implicit_graphs(route, dtype, kind, routes):
     inputs, run, ref = _implicit_case(kind, dtype)
@@ -193,7 +196,7 @@ def test_implicit_graphs(route, dtype, kind, routes):
     assert set(routes) == {route}
 
 
-@pytest.mark.parametrize("route,dtype", ROUTE_DTYPES)
+@pytest.mark.parametrize("route,dtype", ROUTE_DTYPE_CASES)
 @pytest.mark.parametrize("kind", ["batched", "bipartite-bottom-right", "causal"])
 def test_implicit_graphs_with_bias(route, dtype, kind, routes):
     """The lse includes the bias; a target whose pairs a -inf bias all removes gets -inf."""
@@ -214,7 +217,7 @@ def test_grouped_query_heads(route, routes):
     assert set(routes) == {route}
 
 
-@pytest.mark.parametrize("route,dtype", [rd for rd in ROUTE_DTYPES if rd[0] != "sdpa"])
+@pytest.mark.parametrize("route,dtype", [c for c in ROUTE_DTYPE_CASES if c.values[0] != "sdpa"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_edge_set(route, dtype, with_bias, routes):
     inputs, run, ref = _edge_case(dtype, with_bias)
@@ -345,8 +348,9 @@ def _split_sources(num_src, parts, gen):
     return torch.randint(parts, (num_src,), generator=gen)
 
 
-@pytest.mark.parametrize("parts", [2, 3])
-@pytest.mark.parametrize("route", ["sdpa", "csr", "triton"])
+@pytest.mark.parametrize("route,parts", [
+    pytest.param(route, parts, marks=[INTERPRETER_REPEAT] if (route, parts) == ("triton", 3)
+                 else []) for route in ("sdpa", "csr", "triton") for parts in (2, 3)])
 def test_merge_rebuilds_full_attention(parts, route):
     """Parts over disjoint key / value sets (ring attention's shards, split-KV decoding's
     chunks) merged by their lse equal attention over all of them: forward and the gradients of

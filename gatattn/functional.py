@@ -11,7 +11,7 @@ from torch import Tensor
 from gatattn.adjacency import read_adjacency
 from gatattn.backends import routing, sdpa_attention, sparse_attention, triton_attention
 from gatattn.backends.common import repeat_kv_heads
-from gatattn.backends.nonfinite import finite_flag
+from gatattn.backends.nonfinite import finite_flag, inputs_finite
 from gatattn.backends.ops import traced_segment_attention
 from gatattn.backends.sdpa import logits_attention
 from gatattn.backends.sdpa import planned_step as planned_sdpa_step
@@ -22,6 +22,7 @@ from gatattn.graph import (
     causal_mode,
     check_graph_devices,
     describe_graph,
+    described_ptr_graph,
     graph_membership,
     validation_enabled,
 )
@@ -178,6 +179,10 @@ def attention(
         out = _planned(q, k, v, graph, scale, temperature, backend, validation_enabled())
         if out is not None:
             return out
+    if plain and graph is None and batch is None and type(ptr) is Tensor:  # noqa: E721
+        out = _planned_for_ptr(q, k, v, ptr, scale, temperature, backend)
+        if out is not None:
+            return out
     given_scale, described = scale, graph is not None or batch is not None or ptr is not None
     validate_qkv(q, k, v)
     validate_scalars(scale, dropout)
@@ -277,7 +282,33 @@ def _planned(q, k, v, graph: AttentionGraph, scale, temperature: float, backend:
     planned = routing.planned_step(q, k, v, graph, scale, temperature, backend)
     if planned is None:
         return None
-    return planned_sdpa_step(planned[0], q, k, v, graph, planned[1], guard)
+    step, multiplier, sizes = planned
+    return planned_sdpa_step(step, q, k, v, sizes, multiplier, guard)
+
+
+def _planned_for_ptr(q, k, v, ptr: Tensor, scale, temperature: float,
+                     backend: str) -> Tensor | None:
+    """A ``ptr=`` call's planned step, where an earlier call described this very ``ptr`` (its
+    graph kept by :func:`~gatattn.graph.describe_graph`), ``ptr`` still holds those values, the
+    graph planned a step for calls like this one and, for SDPA with validation on, ``q``, ``k``,
+    ``v`` are finite: the full call's checks and its one host read, without its Python. ``None``
+    otherwise: the full call runs (non-finite inputs: the exact repair)."""
+    if not (ptr.is_cpu and routing.plannable_call(q, k, v)):
+        return None
+    validate = validation_enabled()
+    if not (validate or routing.reads_graph_sizes(backend, q.device)):
+        return None  # (such calls keep no graph)
+    graph = described_ptr_graph(ptr, q.size(0), k.size(0), validate)
+    if graph is None:
+        return None
+    planned = routing.planned_step(q, k, v, graph, scale, temperature, backend)
+    if planned is None:
+        return None
+    step, multiplier, sizes = planned
+    # (the logits route, "one graph", contains non-finite inputs by itself: no flag)
+    if validate and step == "packed sdpa" and not inputs_finite(q, k, v):
+        return None
+    return planned_sdpa_step(step, q, k, v, sizes, multiplier, False)
 
 
 def check_graph_call(graph: AttentionGraph, q: Tensor, k: Tensor, edge_index, batch, ptr,

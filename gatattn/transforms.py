@@ -45,6 +45,15 @@ def recorded() -> bool:
     return not compiling() and (torch.jit.is_tracing() or functorch_active())
 
 
+def eager_and_unwatched() -> bool:
+    """Not compiling, nothing recording (trace, ``torch.func``) and no user's dispatch mode
+    watching: :func:`compiling`, :func:`recorded` and :func:`ops_watched` in one check, for
+    what runs on every call of a small graph (right after a large kernel each Python call
+    there costs microseconds)."""
+    return not (torch.compiler.is_compiling() or torch._C._is_tracing()
+                or torch._C._functorch.peek_interpreter_stack() is not None or ops_watched())
+
+
 def values_steer_python() -> bool:
     """Whether the call may read tensor values on the host and branch on them (graph sizes,
     sortedness, finiteness) or serve them from a Python cache: not while ``torch.compile``

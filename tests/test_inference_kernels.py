@@ -322,3 +322,52 @@ def test_keyword_calls_take_the_plan_of_their_reused_graph(kernels, monkeypatch)
     assert served == ["packed sdpa"]
     expected = reference.attention(q, k, v, _dense_mask(graph))
     assert torch.equal(exact.isnan(), expected.isnan()) and not exact.isnan().all()
+
+
+@pytest.mark.parametrize("kind", list(PLANNED))
+@pytest.mark.parametrize("validate", [True, False])
+def test_a_keyword_call_serves_the_plan_only_for_the_values_it_was_made_for(
+        kernels, monkeypatch, kind, validate):
+    """A ``ptr=`` call takes the plan of the graph an earlier call built from this very tensor
+    (bitwise the full call) while ``ptr`` holds the same values; written in place, it is read
+    and checked again (no stale graph, no stale plan); a new tensor with equal values is
+    another description (it builds its own graph)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    keywords, rows, step = PLANNED[kind]
+    ptr = keywords["ptr"].clone()
+    q, k, v = (t.detach() for t in make_qkv(rows, rows, HEADS, CHANNELS))
+    served = _planned_calls(monkeypatch)
+    with torch.no_grad(), gatattn.validation(validate):
+        first = gatattn.attention(q, k, v, ptr=ptr)
+        again = gatattn.attention(q, k, v, ptr=ptr)
+        assert served == [step] and torch.equal(first, again)
+        full = gatattn.attention(q, k, v, graph=gatattn.build_graph(ptr=ptr.clone()))
+        assert torch.equal(again, full)
+        gatattn.attention(q, k, v, ptr=ptr.clone())
+        assert served == [step]
+        if ptr.numel() == 2:
+            return  # (one graph of these rows: no other values to write)
+        ptr[1] = 1  # graph sizes 1, 19, 10: no longer one group
+        written = gatattn.attention(q, k, v, ptr=ptr)
+        assert served == [step]
+    expected = reference.attention(q, k, v, _dense_mask(gatattn.build_graph(ptr=ptr)))
+    torch.testing.assert_close(written, expected)
+
+
+def test_a_keyword_call_under_a_transform_or_a_watching_mode_takes_no_plan(kernels, monkeypatch):
+    """vmap, a dispatch mode and a tensor subclass see the full call (as with ``graph=``)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    ptr = torch.tensor([0, 10, 20, 30])
+    q, k, v = (t.detach() for t in make_qkv(30, 30, HEADS, CHANNELS))
+    served = _planned_calls(monkeypatch)
+    with torch.no_grad():
+        expected = gatattn.attention(q, k, v, ptr=ptr)
+        batched = torch.func.vmap(lambda q: gatattn.attention(q, k, v, ptr=ptr))(q.unsqueeze(0))
+        with FlopCounterMode(display=False):
+            watched = gatattn.attention(q, k, v, ptr=ptr)
+        parameter = gatattn.attention(torch.nn.Parameter(q), k, v, ptr=ptr)
+        assert served == []
+        gatattn.attention(q, k, v, ptr=ptr)
+    assert served == ["packed sdpa"]  # (the plan was there)
+    for out in (batched[0], watched, parameter):
+        torch.testing.assert_close(out, expected)

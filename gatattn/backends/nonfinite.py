@@ -48,6 +48,14 @@ def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return torch.isfinite(sum(torch.sum(t, dtype=torch.float32) for t in (q, k, v)))
 
 
+def inputs_finite(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether ``q``, ``k`` and ``v`` are all finite, read now (a host read on a GPU); on CPU
+    the compiled scan answers directly, with no tensor made for the answer."""
+    if scanned_natively(q, k, v):
+        return cpu_kernels().inputs_are_finite([q, k, v])
+    return bool(finite_flag(q, k, v))
+
+
 def contain_nonfinite(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
                       finite: bool | None) -> tuple[Inputs, Repair]:
     """Finite ``q, k, v`` to compute with, and the repair to apply to the ``(N_dst, H, C_v)``

@@ -36,7 +36,13 @@ from gatattn.backends import racing
 from gatattn.backends.fused import triton_unavailable_reason
 from gatattn.backends.native import cpu_kernels
 from gatattn.graph import AttentionGraph
-from gatattn.transforms import compiling, ops_watched, plain_ops_only, recorded
+from gatattn.transforms import (
+    compiling,
+    eager_and_unwatched,
+    ops_watched,
+    plain_ops_only,
+    recorded,
+)
 
 BACKENDS = ("auto", "triton", "sdpa", "sparse")
 MAX_KERNEL_HEAD_DIM = 256
@@ -46,8 +52,10 @@ LOGITS_MAX_NODES = 128
 #: ``auto`` runs implicit graphs up to this many targets and sources through the compiled
 #: message-passing kernels on CPU (:func:`native_message_passing_serves`).
 NATIVE_MAX_NODES = 64
+_CPU = torch.device("cpu")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOGITS_DTYPES = (torch.float32, torch.float64)
+_SCANNED_DTYPES = (torch.float32, torch.float64)  # gatattn/csrc/nonfinite.cpp's
 
 
 class BackendUnavailableError(RuntimeError):
@@ -111,10 +119,11 @@ def choose(requested: str, graph: AttentionGraph, q: Tensor, k: Tensor, v: Tenso
 
 
 def planned_step(q, k, v, graph: AttentionGraph, scale, temperature: float,
-                 requested: str) -> tuple[str, float] | None:
+                 requested: str) -> tuple[str, float, tuple[int, int, int]] | None:
     """The step (``"one graph"``: the logits route on one complete graph; ``"packed sdpa"``:
-    SDPA over one group of equal-size graphs in order) and the logit multiplier that an
-    earlier ``graph=`` call with this graph planned for calls like this one, or ``None``.
+    SDPA over one group of equal-size graphs in order), the logit multiplier and the group's
+    ``(count, len_dst, len_src)`` that an earlier call with this graph planned for calls like
+    this one, or ``None``.
 
     A plan is kept by :func:`plan_step` after a call that checked everything, under a key of
     everything the checks and :func:`choose` read that a later call could change: the
@@ -145,12 +154,15 @@ def plan_step(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale, tem
     if route == "logits" and group.count == 1:
         step = "one graph"
     elif (route == "sdpa" and group.len_dst > 0 and group.len_src > 0 and multiplier > 0
+          and q.dtype in _SCANNED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
           and not (torch.is_grad_enabled()
                    and (q.requires_grad or k.requires_grad or v.requires_grad))):
         step = "packed sdpa"
     else:
         return
-    graph.planned_steps[_call_key(q, k, v, scale, temperature, requested)] = (step, multiplier)
+    sizes = (group.count, group.len_dst, group.len_src)
+    graph.planned_steps[_call_key(q, k, v, scale, temperature, requested)] = (
+        step, multiplier, sizes)
 
 
 def _call_key(q: Tensor, k: Tensor, v: Tensor, scale, temperature: float,
@@ -161,15 +173,20 @@ def _call_key(q: Tensor, k: Tensor, v: Tensor, scale, temperature: float,
 
 
 def _plannable(q, k, v, graph: AttentionGraph) -> bool:
-    """Plain 3-D CPU tensors with the graph's row counts, in eager mode, nothing watching."""
+    """:func:`plannable_call`, with the graph's row counts."""
+    return plannable_call(q, k, v) and q.size(0) == graph.num_dst and (
+        k.size(0) == graph.num_src and v.size(0) == graph.num_src)
+
+
+def plannable_call(q, k, v) -> bool:
+    """Plain 3-D CPU tensors, in eager mode, nothing watching: a call a planned step may serve
+    (:func:`planned_step` checks the rest)."""
     if not (type(q) is Tensor and type(k) is Tensor and type(v) is Tensor):  # noqa: E721
         return False  # (subclasses may watch their ops through __torch_function__)
     if not (q.dim() == 3 and k.dim() == 3 and v.dim() == 3 and q.is_cpu and k.is_cpu
             and v.is_cpu):
         return False
-    if q.size(0) != graph.num_dst or k.size(0) != graph.num_src or v.size(0) != graph.num_src:
-        return False
-    return not (compiling() or recorded() or ops_watched() or races_on(q.device))
+    return eager_and_unwatched() and not races_on(_CPU)
 
 
 def reads_graph_sizes(requested: str, device: torch.device) -> bool:

@@ -130,13 +130,14 @@ def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: f
     return out.transpose(1, 2).reshape(-1, H, C_v)
 
 
-def planned_step(step: str, q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph,
+def planned_step(step: str, q: Tensor, k: Tensor, v: Tensor, sizes: tuple[int, int, int],
                  scale: float, guard: bool) -> Tensor | None:
     """A step :func:`gatattn.backends.routing.planned_step` planned, computing what the full
     call computes, bitwise: ``"one graph"`` is :func:`_one_graph`'s compiled step (any grad
     mode; the logits route needs no guard), ``"packed sdpa"`` the one-step SDPA call of one
-    group of equal-size graphs in order and, with ``guard``, the compiled guard (inference
-    only). ``None`` where it cannot: the full call runs."""
+    group of ``sizes`` ``(count, len_dst, len_src)`` equal-size graphs in order and, with
+    ``guard``, the compiled guard (inference only; planned for float32 / float64 inputs of one
+    dtype). ``None`` where it cannot: the full call runs."""
     kernels = cpu_kernels()
     if kernels is None:
         return None
@@ -144,10 +145,9 @@ def planned_step(step: str, q: Tensor, k: Tensor, v: Tensor, graph: AttentionGra
         return kernels.complete_graph_logits(q, k, v, _IGNORED_INPUT[q.dtype], scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    if guard and not scanned_natively(q, k, v):
-        return None
-    group = graph.segment_plan().groups[0]
-    out = kernels.packed_sdpa(q, k, v, group.count, group.len_dst, group.len_src, scale, False)
+    if guard and not (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1):
+        return None  # (the scan's layout: scanned_natively)
+    out = kernels.packed_sdpa(q, k, v, *sizes, scale, False)
     if guard:
         kernels.poison_if_nonfinite_(out, [q, k, v])
     return out

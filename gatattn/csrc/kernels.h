@@ -25,4 +25,5 @@ at::Tensor complete_graph_logits(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& ignored, double scale);
 // nonfinite.cpp
 at::Tensor all_finite(const std::vector<at::Tensor>& inputs);
+bool inputs_are_finite(const std::vector<at::Tensor>& inputs);
 void poison_if_nonfinite_(at::Tensor out, const std::vector<at::Tensor>& inputs);

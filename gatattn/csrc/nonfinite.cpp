@@ -76,6 +76,12 @@ at::Tensor all_finite(const std::vector<at::Tensor>& inputs) {
   return at::scalar_tensor(inputs_finite(inputs, "all_finite"), at::kBool);
 }
 
+// The same answer as a Python bool (a keyword call's planned step reads it directly).
+bool inputs_are_finite(const std::vector<at::Tensor>& inputs) {
+  TORCH_CHECK(!inputs.empty(), "inputs_are_finite: no inputs");
+  return inputs_finite(inputs, "inputs_are_finite");
+}
+
 void poison_if_nonfinite_(at::Tensor out, const std::vector<at::Tensor>& inputs) {
   TORCH_CHECK(out.device().is_cpu(), "poison_if_nonfinite_: CPU tensors only");
   TORCH_CHECK(!(at::GradMode::is_enabled() && out.requires_grad()),

@@ -22,7 +22,7 @@ with the rest), and the grouping by size is keyed by the graph sizes themselves.
 """
 
 from gatattn.graph.attention_graph import AttentionGraph, GraphTooLargeError
-from gatattn.graph.build import build_graph, describe_graph
+from gatattn.graph.build import build_graph, describe_graph, described_ptr_graph
 from gatattn.graph.checks import check_graph_devices
 from gatattn.graph.membership import (
     Membership,
@@ -66,6 +66,7 @@ __all__ = [
     "causal_mode",
     "check_graph_devices",
     "describe_graph",
+    "described_ptr_graph",
     "graph_membership",
     "local_positions",
     "parse_membership",

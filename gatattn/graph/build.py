@@ -21,7 +21,7 @@ from gatattn.graph.attention_graph import AttentionGraph
 from gatattn.graph.checks import check_graph_devices, check_node_counts
 from gatattn.graph.edges import band_edges, check_edge_index
 from gatattn.graph.membership import Membership, parse_membership, read_host
-from gatattn.graph.reuse import FlagFor, keep_graph, reused_graph
+from gatattn.graph.reuse import FlagFor, keep_graph, reused_graph, unchanged_graph
 from gatattn.graph.switches import causal_mode, validation_enabled, window_mode
 from gatattn.transforms import compiling
 
@@ -178,9 +178,8 @@ def describe_graph(
     reuse = (reuse and described is not None and not compiling()
              and (batch is None or ptr is None))
     if reuse:
-        # (validate: a graph derived unchecked is not served to a call that checks)
-        key = ("batch" if batch is not None else "ptr", num_dst, num_src, bipartite,
-               causal, bottom_right, window, validate)
+        key = _reuse_key("batch" if batch is not None else "ptr", num_dst, num_src, bipartite,
+                         validate, **pattern)
         graph, inputs_finite = reused_graph(key, described, finite_flag)
         if graph is not None:
             return graph, inputs_finite
@@ -196,6 +195,23 @@ def describe_graph(
         copies = copies or tuple(side.batch for side in membership.sides)
         keep_graph(key, described, copies, graph)
     return graph, bool(extra_values[0][0]) if extra_values else None
+
+
+def described_ptr_graph(ptr: Tensor, num_dst: int, num_src: int,
+                        validate: bool) -> AttentionGraph | None:
+    """The graph an earlier call described with this very ``ptr`` tensor (complete graphs, no
+    causal band or window, ``validate`` as given there) if ``ptr`` still holds the values it
+    was built from, else ``None``: what :func:`describe_graph` would serve such a call, without
+    its finite flag (one host read: the comparison)."""
+    key = _reuse_key("ptr", num_dst, num_src, num_dst != num_src, validate, causal=False,
+                     bottom_right=False, window=None)
+    return unchanged_graph(key, ptr)
+
+
+def _reuse_key(kind: str, num_dst, num_src, bipartite: bool, validate: bool, *, causal: bool,
+               bottom_right: bool, window) -> tuple:
+    # (validate: a graph derived unchecked is not served to a call that checks)
+    return (kind, num_dst, num_src, bipartite, causal, bottom_right, window, validate)
 
 
 def _edge_set(num_dst: int, num_src: int, edge_index: Tensor, membership: Membership | None,

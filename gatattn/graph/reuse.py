@@ -67,6 +67,15 @@ def reused_graph(key: tuple, tensors: tuple[Tensor, ...],
     return entry.graph, None if flag is None else bool(values[-1])
 
 
+def unchanged_graph(key: tuple, tensor: Tensor) -> AttentionGraph | None:
+    """The graph kept for ``key`` if it describes this very ``tensor`` and the tensor still
+    holds the values it was built from (one host read: the comparison), else ``None``."""
+    entry = _cache.get(_full_key(key, (tensor,)))
+    if entry is None or not entry.candidate_for((tensor,)):
+        return None
+    return entry.graph if torch.equal(tensor, entry.copies[0]) else None
+
+
 def keep_graph(key: tuple, tensors: tuple[Tensor, ...], copies: tuple[Tensor, ...],
                graph: AttentionGraph) -> None:
     """Keeps ``graph``, built from ``tensors`` while they held ``copies``' values, for the next

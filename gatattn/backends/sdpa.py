@@ -30,7 +30,7 @@ from gatattn.backends.common import (
     unpermute_rows,
 )
 from gatattn.backends.native import cpu_kernels
-from gatattn.backends.nonfinite import contain_nonfinite, scanned_natively
+from gatattn.backends.nonfinite import contain_nonfinite
 from gatattn.backends.second_order import refuse_second_order, twice_differentiable
 from gatattn.graph import AttentionGraph, SegmentGroup
 from gatattn.graph.edges import seeing_rows

@@ -6,7 +6,7 @@ import torch
 
 import gatattn
 from gatattn.graph import describe_graph, local_positions
-from tests.conftest import make_qkv
+from tests.conftest import check_against_reference, make_qkv, masked_reference
 
 
 def attend(n=5, **kwargs):
@@ -177,6 +177,37 @@ def test_segment_plan_knows_the_identity_from_the_sizes():
     ptr = torch.tensor([0, 4, 6])
     assert describe_graph(6, 6, ptr=ptr)[0].segment_plan().order_dst.forward.tolist() == [
         4, 5, 0, 1, 2, 3]
+
+
+def test_runs_of_equal_size_graphs_in_node_order():
+    """Where nodes lie in graph order, consecutive graphs of one size are runs; the dense route
+    takes them (no permutation) where they are at most an eighth more batches than the
+    groups; an unsorted batch has none."""
+    plan = describe_graph(17, 17, ptr=torch.tensor([0, 5, 10, 13, 13, 17]))[0].segment_plan()
+    assert [(r.count, r.len_dst, r.len_src) for r in plan.runs] == [(2, 5, 5), (1, 3, 3),
+                                                                     (1, 0, 0), (1, 4, 4)]
+    assert len(plan.groups) == 4 and plan.order_dst is not None and plan.runs_serve
+    sizes = [3, 4] * 4  # 2 groups, 8 runs
+    ptr = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()])
+    assert not describe_graph(28, 28, ptr=ptr)[0].segment_plan().runs_serve
+    in_size_order = describe_graph(9, 9, ptr=torch.tensor([0, 2, 2, 5, 9]))[0].segment_plan()
+    assert in_size_order.order_dst is None and not in_size_order.runs_serve  # (nothing to save)
+    unsorted = describe_graph(6, 6, batch=torch.tensor([1, 0, 1, 1, 0, 2]))[0].segment_plan()
+    assert unsorted.runs is None and not unsorted.runs_serve
+
+
+@pytest.mark.parametrize("ptr", [[0, 5, 10, 13, 13, 17], [0, 3, 7, 10, 14, 17]],
+                         ids=["runs", "permuted"])
+def test_sdpa_on_runs_and_on_permuted_groups_matches_reference(ptr):
+    ptr = torch.tensor(ptr)
+    graph = gatattn.build_graph(ptr=ptr)
+    assert graph.segment_plan().runs_serve == (ptr.tolist()[1] == 5)
+    batch = torch.repeat_interleave(torch.arange(len(ptr) - 1), ptr.diff())
+    mask = batch[:, None] == batch[None, :]
+    check_against_reference(lambda q, k, v: gatattn.attention(q, k, v, graph=graph,
+                                                              backend="sdpa"),
+                            make_qkv(17, 17, 2, 4, dtype=torch.float64),
+                            masked_reference(mask))
 
 
 def test_ptr_pair_of_unequal_lengths_means_trailing_empty_graphs():

@@ -81,18 +81,27 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale: fl
         # One complete graph, or equal-size graphs in order (a sequence batch): no split/cat.
         group = plan.groups[0]
         return _group_attention(group, q, k, v, group_band(graph, group), scale, dropout, math)
+    if plan.runs_serve:  # runs of equal-size graphs as they lie: nothing permuted
+        return _batches(plan.runs, q, k, v, graph, scale, dropout, math)
     q = permute_rows(q, plan.order_dst)
     k = permute_rows(k, plan.order_src)
     v = permute_rows(v, plan.order_src)
-    rows_dst = [g.count * g.len_dst for g in plan.groups]
-    rows_src = [g.count * g.len_src for g in plan.groups]
+    out = _batches(plan.groups, q, k, v, graph, scale, dropout, math)
+    return unpermute_rows(out, plan.order_dst)
+
+
+def _batches(batches: list[SegmentGroup], q: Tensor, k: Tensor, v: Tensor,
+             graph: AttentionGraph, scale: float, dropout: float, math: bool) -> Tensor:
+    """Consecutive rows of ``q`` (and ``k``, ``v``) as ``batches`` of equal-size graphs, each
+    one call, the outputs in the same order."""
+    rows_dst = [g.count * g.len_dst for g in batches]
+    rows_src = [g.count * g.len_src for g in batches]
     outs = [
         _group_attention(g, q_g, k_g, v_g, group_band(graph, g), scale, dropout, math)
         for g, q_g, k_g, v_g in zip(
-            plan.groups, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
+            batches, q.split(rows_dst), k.split(rows_src), v.split(rows_src), strict=True)
     ]
-    out = torch.cat(outs) if outs else empty_output(q, k, v)
-    return unpermute_rows(out, plan.order_dst)
+    return torch.cat(outs) if outs else empty_output(q, k, v)
 
 
 def _group_attention(group, q, k, v, band: Band | None, scale: float, dropout: float,

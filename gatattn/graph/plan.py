@@ -54,13 +54,16 @@ class SegmentPlan:
     when the nodes already lie in that order. ``graph_order`` lists the graph ids in that order.
     ``head_major`` keeps the plan's head-major layouts (:mod:`gatattn.graph.layout`) by head
     count and device, so that every layer of a model derives them once per batch; the plan
-    never changes, so neither can they.
+    never changes, so neither can they. ``runs``: where the nodes lie in graph order, the
+    maximal runs of consecutive graphs of equal size in that order (each one batch with no
+    permutation; :meth:`runs_serve`), else ``None``.
     """
 
     groups: list[SegmentGroup]
     order_dst: Permutation | None = None
     order_src: Permutation | None = None
     graph_order: tuple[int, ...] = (0,)
+    runs: list[SegmentGroup] | None = None
     head_major: dict[tuple[int, str], HeadMajorLayout] = field(
         default_factory=dict, compare=False, repr=False)
 
@@ -68,6 +71,16 @@ class SegmentPlan:
     def longest(self) -> int:
         """The most targets or sources of any graph (0 without graphs)."""
         return max((max(g.len_dst, g.len_src) for g in self.groups), default=0)
+
+    @functools.cached_property
+    def runs_serve(self) -> bool:
+        """Whether the dense route takes the runs instead of permuting nodes into the groups:
+        they exist, a permutation would be needed, and they are at most an eighth more calls
+        (graphs of many sizes, or of equal sizes mostly adjacent: a gather of every row of
+        ``q``, ``k``, ``v`` and the output, forward and backward, saved for a few calls)."""
+        if self.runs is None or (self.order_dst is None and self.order_src is None):
+            return False
+        return len(self.runs) - len(self.groups) <= len(self.groups) // 8
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,7 @@ def segment_plan(sizes_dst: list[int], sizes_src: list[int] | None, order_dst: P
         _plan_cache[key] = ordered
     if order_dst is None and order_src is None:
         return ordered  # the cached plan itself, with what was derived from it
+    # (nodes not in graph order: no runs)
     return SegmentPlan(ordered.groups, _then(order_dst, ordered.order_dst),
                        _then(order_src, ordered.order_src), ordered.graph_order)
 
@@ -113,7 +127,9 @@ def _plan_from_sizes(sizes_dst: list[int], sizes_src: list[int] | None, device) 
         graph_order, key=lambda g: (sizes_dst[g], both[g]))]
     order_dst = _grouped_order(sizes_dst, graph_order, device)
     order_src = order_dst if sizes_src is None else _grouped_order(sizes_src, graph_order, device)
-    return SegmentPlan(groups, order_dst, order_src, tuple(graph_order))
+    runs = [SegmentGroup(len(list(members)), d, s) for (d, s), members in itertools.groupby(
+        range(len(sizes_dst)), key=lambda g: (sizes_dst[g], both[g]))]
+    return SegmentPlan(groups, order_dst, order_src, tuple(graph_order), runs=runs)
 
 
 def _grouped_order(sizes: list[int], graph_order: list[int], device) -> Permutation | None:

@@ -34,6 +34,8 @@ from gatattn.graph import AttentionGraph, validation_enabled
 from gatattn.transforms import ops_watched, values_steer_python
 
 Inputs = tuple[Tensor, Tensor, Tensor]
+#: The dtypes the compiled scan (``nonfinite.cpp``) reads.
+SCANNED_DTYPES = (torch.float32, torch.float64)
 
 
 def finite_flag(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -137,7 +139,7 @@ def scanned_natively(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the compiled kernels (``nonfinite.cpp``) scan ``q``, ``k``, ``v``: float32 /
     float64 CPU tensors of one dtype whose last dimension is contiguous, no user's dispatch
     mode watching (it could not see the kernel), and the kernels built."""
-    if not q.is_cpu or q.dtype not in (torch.float32, torch.float64):
+    if not q.is_cpu or q.dtype not in SCANNED_DTYPES:
         return False
     if any(t.stride(-1) != 1 or t.dtype != q.dtype for t in (q, k, v)) or ops_watched():
         return False

@@ -35,6 +35,7 @@ import gatattn.graph as limits  # the package: a caller sets its MAX_*_EDGES lim
 from gatattn.backends import racing
 from gatattn.backends.fused import triton_unavailable_reason
 from gatattn.backends.native import cpu_kernels
+from gatattn.backends.nonfinite import SCANNED_DTYPES
 from gatattn.graph import AttentionGraph
 from gatattn.transforms import (
     compiling,
@@ -55,7 +56,6 @@ NATIVE_MAX_NODES = 64
 _CPU = torch.device("cpu")
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOGITS_DTYPES = (torch.float32, torch.float64)
-_SCANNED_DTYPES = (torch.float32, torch.float64)  # gatattn/csrc/nonfinite.cpp's
 
 
 class BackendUnavailableError(RuntimeError):
@@ -154,7 +154,7 @@ def plan_step(q: Tensor, k: Tensor, v: Tensor, graph: AttentionGraph, scale, tem
     if route == "logits" and group.count == 1:
         step = "one graph"
     elif (route == "sdpa" and group.len_dst > 0 and group.len_src > 0 and multiplier > 0
-          and q.dtype in _SCANNED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+          and q.dtype in SCANNED_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
           and not (torch.is_grad_enabled()
                    and (q.requires_grad or k.requires_grad or v.requires_grad))):
         step = "packed sdpa"

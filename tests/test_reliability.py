@@ -118,9 +118,32 @@ def test_double_backward_through_the_kernels(graph):
         assert_close(f"second-order d{name}", g, e)
 
 
-def test_double_backward_with_sdpa_dropout_is_refused():
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+def test_double_backward_over_several_size_groups(order):
+    """Several SDPA calls (one per size group, or per run of equal sizes) share one wrapper:
+    the gradients it records are the reference's, differentiated again."""
+    batch = batch_from_sizes([3, 5, 5, 2, 4, 3])
+    if order == "unsorted":
+        batch = batch[torch.randperm(batch.numel(), generator=torch.Generator().manual_seed(3))]
+    n = batch.numel()
+    inputs = qkv(n, n, channels=3)
+    gen = torch.Generator().manual_seed(5)
+    grad_out = torch.randn(n, 2, 3, generator=gen, dtype=torch.float64)
+    direction = [torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in inputs]
+    got = _second_order(lambda q, k, v: gatattn.attention(q, k, v, batch=batch, backend="sdpa"),
+                        inputs, grad_out, direction)
+    mask = same_graph_mask(batch, batch)
+    expected = _second_order(lambda q, k, v: reference.attention(q, k, v, mask), inputs,
+                             grad_out, direction)
+    for name, g, e in zip("qkv", got, expected, strict=True):
+        assert_close(f"second-order d{name}", g, e)
+
+
+@pytest.mark.parametrize("batch", [None, [0, 0, 1, 1, 1]], ids=["one graph", "two sizes"])
+def test_double_backward_with_sdpa_dropout_is_refused(batch):
     q, k, v = qkv(5, 5)
-    out = gatattn.attention(q, k, v, dropout=0.5, backend="sdpa")
+    batch = None if batch is None else torch.tensor(batch)
+    out = gatattn.attention(q, k, v, batch=batch, dropout=0.5, backend="sdpa")
     with pytest.raises(RuntimeError, match="dropout cannot be replayed.*backend='sparse'"):
         torch.autograd.grad(out.sum(), q, create_graph=True)
 

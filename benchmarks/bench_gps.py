@@ -6,7 +6,10 @@ batch norm, MLP) on 64 graphs of 100-500 nodes, 128 channels, 4 heads, float32, 
 in training mode (dropout 0). Each graph is a ring with chords (4 in-edges per node). PyG's
 ``GPSConv`` pads the batch with ``to_dense_batch`` and runs ``nn.MultiheadAttention`` with a key
 padding mask; ``gatattn.GPSConv`` attends within each graph without padding. Both hold the same
-weights (``load_state_dict``), and the largest output difference is reported.
+weights (``load_state_dict``), and the largest output difference is reported. A third row runs
+our block with the attention's core (softmax of ``q k^T`` times ``v``) left out, its output
+``v``: the floor of everything else the block computes (local conv, projections, norms, MLP),
+which any attention route pays on top; its output differs by design.
 
 How it measures: see ``harness.py`` (fresh process per measurement, interleaved reps, medians);
 each rep backpropagates ``out.sum()`` into the input and every parameter, gradients cleared.
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GINConv
 from torch_geometric.nn import GPSConv as PyGGPSConv
 
+import gatattn.gps
 from gatattn.gps import GPSConv
 
 CHANNELS, HEADS, CHORDS = 128, 4, (1, 7)  # each node also hears from nodes 1 and 7 ahead
@@ -80,6 +84,25 @@ def ours(num_graphs: int, low: int, high: int) -> Step:
     return training(lambda: layer(x, edge_index, batch), [x, *layer.parameters()])
 
 
+def ours_without_attention_core(num_graphs: int, low: int, high: int) -> Step:
+    """:func:`ours` with the attention's core returning ``v`` during its own steps only."""
+    step = ours(num_graphs, low, high)
+
+    def floor_step() -> Tensor:
+        attention = gatattn.gps.attention
+        gatattn.gps.attention = _values
+        try:
+            return step()
+        finally:
+            gatattn.gps.attention = attention
+
+    return floor_step
+
+
+def _values(q: Tensor, k: Tensor, v: Tensor, **graph) -> Tensor:
+    return v * 1.0  # a new tensor, as attention's output is
+
+
 def gps_case(name: str, title: str, sizes: tuple[int, int, int], reps: int,
              target: float) -> Case:
     shapes = (f"{sizes[0]} graphs of {sizes[1]}-{sizes[2]} nodes, {2 * len(CHORDS)} in-edges "
@@ -91,6 +114,8 @@ def gps_case(name: str, title: str, sizes: tuple[int, int, int], reps: int,
         Peer("gatattn.GPSConv", shapes, lambda: ours(*sizes), flops=flops),
         Peer("PyG GPSConv (to_dense_batch + nn.MultiheadAttention)", shapes,
              lambda: pyg_gps(*sizes), flops=flops),
+        Peer("gatattn.GPSConv, attention core left out (the floor)", shapes,
+             lambda: ours_without_attention_core(*sizes)),
     ), (Target(f"time vs PyG GPSConv <= {target}x", time_ratio, False, target, "x"),))
 
 

@@ -96,11 +96,12 @@ def _batches(batches: list[SegmentGroup], q: Tensor, k: Tensor, v: Tensor,
              graph: AttentionGraph, scale: float, dropout: float, math: bool) -> Tensor:
     """Consecutive rows of ``q`` (and ``k``, ``v``) as ``batches`` of equal-size graphs, each
     one call, the outputs in the same order. Several calls share one twice-differentiable
-    wrapper (:func:`_sdpa`): one nested backward instead of one per call (0.2 ms each)."""
+    wrapper where :func:`_shared_wrapper_serves`: one nested backward instead of one per call
+    (0.2 ms each)."""
+    rows_dst = [g.count * g.len_dst for g in batches]
+    rows_src = [g.count * g.len_src for g in batches]
 
     def calls(q: Tensor, k: Tensor, v: Tensor, math: bool = math, wrap: bool = True) -> Tensor:
-        rows_dst = [g.count * g.len_dst for g in batches]
-        rows_src = [g.count * g.len_src for g in batches]
         outs = [
             _group_attention(g, q_g, k_g, v_g, group_band(graph, g), scale, dropout, math, wrap)
             for g, q_g, k_g, v_g in zip(
@@ -108,7 +109,7 @@ def _batches(batches: list[SegmentGroup], q: Tensor, k: Tensor, v: Tensor,
         ]
         return torch.cat(outs) if outs else empty_output(q, k, v)
 
-    if len(batches) < 2 or not _wrapper_serves(dropout, math):
+    if len(batches) < 2 or not _shared_wrapper_serves(graph, scale, dropout, math):
         return calls(q, k, v)
     return twice_differentiable(partial(calls, wrap=False),
                                 partial(calls, math=True) if dropout == 0 else _NO_REPLAY,
@@ -200,7 +201,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
         with sdpa_kernel(SDPBackend.MATH):
             return sdpa(q, k, v)
 
-    if math or (functorch_active() and dropout == 0):
+    if _math_only(dropout, math):
         # The math backend is plain differentiable ops, which torch.func's transforms (vmap,
         # jacrev, jacfwd, hessian) compose with; the wrapper below is an autograd Function.
         return math_backend(q, k, v)
@@ -213,10 +214,19 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
     return twice_differentiable(sdpa, math_backend if dropout == 0 else _NO_REPLAY, q, k, v)
 
 
-def _wrapper_serves(dropout: float, math: bool) -> bool:
-    """Whether :func:`_sdpa` would wrap its calls: not where it runs the math backend or is
-    traced."""
-    return not (math or (functorch_active() and dropout == 0) or torch.jit.is_tracing())
+def _math_only(dropout: float, math: bool) -> bool:
+    """Whether :func:`_sdpa` runs SDPA's math backend: asked to, or under ``torch.func``."""
+    return math or (functorch_active() and dropout == 0)
+
+
+def _shared_wrapper_serves(graph: AttentionGraph, scale: float, dropout: float,
+                           math: bool) -> bool:
+    """Whether :func:`_batches` wraps its calls once: where :func:`_sdpa` would wrap each (not
+    the math backend, not traced) and SDPA saves the very inputs the wrapper saves, so that it
+    costs no memory: no window (whose chunks are gathered copies) and no non-positive scale
+    (folded into a copy of ``q``)."""
+    return (graph.window is None and scale > 0 and not _math_only(dropout, math)
+            and not torch.jit.is_tracing())
 
 
 _NO_REPLAY = refuse_second_order(
